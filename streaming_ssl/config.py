@@ -1,0 +1,344 @@
+"""Typed run configuration: dataclasses loaded from YAML, dotted command-line overrides, validation.
+
+Every key is checked when the config is loaded: an unknown key names the closest valid one and lists
+all valid keys of its section; a wrong type or an out-of-range value names the key and what it accepts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DATASETS = ("cifar10", "cifar100", "tinyimagenet", "imagenet100")
+MODES = ("class_incremental", "data_incremental", "online", "offline")
+ONLINE_BASES = ("class_incremental", "data_incremental")
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "bf16", "fp32")
+STEMS = ("auto", "cifar", "tiny", "imagenet")
+ARCHS = ("resnet18",)
+
+
+class ConfigError(ValueError):
+    """A config key or value is wrong; the message names the key and the fix."""
+
+
+def _choices(*values: str) -> dict:
+    return {"choices": values}
+
+
+@dataclass
+class DataConfig:
+    dataset: str = field(default="cifar10", metadata=_choices(*DATASETS))
+    root: str | None = None  # folder holding the data; None: $STREAMING_SSL_DATA
+    download: bool = False  # CIFAR only: fetch through torchvision when missing (needs internet)
+    image_size: int | None = None  # ImageNet-100: stored image side (default 224)
+    train_per_class: int | None = None  # keep the first N training images of each class (tests, quick runs)
+    test_per_class: int | None = None  # likewise for the test split
+
+
+@dataclass
+class ModelConfig:
+    arch: str = field(default="resnet18", metadata=_choices(*ARCHS))
+    stem: str = field(default="auto", metadata=_choices(*STEMS))  # auto: from the dataset
+    width: float = 1.0  # channel multiplier of the ResNet (0.25 makes CPU runs practical)
+    feature_dim: int = 4096  # size of h, the pre-feature the probes read
+    proj_hidden_dim: int = 4096
+    proj_dim: int = 1024  # size of z, the space of the objective
+    sync_bn: bool = True  # SyncBatchNorm under DDP, so batch statistics are those of the global batch
+
+
+@dataclass
+class AugmentConfig:
+    n_patches: int = 20  # patches per image in training (paper: 20 or 200)
+    crop_area: float = 0.25  # fixed fraction of the image area each patch covers
+    crop_ratio: list[float] = field(default_factory=lambda: [1.0, 1.0])  # aspect-ratio range of the crop
+    size: int | None = None  # patch side after resizing; None: the dataset's image size (32, 64, 224)
+    flip_p: float = 0.5
+    jitter: list[float] = field(default_factory=lambda: [0.4, 0.4, 0.4, 0.2])  # brightness, contrast, saturation, hue
+    jitter_p: float = 0.8
+    gray_p: float = 0.2
+    blur_p: float = 0.1
+    blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])
+    solarize_p: float = 0.1
+
+
+@dataclass
+class ObjectiveConfig:
+    eps2: float = 0.2  # epsilon^2 of the coding rate
+    lam: float = 200.0  # weight of the invariance term
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 0.3
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 1e-4
+    eta: float = 0.005  # LARS trust coefficient
+    clip: bool = True  # clip the LARS rate at the base learning rate
+    warmup_steps: int = 0
+    final_lr: float = 0.0
+
+
+@dataclass
+class StreamConfig:
+    mode: str = field(default="class_incremental", metadata=_choices(*MODES))
+    n_experiences: int = 5  # class/data-incremental: number of experiences
+    classes_per_experience: list[int] | None = None  # uneven class-incremental split, e.g. [50, 10, 10, 10, 10, 10]
+    experience_classes: list[list[int]] | None = None  # explicit classes of each experience (overrides the two above)
+    class_order_seed: int = 0  # seeded class order (ignored with experience_classes)
+    epochs: int = 1  # passes over each experience (1 in stream modes; E in offline mode)
+    online_base: str = field(default="class_incremental", metadata=_choices(*ONLINE_BASES))
+    online_experience_size: int = 10  # samples per mini-experience in online mode
+    access_task_boundaries: bool = False  # online: whether the strategy is told where parent experiences end
+    eval_every: int = 1  # evaluate after every this many experiences (online: mini-experiences); 0: parent boundaries only (online)
+
+
+@dataclass
+class EvalConfig:
+    patches: int = 0  # 0: whole-image features; P > 0: bag-of-features over P random patches
+    train_per_class: int | None = None  # probe trained on the first N training images per class (None: all)
+    test_per_class: int | None = None
+    probe_epochs: int = 30
+    probe_lr: float = 0.1
+    probe_weight_decay: float = 5e-4
+    probe_batch_size: int = 256
+    knn_k: int = 20  # 0 disables the kNN probe
+    knn_temperature: float = 0.07
+    seen_classes: bool = True  # also fit a probe restricted to the classes seen so far
+    transfer: list[str] = field(default_factory=list)  # out-of-domain datasets probed after each evaluation
+    batch_size: int = 256  # images per feature-extraction batch
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 100  # images per update (global batch under DDP)
+    device: str = field(default="auto", metadata=_choices(*DEVICES))
+    precision: str = field(default="auto", metadata=_choices(*PRECISIONS))  # auto: bf16 on CUDA and AVX512-BF16 CPUs
+    channels_last: bool = True
+    seed: int = 0
+    threads: int | None = None  # CPU threads (None: torch default)
+    deterministic: bool = False  # deterministic algorithms (exact resume tests)
+    log_every: int = 20  # updates between progress/loss logs
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = "runs/default"
+    checkpoint_every: int = 0  # also checkpoint every N updates inside an experience (0: only after experiences)
+    keep_last: int = 3  # checkpoints kept
+    tensorboard: bool = True
+    plot: bool = True
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    stream: StreamConfig = field(default_factory=StreamConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------- parsing
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+        (inner,) = typing.get_args(tp)
+        return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def _unknown_key(key: str, prefix: str, valid: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f" Did you mean '{prefix}{close[0]}'?" if close else ""
+    return ConfigError(f"unknown config key '{prefix}{key}'.{hint} Valid keys{' of ' + prefix.rstrip('.') if prefix else ''}: "
+                       f"{', '.join(valid)}")
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise _unknown_key(str(key), prefix, list(fields))
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value if value is not None else {}, f"{prefix}{key}.")
+            continue
+        coerced = _coerce(value, tp, prefix + key)
+        choices = fields[key].metadata.get("choices")
+        if choices and coerced not in choices:
+            close = difflib.get_close_matches(str(coerced), choices, n=1, cutoff=0.5)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"{prefix}{key}: unknown value {coerced!r}.{hint} Valid: {', '.join(choices)}")
+        kwargs[key] = coerced
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted!r}: {part!r} is not a section")
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """['train.batch_size=50', 'eval.transfer=[cifar10]'] -> nested dict (values parsed as YAML)."""
+    tree: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value (e.g. train.batch_size=50)")
+        key, raw = item.split("=", 1)
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def config_from_dict(data: dict) -> Config:
+    """Build and validate a Config from a nested dict."""
+    cfg = _build(Config, data or {}, "")
+    validate(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML recipe (safe_load), apply dotted overrides, validate."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} not found; recipes live in configs/ (e.g. configs/split_cifar10.yaml)")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from err
+    return config_from_dict(_merge(data, parse_overrides(overrides or [])))
+
+
+# -------------------------------------------------------------------------------------------- validation
+
+def _check(ok: bool, key: str, msg: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {msg}")
+
+
+def validate(cfg: Config) -> None:
+    """Range and consistency checks that types alone cannot express."""
+    a, o, s, t, e, m, op = cfg.augment, cfg.objective, cfg.stream, cfg.train, cfg.eval, cfg.model, cfg.optim
+    _check(a.n_patches >= 2, "augment.n_patches", f"must be >= 2 (the invariance term compares patches), got {a.n_patches}")
+    _check(0 < a.crop_area <= 1, "augment.crop_area", f"must be in (0, 1], got {a.crop_area}")
+    _check(len(a.crop_ratio) == 2 and 0 < a.crop_ratio[0] <= a.crop_ratio[1], "augment.crop_ratio",
+           f"must be [low, high] with 0 < low <= high, got {a.crop_ratio}")
+    _check(len(a.jitter) == 4 and all(v >= 0 for v in a.jitter) and a.jitter[3] <= 0.5, "augment.jitter",
+           f"must be [brightness, contrast, saturation, hue] >= 0 with hue <= 0.5, got {a.jitter}")
+    for name in ("flip_p", "jitter_p", "gray_p", "blur_p", "solarize_p"):
+        _check(0 <= getattr(a, name) <= 1, f"augment.{name}", f"is a probability in [0, 1], got {getattr(a, name)}")
+    _check(len(a.blur_sigma) == 2 and 0 < a.blur_sigma[0] <= a.blur_sigma[1], "augment.blur_sigma",
+           f"must be [low, high] with 0 < low <= high, got {a.blur_sigma}")
+    _check(a.size is None or a.size >= 8, "augment.size", f"must be >= 8 pixels, got {a.size}")
+    _check(o.eps2 > 0, "objective.eps2", f"must be > 0, got {o.eps2}")
+    _check(o.lam >= 0, "objective.lam", f"must be >= 0, got {o.lam}")
+    _check(op.lr >= 0, "optim.lr", f"must be >= 0, got {op.lr}")
+    _check(op.final_lr >= 0, "optim.final_lr", f"must be >= 0, got {op.final_lr}")
+    _check(0 <= op.momentum < 1, "optim.momentum", f"must be in [0, 1), got {op.momentum}")
+    _check(op.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {op.weight_decay}")
+    _check(op.eta > 0, "optim.eta", f"must be > 0, got {op.eta}")
+    _check(op.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {op.warmup_steps}")
+    _check(m.width > 0, "model.width", f"must be > 0, got {m.width}")
+    for name in ("feature_dim", "proj_hidden_dim", "proj_dim"):
+        _check(getattr(m, name) >= 1, f"model.{name}", f"must be >= 1, got {getattr(m, name)}")
+    _check(t.batch_size >= 2, "train.batch_size", f"must be >= 2 (the coding rate needs a batch), got {t.batch_size}")
+    _check(t.threads is None or t.threads >= 1, "train.threads", f"must be >= 1, got {t.threads}")
+    _check(t.log_every >= 1, "train.log_every", f"must be >= 1, got {t.log_every}")
+    _check(s.n_experiences >= 1, "stream.n_experiences", f"must be >= 1, got {s.n_experiences}")
+    _check(s.epochs >= 1, "stream.epochs", f"must be >= 1, got {s.epochs}")
+    _check(s.mode == "offline" or s.epochs == 1, "stream.epochs",
+           f"a stream sees each sample once: epochs must be 1 in mode {s.mode!r} (use stream.mode=offline for E epochs)")
+    _check(s.online_experience_size >= 2, "stream.online_experience_size", f"must be >= 2, got {s.online_experience_size}")
+    _check(s.eval_every >= 0, "stream.eval_every", f"must be >= 0, got {s.eval_every}")
+    if s.classes_per_experience is not None:
+        _check(all(c >= 1 for c in s.classes_per_experience), "stream.classes_per_experience",
+               f"every experience needs at least one class, got {s.classes_per_experience}")
+    _check(e.patches >= 0, "eval.patches", f"must be >= 0 (0: whole image), got {e.patches}")
+    _check(e.probe_epochs >= 1, "eval.probe_epochs", f"must be >= 1, got {e.probe_epochs}")
+    _check(e.probe_lr > 0, "eval.probe_lr", f"must be > 0, got {e.probe_lr}")
+    _check(e.knn_k >= 0, "eval.knn_k", f"must be >= 0, got {e.knn_k}")
+    _check(e.batch_size >= 1 and e.probe_batch_size >= 1, "eval.batch_size", "batch sizes must be >= 1")
+    for i, name in enumerate(e.transfer):
+        _check(name in DATASETS, f"eval.transfer[{i}]", f"unknown dataset {name!r}; valid: {', '.join(DATASETS)}")
+    for key, value in (("data.train_per_class", cfg.data.train_per_class), ("data.test_per_class", cfg.data.test_per_class),
+                       ("eval.train_per_class", e.train_per_class), ("eval.test_per_class", e.test_per_class)):
+        _check(value is None or value >= 1, key, f"must be >= 1 or null, got {value}")
+    _check(cfg.run.checkpoint_every >= 0, "run.checkpoint_every", f"must be >= 0, got {cfg.run.checkpoint_every}")
+    _check(cfg.run.keep_last >= 1, "run.keep_last", f"must be >= 1, got {cfg.run.keep_last}")
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML."""
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

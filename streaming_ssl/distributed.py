@@ -1,0 +1,89 @@
+"""torchrun / DDP helpers: one code path whether or not the process is part of a group.
+
+Outside torchrun every helper is the identity: rank 0 of a world of 1.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def env_world() -> tuple[int, int, int]:
+    """(rank, local_rank, world_size) from the torchrun environment, or (0, 0, 1)."""
+    return (int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
+
+
+def init_from_env(device_type: str) -> bool:
+    """Join the process group torchrun describes (NCCL on CUDA, gloo on CPU). Returns True under DDP."""
+    _, local_rank, world = env_world()
+    if world <= 1 or dist.is_initialized():
+        return dist.is_initialized()
+    if device_type == "cuda":
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group("nccl" if device_type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=30))
+    return True
+
+
+def is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_dist() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_dist() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if is_dist():
+        dist.barrier()
+
+
+def gather_patch_blocks(blocks: torch.Tensor) -> torch.Tensor:
+    """Differentiable all-gather of (n, B_local, d) blocks along the batch dim -> (n, B_global, d).
+
+    The backward pass sums the gradients of every rank into the local slice, so with DDP's gradient
+    averaging N ranks of B/N images give the gradients of one rank of B images.
+    """
+    if not is_dist():
+        return blocks
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(blocks.contiguous()), dim=1)
+
+
+def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
+    """Non-differentiable gather of equal-length first dims, concatenated in rank order."""
+    if not is_dist():
+        return t
+    out = [torch.empty_like(t) for _ in range(world_size())]
+    dist.all_gather(out, t.contiguous())
+    return torch.cat(out)
+
+
+def broadcast_object(obj):
+    """Rank 0's object on every rank."""
+    if not is_dist():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def shard_bounds(n: int, rank_: int | None = None, world: int | None = None) -> tuple[int, int]:
+    """[start, stop) of this rank's contiguous share of n items (sizes differ by at most one)."""
+    r = rank() if rank_ is None else rank_
+    w = world_size() if world is None else world
+    base, extra = divmod(n, w)
+    start = r * base + min(r, extra)
+    return start, start + base + (1 if r < extra else 0)

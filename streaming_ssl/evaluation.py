@@ -1,0 +1,242 @@
+"""Evaluation after experiences, as Avalanche metrics, and where its results go.
+
+StreamEvaluator computes one evaluation row from frozen features (probe.py): linear-probe accuracy on
+all classes and on the classes seen so far, the accuracy-matrix row A[t, j] (accuracy of the all-class
+probe on the test images of the classes of parent experience j), average accuracy over seen
+experiences, forgetting max_{s<t} A[s, j] - A[t, j], kNN accuracy, and transfer accuracy on each
+out-of-domain dataset. ProbeMetric publishes the row as Avalanche MetricValues; JSONLLogger writes
+one JSON object per evaluation; plot_run draws the accuracy matrix and the curves.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from avalanche.evaluation.metric_definitions import PluginMetric
+from avalanche.evaluation.metric_results import MetricValue
+from avalanche.logging import BaseLogger
+
+from streaming_ssl import distributed as ddp
+from streaming_ssl.augment import MultiPatchAugment
+from streaming_ssl.probe import extract_features, knn_predict, linear_probe_accuracy
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ProbeSet:
+    """Labelled images a probe is fitted (train) and scored (test) on."""
+
+    name: str
+    train_images: object
+    train_labels: torch.Tensor
+    test_images: object
+    test_labels: torch.Tensor
+    num_classes: int
+
+
+def forgetting(history: list[list[float]], row: list[float], n_seen: int) -> list[float | None]:
+    """max over earlier rows s (where experience j was already seen) of A[s, j] - A[t, j], per j < n_seen - 1.
+
+    history holds (n_seen_at_s, A[s]) pairs flattened as rows with n_seen stored at the end.
+    """
+    out: list[float | None] = []
+    for j in range(len(row)):
+        earlier = [h[j] for h in history if int(h[-1]) > j]
+        out.append(max(earlier) - row[j] if earlier and j < n_seen - 1 else None)
+    return out
+
+
+class StreamEvaluator:
+    """Fits the probes on frozen features and returns one evaluation row (a flat dict)."""
+
+    def __init__(self, *, in_domain: ProbeSet, transfer: list[ProbeSet], parent_classes: list[list[int]],
+                 augment: MultiPatchAugment, device: torch.device, amp_dtype: torch.dtype | None = None,
+                 channels_last: bool = True, patches: int = 0, batch_size: int = 256, knn_k: int = 20,
+                 knn_temperature: float = 0.07, seen_classes: bool = True, probe_kwargs: dict | None = None,
+                 seed: int = 0) -> None:
+        self.in_domain, self.transfer, self.parent_classes = in_domain, transfer, parent_classes
+        self.augment, self.device, self.amp_dtype, self.channels_last = augment, device, amp_dtype, channels_last
+        self.patches, self.batch_size, self.knn_k, self.knn_temperature = patches, batch_size, knn_k, knn_temperature
+        self.seen_classes, self.probe_kwargs, self.seed = seen_classes, dict(probe_kwargs or {}), seed
+        self.history: list[list[float]] = []  # A rows, each followed by the number of seen experiences
+
+    def state_dict(self) -> dict:
+        return {"history": [list(map(float, h)) for h in self.history]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history = [list(h) for h in state["history"]]
+
+    def _features(self, model, images, tag: str) -> torch.Tensor:
+        return extract_features(model, images, self.augment, device=self.device, batch_size=self.batch_size,
+                                patches=self.patches, amp_dtype=self.amp_dtype, channels_last=self.channels_last,
+                                seed=self.seed, progress=f"features {tag}")
+
+    def _probe(self, tr, ytr, te, yte, num_classes):
+        return linear_probe_accuracy(tr, ytr, te, yte, num_classes, seed=self.seed, **self.probe_kwargs)
+
+    def evaluate(self, model: torch.nn.Module, n_seen: int) -> dict:
+        """One evaluation with `n_seen` parent experiences seen so far."""
+        d = self.in_domain
+        t0 = time.perf_counter()
+        tr = self._features(model, d.train_images, f"{d.name}/train")
+        te = self._features(model, d.test_images, f"{d.name}/test")
+        row: dict = {}
+        acc_all, pred = self._probe(tr, d.train_labels, te, d.test_labels, d.num_classes)
+        row["probe/acc_all"] = acc_all
+        correct = (pred == d.test_labels)
+        a_row = []
+        for classes in self.parent_classes:
+            mask = torch.isin(d.test_labels, torch.as_tensor(classes))
+            a_row.append(float(correct[mask].float().mean()) if mask.any() else float("nan"))
+        row["probe/acc_matrix_row"] = a_row
+        seen = sorted({c for classes in self.parent_classes[:n_seen] for c in classes})
+        row["probe/avg_acc"] = sum(a_row[:n_seen]) / n_seen
+        if self.seen_classes and len(seen) < d.num_classes and len(seen) > 1:
+            seen_t = torch.as_tensor(seen)
+            mtr, mte = torch.isin(d.train_labels, seen_t), torch.isin(d.test_labels, seen_t)
+            remap = torch.full((d.num_classes,), -1, dtype=torch.long)
+            remap[seen_t] = torch.arange(len(seen))
+            row["probe/acc_seen"], _ = self._probe(tr[mtr], remap[d.train_labels[mtr]], te[mte],
+                                                   remap[d.test_labels[mte]], len(seen))
+        else:
+            row["probe/acc_seen"] = acc_all if len(seen) == d.num_classes else None
+        forget = forgetting(self.history, a_row, n_seen)
+        row["probe/forgetting"] = forget
+        values = [f for f in forget if f is not None]
+        row["probe/avg_forgetting"] = sum(values) / len(values) if values else None
+        self.history.append(a_row + [float(n_seen)])
+        if self.knn_k:
+            knn = knn_predict(tr, d.train_labels, te, d.num_classes, k=self.knn_k, temperature=self.knn_temperature)
+            row["knn/acc_all"] = float((knn == d.test_labels).float().mean())
+        for t in self.transfer:
+            ttr = self._features(model, t.train_images, f"{t.name}/train")
+            tte = self._features(model, t.test_images, f"{t.name}/test")
+            row[f"transfer/{t.name}"], _ = self._probe(ttr, t.train_labels, tte, t.test_labels, t.num_classes)
+        row["time/eval_seconds"] = time.perf_counter() - t0
+        return row
+
+
+class ProbeMetric(PluginMetric):
+    """Runs the StreamEvaluator after the experiences `due(strategy)` selects; emits MetricValues."""
+
+    def __init__(self, evaluator: StreamEvaluator, due: Callable, n_seen: Callable, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.evaluator, self.due, self.n_seen, self.model = evaluator, due, n_seen, model
+        self.last_row: dict | None = None
+        self.start_time = time.time()
+        self.time_offset = 0.0  # seconds of earlier sessions of a resumed run
+
+    def reset(self) -> None:
+        self.last_row = None
+
+    def result(self) -> dict | None:
+        return self.last_row
+
+    def after_training_exp(self, strategy) -> list[MetricValue] | None:
+        if not self.due(strategy):
+            return None
+        n_seen = self.n_seen(strategy)
+        row = {"experience": strategy.stream_step - 1, "parent_experience": n_seen - 1,
+               "samples_seen": strategy.samples_seen, "updates": strategy.global_step}
+        row.update(self.evaluator.evaluate(self.model, n_seen))
+        row["time/wall_seconds"] = self.time_offset + time.time() - self.start_time
+        self.last_row = row
+        x = strategy.stream_step
+        return [MetricValue(self, name, value, x) for name, value in row.items()]
+
+
+def _is_scalar(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+class JSONLLogger(BaseLogger):
+    """Appends one JSON object per evaluation (the values of one ProbeMetric call) to a file."""
+
+    def __init__(self, path: str | Path) -> None:
+        super().__init__()
+        self.path = Path(path)
+
+    def log_metrics(self, metric_values: list[MetricValue]) -> None:
+        row = {mv.name: mv.value for mv in metric_values if isinstance(mv.origin, ProbeMetric)}
+        if row and ddp.is_main():
+            with self.path.open("a") as fh:
+                fh.write(json.dumps(row, allow_nan=True) + "\n")
+
+
+class ScalarTensorboardLogger(BaseLogger):
+    """Avalanche's TensorboardLogger, given only scalars (matrix rows become one scalar per column)."""
+
+    def __init__(self, inner: BaseLogger) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def log_metrics(self, metric_values: list[MetricValue]) -> None:
+        flat = []
+        for mv in metric_values:
+            if _is_scalar(mv.value):
+                flat.append(mv)
+            elif isinstance(mv.value, list):
+                flat += [MetricValue(mv.origin, f"{mv.name}/exp{j}", v, mv.x_plot)
+                         for j, v in enumerate(mv.value) if _is_scalar(v)]
+        self.inner.log_metrics(flat)
+
+    def close(self) -> None:
+        writer = getattr(self.inner, "writer", None)
+        if writer is not None:
+            writer.flush()
+            writer.close()
+
+
+def read_rows(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_run(rows: list[dict], path: str | Path, title: str = "") -> None:
+    """Accuracy-matrix heatmap beside the accuracy-vs-experience curves, saved as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not rows:
+        return
+    mat = torch.tensor([r["probe/acc_matrix_row"] for r in rows], dtype=torch.float32) * 100
+    xs = [r["experience"] + 1 for r in rows]
+    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(12, 4.8))
+    im = ax0.imshow(mat.numpy(), cmap="viridis", vmin=0, vmax=100, aspect="auto")
+    ax0.set_xlabel("test classes of experience j")
+    ax0.set_ylabel("after experience (evaluation) t")
+    ax0.set_yticks(range(len(xs)), [str(x) for x in xs])
+    ax0.set_title("accuracy matrix A[t, j] (%)")
+    if mat.numel() <= 400:
+        for i in range(mat.shape[0]):
+            for j in range(mat.shape[1]):
+                ax0.text(j, i, f"{mat[i, j]:.0f}", ha="center", va="center", color="w", fontsize=7)
+    fig.colorbar(im, ax=ax0)
+    keys = ["probe/acc_all", "probe/acc_seen", "probe/avg_acc", "knn/acc_all"] + sorted(
+        {k for r in rows for k in r if k.startswith("transfer/")})
+    for key in keys:
+        ys = [r.get(key) for r in rows]
+        pts = [(x, y * 100) for x, y in zip(xs, ys) if _is_scalar(y)]
+        if pts:
+            ax1.plot(*zip(*pts), marker="o", label=key)
+    ax1.set_xlabel("experiences trained")
+    ax1.set_ylabel("accuracy (%)")
+    ax1.grid(alpha=0.3)
+    ax1.legend(fontsize=8)
+    ax1.set_title("accuracy after each evaluation")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

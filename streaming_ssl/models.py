@@ -1,0 +1,99 @@
+"""ResNet-18 backbones with a width multiplier, the EMP-SSL pre-feature layer and projector.
+
+    x -> backbone (ResNet-18, global pooled, 512*width) -> pre-feature Linear-BN-ReLU -> h
+    h -> projector Linear-BN-ReLU-Linear -> z, L2-normalised
+
+Probes read h; the objective reads z. Stems: 'cifar' (3x3 stride-1 conv, no max-pool, for 32x32),
+'tiny' (3x3 stride-1 conv and a 2x2 max-pool, so 64x64 inputs cost what CIFAR does after the stem),
+'imagenet' (7x7 stride-2 conv and a 3x3 stride-2 max-pool).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+STEMS = ("cifar", "tiny", "imagenet")
+ARCHS = ("resnet18",)
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convolutions with a residual connection (projection shortcut when the shape changes)."""
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_ch)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_ch)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_ch != out_ch:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride, bias=False), nn.BatchNorm2d(out_ch))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x), inplace=True)
+
+
+class ResNet18(nn.Module):
+    """ResNet-18 trunk; forward gives the global-average-pooled feature of size `out_dim`."""
+
+    def __init__(self, stem: str = "cifar", width: float = 1.0) -> None:
+        super().__init__()
+        if stem not in STEMS:
+            raise ValueError(f"unknown stem {stem!r}; valid: {', '.join(STEMS)}")
+        if width <= 0:
+            raise ValueError(f"width multiplier must be positive, got {width}")
+        chans = [max(1, int(round(c * width))) for c in (64, 128, 256, 512)]
+        if stem == "imagenet":
+            self.stem = nn.Sequential(nn.Conv2d(3, chans[0], 7, 2, 3, bias=False), nn.BatchNorm2d(chans[0]),
+                                      nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1))
+        else:
+            layers = [nn.Conv2d(3, chans[0], 3, 1, 1, bias=False), nn.BatchNorm2d(chans[0]), nn.ReLU(inplace=True)]
+            if stem == "tiny":
+                layers.append(nn.MaxPool2d(2, 2))
+            self.stem = nn.Sequential(*layers)
+        stages, in_ch = [], chans[0]
+        for i, ch in enumerate(chans):
+            stride = 1 if i == 0 else 2
+            stages.append(nn.Sequential(BasicBlock(in_ch, ch, stride), BasicBlock(ch, ch, 1)))
+            in_ch = ch
+        self.stages = nn.Sequential(*stages)
+        self.out_dim = chans[-1]
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stages(self.stem(x))
+        return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+
+
+def _mlp_block(in_dim: int, out_dim: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(in_dim, out_dim), nn.BatchNorm1d(out_dim), nn.ReLU(inplace=True))
+
+
+class EMPSSLModel(nn.Module):
+    """Backbone + pre-feature layer (h) + projector (z, unit norm)."""
+
+    def __init__(self, *, arch: str = "resnet18", stem: str = "cifar", width: float = 1.0,
+                 feature_dim: int = 4096, proj_hidden_dim: int = 4096, proj_dim: int = 1024) -> None:
+        super().__init__()
+        if arch not in ARCHS:
+            raise ValueError(f"unknown architecture {arch!r}; valid: {', '.join(ARCHS)}")
+        self.backbone = ResNet18(stem=stem, width=width)
+        self.pre_feature = _mlp_block(self.backbone.out_dim, feature_dim)
+        self.projector = nn.Sequential(_mlp_block(feature_dim, proj_hidden_dim), nn.Linear(proj_hidden_dim, proj_dim))
+        self.feature_dim = feature_dim
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """h: (N, feature_dim), what the probes read."""
+        return self.pre_feature(self.backbone(x))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h, z) with z = normalize(projector(h)), both (N, .)."""
+        h = self.features(x)
+        z = F.normalize(self.projector(h), dim=-1)
+        return h, z

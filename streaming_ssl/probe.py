@@ -1,0 +1,138 @@
+"""Frozen features and the probes that read them: a linear classifier and a weighted kNN.
+
+Features are h, the pre-feature layer, computed once per evaluation under inference_mode (and
+autocast where enabled) with the model in eval mode: either of the whole image, or a bag of features
+(the mean of h over P random patches, as in the EMP-SSL paper). Probes train on the cached features.
+The linear probe reports the accuracy after its last epoch, never the best epoch on the test set.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from streaming_ssl import distributed as ddp
+from streaming_ssl.augment import MultiPatchAugment
+from streaming_ssl.device import autocast
+
+
+@torch.inference_mode()
+def extract_features(model: torch.nn.Module, images, augment: MultiPatchAugment, *, device: torch.device,
+                     batch_size: int = 256, patches: int = 0, amp_dtype: torch.dtype | None = None,
+                     channels_last: bool = True, seed: int = 0, progress: str | None = None) -> torch.Tensor:
+    """h for every image, float32 on the CPU: (N, feature_dim).
+
+    Args:
+        model: has .features(x) -> (N, D); put in eval mode here and restored after.
+        images: uint8 (N, 3, H, W) tensor or anything indexable by a LongTensor the same way.
+        patches: 0 for the whole image, else the number P of random patches averaged per image.
+        seed: seeds the patch positions, so features are reproducible.
+    Under DDP each rank extracts a contiguous share and the shares are gathered on every rank.
+    """
+    was_training = model.training
+    model.eval()
+    n = len(images)
+    lo, hi = ddp.shard_bounds(n)
+    gen = torch.Generator(device=device).manual_seed(seed + 7919 * ddp.rank())
+    chunks = []
+    steps = range(lo, hi, batch_size)
+    if progress and ddp.is_main():
+        steps = tqdm(steps, desc=progress, leave=False, unit="batch", total=math.ceil((hi - lo) / batch_size))
+    try:
+        for start in steps:
+            idx = torch.arange(start, min(start + batch_size, hi))
+            x = images[idx].to(device, non_blocking=True)
+            if patches:
+                inp = augment.eval_patches(x, patches, gen)
+            else:
+                inp = augment.whole_image(x)
+            if channels_last:
+                inp = inp.contiguous(memory_format=torch.channels_last)
+            with autocast(device, amp_dtype):
+                h = model.features(inp).float()
+            if patches:
+                h = h.view(patches, len(idx), -1).mean(0)
+            chunks.append(h.cpu())
+    finally:
+        model.train(was_training)
+    dim = getattr(model, "feature_dim", None) or (chunks[0].shape[1] if chunks else 0)
+    local = torch.cat(chunks) if chunks else torch.zeros(0, dim)
+    return _gather_rows(local, n)
+
+
+def _gather_rows(local: torch.Tensor, n: int) -> torch.Tensor:
+    if not ddp.is_dist():
+        return local
+    width = math.ceil(n / ddp.world_size())
+    padded = torch.zeros(width, local.shape[1], dtype=local.dtype)
+    padded[: len(local)] = local
+    gathered = ddp.all_gather_cat(padded)
+    parts = [gathered[r * width: r * width + (ddp.shard_bounds(n, r)[1] - ddp.shard_bounds(n, r)[0])]
+             for r in range(ddp.world_size())]
+    return torch.cat(parts)
+
+
+def standardize(train: torch.Tensor, *others: torch.Tensor) -> list[torch.Tensor]:
+    """Centre and scale every feature by the training set's mean and std."""
+    mean = train.mean(0, keepdim=True)
+    std = train.std(0, keepdim=True).clamp_min(1e-6)
+    return [(t - mean) / std for t in (train, *others)]
+
+
+def train_linear_probe(feats: torch.Tensor, labels: torch.Tensor, num_classes: int, *, epochs: int = 30,
+                       lr: float = 0.1, weight_decay: float = 5e-4, batch_size: int = 256,
+                       seed: int = 0) -> torch.nn.Linear:
+    """A linear classifier on (already standardised) features: SGD with momentum, cosine schedule."""
+    gen = torch.Generator().manual_seed(seed)
+    clf = torch.nn.Linear(feats.shape[1], num_classes)
+    with torch.no_grad():
+        clf.weight.normal_(0, 0.01, generator=gen)
+        clf.bias.zero_()
+    opt = torch.optim.SGD(clf.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
+    n = len(labels)
+    steps_per_epoch = math.ceil(n / batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps_per_epoch)
+    with torch.enable_grad():
+        for _ in range(epochs):
+            perm = torch.randperm(n, generator=gen)
+            for b in range(steps_per_epoch):
+                idx = perm[b * batch_size:(b + 1) * batch_size]
+                loss = F.cross_entropy(clf(feats[idx]), labels[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+    return clf
+
+
+@torch.no_grad()
+def predict(clf: torch.nn.Linear, feats: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
+    return torch.cat([clf(feats[i:i + batch_size]).argmax(1) for i in range(0, len(feats), batch_size)])
+
+
+@torch.no_grad()
+def knn_predict(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor, num_classes: int,
+                *, k: int = 20, temperature: float = 0.07, chunk: int = 1024) -> torch.Tensor:
+    """Weighted kNN on cosine similarity: each of the k neighbours votes exp(sim / T) for its class."""
+    train_n = F.normalize(train_feats, dim=1)
+    k = min(k, len(train_n))
+    preds = []
+    for start in range(0, len(test_feats), chunk):
+        sims = F.normalize(test_feats[start:start + chunk], dim=1) @ train_n.T
+        top, idx = sims.topk(k, dim=1)
+        votes = torch.zeros(len(top), num_classes)
+        votes.scatter_add_(1, train_labels[idx], (top / temperature).exp())
+        preds.append(votes.argmax(1))
+    return torch.cat(preds)
+
+
+def linear_probe_accuracy(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
+                          test_labels: torch.Tensor, num_classes: int, **kwargs) -> tuple[float, torch.Tensor]:
+    """(final test accuracy, test predictions) of a linear probe fitted on standardised features."""
+    tr, te = standardize(train_feats, test_feats)
+    clf = train_linear_probe(tr, train_labels, num_classes, **kwargs)
+    pred = predict(clf, te)
+    return float((pred == test_labels).float().mean()), pred

@@ -1,0 +1,599 @@
+"""Tests for scenarios.datasets on small fixtures written in each official on-disk layout."""
+
+from __future__ import annotations
+
+import logging
+import os
+import pathlib
+import pickle
+import re
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from torchvision.io import ImageReadMode, decode_image, encode_jpeg, encode_png, write_file
+
+from scenarios import datasets as ds
+from scenarios.datasets import (
+    DATASET_NAMES,
+    ENV_VAR,
+    DataError,
+    DatasetSplits,
+    ImageData,
+    LazyImageFolder,
+    load_dataset,
+    resolve_root,
+)
+
+# torchvision 0.29 flags its image codecs as deprecated (in favour of TorchCodec); they still work.
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:The image decoding and encoding capabilities of TorchVision:DeprecationWarning"
+)
+
+CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+# --------------------------------------------------------------------------- CIFAR fixtures
+
+
+def _images_hwc(n: int, seed: int) -> np.ndarray:
+    """Random (n, 32, 32, 3) uint8 images (HWC)."""
+    return np.random.default_rng(seed).integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8)
+
+
+def _python_rows(x: np.ndarray) -> np.ndarray:
+    """The official python-layout rows: 3072 = R plane, G plane, B plane, each 32x32 row-major."""
+    n = x.shape[0]
+    rows = np.empty((n, 3072), dtype=np.uint8)
+    for c in range(3):
+        for r in range(32):
+            rows[:, c * 1024 + r * 32 : c * 1024 + (r + 1) * 32] = x[:, r, :, c]
+    return rows
+
+
+def _dump(path: pathlib.Path, obj: object) -> None:
+    with open(path, "wb") as fh:
+        pickle.dump(obj, fh, protocol=2)
+
+
+def _write_cifar10_python(root: pathlib.Path, x_train, y_train, x_test, y_test, names) -> pathlib.Path:
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    per = len(x_train) // 5
+    for b in range(5):
+        sl = slice(b * per, (b + 1) * per)
+        _dump(folder / f"data_batch_{b + 1}",
+              {b"batch_label": b"training batch", b"labels": [int(v) for v in y_train[sl]],
+               b"data": _python_rows(x_train[sl]), b"filenames": [b"x.png"] * per})
+    _dump(folder / "test_batch", {b"labels": [int(v) for v in y_test], b"data": _python_rows(x_test)})
+    _dump(folder / "batches.meta", {b"label_names": [n.encode() for n in names], b"num_vis": 3072})
+    return folder
+
+
+def _write_cifar100_python(root: pathlib.Path, x_train, y_train, x_test, y_test, names) -> pathlib.Path:
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True)
+    _dump(folder / "train", {b"fine_labels": [int(v) for v in y_train], b"coarse_labels": [0] * len(y_train),
+                             b"data": _python_rows(x_train)})
+    _dump(folder / "test", {b"fine_labels": [int(v) for v in y_test], b"coarse_labels": [0] * len(y_test),
+                            b"data": _python_rows(x_test)})
+    _dump(folder / "meta", {b"fine_label_names": [n.encode() for n in names],
+                            b"coarse_label_names": [b"c"] * 20})
+    return folder
+
+
+@pytest.fixture()
+def cifar10_arrays():
+    x_train, x_test = _images_hwc(15, 0), _images_hwc(4, 1)
+    y_train = np.array([6, 9, 9, 4, 1, 1, 2, 7, 8, 3, 4, 7, 7, 2, 0], dtype=np.int64)
+    y_test = np.array([3, 8, 8, 0], dtype=np.int64)
+    return x_train, y_train, x_test, y_test
+
+
+def _npz_dict(x_train, y_train, x_test, y_test, names) -> dict[str, np.ndarray]:
+    return {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test,
+            "class_names": np.array(names)}
+
+
+def _write_npz(path: pathlib.Path, **arrays: np.ndarray) -> pathlib.Path:
+    np.savez(path, **arrays)
+    return path
+
+
+def _chw(x: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(x).permute(0, 3, 1, 2)
+
+
+# --------------------------------------------------------------------------- root / names
+
+
+def test_resolve_root_explicit_env_and_errors(tmp_path, monkeypatch):
+    assert resolve_root(tmp_path) == tmp_path.resolve()
+    monkeypatch.setenv(ENV_VAR, str(tmp_path))
+    assert resolve_root(None) == tmp_path.resolve()
+    monkeypatch.delenv(ENV_VAR)
+    with pytest.raises(DataError, match=r"data\.root.*STREAMING_SSL_DATA"):
+        resolve_root(None)
+    missing = tmp_path / "nope"
+    with pytest.raises(DataError, match=re.escape(str(missing)) + r".*does not exist.*STREAMING_SSL_DATA"):
+        resolve_root(missing)
+    monkeypatch.setenv(ENV_VAR, str(missing))
+    with pytest.raises(DataError, match=r"\$STREAMING_SSL_DATA.*does not exist"):
+        resolve_root(None)
+    assert resolve_root(missing, create=True) == missing.resolve() and missing.is_dir()
+
+
+def test_unknown_name_suggests_closest(tmp_path):
+    with pytest.raises(DataError, match=r"cifar10, cifar100, tinyimagenet, imagenet100.*Did you mean 'cifar10'"):
+        load_dataset("cifar1O", tmp_path)
+    with pytest.raises(DataError, match=r"Did you mean 'tinyimagenet'"):
+        load_dataset("tinyimagenett", tmp_path)
+    assert DATASET_NAMES == ("cifar10", "cifar100", "tinyimagenet", "imagenet100")
+
+
+def test_fixed_size_datasets_reject_other_image_size(tmp_path):
+    with pytest.raises(DataError, match=r"cifar10 images are 32x32; image_size=64"):
+        load_dataset("cifar10", tmp_path, image_size=64)
+    with pytest.raises(DataError, match=r"tinyimagenet images are 64x64"):
+        load_dataset("tinyimagenet", tmp_path, image_size=32)
+
+
+# --------------------------------------------------------------------------- CIFAR: loading
+
+
+def test_cifar10_python_layout(tmp_path, cifar10_arrays):
+    x_train, y_train, x_test, y_test = cifar10_arrays
+    _write_cifar10_python(tmp_path, *cifar10_arrays, CIFAR10_NAMES)
+    d = load_dataset("cifar10", tmp_path)
+    assert isinstance(d, DatasetSplits) and d.name == "cifar10"
+    assert d.train.images.shape == (15, 3, 32, 32) and d.test.images.shape == (4, 3, 32, 32)
+    assert d.train.images.dtype == torch.uint8 and d.train.images.is_contiguous()
+    assert d.train.targets.dtype == torch.int64
+    # exact round trip: CHW pixel (c, r, col) == original HWC pixel (r, col, c)
+    assert d.train.images[4, 0, 5, 7] == x_train[4, 5, 7, 0]
+    assert d.train.images[4, 2, 31, 0] == x_train[4, 31, 0, 2]
+    assert d.test.images[3, 1, 0, 30] == x_test[3, 0, 30, 1]
+    assert torch.equal(d.train.images, _chw(x_train))
+    assert torch.equal(d.test.images, _chw(x_test))
+    assert d.train.targets.tolist() == y_train.tolist()
+    assert d.test.targets.tolist() == y_test.tolist()
+    assert d.class_names == CIFAR10_NAMES and d.num_classes == 10
+    assert d.image_size == 32 and len(d.train) == 15
+    assert d.mean == pytest.approx((0.4914, 0.4822, 0.4465)) and d.std == pytest.approx((0.2470, 0.2435, 0.2616))
+
+
+def test_cifar100_python_layout(tmp_path):
+    x_train, x_test = _images_hwc(6, 2), _images_hwc(3, 3)
+    y_train = np.array([0, 99, 50, 7, 7, 1])
+    y_test = np.array([98, 0, 3])
+    names = [f"class{i:02d}" for i in range(100)]
+    _write_cifar100_python(tmp_path, x_train, y_train, x_test, y_test, names)
+    d = load_dataset("CIFAR100", tmp_path)
+    assert d.name == "cifar100" and d.num_classes == 100 and d.class_names == names
+    assert torch.equal(d.train.images, _chw(x_train)) and torch.equal(d.test.images, _chw(x_test))
+    assert d.train.targets.tolist() == y_train.tolist() and d.test.targets.tolist() == y_test.tolist()
+    assert d.mean == pytest.approx((0.5071, 0.4865, 0.4409))
+
+
+def test_cifar10_npz_matches_python_layout(tmp_path, cifar10_arrays):
+    py_root, npz_root = tmp_path / "py", tmp_path / "npz"
+    npz_root.mkdir()
+    _write_cifar10_python(py_root, *cifar10_arrays, CIFAR10_NAMES)
+    _write_npz(npz_root / "cifar10.npz", **_npz_dict(*cifar10_arrays, CIFAR10_NAMES))
+    a, b = load_dataset("cifar10", py_root), load_dataset("cifar10", npz_root)
+    for split in ("train", "test"):
+        sa, sb = getattr(a, split), getattr(b, split)
+        assert torch.equal(sa.images, sb.images) and torch.equal(sa.targets, sb.targets)
+    assert b.train.images.is_contiguous() and b.train.images.dtype == torch.uint8
+    assert a.class_names == b.class_names == CIFAR10_NAMES
+
+
+def test_npz_preferred_over_python_layout(tmp_path, cifar10_arrays):
+    _write_cifar10_python(tmp_path, *cifar10_arrays, CIFAR10_NAMES)
+    x_train, y_train, x_test, y_test = cifar10_arrays
+    _write_npz(tmp_path / "cifar10.npz", **_npz_dict(255 - x_train, y_train, x_test, y_test, CIFAR10_NAMES))
+    d = load_dataset("cifar10", tmp_path)
+    assert torch.equal(d.train.images, _chw(255 - x_train))
+
+
+def test_cifar100_npz(tmp_path):
+    x, y = _images_hwc(4, 5), np.array([0, 99, 3, 3])
+    names = [f"c{i}" for i in range(100)]
+    _write_npz(tmp_path / "cifar100.npz", **_npz_dict(x, y, x[:2], y[:2], names))
+    d = load_dataset("cifar100", tmp_path)
+    assert torch.equal(d.train.images, _chw(x)) and d.test.targets.tolist() == [0, 99]
+    assert d.num_classes == 100
+
+
+def test_cifar_download_uses_torchvision_then_reads_python_layout(tmp_path, monkeypatch, cifar10_arrays):
+    calls = []
+
+    class FakeCIFAR10:  # stands in for torchvision's downloader (no network in tests)
+        def __init__(self, root, train=True, download=False):
+            calls.append((root, download))
+            _write_cifar10_python(pathlib.Path(root), *cifar10_arrays, CIFAR10_NAMES)
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", FakeCIFAR10)
+    root = tmp_path / "new_data"
+    d = load_dataset("cifar10", root, download=True)
+    assert calls == [(str(root.resolve()), True)]
+    assert torch.equal(d.train.images, _chw(cifar10_arrays[0]))
+
+    class FailingCIFAR100:
+        def __init__(self, root, train=True, download=False):
+            raise RuntimeError("network unreachable")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR100", FailingCIFAR100)
+    with pytest.raises(DataError, match=r"Downloading cifar100 from https://.*failed: network unreachable"):
+        load_dataset("cifar100", root, download=True)
+
+
+# --------------------------------------------------------------------------- CIFAR: errors
+
+
+def test_cifar_missing_lists_both_paths(tmp_path):
+    msg = (re.escape(str(tmp_path / "cifar10.npz")) + r" and " + re.escape(str(tmp_path / "cifar-10-batches-py"))
+           + r".*data\.download: true.*STREAMING_SSL_DATA")
+    with pytest.raises(DataError, match=msg):
+        load_dataset("cifar10", tmp_path)
+    with pytest.raises(DataError, match=re.escape(str(tmp_path / "cifar-100-python"))):
+        load_dataset("cifar100", tmp_path)
+
+
+def test_npz_truncated_or_garbage(tmp_path, cifar10_arrays):
+    path = _write_npz(tmp_path / "cifar10.npz", **_npz_dict(*cifar10_arrays, CIFAR10_NAMES))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match=r"cifar10\.npz is truncated or corrupted.*delete it to fall back to.*cifar-10-batches-py"):
+        load_dataset("cifar10", tmp_path)
+    path.write_bytes(b"this is not a zip file at all" * 10)
+    with pytest.raises(DataError, match=r"is truncated or corrupted"):
+        load_dataset("cifar10", tmp_path)
+
+
+def test_npz_corrupted_payload(tmp_path, cifar10_arrays):
+    path = _write_npz(tmp_path / "cifar10.npz", **_npz_dict(*cifar10_arrays, CIFAR10_NAMES))
+    data = bytearray(path.read_bytes())
+    start = data.index(b"x_train.npy") + 500  # inside the stored x_train payload
+    data[start : start + 64] = bytes(255 - v for v in data[start : start + 64])
+    path.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"is truncated or corrupted"):
+        load_dataset("cifar10", tmp_path)
+
+
+def test_npz_missing_key(tmp_path, cifar10_arrays):
+    arrays = _npz_dict(*cifar10_arrays, CIFAR10_NAMES)
+    del arrays["y_test"]
+    _write_npz(tmp_path / "cifar10.npz", **arrays)
+    with pytest.raises(DataError, match=r"lacks the key\(s\) y_test"):
+        load_dataset("cifar10", tmp_path)
+
+
+def test_npz_float_images_and_nan(tmp_path, cifar10_arrays):
+    x_train, y_train, x_test, y_test = cifar10_arrays
+    xf = x_train.astype(np.float32) / 255
+    _write_npz(tmp_path / "cifar10.npz", **_npz_dict(xf, y_train, x_test, y_test, CIFAR10_NAMES))
+    with pytest.raises(DataError, match=r"key x_train has dtype float32; images must be uint8"):
+        load_dataset("cifar10", tmp_path)
+    xf[2, 3, 4, 1] = np.nan
+    _write_npz(tmp_path / "cifar10.npz", **_npz_dict(xf, y_train, x_test, y_test, CIFAR10_NAMES))
+    with pytest.raises(DataError, match=r"key x_train contains NaN"):
+        load_dataset("cifar10", tmp_path)
+
+
+def test_npz_wrong_shape(tmp_path, cifar10_arrays):
+    x_train, y_train, x_test, y_test = cifar10_arrays
+    chw = np.ascontiguousarray(x_train.transpose(0, 3, 1, 2))
+    _write_npz(tmp_path / "cifar10.npz", **_npz_dict(chw, y_train, x_test, y_test, CIFAR10_NAMES))
+    with pytest.raises(DataError, match=r"x_train has shape \(15, 3, 32, 32\); expected \(N, 32, 32, 3\)"):
+        load_dataset("cifar10", tmp_path)
+
+
+def test_npz_label_problems(tmp_path, cifar10_arrays):
+    x_train, y_train, x_test, y_test = cifar10_arrays
+    _write_npz(tmp_path / "cifar10.npz", **_npz_dict(x_train, y_train[:-1], x_test, y_test, CIFAR10_NAMES))
+    with pytest.raises(DataError, match=r"y_train has 14 labels but there are 15 images"):
+        load_dataset("cifar10", tmp_path)
+    bad = y_test.copy()
+    bad[1] = 10
+    _write_npz(tmp_path / "cifar10.npz", **_npz_dict(x_train, y_train, x_test, bad, CIFAR10_NAMES))
+    with pytest.raises(DataError, match=r"y_test has labels out of range \[0, 10\]; expected 0\.\.9"):
+        load_dataset("cifar10", tmp_path)
+    _write_npz(tmp_path / "cifar10.npz", **_npz_dict(x_train, y_train, x_test, y_test, CIFAR10_NAMES[:9]))
+    with pytest.raises(DataError, match=r"class_names lists 9 class names; expected 10"):
+        load_dataset("cifar10", tmp_path)
+
+
+def test_npz_object_array_is_refused(tmp_path, cifar10_arrays):
+    arrays = _npz_dict(*cifar10_arrays, CIFAR10_NAMES)
+    arrays["class_names"] = np.array(CIFAR10_NAMES, dtype=object)
+    _write_npz(tmp_path / "cifar10.npz", **arrays)
+    with pytest.raises(DataError, match=r"object arrays"):
+        load_dataset("cifar10", tmp_path)
+
+
+def test_python_batch_wrong_shape_and_missing_file(tmp_path, cifar10_arrays):
+    folder = _write_cifar10_python(tmp_path, *cifar10_arrays, CIFAR10_NAMES)
+    _dump(folder / "data_batch_2", {b"labels": [0, 1, 2], b"data": np.zeros((3, 1024), np.uint8)})
+    with pytest.raises(DataError, match=r"data_batch_2: 'data' has shape \(3, 1024\).*expected \(N, 3072\) uint8"):
+        load_dataset("cifar10", tmp_path)
+    (folder / "data_batch_2").unlink()
+    with pytest.raises(DataError, match=re.escape(str(folder / "data_batch_2")) + r" is missing.*data\.download: true"):
+        load_dataset("cifar10", tmp_path)
+
+
+def test_python_batch_truncated_and_label_mismatch(tmp_path, cifar10_arrays):
+    folder = _write_cifar10_python(tmp_path, *cifar10_arrays, CIFAR10_NAMES)
+    raw = (folder / "test_batch").read_bytes()
+    (folder / "test_batch").write_bytes(raw[:100])
+    with pytest.raises(DataError, match=r"test_batch is truncated or corrupted"):
+        load_dataset("cifar10", tmp_path)
+    _dump(folder / "test_batch", {b"labels": [1], b"data": _python_rows(cifar10_arrays[2])})
+    with pytest.raises(DataError, match=r"test_batch key 'labels' has 1 labels but there are 4 images"):
+        load_dataset("cifar10", tmp_path)
+
+
+def test_python_batch_refuses_arbitrary_globals(tmp_path, cifar10_arrays):
+    folder = _write_cifar10_python(tmp_path, *cifar10_arrays, CIFAR10_NAMES)
+    _dump(folder / "batches.meta", {b"label_names": os.system})
+    with pytest.raises(DataError, match=r"batches\.meta is truncated or corrupted.*not allowed"):
+        load_dataset("cifar10", tmp_path)
+
+
+# --------------------------------------------------------------------------- containers
+
+
+def test_image_data_subset_and_length_check():
+    images = torch.arange(5 * 3 * 2 * 2, dtype=torch.uint8).reshape(5, 3, 2, 2)
+    data = ImageData(images, torch.tensor([0, 1, 2, 3, 4]))
+    sub = data.subset(torch.tensor([4, 1]))
+    assert len(sub) == 2 and torch.equal(sub.images, images[[4, 1]]) and sub.targets.tolist() == [4, 1]
+    with pytest.raises(DataError, match=r"5 images but 4 targets"):
+        ImageData(images, torch.tensor([0, 1, 2, 3]))
+
+
+# --------------------------------------------------------------------------- Tiny ImageNet
+
+TINY_WNIDS = ["n09999999", "n01443537", "n02000000"]  # deliberately not sorted
+
+
+def _solid(color: tuple[int, int, int], h: int, w: int) -> torch.Tensor:
+    return torch.tensor(color, dtype=torch.uint8).view(3, 1, 1).expand(3, h, w).contiguous()
+
+
+def _write_jpeg(path: pathlib.Path, img: torch.Tensor) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_file(str(path), encode_jpeg(img, quality=95))
+
+
+def _write_png(path: pathlib.Path, img: torch.Tensor) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_file(str(path), encode_png(img))
+
+
+def _tiny_color(cls: int, k: int) -> tuple[int, int, int]:
+    return (40 + 80 * cls, 200 - 60 * k, 90)
+
+
+def _make_tiny(root: pathlib.Path, words: bool = True) -> pathlib.Path:
+    folder = root / "tiny-imagenet-200"
+    folder.mkdir(parents=True)
+    (folder / "wnids.txt").write_text("\n".join(TINY_WNIDS) + "\n")
+    if words:
+        (folder / "words.txt").write_text(
+            "n01443537\tgoldfish, Carassius auratus\nn09999999\tthing\nn02000000\tgadget, gizmo\nn00000001\tunused\n")
+    for c, wnid in enumerate(TINY_WNIDS):
+        for k in range(2):
+            _write_jpeg(folder / "train" / wnid / "images" / f"{wnid}_{k}.JPEG", _solid(_tiny_color(c, k), 64, 64))
+        (folder / "train" / wnid / f"{wnid}_boxes.txt").write_text("")
+    gray = torch.full((1, 64, 64), 120, dtype=torch.uint8)
+    gray[:, :32] = 30
+    _write_jpeg(folder / "val" / "images" / "val_0.JPEG", gray)
+    _write_jpeg(folder / "val" / "images" / "val_1.JPEG", _solid((250, 10, 10), 64, 64))
+    _write_jpeg(folder / "val" / "images" / "val_2.JPEG", _solid((10, 10, 250), 64, 64))
+    (folder / "val" / "val_annotations.txt").write_text(
+        "val_0.JPEG\tn02000000\t0\t0\t63\t63\n"
+        "val_1.JPEG\tn09999999\t1\t2\t30\t40\n"
+        "val_2.JPEG\tn01443537\t0\t0\t10\t10\n")
+    return folder
+
+
+def test_tiny_imagenet_layout_and_cache(tmp_path):
+    folder = _make_tiny(tmp_path)
+    d = load_dataset("tinyimagenet", tmp_path)
+    assert d.name == "tinyimagenet" and d.image_size == 64 and d.num_classes == 3
+    assert d.class_names == ["thing", "goldfish", "gadget"]  # wnids.txt order, first synonym
+    assert d.train.images.shape == (6, 3, 64, 64) and d.train.images.dtype == torch.uint8
+    assert d.train.targets.tolist() == [0, 0, 1, 1, 2, 2]
+    for i, (c, k) in enumerate([(0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1)]):
+        mean = d.train.images[i].float().mean(dim=(1, 2))
+        assert torch.allclose(mean, torch.tensor(_tiny_color(c, k), dtype=torch.float32), atol=4)
+    assert d.test.targets.tolist() == [2, 0, 1]  # from val_annotations.txt
+    gray = d.test.images[0]
+    assert gray.shape == (3, 64, 64) and torch.equal(gray[0], gray[1]) and torch.equal(gray[1], gray[2])
+    assert abs(int(gray[0, 10, 5]) - 30) <= 4 and abs(int(gray[0, 50, 5]) - 120) <= 4
+    assert torch.equal(d.test.images[1], decode_image(str(folder / "val/images/val_1.JPEG"), mode=ImageReadMode.RGB))
+    assert d.mean == pytest.approx((0.485, 0.456, 0.406))
+
+    cache = folder / ".streaming_ssl_cache.pt"
+    assert cache.is_file()
+    # the second load reads the cache: an image replaced in place (same file count) is not re-decoded
+    _write_jpeg(folder / "train" / TINY_WNIDS[0] / "images" / f"{TINY_WNIDS[0]}_0.JPEG", _solid((0, 0, 0), 64, 64))
+    d2 = load_dataset("tinyimagenet", tmp_path)
+    assert torch.equal(d2.train.images, d.train.images) and torch.equal(d2.test.images, d.test.images)
+    assert torch.equal(d2.train.targets, d.train.targets) and d2.class_names == d.class_names
+
+    # a changed number of files invalidates the cache
+    _write_jpeg(folder / "train" / TINY_WNIDS[2] / "images" / "extra.JPEG", _solid((1, 2, 3), 64, 64))
+    d3 = load_dataset("tinyimagenet", tmp_path)
+    assert d3.train.targets.tolist() == [0, 0, 1, 1, 2, 2, 2]
+    assert int(d3.train.images[0].float().mean()) < 5  # re-decoded: sees the replaced black image
+
+
+def test_tiny_imagenet_unusable_cache(tmp_path, caplog):
+    folder = _make_tiny(tmp_path, words=False)
+    (folder / ".streaming_ssl_cache.pt").write_bytes(b"garbage")
+    with caplog.at_level(logging.INFO, logger="scenarios.datasets"):
+        d = load_dataset("tinyimagenet", tmp_path)
+    assert "ignoring unreadable cache" in caplog.text
+    assert d.class_names == TINY_WNIDS  # no words.txt: wnids are the names
+    # cache path not writable (here: a folder is in the way): loading still works, quietly
+    (folder / ".streaming_ssl_cache.pt").unlink()
+    (folder / ".streaming_ssl_cache.pt").mkdir()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="scenarios.datasets"):
+        d2 = load_dataset("tinyimagenet", tmp_path)
+    assert "not caching" in caplog.text
+    assert torch.equal(d2.train.images, d.train.images)
+    assert not list(folder.glob("*.tmp*"))
+
+
+def test_tiny_imagenet_errors(tmp_path):
+    with pytest.raises(DataError, match=re.escape(str(tmp_path / "tiny-imagenet-200")) + r".*tiny-imagenet-200\.zip"):
+        load_dataset("tinyimagenet", tmp_path)
+    folder = _make_tiny(tmp_path)
+    ann = folder / "val" / "val_annotations.txt"
+    text = ann.read_text()
+    ann.unlink()
+    with pytest.raises(DataError, match=re.escape(str(ann)) + r" is missing"):
+        load_dataset("tinyimagenet", tmp_path)
+    ann.write_text(text + "val_2.JPEG\tn07777777\t0\t0\t1\t1\n")
+    with pytest.raises(DataError, match=r"line 4 names wnid 'n07777777', which is not in .*wnids\.txt"):
+        load_dataset("tinyimagenet", tmp_path)
+    ann.write_text(text)
+    (folder / "wnids.txt").unlink()
+    with pytest.raises(DataError, match=re.escape(str(folder / "wnids.txt")) + r" is missing"):
+        load_dataset("tinyimagenet", tmp_path)
+
+
+def test_tiny_imagenet_corrupt_jpeg(tmp_path):
+    folder = _make_tiny(tmp_path)
+    bad = folder / "val" / "images" / "val_2.JPEG"
+    bad.write_bytes(b"\xff\xd8 not really a jpeg")
+    with pytest.raises(DataError, match=r"Cannot decode image .*val_2\.JPEG"):
+        load_dataset("tinyimagenet", tmp_path)
+
+
+# --------------------------------------------------------------------------- ImageNet-100
+
+
+def _in_color(cls: int) -> tuple[int, int, int]:
+    return (2 * cls + 1, 255 - cls, 7)
+
+
+@pytest.fixture(scope="module")
+def imagenet_root(tmp_path_factory) -> pathlib.Path:
+    """ROOT/imagenet/{train,val}/<wnid>/ for the 100 classes: 1 val + 1-2 train images each."""
+    root = tmp_path_factory.mktemp("in100")
+    wnids = ds.imagenet100_classes()
+    exts = [".JPEG", ".png", ".jpg", ".jpeg"]
+    for c, wnid in enumerate(wnids):
+        h, w = [(12, 12), (10, 20), (24, 9), (8, 8)][c % 4]
+        for split in ("train", "val"):
+            ext = exts[c % 4] if split == "train" else ".png"
+            path = root / "imagenet" / split / wnid / f"{wnid}_{split}{ext}"
+            img = _solid(_in_color(c), h, w)
+            (_write_jpeg if ext.lower() in (".jpeg", ".jpg") else _write_png)(path, img)
+        (root / "imagenet" / "train" / wnid / "notes.txt").write_text("not an image")
+    # class 0 gets two structured images: wide (red | green | blue columns) and tall (rows)
+    wide = torch.zeros(3, 16, 64, dtype=torch.uint8)
+    wide[0, :, :16], wide[1, :, 16:48], wide[2, :, 48:] = 255, 255, 255
+    tall = torch.zeros(3, 64, 16, dtype=torch.uint8)
+    tall[0, :16], tall[1, 16:48], tall[2, 48:] = 255, 255, 255
+    _write_png(root / "imagenet" / "train" / wnids[0] / "z_wide.png", wide)
+    _write_png(root / "imagenet" / "train" / wnids[0] / "z_tall.PNG", tall)
+    return root
+
+
+def test_imagenet100_loads_with_labels_and_center_crop(imagenet_root):
+    d = load_dataset("imagenet100", imagenet_root, image_size=8)
+    wnids = ds.imagenet100_classes()
+    assert len(wnids) == 100 and wnids[0] == "n02869837"
+    assert d.name == "imagenet100" and d.num_classes == 100 and d.class_names == wnids and d.image_size == 8
+    assert d.mean == pytest.approx((0.485, 0.456, 0.406)) and d.std == pytest.approx((0.229, 0.224, 0.225))
+    assert isinstance(d.train.images, LazyImageFolder) and isinstance(d.test.images, LazyImageFolder)
+    assert len(d.train) == 102 and len(d.test) == 100
+    assert d.train.targets.tolist() == [0, 0, 0] + list(range(1, 100))
+    assert d.test.targets.tolist() == list(range(100))
+    batch = d.test.images[torch.arange(100)]
+    assert batch.shape == (100, 3, 8, 8) and batch.dtype == torch.uint8
+    for i in range(100):  # PNG: lossless, resized solid colours stay exact
+        expect = torch.tensor(_in_color(int(d.test.targets[i])), dtype=torch.uint8).view(3, 1, 1).expand(3, 8, 8)
+        assert torch.equal(batch[i], expect), i
+    train = d.train.images[torch.arange(len(d.train))]
+    assert train.shape == (102, 3, 8, 8)
+    for i in range(3, 102):  # JPEG-encoded ones are within a few levels
+        expect = torch.tensor(_in_color(int(d.train.targets[i])), dtype=torch.int16).view(3, 1, 1)
+        assert (train[i].to(torch.int16) - expect).abs().max() <= 6, i
+    # rows 1, 2 of class 0 are the tall (z_tall.PNG) and wide (z_wide.png) images: the center crop is green
+    green = torch.tensor([0, 255, 0], dtype=torch.int16).view(3, 1, 1)
+    assert (train[1].to(torch.int16) - green).abs().max() <= 1
+    assert (train[2].to(torch.int16) - green).abs().max() <= 1
+    assert torch.equal(d.train.images[2], train[2])  # int indexing -> one (3, S, S) image
+
+
+def test_imagenet100_lazy_view_pickle_and_default_size(imagenet_root):
+    d = load_dataset("imagenet100", imagenet_root, image_size=8)
+    sub = d.test.subset(torch.tensor([5, 42, 7]))
+    assert isinstance(sub.images, LazyImageFolder) and len(sub) == 3 and sub.targets.tolist() == [5, 42, 7]
+    assert torch.equal(sub.images[torch.arange(3)], d.test.images[torch.tensor([5, 42, 7])])
+    clone = pickle.loads(pickle.dumps(sub.images))
+    assert torch.equal(clone[torch.tensor([2, 0])], sub.images[torch.tensor([2, 0])])
+    assert sub.images.shape == (3, 3, 8, 8) and sub.images[torch.tensor([], dtype=torch.long)].shape == (0, 3, 8, 8)
+    with pytest.raises(IndexError):
+        sub.images[torch.tensor([3])]
+    big = load_dataset("imagenet100", imagenet_root)
+    assert big.image_size == 224 and big.test.images[torch.tensor([0])].shape == (1, 3, 224, 224)
+
+
+def test_imagenet100_prefers_imagenet100_folder(tmp_path, imagenet_root):
+    (tmp_path / "imagenet").mkdir()  # would fail: no class folders
+    (tmp_path / "imagenet100").symlink_to(imagenet_root / "imagenet")
+    d = load_dataset("imagenet100", tmp_path, image_size=4)
+    assert len(d.test) == 100
+
+
+def test_imagenet100_errors(tmp_path, imagenet_root):
+    with pytest.raises(DataError, match=re.escape(str(tmp_path / "imagenet100")) + r"/ and "
+                       + re.escape(str(tmp_path / "imagenet")) + r"/.*STREAMING_SSL_DATA"):
+        load_dataset("imagenet100", tmp_path)
+    wnids = ds.imagenet100_classes()
+    shutil.copytree(imagenet_root / "imagenet", tmp_path / "imagenet")
+    for w in (wnids[3], wnids[10], wnids[50]):
+        shutil.rmtree(tmp_path / "imagenet" / "val" / w)
+    val = re.escape(str(tmp_path / "imagenet" / "val"))
+    with pytest.raises(DataError, match=rf"3 of 100 class folders are missing in {val}/ \(first: {wnids[3]}, {wnids[10]}, {wnids[50]}\)"):
+        load_dataset("imagenet100", tmp_path, image_size=8)
+    for w in (wnids[3], wnids[10], wnids[50]):
+        (tmp_path / "imagenet" / "val" / w).mkdir()
+    with pytest.raises(DataError, match=rf"class folder {val}/{wnids[3]}/ holds no image"):
+        load_dataset("imagenet100", tmp_path, image_size=8)
+    shutil.rmtree(tmp_path / "imagenet" / "val")
+    with pytest.raises(DataError, match=rf"{val}/ is missing"):
+        load_dataset("imagenet100", tmp_path, image_size=8)
+
+
+def test_lazy_folder_corrupt_image(tmp_path):
+    bad = tmp_path / "bad.JPEG"
+    bad.write_bytes(b"nope")
+    folder = LazyImageFolder([bad], image_size=8)
+    with pytest.raises(DataError, match=r"Cannot decode image .*bad\.JPEG"):
+        folder[torch.tensor([0])]
+
+
+# --------------------------------------------------------------------------- the real file
+
+
+def test_real_cifar10_npz_if_present():
+    root = os.environ.get(ENV_VAR, "")
+    if not root or not (pathlib.Path(root) / "cifar10.npz").is_file():
+        pytest.skip(f"${ENV_VAR}/cifar10.npz not present")
+    d = load_dataset("cifar10", root)
+    assert d.train.images.shape == (50000, 3, 32, 32) and d.test.images.shape == (10000, 3, 32, 32)
+    assert d.train.images[0, 0, 0, :4].tolist() == [59, 43, 50, 68]
+    assert d.train.images[0, :, 0, 0].tolist() == [59, 62, 63]
+    assert d.train.targets[:5].tolist() == [6, 9, 9, 4, 1]
+    assert d.test.targets[:5].tolist() == [3, 8, 8, 0, 6]
+    assert d.class_names == CIFAR10_NAMES
