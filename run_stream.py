@@ -308,7 +308,7 @@ def run(cfg, args) -> dict:
         if stop["signal"] is not None:
             raise Interrupted
 
-    strategy = EMPSSLStrategy(train_model, optimizer, augment=augment, images=train.images, targets=train.targets,
+    strategy = EMPSSLStrategy(model=train_model, optimizer=optimizer, augment=augment, images=train.images, targets=train.targets,
                               n_patches=cfg.augment.n_patches, eps2=cfg.objective.eps2, lam=cfg.objective.lam,
                               batch_size=cfg.train.batch_size, epochs=s.epochs, total_updates=total_updates,
                               base_lr=o.lr, warmup_steps=o.warmup_steps, final_lr=o.final_lr, device=device,

@@ -91,7 +91,7 @@ class EMPSSLStrategy(SupervisedTemplate):
             experience (after the evaluation plugin ran), e.g. checkpointing.
     """
 
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, augment: MultiPatchAugment,
+    def __init__(self, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, augment: MultiPatchAugment,
                  images, targets: torch.Tensor, n_patches: int, eps2: float = 0.2, lam: float = 200.0,
                  batch_size: int = 100, epochs: int = 1, total_updates: int, base_lr: float,
                  warmup_steps: int = 0, final_lr: float = 0.0, device: torch.device | str = "cpu",

@@ -1,0 +1,141 @@
+"""End to end through run_stream.py on a slice of the real CIFAR-10 (smoke recipe)."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import evaluate
+import run_stream
+from streaming_ssl import checkpoint as ckpt
+from streaming_ssl.config import load_config
+from streaming_ssl.objective import emp_ssl_loss
+
+DATA = os.environ.get("STREAMING_SSL_DATA")
+pytestmark = pytest.mark.skipif(not DATA or not (Path(DATA) / "cifar10.npz").is_file(),
+                                reason="needs the real CIFAR-10: set STREAMING_SSL_DATA to the folder of cifar10.npz")
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _without_time(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    """The real cifar10.npz plus a small CIFAR-100 in torchvision's pickled layout (for transfer)."""
+    root = tmp_path_factory.mktemp("data")
+    os.symlink(Path(DATA) / "cifar10.npz", root / "cifar10.npz")
+    folder = root / "cifar-100-python"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 300), ("test", 200)):
+        labels = (np.arange(n) % 100).tolist()
+        data = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
+        with open(folder / split, "wb") as fh:
+            pickle.dump({b"data": data, b"fine_labels": labels, b"coarse_labels": [0] * n}, fh)
+    with open(folder / "meta", "wb") as fh:
+        pickle.dump({b"fine_label_names": [f"class{i}".encode() for i in range(100)]}, fh)
+    return root
+
+
+@pytest.fixture(scope="module")
+def split_run(tmp_path_factory, data_root) -> Path:
+    run_dir = tmp_path_factory.mktemp("runs") / "split"
+    rc = run_stream.main(["--config", "configs/smoke.yaml", f"run.out_dir={run_dir}", f"data.root={data_root}",
+                          "eval.transfer=[cifar100]"])
+    assert rc == 0
+    return run_dir
+
+
+def test_split_stream_writes_every_output(split_run: Path) -> None:
+    rows = _rows(split_run)
+    assert [r["experience"] for r in rows] == [0, 1, 2]
+    assert [r["samples_seen"] for r in rows] == [160, 280, 400]  # 40 images x classes 4/3/3, each seen once
+    assert rows[-1]["updates"] == 8 + 6 + 6  # ceil(160/20) + ceil(120/20) + ceil(120/20)
+    matrix = [r["probe/acc_matrix_row"] for r in rows]
+    assert len(matrix) == 3 and all(len(row) == 3 and all(0 <= a <= 1 for a in row) for row in matrix)
+    # forgetting of experience j after t: max over earlier rows minus now, defined for j < t only
+    for t, r in enumerate(rows):
+        f = r["probe/forgetting"]
+        for j in range(3):
+            if j < t:
+                best = max(matrix[s][j] for s in range(j, t))
+                assert f[j] == pytest.approx(best - matrix[t][j], abs=1e-6)
+            else:
+                assert f[j] is None
+    assert all(0 <= r["transfer/cifar100"] <= 1 for r in rows)
+    assert all(0 <= r["knn/acc_all"] <= 1 for r in rows)
+    assert rows[0]["probe/acc_seen"] is not None and rows[-1]["probe/acc_seen"] == rows[-1]["probe/acc_all"]
+    png = (split_run / "accuracy.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    assert list((split_run / "tb").glob("events.out.tfevents.*"))
+    assert (split_run / "config.yaml").is_file() and load_config(split_run / "config.yaml").stream.n_experiences == 3
+    assert ckpt.latest(split_run) is not None and (split_run / "ckpt.pt").resolve() == ckpt.latest(split_run).resolve()
+
+
+def test_last_probe_beats_random_init(split_run: Path, data_root: Path, capsys) -> None:
+    last = _rows(split_run)[-1]["probe/acc_all"]
+    assert evaluate.main(["--checkpoint", str(split_run), "--data-root", str(data_root), "--train-per-class", "40",
+                          "--test-per-class", "20", "--random-init"]) == 0
+    floor = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["cifar10"]["linear"]
+    assert last > floor + 0.03, (last, floor)
+    # evaluate.py on the trained checkpoint reproduces the run's own last probe
+    assert evaluate.main(["--checkpoint", str(split_run), "--data-root", str(data_root), "--train-per-class", "40",
+                          "--test-per-class", "20"]) == 0
+    again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["cifar10"]["linear"]
+    assert again == pytest.approx(last, abs=1e-6)
+
+
+def test_same_seed_same_metrics(split_run: Path, data_root: Path, tmp_path: Path) -> None:
+    rc = run_stream.main(["--config", "configs/smoke.yaml", f"run.out_dir={tmp_path / 'again'}",
+                          f"data.root={data_root}", "eval.transfer=[cifar100]"])
+    assert rc == 0
+    assert _without_time(_rows(tmp_path / "again")) == _without_time(_rows(split_run))
+    a = ckpt.load(ckpt.latest(split_run))["model"]
+    b = ckpt.load(ckpt.latest(tmp_path / "again"))["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_refuses_non_empty_run_dir(split_run: Path, data_root: Path) -> None:
+    before = sorted(p.name for p in split_run.iterdir())
+    assert run_stream.main(["--config", "configs/smoke.yaml", f"run.out_dir={split_run}", f"data.root={data_root}"]) == 2
+    assert sorted(p.name for p in split_run.iterdir()) == before
+
+
+def test_offline_run_lowers_the_loss(tmp_path: Path, data_root: Path) -> None:
+    run_dir = tmp_path / "offline"
+    rc = run_stream.main(["--config", "configs/smoke.yaml", f"run.out_dir={run_dir}", f"data.root={data_root}",
+                          "stream.mode=offline", "stream.epochs=3", "eval.knn_k=0", "run.tensorboard=false"])
+    assert rc == 0
+    rows = _rows(run_dir)
+    assert len(rows) == 1 and rows[0]["updates"] == 3 * 20 and rows[0]["samples_seen"] == 3 * 400
+    cfg = load_config(run_dir / "config.yaml")
+    splits = run_stream.load_splits(cfg)
+    train = run_stream.per_class_subset(splits.train, cfg.data.train_per_class)
+    augment = run_stream.build_augment(cfg, splits)
+
+    def mean_loss(model) -> float:
+        model.train()
+        gen = torch.Generator().manual_seed(123)
+        losses = []
+        with torch.no_grad():
+            for b in range(4):
+                x = augment(train.images[b * 100:(b + 1) * 100], gen)
+                losses.append(float(emp_ssl_loss(model(x)[1], cfg.augment.n_patches)[0]))
+        return sum(losses) / len(losses)
+
+    torch.manual_seed(cfg.train.seed)
+    init = run_stream.build_model(cfg, "cifar10")
+    trained = run_stream.build_model(cfg, "cifar10")
+    trained.load_state_dict(ckpt.load(ckpt.latest(run_dir))["model"])
+    assert mean_loss(trained) < mean_loss(init) - 1.0
