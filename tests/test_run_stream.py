@@ -34,7 +34,7 @@ def _without_time(rows: list[dict]) -> list[dict]:
 def data_root(tmp_path_factory) -> Path:
     """The real cifar10.npz plus a small CIFAR-100 in torchvision's pickled layout (for transfer)."""
     root = tmp_path_factory.mktemp("data")
-    os.symlink(Path(DATA) / "cifar10.npz", root / "cifar10.npz")
+    os.symlink((Path(DATA) / "cifar10.npz").resolve(), root / "cifar10.npz")
     folder = root / "cifar-100-python"
     folder.mkdir()
     rng = np.random.default_rng(0)
