@@ -27,8 +27,9 @@ def hand_q(p: torch.Tensor, g: torch.Tensor, *, lr: float, wd: float, eta: float
     return min(q / lr, 1.0) if clip else q
 
 
-def hand_run(p0, grads, *, lr, wd, eta, momentum, nesterov, clip):
+def hand_run(p0, grads, *, lr, weight_decay, eta, momentum, nesterov, clip):
     """Parameters after each LARS step, computed by hand (float64); also the q of each step."""
+    wd = weight_decay
     p, buf, out, qs = p0.clone(), None, [], []
     for g in grads:
         q = hand_q(p, g, lr=lr, wd=wd, eta=eta, clip=clip)
@@ -143,7 +144,7 @@ def test_excluded_parameters_get_plain_sgd():
             # buf = g on the first step; Nesterov update g + mom * buf; no decay, no scaling
             torch.testing.assert_close(p.detach(), before[name] - lr * (1 + mom) * grads[name], rtol=1e-12, atol=1e-15)
         else:
-            want, _ = hand_run(before[name], [grads[name]], lr=lr, wd=wd, eta=0.005, momentum=mom,
+            want, _ = hand_run(before[name], [grads[name]], lr=lr, weight_decay=wd, eta=0.005, momentum=mom,
                                nesterov=True, clip=True)
             torch.testing.assert_close(p.detach(), want[0], rtol=1e-12, atol=1e-14)
 

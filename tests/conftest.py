@@ -1,0 +1,100 @@
+"""Shared fixtures: tiny copies of the official on-disk layouts of Tiny ImageNet and ImageNet-100.
+
+Both trees are written once per test session into a temporary folder (a few images per class, small
+sizes) and are meant to be read through `scenarios.datasets.load_dataset` / `data.root`.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import pytest
+import torch
+from torchvision.io import encode_jpeg, encode_png, write_file
+
+TINY_FIXTURE_WNIDS = ["n01443537", "n01629819", "n01641577", "n01644900"]
+TINY_TRAIN_PER_CLASS = 4
+TINY_VAL_PER_CLASS = 2
+
+IMAGENET_TRAIN_PER_CLASS = 3
+IMAGENET_VAL_PER_CLASS = 1
+
+
+def class_image(cls: int, k: int, h: int, w: int, seed: int) -> torch.Tensor:
+    """A (3, h, w) uint8 image: a class colour plus seeded noise (distinct for every (cls, k))."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + cls * 1009 + k)
+    base = torch.tensor([(37 * cls) % 200, (91 * cls + 60) % 200, (13 * cls + 120) % 200], dtype=torch.int16)
+    noise = torch.randint(0, 56, (3, h, w), generator=gen, dtype=torch.int16)
+    return (base.view(3, 1, 1) + noise).clamp(0, 255).to(torch.uint8)
+
+
+def write_jpeg(path: pathlib.Path, img: torch.Tensor) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_file(str(path), encode_jpeg(img, quality=90))
+
+
+def write_png(path: pathlib.Path, img: torch.Tensor) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_file(str(path), encode_png(img))
+
+
+def make_tiny_imagenet(root: pathlib.Path, wnids: list[str] = TINY_FIXTURE_WNIDS,
+                       train_per_class: int = TINY_TRAIN_PER_CLASS,
+                       val_per_class: int = TINY_VAL_PER_CLASS) -> pathlib.Path:
+    """ROOT/tiny-imagenet-200/ as extracted from the official zip (64x64 JPEGs)."""
+    folder = root / "tiny-imagenet-200"
+    folder.mkdir(parents=True)
+    (folder / "wnids.txt").write_text("\n".join(wnids) + "\n")
+    (folder / "words.txt").write_text("".join(f"{w}\tclass {i}, thing {i}\n" for i, w in enumerate(wnids)))
+    for c, wnid in enumerate(wnids):
+        boxes = []
+        for k in range(train_per_class):
+            name = f"{wnid}_{k}.JPEG"
+            write_jpeg(folder / "train" / wnid / "images" / name, class_image(c, k, 64, 64, seed=1))
+            boxes.append(f"{name}\t0\t0\t63\t63\n")
+        (folder / "train" / wnid / f"{wnid}_boxes.txt").write_text("".join(boxes))
+    lines, i = [], 0
+    for k in range(val_per_class):
+        for c, wnid in enumerate(wnids):
+            name = f"val_{i}.JPEG"
+            write_jpeg(folder / "val" / "images" / name, class_image(c, 100 + k, 64, 64, seed=2))
+            lines.append(f"{name}\t{wnid}\t0\t0\t63\t63\n")
+            i += 1
+    (folder / "val" / "val_annotations.txt").write_text("".join(lines))
+    return folder
+
+
+def make_imagenet100(root: pathlib.Path, train_per_class: int = IMAGENET_TRAIN_PER_CLASS,
+                     val_per_class: int = IMAGENET_VAL_PER_CLASS) -> pathlib.Path:
+    """ROOT/imagenet100/{train,val}/<wnid>/ for the 100 classes of imagenet100_classes.txt (small images)."""
+    from scenarios.datasets import imagenet100_classes
+
+    folder = root / "imagenet100"
+    sizes = [(40, 36), (36, 48), (34, 34)]
+    for c, wnid in enumerate(imagenet100_classes()):
+        for k in range(train_per_class):
+            h, w = sizes[(c + k) % len(sizes)]
+            img = class_image(c, k, h, w, seed=3)
+            if k % 2:
+                write_png(folder / "train" / wnid / f"{wnid}_{k}.png", img)
+            else:
+                write_jpeg(folder / "train" / wnid / f"{wnid}_{k}.JPEG", img)
+        for k in range(val_per_class):
+            write_jpeg(folder / "val" / wnid / f"ILSVRC2012_val_{c:05d}_{k}.JPEG", class_image(c, 100 + k, 36, 40, seed=4))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_imagenet_root(tmp_path_factory) -> pathlib.Path:
+    """A data root holding tiny-imagenet-200/ (4 classes, 4 train + 2 val images each)."""
+    root = tmp_path_factory.mktemp("tiny_root")
+    make_tiny_imagenet(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def imagenet100_root(tmp_path_factory) -> pathlib.Path:
+    """A data root holding imagenet100/{train,val}/ (100 classes, 3 train + 1 val images each)."""
+    root = tmp_path_factory.mktemp("in100_root")
+    make_imagenet100(root)
+    return root

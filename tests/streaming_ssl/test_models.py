@@ -1,0 +1,132 @@
+"""Tests of streaming_ssl.models: ResNet-18 stems and widths, the pre-feature layer and the projector."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from streaming_ssl.models import EMPSSLModel, ResNet18
+
+# width 0.125 gives 8/16/32/64 channels: the smallest width that is safe everywhere on this machine
+SMALL = dict(width=0.125, feature_dim=24, proj_hidden_dim=20, proj_dim=12)
+
+
+def images(n: int, side: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, 3, side, side, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("stem,side", [("cifar", 32), ("tiny", 64), ("imagenet", 64)])
+def test_output_shapes_and_unit_norm(stem, side):
+    torch.manual_seed(0)
+    model = EMPSSLModel(stem=stem, **SMALL).train()
+    with torch.no_grad():
+        h, z = model(images(2, side))
+    assert h.shape == (2, SMALL["feature_dim"]) and model.feature_dim == SMALL["feature_dim"]
+    assert z.shape == (2, SMALL["proj_dim"])
+    torch.testing.assert_close(z.norm(dim=1), torch.ones(2), rtol=0, atol=1e-5)
+    assert (h >= 0).all()  # h comes out of the pre-feature ReLU
+
+
+def test_eval_mode_h_is_features_and_z_is_normalised_projection():
+    torch.manual_seed(0)
+    model = EMPSSLModel(stem="cifar", **SMALL).eval()
+    x = images(2, 16)
+    with torch.no_grad():
+        h, z = model(x)
+        torch.testing.assert_close(model.features(x), h)
+        torch.testing.assert_close(z, nn.functional.normalize(model.projector(h), dim=-1))
+    torch.testing.assert_close(z.norm(dim=1), torch.ones(2), rtol=0, atol=1e-5)
+    assert h.shape == (2, SMALL["feature_dim"]) and z.shape == (2, SMALL["proj_dim"])
+
+
+def test_layer_sizes_follow_arguments():
+    model = EMPSSLModel(stem="cifar", **SMALL)
+    assert model.backbone.out_dim == 64
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(64, 24), (24, 20), (20, 12)]
+    bns = [m.num_features for m in model.pre_feature.modules() if isinstance(m, nn.BatchNorm1d)]
+    assert bns == [24]
+    bns = [m.num_features for m in model.projector.modules() if isinstance(m, nn.BatchNorm1d)]
+    assert bns == [20]  # no BN after the last projector layer
+
+
+@pytest.mark.parametrize("width,chans", [(0.125, (8, 16, 32, 64)), (0.25, (16, 32, 64, 128)),
+                                         (0.3, (19, 38, 77, 154)), (1.0, (64, 128, 256, 512))])
+def test_width_multiplier_sets_channels(width, chans):
+    net = ResNet18(stem="cifar", width=width)
+    assert net.out_dim == round(512 * width) == chans[-1]
+    convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
+    assert convs[0].out_channels == chans[0]
+    assert sorted({c.out_channels for c in convs}) == sorted(chans)
+    assert convs[-1].out_channels == chans[-1]
+    if width < 1:
+        model = EMPSSLModel(width=width, feature_dim=4, proj_hidden_dim=4, proj_dim=4)
+        assert model.backbone.out_dim == chans[-1] and model.pre_feature[0].in_features == chans[-1]
+
+
+def test_backbone_feature_has_out_dim():
+    net = ResNet18(stem="cifar", width=0.125).eval()
+    with torch.no_grad():
+        assert net(images(2, 32)).shape == (2, net.out_dim)
+
+
+@pytest.mark.parametrize("stem,side,after", [("cifar", 32, 32), ("tiny", 64, 32), ("imagenet", 64, 16)])
+def test_stem_resolution(stem, side, after):
+    model = EMPSSLModel(stem=stem, **SMALL).eval()
+    seen = []
+    handle = model.backbone.stem.register_forward_hook(lambda mod, inp, out: seen.append(tuple(out.shape)))
+    try:
+        with torch.no_grad():
+            model(images(2, side))
+    finally:
+        handle.remove()
+    assert seen == [(2, 8, after, after)]
+
+
+def test_stem_layers():
+    cifar = ResNet18(stem="cifar", width=0.125).stem
+    tiny = ResNet18(stem="tiny", width=0.125).stem
+    imnet = ResNet18(stem="imagenet", width=0.125).stem
+    assert (cifar[0].kernel_size, cifar[0].stride) == ((3, 3), (1, 1))
+    assert not any(isinstance(m, nn.MaxPool2d) for m in cifar)
+    assert (tiny[0].kernel_size, tiny[0].stride) == ((3, 3), (1, 1))
+    assert sum(isinstance(m, nn.MaxPool2d) for m in tiny) == 1
+    assert (imnet[0].kernel_size, imnet[0].stride) == ((7, 7), (2, 2))
+    assert sum(isinstance(m, nn.MaxPool2d) for m in imnet) == 1
+
+
+def test_unknown_stem():
+    with pytest.raises(ValueError, match=r"unknown stem 'auto'; valid: cifar, tiny, imagenet"):
+        EMPSSLModel(stem="auto", **SMALL)
+    with pytest.raises(ValueError, match=r"unknown stem 'cifar10'; valid: cifar, tiny, imagenet"):
+        ResNet18(stem="cifar10")
+
+
+def test_unknown_arch():
+    with pytest.raises(ValueError, match=r"unknown architecture 'resnet50'; valid: resnet18"):
+        EMPSSLModel(arch="resnet50", **SMALL)
+
+
+@pytest.mark.parametrize("width", [0.0, -0.5])
+def test_non_positive_width(width):
+    with pytest.raises(ValueError, match="width multiplier must be positive"):
+        ResNet18(width=width)
+
+
+@pytest.mark.parametrize("stem", ["cifar", "imagenet"])
+def test_full_width_resnet18_parameter_count(stem):
+    net = ResNet18(stem=stem, width=1.0)
+    count = sum(p.numel() for p in net.parameters())
+    assert 11.0e6 < count < 11.3e6
+    # standard ResNet-18 trunk without the fc layer: 11,168,832 (cifar 3x3 stem), 11,176,512 (7x7 stem)
+    assert count == {"cifar": 11_168_832, "imagenet": 11_176_512}[stem]
+
+
+def test_gradients_reach_every_parameter():
+    torch.manual_seed(1)
+    model = EMPSSLModel(stem="cifar", **SMALL).train()
+    _, z = model(images(3, 8))
+    (z[:, 0].sum() + z.pow(3).sum()).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name

@@ -1,0 +1,76 @@
+"""Exact resume: a run SIGKILLed in the middle of an experience and resumed equals an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from streaming_ssl import checkpoint as ckpt
+
+DATA = os.environ.get("STREAMING_SSL_DATA")
+pytestmark = pytest.mark.skipif(not DATA or not (Path(DATA) / "cifar10.npz").is_file(),
+                                reason="needs the real CIFAR-10: set STREAMING_SSL_DATA to the folder of cifar10.npz")
+REPO = Path(__file__).resolve().parents[1]
+ARGS = ["train.deterministic=true", "run.checkpoint_every=3", "run.keep_last=50", "run.tensorboard=false",
+        "eval.probe_epochs=5", "train.threads=1"]
+
+
+def _cmd(run_dir: Path, *extra: str) -> list[str]:
+    return [sys.executable, str(REPO / "run_stream.py"), "--config", str(REPO / "configs/smoke.yaml"),
+            f"run.out_dir={run_dir}", f"data.root={Path(DATA).resolve()}", *ARGS, *extra]
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]
+
+
+def test_sigkill_mid_experience_then_resume_is_exact(tmp_path: Path) -> None:
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    subprocess.run(_cmd(full), check=True, cwd=REPO, capture_output=True)
+
+    proc = subprocess.Popen(_cmd(killed), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    try:
+        while time.time() < deadline and not (killed / "ckpt_000000003.pt").exists():
+            assert proc.poll() is None, "the run ended before it could be killed"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    state = ckpt.load(ckpt.latest(killed))
+    pos = state["position"]
+    assert pos["global_step"] < 20, "killed too late: the run had finished"
+
+    res = subprocess.run([sys.executable, str(REPO / "run_stream.py"), "--resume", str(killed)], cwd=REPO,
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"resumed at update {pos['global_step']}" in res.stderr
+
+    assert _rows(killed) == _rows(full)
+    a = ckpt.load(ckpt.latest(full))
+    b = ckpt.load(ckpt.latest(killed))
+    assert a["position"] == b["position"]
+    assert a["model"].keys() == b["model"].keys()
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_resume_refuses_a_different_config(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    subprocess.run(_cmd(run_dir, "stream.n_experiences=2", "data.train_per_class=10", "data.test_per_class=5"),
+                   check=True, cwd=REPO, capture_output=True)
+    before = {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()}
+    res = subprocess.run([sys.executable, str(REPO / "run_stream.py"), "--resume", str(run_dir), "optim.lr=0.1"],
+                         cwd=REPO, capture_output=True, text=True)
+    assert res.returncode == 2
+    assert "different config" in res.stderr and "optim.lr" in res.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()} == before
