@@ -109,14 +109,18 @@ def setup_runtime(cfg):
     return device, resolve_precision(t.precision, device)
 
 
-def setup_logging(run_dir: Path | None) -> None:
+def setup_logging(run_dir: Path | None) -> logging.Handler | None:
+    """Log to stderr and (rank 0) to RUN/train.log; returns the file handler, to be removed after the run."""
     from streaming_ssl import distributed as ddp
 
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
-    if run_dir is not None and ddp.is_main():
-        handlers.append(logging.FileHandler(run_dir / "train.log"))
     logging.basicConfig(level=logging.INFO if ddp.is_main() else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(message)s", handlers=handlers, force=True)
+                        format="%(asctime)s %(levelname)s %(message)s")
+    if run_dir is None or not ddp.is_main():
+        return None
+    handler = logging.FileHandler(run_dir / "train.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logging.getLogger().addHandler(handler)
+    return handler
 
 
 # ------------------------------------------------------------------------------------------ run dir
@@ -167,6 +171,17 @@ def _dict_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
 # ------------------------------------------------------------------------------------------ main
 def run(cfg, args) -> dict:
     """Train and evaluate one run; returns the last evaluation row."""
+    handlers_before = list(logging.getLogger().handlers)
+    try:
+        return _run(cfg, args)
+    finally:  # a run's log file must not collect what later runs in this process log
+        for handler in logging.getLogger().handlers:
+            if handler not in handlers_before:
+                logging.getLogger().removeHandler(handler)
+                handler.close()
+
+
+def _run(cfg, args) -> dict:
     from avalanche.logging import TensorboardLogger, TextLogger
     from avalanche.training.plugins import EvaluationPlugin
     from tqdm import tqdm
@@ -178,7 +193,7 @@ def run(cfg, args) -> dict:
     from streaming_ssl.evaluation import (JSONLLogger, ProbeMetric, ScalarTensorboardLogger, StreamEvaluator,
                                           plot_run, read_rows)
     from streaming_ssl.lars import LARS, param_groups
-    from streaming_ssl.strategy import EMPSSLStrategy
+    from streaming_ssl.strategy import EMPSSLStrategy, NonFiniteLossError
 
     run_dir, state = prepare_run_dir(cfg, args)
     device, amp_dtype = setup_runtime(cfg)
@@ -277,13 +292,23 @@ def run(cfg, args) -> dict:
                dynamic_ncols=True, mininterval=2.0)
 
     def save(strategy) -> None:
+        bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+        if bad:
+            raise NonFiniteLossError(
+                f"the weights became non-finite at update {strategy.global_step} (first: {bad[0]}); this state was not "
+                "saved and the last checkpoint is intact. Lower optim.lr or check the input data.")
         payload = {"format": ckpt.FORMAT_VERSION, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                    "position": strategy.position(), "rng": ckpt.rng_state(),
                    "aug_generator": strategy.aug_generator.get_state(), "evaluator": evaluator.state_dict(),
                    "metrics_rows": len(read_rows(metrics_path)) if ddp.is_main() else 0,
                    "wall_seconds": metric.time_offset + time.time() - metric.start_time, "config": cfg.to_dict()}
         if ddp.is_main():
-            ckpt.save_rotating(payload, run_dir, strategy.global_step, cfg.run.keep_last)
+            try:
+                ckpt.save_rotating(payload, run_dir, strategy.global_step, cfg.run.keep_last)
+            except OSError as err:
+                raise RunError(f"could not write a checkpoint into {str(run_dir)!r} ({err.strerror or err}); the "
+                               "previous checkpoints are intact: free disk space (or move run.out_dir), then "
+                               f"python run_stream.py --resume {run_dir}") from err
         ddp.barrier()
 
     def on_iteration(strategy) -> None:

@@ -52,8 +52,11 @@ def coding_rate(z: torch.Tensor, eps2: float = 0.2) -> torch.Tensor:
             gram = torch.bmm(z.transpose(1, 2), z)  # (n, d, d)
         size = gram.shape[-1]
         eye = torch.eye(size, device=z.device, dtype=z.dtype)
-        chol = torch.linalg.cholesky(eye + scale * gram)
+        # I + a Z Z^T is positive definite for any finite Z; a failed factorisation means non-finite
+        # input, reported as NaN (no exception, no host sync) so the caller's finiteness check names it.
+        chol, info = torch.linalg.cholesky_ex(eye + scale * gram)
         rate = torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)  # = 1/2 logdet
+        rate = torch.where(info == 0, rate, torch.full_like(rate, float("nan")))
     return rate.squeeze(0) if squeeze else rate
 
 

@@ -78,7 +78,7 @@ def test_lars_step_without_clip_matches_hand_computation():
     kw = dict(lr=0.3, weight_decay=1e-4, eta=0.005, momentum=0.9, nesterov=True, clip=False)
     p0 = rand(4, 2, seed=3)
     grads = [rand(4, 2, seed=4), rand(4, 2, seed=5)]
-    want, qs = hand_run(p0, grads, **kw)
+    want, _ = hand_run(p0, grads, **kw)
     got = lars_run(p0, grads, **kw)
     for step in range(2):
         torch.testing.assert_close(got[step], want[step], rtol=1e-12, atol=1e-14)

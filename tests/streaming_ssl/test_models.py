@@ -12,6 +12,15 @@ from streaming_ssl.models import EMPSSLModel, ResNet18
 SMALL = dict(width=0.125, feature_dim=24, proj_hidden_dim=20, proj_dim=12)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny convolutions on a shared 2-core machine: OpenMP hand-offs cost more than the work."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def images(n: int, side: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(n, 3, side, side, generator=torch.Generator().manual_seed(seed))
 
