@@ -113,8 +113,8 @@ def setup_logging(run_dir: Path | None) -> logging.Handler | None:
     """Log to stderr and (rank 0) to RUN/train.log; returns the file handler, to be removed after the run."""
     from streaming_ssl import distributed as ddp
 
-    logging.basicConfig(level=logging.INFO if ddp.is_main() else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(message)s")
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s")
+    logging.getLogger().setLevel(logging.INFO if ddp.is_main() else logging.WARNING)
     if run_dir is None or not ddp.is_main():
         return None
     handler = logging.FileHandler(run_dir / "train.log")
@@ -231,8 +231,11 @@ def _run(cfg, args) -> dict:
         model.load_state_dict(state["model"])
     train_model: torch.nn.Module = model
     if ddp.is_dist():
-        if cfg.model.sync_bn:
+        if cfg.model.sync_bn and device.type == "cuda":
             train_model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        elif cfg.model.sync_bn:
+            log.warning("SyncBatchNorm needs CUDA in PyTorch; on CPU (gloo) each rank normalises with its own "
+                        "batch statistics (the objective still sees the global batch)")
         train_model = torch.nn.parallel.DistributedDataParallel(
             train_model, device_ids=[device.index] if device.type == "cuda" else None)
     augment = build_augment(cfg, splits)
@@ -299,7 +302,8 @@ def _run(cfg, args) -> dict:
                 "saved and the last checkpoint is intact. Lower optim.lr or check the input data.")
         payload = {"format": ckpt.FORMAT_VERSION, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                    "position": strategy.position(), "rng": ckpt.rng_state(),
-                   "aug_generator": strategy.aug_generator.get_state(), "evaluator": evaluator.state_dict(),
+                   "aug_generator": ddp.all_gather_object(strategy.aug_generator.get_state().cpu()),
+                   "evaluator": evaluator.state_dict(),
                    "metrics_rows": len(read_rows(metrics_path)) if ddp.is_main() else 0,
                    "wall_seconds": metric.time_offset + time.time() - metric.start_time, "config": cfg.to_dict()}
         if ddp.is_main():
@@ -343,7 +347,11 @@ def _run(cfg, args) -> dict:
     if state is not None:
         strategy.set_position(state["position"])
         ckpt.set_rng_state(state["rng"])
-        strategy.aug_generator.set_state(state["aug_generator"])
+        aug_states = state["aug_generator"]
+        if len(aug_states) != ddp.world_size():
+            raise RunError(f"the run was saved by {len(aug_states)} process(es) but resumes with {ddp.world_size()}; "
+                           "resume with the same number of processes (torchrun --nproc_per_node)")
+        strategy.aug_generator.set_state(aug_states[ddp.rank()])
         bar.update(strategy.global_step)
         log.info("resumed at update %d (experience %d, batch %d)", strategy.global_step, strategy.stream_step,
                  strategy.batch_in_epoch)

@@ -50,16 +50,32 @@ def barrier() -> None:
 
 
 def gather_patch_blocks(blocks: torch.Tensor) -> torch.Tensor:
-    """Differentiable all-gather of (n, B_local, d) blocks along the batch dim -> (n, B_global, d).
+    """Differentiable all-gather of (n, B_r, d) blocks along the batch dim -> (n, sum_r B_r, d), rank order.
 
-    The backward pass sums the gradients of every rank into the local slice, so with DDP's gradient
-    averaging N ranks of B/N images give the gradients of one rank of B images.
+    Ranks may hold different B_r (the last batch of an experience): blocks are padded to the largest
+    share, gathered, and trimmed. The backward pass sums the gradients of every rank into the local
+    slice, so with DDP's gradient averaging N ranks of B/N images give the gradients of one rank of B.
     """
     if not is_dist():
         return blocks
     from torch.distributed.nn.functional import all_gather
 
-    return torch.cat(all_gather(blocks.contiguous()), dim=1)
+    sizes = all_gather_cat(torch.tensor([blocks.shape[1]], device=blocks.device)).tolist()
+    largest = max(sizes)
+    if blocks.shape[1] < largest:
+        pad = blocks.new_zeros(blocks.shape[0], largest - blocks.shape[1], blocks.shape[2])
+        blocks = torch.cat([blocks, pad], dim=1)
+    parts = all_gather(blocks.contiguous())
+    return torch.cat([part[:, :size] for part, size in zip(parts, sizes)], dim=1)
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's object, in rank order (a one-element list outside DDP)."""
+    if not is_dist():
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
