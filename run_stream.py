@@ -328,12 +328,17 @@ def _run(cfg, args) -> dict:
             raise Interrupted
 
     def on_experience(strategy) -> None:
-        if metric.last_row is not None and due(strategy):
+        evaluated = metric.last_row is not None and due(strategy)
+        if evaluated:
             r = metric.last_row
             log.info("after experience %d: probe %.2f%% (seen %s), kNN %s, avg forgetting %s", r["experience"],
                      100 * r["probe/acc_all"], _pct(r.get("probe/acc_seen")), _pct(r.get("knn/acc_all")),
                      _pct(r.get("probe/avg_forgetting")))
-        save(strategy)
+        # online streams have thousands of mini-experiences: checkpoint those only with an evaluation,
+        # at parent boundaries, or every run.checkpoint_every updates (on_iteration)
+        if (s.mode != "online" or evaluated or stream.is_parent_end(strategy.stream_step - 1)
+                or stop["signal"] is not None):
+            save(strategy)
         if stop["signal"] is not None:
             raise Interrupted
 
