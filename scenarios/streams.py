@@ -7,8 +7,8 @@ buffers), so the strategy can gather a whole batch of images with one indexing o
 collating samples one by one.
 
 Class-incremental streams are planned here (seeded class order, even or uneven split, nothing dropped)
-and built with Avalanche's class_incremental_benchmark; data-incremental streams with
-new_instances_benchmark; online streams with split_online_stream.
+and built with Avalanche's class_incremental_benchmark; data-incremental streams as seeded i.i.d. shards
+with benchmark_from_datasets; online streams with split_online_stream.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from typing import Iterable, Iterator, Sequence
 
 import torch
 from avalanche.benchmarks.scenarios.online import split_online_stream
-from avalanche.benchmarks.scenarios.supervised import class_incremental_benchmark, new_instances_benchmark
+from avalanche.benchmarks.scenarios.dataset_scenario import benchmark_from_datasets
+from avalanche.benchmarks.scenarios.supervised import class_incremental_benchmark
 from avalanche.benchmarks.utils import DataAttribute
 from avalanche.benchmarks.utils.classification_dataset import ClassificationDataset
 from avalanche.benchmarks.utils.flat_data import ConstantSequence
@@ -188,7 +189,16 @@ def build_stream(
     elif base == "data_incremental":
         if not 1 <= n_experiences <= len(train):
             raise StreamError(f"stream.n_experiences must be between 1 and {len(train)}, got {n_experiences}")
-        bench = new_instances_benchmark(dataset, dataset, n_experiences, shuffle=True, seed=class_order_seed)
+        # Our own seeded i.i.d. shards: Avalanche 0.6's new_instances_benchmark reseeds the global torch
+        # RNG, never shuffles within a class, and can leave experiences empty.
+        # Stratified: each class's rows, shuffled, are dealt round-robin, so every shard holds each class
+        # within one sample of the others and shard sizes differ by at most one.
+        gen = torch.Generator().manual_seed(class_order_seed)
+        dealt = torch.cat([rows[torch.randperm(len(rows), generator=gen)]
+                           for rows in (torch.nonzero(train.targets == c).flatten() for c in range(num_classes))])
+        owner = torch.arange(len(dealt)) % n_experiences
+        shards = [dealt[owner == k] for k in range(n_experiences)]
+        bench = benchmark_from_datasets(train=[dataset.subset(shard.tolist()) for shard in shards])
         parents = list(bench.train_stream)
         parent_sizes = [len(e.dataset) for e in parents]
         parent_classes = [all_classes for _ in parents]
@@ -209,6 +219,4 @@ def build_stream(
 
 
 def _single_experience(dataset: ClassificationDataset):
-    from avalanche.benchmarks.scenarios.dataset_scenario import benchmark_from_datasets
-
     return next(iter(benchmark_from_datasets(train=[dataset]).train_stream))

@@ -255,10 +255,6 @@ def test_data_incremental_errors():
         build_stream(data, 2, mode="data_incremental", n_experiences=0)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "scenarios/streams.py:189-191 accepts any n_experiences <= len(train) for data_incremental, but Avalanche "
-    "splits every class separately and scatters each class's leftover rows over random shards, so shards can be "
-    "empty: 5 rows (classes of 2 and 3) in 5 experiences gives step_sizes [1, 1, 0, 1, 2]"))
 def test_data_incremental_as_many_experiences_as_samples():
     data = make_data([2, 3])
     stream = build_stream(data, 2, mode="data_incremental", n_experiences=5)
@@ -266,11 +262,6 @@ def test_data_incremental_as_many_experiences_as_samples():
     assert stream.step_sizes == [1] * 5, "an allowed n_experiences produced empty (or doubled) experiences"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "scenarios/streams.py:191 calls Avalanche 0.6 new_instances_benchmark(..., seed=class_order_seed), whose "
-    "_random_indices runs torch.random.manual_seed(seed): building a data-incremental stream resets the global "
-    "torch RNG, so in run_stream.run (build_stream after torch.manual_seed(train.seed), before build_model) the "
-    "model initialisation no longer depends on train.seed"))
 @pytest.mark.parametrize("mode", ["data_incremental", "online"])
 def test_building_a_stream_leaves_the_global_rng_alone(mode):
     data = make_data(COUNTS4)
@@ -291,10 +282,6 @@ def test_class_incremental_and_offline_leave_the_global_rng_alone():
         assert torch.equal(torch.get_rng_state(), state), mode
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "scenarios/streams.py:191 asks new_instances_benchmark for shuffle=True, seed=class_order_seed, but Avalanche "
-    "0.6's _random_indices never shuffles the rows of a class (only the leftover rows are placed at random): shard "
-    "e always holds the e-th contiguous block of every class's rows in dataset order, whatever class_order_seed"))
 def test_data_incremental_shards_are_seeded_random_splits():
     data = make_data([10, 10, 10, 10], seed=3)
     first_half = sorted(r for c in range(4) for r in (data.targets == c).nonzero().flatten()[:5].tolist())
