@@ -207,6 +207,7 @@ def plot_run(rows: list[dict], path: str | Path, title: str = "") -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     if not rows:
         return
@@ -217,6 +218,7 @@ def plot_run(rows: list[dict], path: str | Path, title: str = "") -> None:
     ax0.set_xlabel("test classes of experience j")
     ax0.set_ylabel("after experience (evaluation) t")
     ax0.set_yticks(range(len(xs)), [str(x) for x in xs])
+    ax0.set_xticks(range(mat.shape[1]), [str(j + 1) for j in range(mat.shape[1])])
     ax0.set_title("accuracy matrix A[t, j] (%)")
     if mat.numel() <= 400:
         for i in range(mat.shape[0]):
@@ -230,6 +232,7 @@ def plot_run(rows: list[dict], path: str | Path, title: str = "") -> None:
         pts = [(x, y * 100) for x, y in zip(xs, ys) if _is_scalar(y)]
         if pts:
             ax1.plot(*zip(*pts), marker="o", label=key)
+    ax1.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax1.set_xlabel("experiences trained")
     ax1.set_ylabel("accuracy (%)")
     ax1.grid(alpha=0.3)
