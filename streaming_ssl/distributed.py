@@ -69,6 +69,25 @@ def gather_patch_blocks(blocks: torch.Tensor) -> torch.Tensor:
     return torch.cat([part[:, :size] for part, size in zip(parts, sizes)], dim=1)
 
 
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Give every rank rank `src`'s buffers (BatchNorm running statistics), in place.
+
+    DDP broadcasts rank 0's buffers at the start of every forward, but the forward itself then updates
+    each rank's running statistics with its own share of the batch (without SyncBatchNorm, e.g. on CPU),
+    so after the last update the ranks hold different statistics. Call this before an evaluation that
+    runs on every rank, so that all ranks use the model rank 0 checkpoints.
+    """
+    if not is_dist():
+        return
+    for buf in module.buffers():
+        if buf.is_contiguous():
+            dist.broadcast(buf.data, src)
+        else:
+            tmp = buf.data.contiguous()
+            dist.broadcast(tmp, src)
+            buf.data.copy_(tmp)
+
+
 def all_gather_object(obj) -> list:
     """Every rank's object, in rank order (a one-element list outside DDP)."""
     if not is_dist():

@@ -11,7 +11,7 @@ weight decay. Then plain SGD: buf = momentum * buf + g; g = g + momentum * buf (
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn

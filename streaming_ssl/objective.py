@@ -15,7 +15,7 @@ matrices, with a batched Cholesky factorisation: logdet(M) = 2 sum log diag(chol
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

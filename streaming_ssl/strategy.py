@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from avalanche.training.plugins import EvaluationPlugin
@@ -176,7 +176,7 @@ class EMPSSLStrategy(SupervisedTemplate):
     def _train_exp(self, experience, eval_streams=None, **kwargs) -> None:
         start_epoch, start_batch = self._resume_epoch, self._resume_batch
         self._resume_epoch = self._resume_batch = 0
-        for self.epoch_in_exp in range(start_epoch, self.train_epochs):
+        for self.epoch_in_exp in range(start_epoch, self.train_epochs):  # noqa: B020 - Avalanche style
             self.batch_in_epoch = start_batch if self.epoch_in_exp == start_epoch else 0
             if hasattr(self.dataloader, "set_epoch"):
                 self.dataloader.set_epoch(self.epoch_in_exp)

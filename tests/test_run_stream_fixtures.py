@@ -14,7 +14,6 @@ import os
 import pathlib
 
 import pytest
-import torch
 
 import run_stream
 from streaming_ssl import checkpoint as ckpt

@@ -429,7 +429,7 @@ def test_loader_ranks_share_each_global_batch(world):
         loader.set_epoch(epoch)
         assert len(loader) == len(global_batches)
         rank_batches, sizes = [], []
-        for x, y, t in loader:
+        for x, _y, _t in loader:
             rank_batches.append(x)
             sizes.append(loader.last_global_size)
         assert sizes == [len(b) for b in global_batches]  # each rank knows the global batch size

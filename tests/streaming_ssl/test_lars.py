@@ -233,7 +233,7 @@ def test_state_dict_round_trip_gives_identical_next_step():
     for m, o in ((model, opt), (clone, fresh), (no_state, cold)):
         set_grads(m, 1)
         o.step()
-    for (name, a), b, c in zip(model.named_parameters(), clone.parameters(), no_state.parameters()):
+    for (name, a), b, _c in zip(model.named_parameters(), clone.parameters(), no_state.parameters()):
         assert torch.equal(a, b), name
     # without the momentum buffers the step is different, so the comparison above means something
     assert any(not torch.equal(a, c) for a, c in zip(model.parameters(), no_state.parameters()))

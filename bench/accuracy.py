@@ -1,0 +1,116 @@
+#!/usr/bin/env python
+"""Accuracy on the real CIFAR-10: one-pass EMP-SSL offline and as streams (issue: accuracy rows).
+
+Not a test. Each row trains (or resumes) a run through run_stream.py in a subprocess, then probes its
+final checkpoint with evaluate.py: linear probe on h, whole image and bag of features over 16
+patches, probe fitted on all 50,000 training images, final-epoch accuracy. Results accumulate in
+bench/results/accuracy.json (rows already there are kept) and as a Markdown table in
+bench/results/accuracy.md. Rerunning continues an interrupted row from its checkpoint.
+
+    python bench/accuracy.py --rows random_init offline_1epoch
+    python bench/accuracy.py --rows split_cifar10 online_cifar10 offline_3epochs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+COMMON = ["model.width=0.25", "augment.n_patches=20", "train.batch_size=100", "eval.patches=0",
+          "eval.train_per_class=null", "run.checkpoint_every=100", "run.tensorboard=true"]
+ROWS = {
+    "random_init": None,  # probed on the offline_1epoch architecture with --random-init
+    "offline_1epoch": ("configs/offline_cifar10.yaml", ["stream.epochs=1"]),
+    "split_cifar10": ("configs/split_cifar10.yaml", ["stream.n_experiences=5"]),
+    "online_cifar10": ("configs/online_cifar10.yaml", ["train.batch_size=10", "stream.eval_every=0"]),
+    "offline_3epochs": ("configs/offline_cifar10.yaml", ["stream.epochs=3"]),
+}
+
+
+def run(cmd: list[str], log_path: Path) -> float:
+    t0 = time.time()
+    with log_path.open("a") as log:
+        log.write(f"\n$ {' '.join(cmd)}\n")
+        log.flush()
+        subprocess.run(cmd, cwd=REPO, check=True, stdout=log, stderr=subprocess.STDOUT)
+    return time.time() - t0
+
+
+def probe(ckpt_dir: Path, patches: int, log_path: Path, random_init: bool = False) -> dict:
+    out = ckpt_dir / f"probe_p{patches}{'_random' if random_init else ''}.json"
+    cmd = [sys.executable, "evaluate.py", "--checkpoint", str(ckpt_dir), "--patches", str(patches), "--knn",
+           "--out", str(out)] + (["--random-init"] if random_init else [])
+    seconds = run(cmd, log_path)
+    result = json.loads(out.read_text())
+    return {"linear": result["cifar10"]["linear"], "knn": result["cifar10"].get("knn"), "seconds": seconds,
+            "command": " ".join(cmd)}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    p.add_argument("--runs", default="runs/accuracy", help="where the runs live (resumed when present)")
+    p.add_argument("--out", default="bench/results/accuracy.json")
+    p.add_argument("--patches", type=int, default=16, help="bag-of-features patches of the second probe")
+    args = p.parse_args()
+    env_ok = os.environ.get("STREAMING_SSL_DATA")
+    if not env_ok:
+        p.error("set STREAMING_SSL_DATA to the folder holding cifar10.npz")
+    out = REPO / args.out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    results = json.loads(out.read_text()) if out.exists() else {}
+    runs = REPO / args.runs
+    runs.mkdir(parents=True, exist_ok=True)
+    for name in args.rows:
+        log_path = runs / f"{name}.log"
+        if name == "random_init":
+            base = runs / "offline_1epoch"
+            if not (base / "ckpt.pt").exists():
+                print("random_init needs the offline_1epoch run first (its architecture)", file=sys.stderr)
+                continue
+            row = {"samples_seen": 0, "train_seconds": 0.0, "command": "evaluate.py --random-init (same architecture)",
+                   "probe_whole": probe(base, 0, log_path, True), f"probe_bof{args.patches}": probe(base, args.patches, log_path, True)}
+        else:
+            config, extra = ROWS[name]
+            run_dir = runs / name
+            cmd = [sys.executable, "run_stream.py", "--config", config, *COMMON, *extra, f"run.out_dir={run_dir}"]
+            if (run_dir / "config.yaml").exists():
+                cmd = [sys.executable, "run_stream.py", "--resume", str(run_dir)]
+            seconds = run(cmd, log_path)
+            rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+            last = rows[-1]
+            row = {"command": " ".join(cmd if "--resume" not in cmd else
+                                       [sys.executable, "run_stream.py", "--config", config, *COMMON, *extra,
+                                        f"run.out_dir={run_dir}"]),
+                   "samples_seen": last["samples_seen"], "updates": last["updates"],
+                   "train_and_stream_eval_seconds": last["time/wall_seconds"], "this_session_seconds": seconds,
+                   "stream_final_probe_whole_10k": last["probe/acc_all"],
+                   "accuracy_matrix": [r["probe/acc_matrix_row"] for r in rows],
+                   "avg_forgetting": last.get("probe/avg_forgetting"),
+                   "probe_whole": probe(run_dir, 0, log_path), f"probe_bof{args.patches}": probe(run_dir, args.patches, log_path)}
+        results[name] = row
+        out.write_text(json.dumps(results, indent=2))
+        print(name, json.dumps({k: v for k, v in row.items() if k != "accuracy_matrix"}), flush=True)
+    lines = ["| row | samples seen | linear, whole image | linear, bag of 16 patches | kNN (bag) | avg forgetting |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for name in ROWS:
+        if name in results:
+            r = results[name]
+            bof = r.get(f"probe_bof{args.patches}", {})
+            forget = r.get("avg_forgetting")
+            lines.append(f"| {name} | {r['samples_seen']} | {100 * r['probe_whole']['linear']:.1f}% | "
+                         f"{100 * bof.get('linear', float('nan')):.1f}% | {100 * (bof.get('knn') or float('nan')):.1f}% | "
+                         f"{'-' if forget is None else f'{100 * forget:.1f} pts'} |")
+    (out.parent / "accuracy.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
