@@ -152,7 +152,8 @@ def prepare_run_dir(cfg, args) -> tuple[Path, dict | None]:
                            "--overwrite to replace it, or choose another run.out_dir")
         from streaming_ssl import distributed as ddp
 
-        if ddp.is_main():
+        # the process group does not exist yet (ddp.is_main() is True on every rank): ask torchrun's env
+        if ddp.env_world()[0] == 0:
             shutil.rmtree(run_dir)
     return run_dir, None
 
@@ -342,12 +343,28 @@ def _run(cfg, args) -> dict:
         if stop["signal"] is not None:
             raise Interrupted
 
+    plugins = []
+    if ddp.is_dist():
+        from avalanche.core import SupervisedPlugin
+
+        class SyncBuffers(SupervisedPlugin):
+            """Runs before the evaluation plugin: every rank evaluates rank 0's model (the one checkpointed).
+
+            Without SyncBatchNorm each rank's last forward updated its BatchNorm running statistics with its
+            own share of the batch; extract_features shards the images, so the probes would otherwise read
+            features computed with a different model on every rank.
+            """
+
+            def after_training_exp(self, strategy, **kwargs):
+                ddp.broadcast_buffers(model)
+
+        plugins.append(SyncBuffers())
     strategy = EMPSSLStrategy(model=train_model, optimizer=optimizer, augment=augment, images=train.images, targets=train.targets,
                               n_patches=cfg.augment.n_patches, eps2=cfg.objective.eps2, lam=cfg.objective.lam,
                               batch_size=cfg.train.batch_size, epochs=s.epochs, total_updates=total_updates,
                               base_lr=o.lr, warmup_steps=o.warmup_steps, final_lr=o.final_lr, device=device,
                               amp_dtype=amp_dtype, channels_last=channels_last, seed=cfg.train.seed,
-                              evaluator=EvaluationPlugin(metric, loggers=loggers),
+                              plugins=plugins, evaluator=EvaluationPlugin(metric, loggers=loggers),
                               on_iteration=on_iteration, on_experience=on_experience)
     if state is not None:
         strategy.set_position(state["position"])

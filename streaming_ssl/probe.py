@@ -35,17 +35,20 @@ def extract_features(model: torch.nn.Module, images, augment: MultiPatchAugment,
     was_training = model.training
     model.eval()
     n = len(images)
-    lo, hi = ddp.shard_bounds(n)
-    gen = torch.Generator(device=device).manual_seed(seed + 7919 * ddp.rank())
+    # Whole batches are shared out across ranks and batch k's patches are drawn from a generator seeded
+    # by (seed, k): the features do not depend on the number of processes.
+    n_batches = math.ceil(n / batch_size)
+    lo_b, hi_b = ddp.shard_bounds(n_batches)
     chunks = []
-    steps = range(lo, hi, batch_size)
+    batches = range(lo_b, hi_b)
     if progress and ddp.is_main():
-        steps = tqdm(steps, desc=progress, leave=False, unit="batch", total=math.ceil((hi - lo) / batch_size))
+        batches = tqdm(batches, desc=progress, leave=False, unit="batch")
     try:
-        for start in steps:
-            idx = torch.arange(start, min(start + batch_size, hi))
+        for k in batches:
+            idx = torch.arange(k * batch_size, min((k + 1) * batch_size, n))
             x = images[idx].to(device, non_blocking=True)
             if patches:
+                gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + k)
                 inp = augment.eval_patches(x, patches, gen)
             else:
                 inp = augment.whole_image(x)
@@ -60,19 +63,22 @@ def extract_features(model: torch.nn.Module, images, augment: MultiPatchAugment,
         model.train(was_training)
     dim = getattr(model, "feature_dim", None) or (chunks[0].shape[1] if chunks else 0)
     local = torch.cat(chunks) if chunks else torch.zeros(0, dim)
-    return _gather_rows(local, n)
+    return _gather_rows(local, n, n_batches, batch_size)
 
 
-def _gather_rows(local: torch.Tensor, n: int) -> torch.Tensor:
+def _gather_rows(local: torch.Tensor, n: int, n_batches: int, batch_size: int) -> torch.Tensor:
+    """Every rank's rows, in order, on every rank (rank r holds the rows of its batch share)."""
     if not ddp.is_dist():
         return local
-    width = math.ceil(n / ddp.world_size())
+    sizes = []
+    for r in range(ddp.world_size()):
+        lo_b, hi_b = ddp.shard_bounds(n_batches, r)
+        sizes.append(max(min(hi_b * batch_size, n) - lo_b * batch_size, 0))
+    width = max(sizes)
     padded = torch.zeros(width, local.shape[1], dtype=local.dtype)
     padded[: len(local)] = local
     gathered = ddp.all_gather_cat(padded)
-    parts = [gathered[r * width: r * width + (ddp.shard_bounds(n, r)[1] - ddp.shard_bounds(n, r)[0])]
-             for r in range(ddp.world_size())]
-    return torch.cat(parts)
+    return torch.cat([gathered[r * width: r * width + size] for r, size in enumerate(sizes)])
 
 
 def standardize(train: torch.Tensor, *others: torch.Tensor) -> list[torch.Tensor]:

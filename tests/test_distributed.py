@@ -1,0 +1,402 @@
+"""Distributed training on CPU: DDP with gloo over 127.0.0.1, in spawned processes and under torchrun.
+
+* one spawn of 2 ranks checks that the sharded objective (differentiable all-gather of the patch blocks)
+  gives the loss and, after DDP's averaging, the parameter gradients of one process holding the whole
+  global batch (also for uneven shares), and that sharded feature extraction equals one process's;
+* `torchrun --nproc_per_node 2` and a 2-"node" static launch (two torchrun agents on 127.0.0.1) of
+  run_stream.py on a slice of the real CIFAR-10 write what a 1-process run writes (rank 0 only), and the
+  logged evaluations are those of the checkpointed model.
+
+Every process uses 1 thread; the launches run concurrently, so the file takes about a minute on 2 cores
+(most of it is interpreter start-up: importing torch/avalanche in 8 processes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = os.environ.get("STREAMING_SSL_DATA")
+needs_data = pytest.mark.skipif(not DATA or not (Path(DATA) / "cifar10.npz").is_file(),
+                                reason="needs the real CIFAR-10: set STREAMING_SSL_DATA to the folder of cifar10.npz")
+
+WORLD = 2
+N_PATCHES = 3
+MODEL_KW = {"width": 0.125, "feature_dim": 32, "proj_hidden_dim": 32, "proj_dim": 32}
+GRAD_CASES = {"even_B8": 8, "uneven_B7": 7, "one_image_B1": 1}  # global batch B of each case
+SHARES = {"even_B8": [(0, 4), (4, 8)], "uneven_B7": [(0, 4), (4, 7)], "one_image_B1": [(0, 1), (1, 1)]}
+N_FEATURES = 13  # not divisible by the world size
+FEATURE_BATCH = 4  # several extraction batches per rank
+EVAL_PATCHES = 4
+TIMEOUT = 240  # seconds before a hung launch is killed (a deadlock must fail, not hang the suite)
+
+# Tiny stream: 3 experiences of 40/30/30 images, batch 20 -> 2+2+2 updates, evaluated after each.
+STREAM_OVERRIDES = ["train.threads=1", "train.precision=fp32", "data.train_per_class=10", "data.test_per_class=5",
+                    "eval.probe_epochs=2", "run.tensorboard=false", "run.plot=false"]
+PROGRESS_KEYS = ("experience", "parent_experience", "samples_seen", "updates")
+
+
+def free_ports(k: int) -> list[int]:
+    """k distinct free TCP ports on 127.0.0.1 (all bound at once, then released)."""
+    socks = []
+    try:
+        for _ in range(k):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def launch_env() -> dict:
+    env = dict(os.environ)
+    path = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=path)
+    if Path("/sys/class/net/lo").exists():
+        env["GLOO_SOCKET_IFNAME"] = "lo"  # gloo's peer-to-peer connections on loopback too
+    return env
+
+
+def small_model():
+    from streaming_ssl.models import EMPSSLModel
+
+    return EMPSSLModel(**MODEL_KW)
+
+
+def local_share(patches: torch.Tensor, n: int, lo: int, hi: int) -> torch.Tensor:
+    """Images [lo, hi) of a patch-major (n*B, C, H, W) batch, still patch-major: (n*(hi-lo), C, H, W)."""
+    blocks = patches.view(n, patches.shape[0] // n, *patches.shape[1:])
+    return blocks[:, lo:hi].reshape(-1, *patches.shape[1:])
+
+
+# ------------------------------------------------------------------------------------------ spawned ranks
+def _rank_main(workdir: Path) -> None:
+    """One rank under torchrun: DDP loss/gradients for every case, then sharded feature extraction -> rank<r>.pt."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from streaming_ssl import distributed as ddp
+    from streaming_ssl.augment import MultiPatchAugment
+    from streaming_ssl.objective import emp_ssl_loss
+    from streaming_ssl.probe import extract_features
+
+    torch.set_num_threads(1)
+    assert ddp.init_from_env("cpu") and dist.get_backend() == "gloo"
+    rank, world = ddp.rank(), ddp.world_size()
+    try:
+        inputs = torch.load(workdir / "inputs.pt", weights_only=True)
+        out: dict = {"grad": {}}
+        for name, patches in inputs["patches"].items():
+            model = small_model()
+            model.load_state_dict(inputs["state"])
+            # BatchNorm in eval mode: in train mode each rank would normalise with the statistics of its own
+            # share (SyncBatchNorm is CUDA-only in PyTorch, so run_stream.py does not use it on CPU) and the
+            # result could not equal one process's.
+            model.eval()
+            net = DDP(model)
+            lo, hi = ddp.shard_bounds(patches.shape[0] // N_PATCHES, rank, world)
+            _, z = net(local_share(patches, N_PATCHES, lo, hi))
+            loss, _ = emp_ssl_loss(z, N_PATCHES, gather=ddp.gather_patch_blocks)
+            loss.backward()
+            out["grad"][name] = {"share": (lo, hi), "loss": loss.detach(),
+                                 "grads": {k: p.grad.detach().clone() for k, p in model.named_parameters()}}
+        model = small_model()
+        model.load_state_dict(inputs["state"])
+        model.train()  # extract_features must switch to eval mode itself and restore this
+        augment = MultiPatchAugment(N_PATCHES, 32)
+        out["features"] = extract_features(model, inputs["images"], augment, device=torch.device("cpu"),
+                                           batch_size=FEATURE_BATCH, channels_last=True, seed=3)
+        out["features_patches"] = extract_features(model, inputs["images"], augment, device=torch.device("cpu"),
+                                                   batch_size=FEATURE_BATCH, patches=EVAL_PATCHES,
+                                                   channels_last=True, seed=3)
+        out["still_training"] = model.training
+        torch.save(out, workdir / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def spawned(tmp_path_factory) -> dict:
+    """Inputs, the per-rank outputs of one 2-rank torchrun of this file, and the same computations here."""
+    workdir = tmp_path_factory.mktemp("spawn")
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    state = small_model().state_dict()
+    patches = {name: torch.randn(N_PATCHES * b, 3, 32, 32, generator=gen) for name, b in GRAD_CASES.items()}
+    images = torch.randint(0, 256, (N_FEATURES, 3, 32, 32), generator=gen, dtype=torch.uint8)
+    torch.save({"state": state, "patches": patches, "images": images}, workdir / "inputs.pt")
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD), "--master_addr",
+           "127.0.0.1", "--master_port", str(free_ports(1)[0]), __file__, str(workdir)]
+    with open(workdir / "torchrun.log", "wb") as fh:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=launch_env(), stdout=fh, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    rc = _wait({"spawn": proc}, time.monotonic() + TIMEOUT)["spawn"]
+    assert rc == 0, (workdir / "torchrun.log").read_text(errors="replace")[-3000:]
+    ranks = [torch.load(workdir / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+
+    # the same computations in this process, without any process group
+    from streaming_ssl.augment import MultiPatchAugment
+    from streaming_ssl.objective import emp_ssl_loss
+    from streaming_ssl.probe import extract_features
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ref: dict = {"grad": {}}
+        for name, p in patches.items():
+            model = small_model()
+            model.load_state_dict(state)
+            model.eval()
+            _, z = model(p)
+            loss, _ = emp_ssl_loss(z, N_PATCHES)
+            loss.backward()
+            ref["grad"][name] = {"loss": loss.detach(), "grads": {k: q.grad.detach().clone()
+                                                                  for k, q in model.named_parameters()}}
+        model = small_model()
+        model.load_state_dict(state)
+        augment = MultiPatchAugment(N_PATCHES, 32)
+        ref["features"] = extract_features(model, images, augment, device=torch.device("cpu"),
+                                           batch_size=FEATURE_BATCH, channels_last=True, seed=3)
+        ref["features_patches"] = extract_features(model, images, augment, device=torch.device("cpu"),
+                                                   batch_size=FEATURE_BATCH, patches=EVAL_PATCHES,
+                                                   channels_last=True, seed=3)
+    finally:
+        torch.set_num_threads(threads)
+    return {"ranks": ranks, "ref": ref}
+
+
+@pytest.mark.parametrize("case", list(GRAD_CASES))
+def test_ddp_gradients_equal_one_process_on_the_global_batch(spawned, case: str) -> None:
+    assert [tuple(spawned["ranks"][r]["grad"][case]["share"]) for r in range(WORLD)] == SHARES[case]
+    ref = spawned["ref"]["grad"][case]
+    assert torch.isfinite(ref["loss"])
+    for r in range(WORLD):
+        got = spawned["ranks"][r]["grad"][case]
+        assert float(got["loss"]) == pytest.approx(float(ref["loss"]), rel=1e-5), f"loss on rank {r}"
+        assert got["grads"].keys() == ref["grads"].keys()
+        for name, g_ref in ref["grads"].items():
+            g = got["grads"][name]
+            err = float((g - g_ref).norm())
+            scale = float(g_ref.norm())
+            assert err <= 1e-5 * scale + 1e-9, f"rank {r}, {name}: |diff| {err:.3g} vs |grad| {scale:.3g}"
+    # the check is not vacuous: the gradients are far from zero and DDP really averaged (ranks agree exactly)
+    assert sum(float(g.norm()) for g in ref["grads"].values()) > 1e-3
+    for name in ref["grads"]:
+        assert torch.equal(spawned["ranks"][0]["grad"][case]["grads"][name], spawned["ranks"][1]["grad"][case]["grads"][name])
+
+
+def test_extract_features_sharded_equals_one_process(spawned) -> None:
+    ref = spawned["ref"]["features"]
+    assert ref.shape == (N_FEATURES, MODEL_KW["feature_dim"])
+    for r in range(WORLD):
+        got = spawned["ranks"][r]["features"]
+        assert got.shape == ref.shape
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)  # same rows in the same order
+        assert spawned["ranks"][r]["still_training"], "extract_features must restore the training mode"
+    # not a trivially ordered input: rows differ from one another
+    assert float((ref[1:] - ref[:-1]).abs().max()) > 1e-3
+
+
+def test_extract_features_with_patches_sharded_equals_one_process(spawned) -> None:
+    ref = spawned["ref"]["features_patches"]
+    for r in range(WORLD):
+        torch.testing.assert_close(spawned["ranks"][r]["features_patches"], ref, rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ torchrun launches
+def _torchrun(args: list[str], out_dir: Path, log: Path) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", *args, "--master_addr", "127.0.0.1",
+           "run_stream.py", "--config", "configs/smoke.yaml", f"run.out_dir={out_dir}", *STREAM_OVERRIDES]
+    with open(log, "wb") as fh:
+        return subprocess.Popen(cmd, cwd=ROOT, env=launch_env(), stdout=fh, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+def _kill(procs: dict[str, subprocess.Popen]) -> None:
+    """Stop the launches still running (each is its own session: its workers go too)."""
+    for q in procs.values():
+        if q.poll() is None:
+            os.killpg(q.pid, signal.SIGKILL)
+            q.wait()
+
+
+def _wait(procs: dict[str, subprocess.Popen], deadline: float) -> dict[str, int]:
+    codes = {}
+    try:
+        for name, p in procs.items():
+            try:
+                codes[name] = p.wait(timeout=max(deadline - time.monotonic(), 1))
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"launch {name} did not finish within {TIMEOUT} s")
+    finally:
+        _kill(procs)
+    return codes
+
+
+@pytest.fixture(scope="module")
+def stream_runs(tmp_path_factory) -> dict:
+    """The tiny stream: 1 process (here), torchrun 2 processes, and 2 'nodes' x 1 process, all at once."""
+    base = tmp_path_factory.mktemp("ddp_runs")
+    dirs = {"single": base / "single", "two_procs": base / "two_procs", "two_nodes": base / "two_nodes"}
+    port_procs, port_nodes = free_ports(2)
+    procs = {
+        "two_procs": _torchrun(["--nproc_per_node", "2", "--master_port", str(port_procs)], dirs["two_procs"],
+                               base / "two_procs.log"),
+        **{f"node{k}": _torchrun(["--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(k),
+                                  "--master_port", str(port_nodes)], dirs["two_nodes"], base / f"node{k}.log")
+           for k in range(2)},
+    }
+    deadline = time.monotonic() + TIMEOUT
+    import run_stream
+
+    threads = torch.get_num_threads()
+    try:
+        single_rc = run_stream.main(["--config", "configs/smoke.yaml", f"run.out_dir={dirs['single']}",
+                                     *STREAM_OVERRIDES])
+        codes = _wait(procs, deadline)
+    finally:
+        torch.set_num_threads(threads)
+        _kill(procs)
+    logs = {name: (base / f"{name}.log").read_text(errors="replace")[-3000:] for name in procs}
+    return {"dirs": dirs, "single_rc": single_rc, "codes": codes, "logs": logs}
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _check_same_layout(rows: list[dict], expected: list[dict]) -> None:
+    assert len(rows) == len(expected) == 3
+    for got, want in zip(rows, expected):
+        assert list(got) == list(want)
+        assert {k: got[k] for k in PROGRESS_KEYS} == {k: want[k] for k in PROGRESS_KEYS}
+        assert all(0 <= got[k] <= 1 for k in ("probe/acc_all", "knn/acc_all"))
+    assert [r["samples_seen"] for r in rows] == [40, 70, 100] and rows[-1]["updates"] == 6
+
+
+_SPLITS: dict = {}
+
+
+def _reevaluate(ckpt_path: Path) -> dict:
+    """probe/acc_all and knn/acc_all of a checkpoint, recomputed in this one process as run_stream.py does."""
+    from run_stream import build_augment, build_model, load_splits, per_class_subset, probe_kwargs, probe_set
+    from streaming_ssl import checkpoint as ckpt
+    from streaming_ssl.config import config_from_dict
+    from streaming_ssl.evaluation import StreamEvaluator
+
+    state = ckpt.load(ckpt_path)
+    cfg = config_from_dict(state["config"])
+    key = (cfg.data.dataset, cfg.data.train_per_class, cfg.data.test_per_class)
+    if key not in _SPLITS:
+        splits = load_splits(cfg)
+        splits.train = per_class_subset(splits.train, cfg.data.train_per_class)
+        splits.test = per_class_subset(splits.test, cfg.data.test_per_class)
+        _SPLITS[key] = splits
+    splits = _SPLITS[key]
+    model = build_model(cfg, splits.name).to(memory_format=torch.channels_last)
+    model.load_state_dict(state["model"])
+    # one parent experience holding every class: acc_seen is acc_all, nothing depends on the history
+    evaluator = StreamEvaluator(in_domain=probe_set(cfg, splits), transfer=[], parent_classes=[list(range(10))],
+                                augment=build_augment(cfg, splits), device=torch.device("cpu"), channels_last=True,
+                                patches=cfg.eval.patches, batch_size=cfg.eval.batch_size, knn_k=cfg.eval.knn_k,
+                                knn_temperature=cfg.eval.knn_temperature, probe_kwargs=probe_kwargs(cfg),
+                                seed=cfg.train.seed)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        row = evaluator.evaluate(model, 1)
+    finally:
+        torch.set_num_threads(threads)
+    return {k: row[k] for k in ("probe/acc_all", "knn/acc_all")}
+
+
+def _check_checkpoints(run_dir: Path, rows: list[dict], world: int, reevaluate: tuple[int, ...]) -> None:
+    from streaming_ssl import checkpoint as ckpt
+
+    paths = ckpt.list_checkpoints(run_dir)
+    assert [p.name for p in paths] == [f"ckpt_{r['updates']:09d}.pt" for r in rows]  # one per evaluation
+    assert ckpt.latest(run_dir) == paths[-1] and (run_dir / "ckpt.pt").resolve() == paths[-1].resolve()
+    for i, (path, row) in enumerate(zip(paths, rows)):
+        state = ckpt.load(path)
+        assert state["position"]["samples_seen"] == row["samples_seen"]
+        assert state["position"]["global_step"] == row["updates"]
+        assert len(state["aug_generator"]) == world  # every rank's augmentation generator
+        assert state["metrics_rows"] == row["experience"] + 1
+        if i in reevaluate:  # the logged evaluation is that of the checkpointed model (all ranks evaluated it)
+            again = _reevaluate(path)
+            assert again == {k: row[k] for k in again}, f"{path.name}: logged {row} but the checkpoint gives {again}"
+
+
+@needs_data
+def test_two_process_torchrun_writes_what_one_process_writes(stream_runs) -> None:
+    assert stream_runs["single_rc"] == 0
+    assert stream_runs["codes"]["two_procs"] == 0, stream_runs["logs"]["two_procs"]
+    single, two = stream_runs["dirs"]["single"], stream_runs["dirs"]["two_procs"]
+    expected = _rows(single)
+    rows = _rows(two)
+    _check_same_layout(rows, expected)
+    # rank 0 alone writes: the same files as one process, one metrics row per evaluation, one log
+    assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in single.iterdir())
+    assert json.loads((two / "summary.json").read_text()) == rows[-1]
+    train_log = (two / "train.log").read_text()
+    assert train_log.count("(precision fp32, world 2)") == 1 and train_log.count("INFO done:") == 1
+    # 1 process: the re-evaluation reproduces the logged numbers exactly (the check itself is sound) ...
+    _check_checkpoints(single, expected, world=1, reevaluate=(2,))
+    # ... and so it must under DDP: without SyncBatchNorm the ranks' BatchNorm running statistics differ after
+    # the last update, and the probes read features each rank computed for its share of the images
+    _check_checkpoints(two, rows, world=2, reevaluate=(0, 1, 2))
+    # the checkpoints fit the model of the config (and two processes trained the same architecture)
+    from streaming_ssl import checkpoint as ckpt
+
+    s1, s2 = ckpt.load(ckpt.latest(single))["model"], ckpt.load(ckpt.latest(two))["model"]
+    assert {k: v.shape for k, v in s1.items()} == {k: v.shape for k, v in s2.items()}
+
+
+@needs_data
+def test_two_node_static_launch_on_loopback(stream_runs) -> None:
+    for k in range(2):
+        assert stream_runs["codes"][f"node{k}"] == 0, stream_runs["logs"][f"node{k}"]
+    run_dir = stream_runs["dirs"]["two_nodes"]
+    rows = _rows(run_dir)
+    single = stream_runs["dirs"]["single"]
+    _check_same_layout(rows, _rows(single))
+    assert sorted(p.name for p in run_dir.iterdir()) == sorted(p.name for p in single.iterdir())  # rank 0 only
+    assert (run_dir / "train.log").read_text().count("(precision fp32, world 2)") == 1
+    _check_checkpoints(run_dir, rows, world=2, reevaluate=())
+
+
+# ------------------------------------------------------------------------------------------ run directory
+def test_overwrite_deletes_the_run_dir_on_global_rank_0_only(tmp_path, monkeypatch) -> None:
+    """prepare_run_dir runs before the process group exists: it must ask torchrun's RANK, not ddp.rank()."""
+    import run_stream
+    from streaming_ssl.config import load_config
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "old.txt").write_text("x")
+    cfg = load_config(ROOT / "configs/smoke.yaml", [f"run.out_dir={run_dir}"])
+    args = run_stream.parse_args(["--config", "configs/smoke.yaml", "--overwrite"])
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert run_stream.prepare_run_dir(cfg, args) == (run_dir, None)
+    assert (run_dir / "old.txt").exists()  # left to rank 0 (two concurrent rmtree calls race)
+    monkeypatch.setenv("RANK", "0")
+    assert run_stream.prepare_run_dir(cfg, args) == (run_dir, None)
+    assert not run_dir.exists()
+
+
+if __name__ == "__main__":  # a rank of the `spawned` fixture's torchrun launch
+    _rank_main(Path(sys.argv[1]))
