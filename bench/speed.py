@@ -1,0 +1,859 @@
+#!/usr/bin/env python
+"""Speed benchmark: writes bench/results/speed.json and prints a table. Not a test.
+
+    STREAMING_SSL_DATA=../shared/data .venv/bin/python bench/speed.py                   # full (hours on 2 cores)
+    STREAMING_SSL_DATA=../shared/data .venv/bin/python bench/speed.py --widths 0.25 \
+        --only reference,ours,model_only,objective,augment --repeats 1                  # minutes
+    STREAMING_SSL_DATA=../shared/data .venv/bin/python bench/speed.py --tiny --out /tmp/speed.json  # seconds
+
+Cases (each at every width in --widths, on the CPU with torch threads = cores, and on CUDA when present):
+
+  reference   the authors' pipeline rebuilt in bench/reference_pipeline.py: per-patch PIL torchvision
+              transforms in DataLoader workers, fp32, d x d logdet per patch block, SGD wrapped by LARS;
+              the network is our EMPSSLModel (same shapes as theirs), NCHW
+  ours        our end-to-end training step: EMPSSLStrategy.train on an in-memory stream (RowBatchLoader,
+              batched MultiPatchAugment, channels_last, Gram/Cholesky objective, LARS, cosine schedule)
+  model_only  forward + objective + backward + LARS step on pre-made channels_last patches: the ceiling
+              of `ours` (everything but the input pipeline)
+  objective   emp_ssl_loss forward + backward on random unit-norm projections (and the reference loss)
+  augment     MultiPatchAugment on one uint8 batch (and the reference PIL chain, serially, one process)
+  online      EMPSSLStrategy.train on an online stream (mini-experiences of k samples) vs the same data
+              as one class-incremental experience, batch size k, samples/s of each
+  probe       whole-image feature extraction + linear probe (train/test CIFAR images) vs one training
+              pass over as many images (step time measured in the same process), extrapolated to CIFAR-10
+  memory      VmHWM / VmRSS after each experience of a 5-experience class-incremental stream with
+              the evaluator after each experience; growth from experience 1 to 5
+
+Full mode runs every (case, width) in a fresh subprocess (`--case X --width W` prints one JSON line),
+with the glibc malloc tunables of scripts/run.sh ("tuned") and without them ("default"), cases and
+allocators interleaved, --repeats times; ratios pair the two sides of the same repeat and allocator
+and are reported as median and [min, max]. --tiny runs everything in this process, once, with tiny
+sizes. Times use time.perf_counter; warm-up steps are excluded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+for _p in (str(ROOT / "bench"), str(ROOT)):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # before SciPy (through Avalanche) starts its pool
+os.environ.setdefault("TQDM_DISABLE", "1")  # no progress bars of the evaluator in the benchmark's output
+warnings.filterwarnings("ignore", message="No loggers specified")
+warnings.filterwarnings("ignore", message="no QP solver found")
+
+TUNABLES = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=68719476736"
+CASES = ("reference", "ours", "model_only", "objective", "augment", "online", "probe", "memory")
+RESULT_PREFIX = "SPEED_JSON "
+CIFAR10_TRAIN, CIFAR10_TEST = 50_000, 10_000
+
+log = logging.getLogger("bench.speed")
+
+
+@dataclass
+class Sizes:
+    """Everything that differs between the full and the tiny benchmark."""
+
+    batch: int = 100
+    patches: int = 20
+    feature_dim: int = 4096
+    proj_hidden_dim: int = 4096
+    proj_dim: int = 1024
+    steps: int = 8  # measured steps per training case
+    warmup: int = 2  # steps run before measuring (>= 1)
+    calls: int = 10  # measured calls of the objective / augmentation
+    ref_aug_calls: int = 2  # measured batches of the serial reference augmentation
+    ref_workers: int = 0  # DataLoader workers of the reference; 0 here means os.cpu_count()
+    online_per_class: int = 30  # online case: 300 CIFAR-10 images
+    online_batch: int = 10  # mini-experience size = batch size of both sides
+    probe_train_per_class: int = 500  # 5000 train images
+    probe_test_per_class: int = 100  # 1000 test images
+    probe_epochs: int = 30
+    extract_batch: int = 256
+    memory_per_class: int = 100  # 1000 images: 5 experiences of 200
+    memory_eval_train_per_class: int = 50
+    memory_eval_test_per_class: int = 20
+    memory_probe_epochs: int = 5
+
+
+TINY = Sizes(batch=8, patches=4, feature_dim=128, proj_hidden_dim=128, proj_dim=64, steps=2, warmup=1, calls=2,
+             ref_aug_calls=1, ref_workers=1, online_per_class=2, online_batch=5, probe_train_per_class=20,
+             probe_test_per_class=10, probe_epochs=2, extract_batch=64, memory_per_class=4,
+             memory_eval_train_per_class=4, memory_eval_test_per_class=2, memory_probe_epochs=1)
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def stats(values: list[float]) -> dict:
+    if not values:
+        return {"n": 0}
+    med = statistics.median(values)
+    return {"median": med, "mean": statistics.fmean(values), "min": min(values), "max": max(values), "n": len(values),
+            "spread_pct": 100.0 * (max(values) - min(values)) / med if med else None}
+
+
+_DATA: dict = {}
+
+
+def load_cifar(root: str | None):
+    """CIFAR-10 splits (cached per process); root None means $STREAMING_SSL_DATA."""
+    if "cifar10" not in _DATA:
+        from scenarios.datasets import load_dataset
+
+        _DATA["cifar10"] = load_dataset("cifar10", root)
+    return _DATA["cifar10"]
+
+
+def first_per_class(data, k: int):
+    """The first k images of every class, in the original order."""
+    import torch
+
+    keep = torch.zeros(len(data.targets), dtype=torch.bool)
+    for c in data.targets.unique():
+        keep[(data.targets == c).nonzero().flatten()[:k]] = True
+    return data.subset(keep.nonzero().flatten())
+
+
+def first_n(data, n: int):
+    import torch
+
+    if n > len(data):
+        raise ValueError(f"the benchmark needs {n} images, the split holds {len(data)}")
+    return data.subset(torch.arange(n))
+
+
+def uses_channels_last(width: float, device) -> bool:
+    """As run_stream.py: torch 2.14's CPU BatchNorm backward in channels_last hangs below 8 channels."""
+    return not (device.type == "cpu" and round(64 * width) < 8)
+
+
+def make_model(width: float, sizes: Sizes, device, *, channels_last: bool):
+    import torch
+
+    from streaming_ssl.models import EMPSSLModel
+
+    torch.manual_seed(0)
+    model = EMPSSLModel(arch="resnet18", stem="cifar", width=width, feature_dim=sizes.feature_dim,
+                        proj_hidden_dim=sizes.proj_hidden_dim, proj_dim=sizes.proj_dim).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def make_augment(sizes: Sizes, splits, device, n_patches: int | None = None):
+    from streaming_ssl.augment import MultiPatchAugment
+
+    return MultiPatchAugment(n_patches or sizes.patches, splits.image_size, mean=tuple(splits.mean),
+                             std=tuple(splits.std)).to(device)
+
+
+def make_lars(model):
+    from streaming_ssl.lars import LARS, param_groups
+
+    return LARS(param_groups(model, 1e-4), lr=0.3, momentum=0.9, nesterov=True, weight_decay=1e-4, eta=0.005,
+                clip=True)
+
+
+def amp_dtype_for(device):
+    from streaming_ssl.device import resolve_precision
+
+    return resolve_precision("auto", device)
+
+
+class IterClock:
+    """on_iteration callback: (perf_counter, samples seen) after every update."""
+
+    def __init__(self, device) -> None:
+        self.device, self.marks = device, []
+
+    def __call__(self, strategy) -> None:
+        sync(self.device)
+        self.marks.append((time.perf_counter(), strategy.samples_seen))
+
+    def intervals(self, warmup: int) -> list[float]:
+        t = [m[0] for m in self.marks]
+        return [t[i] - t[i - 1] for i in range(max(warmup, 1), len(t))]
+
+    def samples_per_s(self, warmup: int) -> float:
+        (t0, s0), (t1, s1) = self.marks[max(warmup, 1) - 1], self.marks[-1]
+        return (s1 - s0) / (t1 - t0)
+
+
+def make_strategy(*, model, augment, train, sizes: Sizes, batch: int, total_updates: int, device, channels_last: bool,
+                  on_iteration=None, on_experience=None, metric=None):
+    from avalanche.training.plugins import EvaluationPlugin
+
+    from streaming_ssl.strategy import EMPSSLStrategy
+
+    evaluator = EvaluationPlugin(metric, loggers=[]) if metric is not None else EvaluationPlugin(loggers=[])
+    return EMPSSLStrategy(model=model, optimizer=make_lars(model), augment=augment, images=train.images,
+                          targets=train.targets, n_patches=augment.n_patches, batch_size=batch, epochs=1,
+                          total_updates=total_updates, base_lr=0.3, device=device, amp_dtype=amp_dtype_for(device),
+                          channels_last=channels_last, seed=0, evaluator=evaluator, on_iteration=on_iteration,
+                          on_experience=on_experience)
+
+
+def strategy_step_times(width: float, sizes: Sizes, device, splits, steps: int) -> tuple[list[float], dict]:
+    """Our end-to-end step: EMPSSLStrategy.train over one in-memory experience of (warmup+steps) batches."""
+    from scenarios.streams import build_stream
+
+    cl = uses_channels_last(width, device)
+    train = first_n(splits.train, (sizes.warmup + steps) * sizes.batch)
+    stream = build_stream(train, splits.num_classes, mode="offline", epochs=1)
+    model = make_model(width, sizes, device, channels_last=cl)
+    clock = IterClock(device)
+    strategy = make_strategy(model=model, augment=make_augment(sizes, splits, device), train=train, sizes=sizes,
+                             batch=sizes.batch, total_updates=stream.n_updates(sizes.batch), device=device,
+                             channels_last=cl, on_iteration=clock)
+    strategy.train(iter(stream), eval_streams=[])
+    info = {"channels_last": cl, "amp_dtype": str(amp_dtype_for(device)),
+            "loss_finite": bool(math.isfinite(float(strategy.loss.detach().reshape(-1)[0])))}
+    return clock.intervals(sizes.warmup), info
+
+
+def step_result(times: list[float], sizes: Sizes, **extra) -> dict:
+    mean = statistics.fmean(times)
+    per = sizes.batch * sizes.patches
+    return {"seconds_per_step": mean, "step_seconds": stats(times), "patches_per_s": per / mean,
+            "images_per_s": sizes.batch / mean, "steps": len(times), "warmup_steps": sizes.warmup, **extra}
+
+
+def read_proc_memory() -> dict:
+    """VmHWM and VmRSS of this process in kB (from /proc/self/status), plus psutil's rss when installed."""
+    out: dict = {}
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            key, _, rest = line.partition(":")
+            if key in ("VmHWM", "VmRSS"):
+                out[key + "_kB"] = int(rest.split()[0])
+    except OSError:
+        pass
+    try:
+        import psutil
+
+        out["psutil_rss_kB"] = psutil.Process().memory_info().rss // 1024
+    except ImportError:
+        pass
+    import resource
+
+    out["ru_maxrss_kB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return out
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux: write 5 to /proc/self/clear_refs); False when not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+# ------------------------------------------------------------------------------------------ cases
+def case_reference(width: float, sizes: Sizes, device, splits, ctx: dict) -> dict:
+    import torch
+
+    import reference_pipeline as ref
+
+    total = sizes.warmup + sizes.steps
+    train = first_n(splits.train, total * sizes.batch)
+    images = train.images.permute(0, 2, 3, 1).contiguous().numpy()  # PIL wants HWC
+    dataset = ref.MultiPatchPILDataset(images, train.targets.numpy(), sizes.patches,
+                                       transform=ref.patch_transform(splits.image_size, splits.mean, splits.std))
+    workers = sizes.ref_workers or os.cpu_count() or 1
+    loader = ref.make_loader(dataset, sizes.batch, workers=workers, seed=0)
+    model = make_model(width, sizes, device, channels_last=False)
+    opt = ref.make_optimizer(model, lr=0.3)
+    times, loss = [], None
+    batches = iter(loader)
+    sync(device)
+    last = time.perf_counter()
+    for step in range(total):
+        patch_list, _ = next(batches)
+        loss = ref.reference_step(model, opt, patch_list, sizes.patches, device=device,
+                                  lr=ref.cosine_lr(step, total, 0.3))
+        sync(device)
+        now = time.perf_counter()
+        if step >= sizes.warmup:
+            times.append(now - last)
+        last = now
+    del batches
+    return step_result(times, sizes, dataloader_workers=workers, channels_last=False, amp_dtype="None (fp32)",
+                       loss_finite=bool(torch.isfinite(loss).item()))
+
+
+def case_ours(width: float, sizes: Sizes, device, splits, ctx: dict) -> dict:
+    times, info = strategy_step_times(width, sizes, device, splits, sizes.steps)
+    return step_result(times, sizes, **info)
+
+
+def case_model_only(width: float, sizes: Sizes, device, splits, ctx: dict) -> dict:
+    import torch
+
+    from streaming_ssl.device import autocast
+    from streaming_ssl.lars import cosine_lr, set_lr
+    from streaming_ssl.objective import emp_ssl_loss
+
+    cl = uses_channels_last(width, device)
+    model = make_model(width, sizes, device, channels_last=cl)
+    opt = make_lars(model)
+    augment = make_augment(sizes, splits, device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    patches = augment(splits.train.images[: sizes.batch].to(device), gen)
+    if cl:
+        patches = patches.contiguous(memory_format=torch.channels_last)
+    amp = amp_dtype_for(device)
+    total = sizes.warmup + sizes.steps
+    times, loss = [], None
+    sync(device)
+    last = time.perf_counter()
+    for step in range(total):
+        opt.zero_grad(set_to_none=True)
+        with autocast(device, amp):
+            _, z = model(patches)
+        loss, _ = emp_ssl_loss(z, sizes.patches)
+        loss.backward()
+        set_lr(opt, cosine_lr(step, total, 0.3))
+        opt.step()
+        sync(device)
+        now = time.perf_counter()
+        if step >= sizes.warmup:
+            times.append(now - last)
+        last = now
+    return step_result(times, sizes, channels_last=cl, amp_dtype=str(amp), loss_finite=bool(torch.isfinite(loss).item()),
+                       loss="emp_ssl_loss (the real objective); only the input pipeline is missing")
+
+
+def _time_calls(fn, calls: int, warmup: int, device) -> list[float]:
+    out = []
+    for i in range(warmup + calls):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        if i >= warmup:
+            out.append(time.perf_counter() - t0)
+    return out
+
+
+def case_objective(width: float, sizes: Sizes, device, splits, ctx: dict) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    import reference_pipeline as ref
+    from streaming_ssl.objective import emp_ssl_loss
+
+    gen = torch.Generator().manual_seed(0)
+    z0 = F.normalize(torch.randn(sizes.patches * sizes.batch, sizes.proj_dim, generator=gen), dim=1).to(device)
+    z = z0.clone().requires_grad_(True)
+
+    def ours():
+        z.grad = None
+        loss, _ = emp_ssl_loss(z, sizes.patches)
+        loss.backward()
+
+    def reference():
+        z.grad = None
+        loss, _, _ = ref.reference_loss(z, sizes.patches)
+        loss.backward()
+
+    warm = max(1, sizes.warmup)
+    t_ours = _time_calls(ours, sizes.calls, warm, device)
+    t_ref = _time_calls(reference, max(2, sizes.calls // 3), warm, device)
+    return {"seconds_per_call": statistics.median(t_ours), "call_seconds": stats(t_ours),
+            "reference_seconds_per_call": statistics.median(t_ref), "reference_call_seconds": stats(t_ref),
+            "reference_over_ours": statistics.median(t_ref) / statistics.median(t_ours),
+            "shape": [sizes.patches, sizes.batch, sizes.proj_dim], "what": "loss forward + backward, float32"}
+
+
+def case_augment(width: float, sizes: Sizes, device, splits, ctx: dict) -> dict:
+    import torch
+
+    import reference_pipeline as ref
+
+    augment = make_augment(sizes, splits, device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = splits.train.images[: sizes.batch].to(device)
+    t_ours = _time_calls(lambda: augment(x, gen), sizes.calls, max(1, sizes.warmup), device)
+    # the reference chain on one batch, serially in this process (what one DataLoader worker does)
+    images = splits.train.images[: sizes.batch].permute(0, 2, 3, 1).contiguous().numpy()
+    dataset = ref.MultiPatchPILDataset(images, splits.train.targets[: sizes.batch].numpy(), sizes.patches,
+                                       transform=ref.patch_transform(splits.image_size, splits.mean, splits.std))
+
+    def reference():
+        samples = [dataset[i] for i in range(len(dataset))]
+        torch.utils.data.default_collate(samples)
+
+    t_ref = _time_calls(reference, sizes.ref_aug_calls, 0, device)
+    per = sizes.batch * sizes.patches
+    med, med_ref = statistics.median(t_ours), statistics.median(t_ref)
+    return {"seconds_per_batch": med, "batch_seconds": stats(t_ours), "patches_per_s": per / med,
+            "reference_serial_seconds_per_batch": med_ref, "reference_serial_batch_seconds": stats(t_ref),
+            "reference_serial_patches_per_s": per / med_ref, "kornia": "skipped (optional)",
+            "what": f"{sizes.batch} uint8 images -> {per} patches; reference = PIL chain + collate in one process"}
+
+
+def _online_side(kind: str, width: float, sizes: Sizes, device, splits, data) -> dict:
+    from scenarios.streams import build_stream
+
+    k = sizes.online_batch
+    mode = "online" if kind == "online" else "class_incremental"
+    stream = build_stream(data, splits.num_classes, mode=mode, n_experiences=1, online_base="class_incremental",
+                          online_experience_size=k, seed=0)
+    cl = uses_channels_last(width, device)
+    model = make_model(width, sizes, device, channels_last=cl)
+    clock = IterClock(device)
+    strategy = make_strategy(model=model, augment=make_augment(sizes, splits, device), train=data, sizes=sizes,
+                             batch=k, total_updates=stream.n_updates(k), device=device, channels_last=cl,
+                             on_iteration=clock)
+    t0 = time.perf_counter()
+    strategy.train(iter(stream), eval_streams=[])
+    wall = time.perf_counter() - t0
+    return {"samples_per_s": clock.samples_per_s(sizes.warmup), "training_experiences": len(stream),
+            "updates": len(clock.marks), "wall_seconds_incl_warmup": wall}
+
+
+def case_online(width: float, sizes: Sizes, device, splits, ctx: dict) -> dict:
+    data = first_per_class(splits.train, sizes.online_per_class)
+    order = ("online", "one_experience") if ctx.get("repeat_index", 0) % 2 == 0 else ("one_experience", "online")
+    sides = {kind: _online_side(kind, width, sizes, device, splits, data) for kind in order}
+    return {"online": sides["online"], "one_experience": sides["one_experience"], "order": list(order),
+            "samples": len(data), "batch_size": sizes.online_batch, "mini_experience_size": sizes.online_batch,
+            "online_over_one_experience": sides["online"]["samples_per_s"] / sides["one_experience"]["samples_per_s"],
+            "warmup_updates_excluded": max(sizes.warmup, 1)}
+
+
+def case_probe(width: float, sizes: Sizes, device, splits, ctx: dict) -> dict:
+    from streaming_ssl.probe import extract_features, linear_probe_accuracy
+
+    ptr = first_per_class(splits.train, sizes.probe_train_per_class)
+    pte = first_per_class(splits.test, sizes.probe_test_per_class)
+    cl = uses_channels_last(width, device)
+    amp = amp_dtype_for(device)
+
+    def evaluate() -> dict:
+        model = make_model(width, sizes, device, channels_last=cl)
+        augment = make_augment(sizes, splits, device)
+
+        def feats(images):
+            return extract_features(model, images, augment, device=device, batch_size=sizes.extract_batch,
+                                    patches=0, amp_dtype=amp, channels_last=cl, seed=0)
+
+        feats(ptr.images[: min(len(ptr), sizes.extract_batch)])  # warm-up batch
+        t0 = time.perf_counter()
+        ftr = feats(ptr.images)
+        t1 = time.perf_counter()
+        fte = feats(pte.images)
+        t2 = time.perf_counter()
+        acc, _ = linear_probe_accuracy(ftr, ptr.targets, fte, pte.targets, splits.num_classes,
+                                       epochs=sizes.probe_epochs, lr=0.1, weight_decay=5e-4, batch_size=256)
+        t3 = time.perf_counter()
+        return {"extract_train_seconds": t1 - t0, "extract_test_seconds": t2 - t1, "probe_fit_seconds": t3 - t2,
+                "eval_seconds": t3 - t0, "probe_accuracy_random_init": acc}
+
+    train_first = ctx.get("repeat_index", 0) % 2 == 1
+    if train_first:
+        times, _ = strategy_step_times(width, sizes, device, splits, sizes.steps)
+        ev = evaluate()
+    else:
+        ev = evaluate()
+        times, _ = strategy_step_times(width, sizes, device, splits, sizes.steps)
+    step = statistics.fmean(times)
+    n_tr, n_te = len(ptr), len(pte)
+    train_pass = math.ceil(n_tr / sizes.batch) * step
+    full_eval = (ev["extract_train_seconds"] / n_tr * CIFAR10_TRAIN + ev["extract_test_seconds"] / n_te * CIFAR10_TEST
+                 + ev["probe_fit_seconds"] * CIFAR10_TRAIN / n_tr)
+    full_pass = math.ceil(CIFAR10_TRAIN / sizes.batch) * step
+    return {**ev, "train_images": n_tr, "test_images": n_te, "probe_epochs": sizes.probe_epochs,
+            "train_step_seconds": step, "train_step_stats": stats(times),
+            "train_pass_seconds": train_pass, "eval_over_pass": ev["eval_seconds"] / train_pass,
+            "cifar10_extrapolated": {"eval_seconds": full_eval, "train_pass_seconds": full_pass,
+                                     "eval_over_pass": full_eval / full_pass,
+                                     "how": "extraction linear in images (50k train + 10k test), probe fit linear in "
+                                            "train images, one pass = 500 steps of the measured step time"},
+            "train_pass_how": "ceil(train_images / batch) x mean measured step (EMPSSLStrategy), same process",
+            "order": "train then eval" if train_first else "eval then train"}
+
+
+def case_memory(width: float, sizes: Sizes, device, splits, ctx: dict) -> dict:
+    from scenarios.streams import build_stream
+    from streaming_ssl.evaluation import ProbeMetric, ProbeSet, StreamEvaluator
+
+    data = first_per_class(splits.train, sizes.memory_per_class)
+    stream = build_stream(data, splits.num_classes, mode="class_incremental", n_experiences=5, seed=0)
+    cl = uses_channels_last(width, device)
+    model = make_model(width, sizes, device, channels_last=cl)
+    augment = make_augment(sizes, splits, device)
+    etr = first_per_class(splits.train, sizes.memory_eval_train_per_class)
+    ete = first_per_class(splits.test, sizes.memory_eval_test_per_class)
+    evaluator = StreamEvaluator(in_domain=ProbeSet("cifar10", etr.images, etr.targets, ete.images, ete.targets,
+                                                   splits.num_classes),
+                                transfer=[], parent_classes=stream.parent_classes, augment=augment, device=device,
+                                amp_dtype=amp_dtype_for(device), channels_last=cl, patches=0,
+                                batch_size=sizes.extract_batch, knn_k=min(20, len(etr)),
+                                probe_kwargs={"epochs": sizes.memory_probe_epochs}, seed=0)
+    metric = ProbeMetric(evaluator, lambda s: True, lambda s: stream.step_parent[s.stream_step - 1] + 1, model)
+    readings: list[dict] = []
+
+    def on_experience(strategy) -> None:
+        sync(device)
+        readings.append({"experience": strategy.stream_step, "updates": strategy.global_step, **read_proc_memory()})
+
+    strategy = make_strategy(model=model, augment=augment, train=data, sizes=sizes, batch=sizes.batch,
+                             total_updates=stream.n_updates(sizes.batch), device=device, channels_last=cl,
+                             on_experience=on_experience, metric=metric)
+    before = read_proc_memory()
+    reset = reset_peak_rss()
+    strategy.train(iter(stream), eval_streams=[])
+
+    def growth(key: str):
+        if len(readings) < 2 or key not in readings[0]:
+            return None
+        return 100.0 * (readings[-1][key] - readings[0][key]) / readings[0][key]
+
+    return {"per_experience": readings, "before_training": before, "peak_reset_ok": reset,
+            "experiences": len(readings), "images_per_experience": stream.step_sizes,
+            "peak_growth_pct": growth("VmHWM_kB"), "rss_growth_pct": growth("VmRSS_kB"),
+            "evaluator": "whole-image linear probe + kNN after every experience",
+            "source": "/proc/self/status (VmHWM, VmRSS)" + (", psutil" if "psutil_rss_kB" in before else "")}
+
+
+CASE_FUNCS = {"reference": case_reference, "ours": case_ours, "model_only": case_model_only,
+              "objective": case_objective, "augment": case_augment, "online": case_online, "probe": case_probe,
+              "memory": case_memory}
+
+
+def run_case(case: str, width: float, device_name: str, sizes: Sizes, args, repeat_index: int, allocator: str) -> dict:
+    """Run one case in this process and return its result row."""
+    import torch
+
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    device = torch.device(device_name)
+    splits = None if case == "objective" else load_cifar(args.data)  # the objective needs no images
+    row = {"case": case, "width": width, "device": device_name, "allocator": allocator, "repeat": repeat_index,
+           "threads": torch.get_num_threads(), "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
+           "loadavg_start": os.getloadavg()[0]}
+    t0 = time.perf_counter()
+    try:
+        row.update(CASE_FUNCS[case](width, sizes, device, splits, {"repeat_index": repeat_index}))
+    except Exception as err:  # a failed case is reported, the others still run
+        row["error"] = f"{type(err).__name__}: {err}"
+        row["traceback"] = traceback.format_exc(limit=8)
+    row["case_wall_seconds"] = time.perf_counter() - t0
+    row["loadavg_end"] = os.getloadavg()[0]
+    return row
+
+
+# ------------------------------------------------------------------------------------------ summary
+PRIMARY = {"reference": "patches_per_s", "ours": "patches_per_s", "model_only": "patches_per_s",
+           "objective": "seconds_per_call", "augment": "seconds_per_batch", "online": "online_over_one_experience",
+           "probe": "eval_over_pass", "memory": "peak_growth_pct"}
+
+
+def _target_speedup(width: float) -> float:
+    return 2.5 if width >= 1.0 else 4.0
+
+
+def _ratio(rows_by_case: dict, num: tuple[str, str], den: tuple[str, str] | None, target, op: str, **extra) -> dict:
+    """Ratio num/den per repeat (both sides from the same repeat), summarised; den None: num is already a ratio."""
+    vals = []
+    for rep, row in rows_by_case.get(num[0], {}).items():
+        a = row.get(num[1])
+        if den is None:
+            if a is not None:
+                vals.append(a)
+            continue
+        other = rows_by_case.get(den[0], {}).get(rep)
+        b = other.get(den[1]) if other else None
+        if a is not None and b:
+            vals.append(a / b)
+    out = {**stats(vals), "values": vals, "target": target, "op": op, **extra}
+    if vals and target is not None:
+        med = out["median"]
+        out["met"] = med >= target if op == ">=" else med <= target
+    return out
+
+
+def summarize(rows: list[dict]) -> dict:
+    groups: dict = {}
+    for row in rows:
+        if "error" in row:
+            continue
+        key = f"{row['device']}|width={row['width']}|{row['allocator']}"
+        groups.setdefault(key, {}).setdefault(row["case"], {})[row["repeat"]] = row
+    summary: dict = {}
+    for key, by_case in groups.items():
+        width = float(key.split("|")[1].split("=")[1])
+        cases = {case: {PRIMARY[case]: stats([r[PRIMARY[case]] for r in reps.values() if r.get(PRIMARY[case]) is not None])}
+                 for case, reps in by_case.items()}
+        ratios = {
+            "ours_over_reference_patches_per_s": _ratio(by_case, ("ours", "patches_per_s"),
+                                                        ("reference", "patches_per_s"), _target_speedup(width), ">="),
+            "ours_over_model_only": _ratio(by_case, ("ours", "patches_per_s"), ("model_only", "patches_per_s"), 0.92, ">="),
+            "objective_share_of_step": _ratio(by_case, ("objective", "seconds_per_call"), ("ours", "seconds_per_step"),
+                                              0.02, "<="),
+            "augment_share_of_step": _ratio(by_case, ("augment", "seconds_per_batch"), ("ours", "seconds_per_step"),
+                                            None, "info"),
+            "online_over_one_experience": _ratio(by_case, ("online", "online_over_one_experience"), None, 0.8, ">="),
+            "probe_eval_over_one_pass": _ratio(by_case, ("probe", "eval_over_pass"), None, 0.1, "<=",
+                                               cifar10_extrapolated=stats([
+                                                   r["cifar10_extrapolated"]["eval_over_pass"]
+                                                   for r in by_case.get("probe", {}).values()])),
+            "memory_growth_pct_exp1_to_exp5": _ratio(by_case, ("memory", "peak_growth_pct"), None, 5.0, "<=",
+                                                     rss_growth_pct=stats([r["rss_growth_pct"] for r in by_case.get(
+                                                         "memory", {}).values() if r.get("rss_growth_pct") is not None])),
+        }
+        for r in ratios.values():
+            if r.get("target") is None:
+                r.pop("target", None)
+        summary[key] = {"cases": cases, "ratios": {k: v for k, v in ratios.items() if v["n"]}}
+    # allocator effect: tuned / default of each throughput, paired by repeat
+    effect: dict = {}
+    for key, by_case in groups.items():
+        dev, wid, alloc = key.split("|")
+        if alloc != "tuned" or f"{dev}|{wid}|default" not in groups:
+            continue
+        base = groups[f"{dev}|{wid}|default"]
+        out = {}
+        for case, metric, invert in (("reference", "patches_per_s", False), ("ours", "patches_per_s", False),
+                                     ("model_only", "patches_per_s", False), ("objective", "seconds_per_call", True),
+                                     ("augment", "seconds_per_batch", True)):
+            vals = []
+            for rep, row in by_case.get(case, {}).items():
+                other = base.get(case, {}).get(rep)
+                if other and other.get(metric) and row.get(metric):
+                    vals.append(other[metric] / row[metric] if invert else row[metric] / other[metric])
+            if vals:
+                out[f"{case}_speedup_tuned_over_default"] = {**stats(vals), "values": vals}
+        if out:
+            effect[f"{dev}|{wid}"] = out
+    return {"by_group": summary, "allocator_effect": effect}
+
+
+def _span(s: dict) -> str:
+    return f"[{s['min']:.4g}, {s['max']:.4g}]"
+
+
+def print_table(result: dict, file=sys.stdout) -> None:
+    by_group = result["summary"]["by_group"]
+    print(f"\n{'group':<34} {'measure':<36} {'median':>10} {'[min, max]':>22} {'target':>9} {'met':>5}", file=file)
+    for key in sorted(by_group):
+        g = by_group[key]
+        for case, metrics in g["cases"].items():
+            for name, s in metrics.items():
+                if s.get("n"):
+                    print(f"{key:<34} {case + ': ' + name:<36} {s['median']:>10.4g} "
+                          f"{_span(s):>22} {'':>9} {'':>5}", file=file)
+        for name, s in g["ratios"].items():
+            tgt = f"{s['op']}{s['target']}" if "target" in s else ""
+            met = {True: "yes", False: "NO"}.get(s.get("met"), "")
+            print(f"{key:<34} {name:<36} {s['median']:>10.4g} {_span(s):>22} "
+                  f"{tgt:>9} {met:>5}", file=file)
+    for key, eff in result["summary"]["allocator_effect"].items():
+        for name, s in eff.items():
+            print(f"{key + '|tuned/default':<34} {name:<36} {s['median']:>10.4g} "
+                  f"{_span(s):>22}", file=file)
+    errors = [r for r in result["rows"] if "error" in r]
+    for r in errors:
+        print(f"FAILED {r['case']} width {r['width']} {r['device']} {r['allocator']}: {r['error']}", file=file)
+
+
+# ------------------------------------------------------------------------------------------ driver
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tiny", action="store_true", help="seconds: width 0.125, batch 8, 4 patches, 2 steps, in-process")
+    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "speed.json"), help="JSON output path")
+    p.add_argument("--only", help=f"comma-separated cases to run (default all: {','.join(CASES)})")
+    p.add_argument("--widths", help="comma-separated width multipliers (default 0.25,1.0; tiny 0.125)")
+    p.add_argument("--repeats", type=int, default=None, help="repeats of every case (default 3; tiny 1)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: os.cpu_count())")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="auto: the CPU, and CUDA too when present")
+    p.add_argument("--allocators", default="default,tuned",
+                   help="full mode: 'default' (no GLIBC_TUNABLES) and/or 'tuned' (the tunables of scripts/run.sh)")
+    p.add_argument("--steps", type=int, help="measured steps per training case")
+    p.add_argument("--warmup", type=int, help="warm-up steps (excluded, >= 1)")
+    p.add_argument("--batch", type=int, help="images per batch")
+    p.add_argument("--patches", type=int, help="patches per image")
+    p.add_argument("--ref-workers", type=int, help="DataLoader workers of the reference (default: cores)")
+    p.add_argument("--data", help="data root (default: $STREAMING_SSL_DATA)")
+    p.add_argument("--timeout", type=float, default=None, help="seconds allowed per case subprocess")
+    # worker mode (one case, one JSON line on stdout)
+    p.add_argument("--case", choices=CASES, help=argparse.SUPPRESS)
+    p.add_argument("--width", type=float, help=argparse.SUPPRESS)
+    p.add_argument("--repeat-index", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--allocator-label", default="inherited", help=argparse.SUPPRESS)
+    p.add_argument("--run-device", default="cpu", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.warmup is not None and args.warmup < 1:
+        p.error("--warmup must be >= 1")
+    return args
+
+
+def sizes_from(args) -> Sizes:
+    sizes = dataclasses.replace(TINY if args.tiny else Sizes())
+    for name in ("steps", "warmup", "batch", "patches", "ref_workers"):
+        if getattr(args, name) is not None:
+            setattr(sizes, name, getattr(args, name))
+    return sizes
+
+
+def devices_from(args) -> list[str]:
+    import torch
+
+    if args.device == "cpu":
+        return ["cpu"]
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda but no CUDA device is visible")
+        return ["cuda"]
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def meta(args, sizes: Sizes, mode: str) -> dict:
+    import torch
+
+    cpu = ""
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    try:
+        import psutil  # noqa: F401
+
+        has_psutil = True
+    except ImportError:
+        has_psutil = False
+    return {"mode": mode, "argv": sys.argv[1:], "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "python": platform.python_version(), "torch": torch.__version__, "cpu": cpu, "cores": os.cpu_count(),
+            "threads": args.threads or os.cpu_count(), "tunables": TUNABLES, "psutil": has_psutil,
+            "loadavg_start": os.getloadavg(), "sizes": dataclasses.asdict(sizes),
+            "notes": {
+                "reference_model": "the reference case reuses streaming_ssl.models.EMPSSLModel (same layer shapes as "
+                                   "the authors' ResNet-18-cifar + 512->4096->4096->1024 projector), in NCHW and fp32, "
+                                   "so the comparison isolates the pipeline (PIL augmentation in DataLoader workers, "
+                                   "d x d logdet objective, SGD wrapped by LARS)",
+                "model_only": "forward + emp_ssl_loss + backward + LARS step on pre-made channels_last patches",
+                "precision": "fp32 on CPUs without native bf16 (this one); bf16 autocast on CUDA / AVX512-BF16 CPUs",
+                "kornia": "not measured (optional, not installed)",
+                "ratios": "each ratio pairs both sides from the same repeat and allocator; median and [min, max]",
+            }}
+
+
+def write(result: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2, default=str))
+    tmp.replace(out)
+
+
+def worker_main(args) -> int:
+    logging.basicConfig(level=logging.WARNING)
+    row = run_case(args.case, args.width, args.run_device, sizes_from(args), args, args.repeat_index,
+                   args.allocator_label)
+    print(RESULT_PREFIX + json.dumps(row, default=str), flush=True)
+    return 0
+
+
+def subprocess_row(case: str, width: float, device: str, allocator: str, rep: int, args) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--case", case, "--width", str(width), "--run-device", device,
+           "--repeat-index", str(rep), "--allocator-label", allocator]
+    for name in ("steps", "warmup", "batch", "patches", "ref_workers", "threads", "data"):
+        value = getattr(args, name)
+        if value is not None:
+            cmd += [f"--{name.replace('_', '-')}", str(value)]
+    env = dict(os.environ)
+    if allocator == "tuned":
+        env["GLIBC_TUNABLES"] = TUNABLES
+    else:
+        env.pop("GLIBC_TUNABLES", None)
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout, cwd=str(ROOT))
+    except subprocess.TimeoutExpired:
+        return {"case": case, "width": width, "device": device, "allocator": allocator, "repeat": rep,
+                "error": f"timed out after {args.timeout} s"}
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(RESULT_PREFIX):
+            return json.loads(line[len(RESULT_PREFIX):])
+    return {"case": case, "width": width, "device": device, "allocator": allocator, "repeat": rep,
+            "error": f"no result (exit {proc.returncode})", "stderr_tail": proc.stderr[-3000:]}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.case:
+        if args.width is None:
+            raise SystemExit("--case needs --width")
+        return worker_main(args)
+    logging.basicConfig(level=logging.WARNING)
+    sizes = sizes_from(args)
+    cases = [c.strip() for c in args.only.split(",")] if args.only else list(CASES)
+    bad = [c for c in cases if c not in CASES]
+    if bad:
+        raise SystemExit(f"unknown case(s) {bad}; valid: {', '.join(CASES)}")
+    widths = [float(w) for w in (args.widths or ("0.125" if args.tiny else "0.25,1.0")).split(",")]
+    repeats = args.repeats or (1 if args.tiny else 3)
+    devices = devices_from(args)
+    out = Path(args.out)
+    mode = "tiny" if args.tiny else "full"
+    result = {"meta": meta(args, sizes, mode), "rows": [], "summary": {}}
+    if args.tiny:
+        allocators = ["inherited"]
+    else:
+        allocators = [a.strip() for a in args.allocators.split(",")]
+        if any(a not in ("default", "tuned") for a in allocators):
+            raise SystemExit("--allocators takes default and/or tuned")
+    plan = []
+    for rep in range(repeats):
+        order = allocators if rep % 2 == 0 else allocators[::-1]
+        for dev in devices:
+            for width in widths:
+                for case in cases:
+                    plan += [(rep, dev, width, case, alloc) for alloc in order]
+    t_start = time.perf_counter()
+    for i, (rep, dev, width, case, alloc) in enumerate(plan, 1):
+        t0 = time.perf_counter()
+        if args.tiny:
+            row = run_case(case, width, dev, sizes, args, rep, alloc)
+        else:
+            row = subprocess_row(case, width, dev, alloc, rep, args)
+        result["rows"].append(row)
+        result["summary"] = summarize(result["rows"])
+        result["meta"]["wall_seconds"] = time.perf_counter() - t_start
+        result["meta"]["loadavg_end"] = os.getloadavg()
+        write(result, out)
+        value = row.get(PRIMARY[case])
+        shown = row.get("error") or (f"{PRIMARY[case]}={value:.4g}" if isinstance(value, (int, float)) else "-")
+        print(f"[{i}/{len(plan)}] {case} width={width} {dev} {alloc} repeat={rep}: {shown} "
+              f"({time.perf_counter() - t0:.1f} s)", file=sys.stderr, flush=True)
+    print_table(result)
+    print(f"\nwrote {out}")
+    return 1 if any("error" in r for r in result["rows"]) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

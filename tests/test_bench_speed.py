@@ -1,0 +1,106 @@
+"""bench/speed.py runs end to end in --tiny mode and writes a complete, well-formed JSON (no timing thresholds)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SPEED = ROOT / "bench" / "speed.py"
+DATA = os.environ.get("STREAMING_SSL_DATA")
+pytestmark = pytest.mark.skipif(not DATA or not (Path(DATA) / "cifar10.npz").is_file(),
+                                reason="needs the real CIFAR-10: set STREAMING_SSL_DATA to the folder of cifar10.npz")
+
+CASES = ("reference", "ours", "model_only", "objective", "augment", "online", "probe", "memory")
+
+
+def _positive(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+
+def _run(args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SPEED), *args], cwd=str(ROOT), capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "STREAMING_SSL_DATA": DATA})
+
+
+@pytest.fixture(scope="module")
+def tiny_result(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("speed") / "speed.json"
+    # one thread: on a shared, loaded machine two OpenMP threads can stall on each other for seconds per step
+    proc = _run(["--tiny", "--out", str(out), "--device", "cpu", "--threads", "1"])
+    assert proc.returncode == 0, f"speed.py --tiny failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    assert "ours_over_reference_patches_per_s" in proc.stdout  # the table was printed
+    return json.loads(out.read_text())
+
+
+def test_every_case_ran_without_error(tiny_result):
+    rows = tiny_result["rows"]
+    assert sorted(r["case"] for r in rows) == sorted(CASES)
+    for r in rows:
+        assert "error" not in r, f"{r['case']}: {r.get('error')}\n{r.get('traceback')}"
+        assert r["width"] == 0.125 and r["device"] == "cpu" and r["threads"] == 1
+    assert tiny_result["meta"]["mode"] == "tiny"
+    assert tiny_result["meta"]["sizes"]["batch"] == 8 and tiny_result["meta"]["sizes"]["patches"] == 4
+
+
+def test_step_cases_report_positive_throughput(tiny_result):
+    rows = {r["case"]: r for r in tiny_result["rows"]}
+    for case in ("reference", "ours", "model_only"):
+        r = rows[case]
+        assert _positive(r["seconds_per_step"]) and _positive(r["patches_per_s"]) and _positive(r["images_per_s"])
+        assert r["steps"] == 2 and _positive(r["step_seconds"]["min"]) and r["warmup_steps"] == 1
+        assert r["patches_per_s"] == pytest.approx(8 * 4 / r["seconds_per_step"])
+    assert rows["reference"]["channels_last"] is False and rows["reference"]["dataloader_workers"] >= 1
+    for key in ("seconds_per_call", "reference_seconds_per_call", "reference_over_ours"):
+        assert _positive(rows["objective"][key]), key
+    for key in ("seconds_per_batch", "patches_per_s", "reference_serial_seconds_per_batch"):
+        assert _positive(rows["augment"][key]), key
+
+
+def test_stream_probe_and_memory_cases(tiny_result):
+    rows = {r["case"]: r for r in tiny_result["rows"]}
+    online = rows["online"]
+    assert _positive(online["online"]["samples_per_s"]) and _positive(online["one_experience"]["samples_per_s"])
+    assert online["online"]["training_experiences"] > online["one_experience"]["training_experiences"] == 1
+    assert _positive(online["online_over_one_experience"])
+    probe = rows["probe"]
+    for key in ("extract_train_seconds", "extract_test_seconds", "probe_fit_seconds", "eval_seconds",
+                "train_step_seconds", "train_pass_seconds", "eval_over_pass"):
+        assert _positive(probe[key]), key
+    assert _positive(probe["cifar10_extrapolated"]["eval_over_pass"])
+    memory = rows["memory"]
+    assert memory["experiences"] == 5 and len(memory["per_experience"]) == 5
+    for reading in memory["per_experience"]:
+        assert _positive(reading["VmHWM_kB"]) and _positive(reading["VmRSS_kB"])
+    assert math.isfinite(memory["peak_growth_pct"]) and math.isfinite(memory["rss_growth_pct"])
+
+
+def test_summary_has_every_ratio(tiny_result):
+    groups = tiny_result["summary"]["by_group"]
+    assert list(groups) == ["cpu|width=0.125|inherited"]
+    ratios = groups["cpu|width=0.125|inherited"]["ratios"]
+    expected = {"ours_over_reference_patches_per_s": (">=", 4.0), "ours_over_model_only": (">=", 0.92),
+                "objective_share_of_step": ("<=", 0.02), "online_over_one_experience": (">=", 0.8),
+                "probe_eval_over_one_pass": ("<=", 0.1), "memory_growth_pct_exp1_to_exp5": ("<=", 5.0)}
+    for name, (op, target) in expected.items():
+        r = ratios[name]
+        assert (r["op"], r["target"]) == (op, target) and r["n"] == 1 and isinstance(r["met"], bool)
+        assert math.isfinite(r["median"]) and (name.startswith("memory") or r["median"] > 0), name
+    assert _positive(ratios["augment_share_of_step"]["median"])
+
+
+def test_worker_mode_prints_one_json_line(tmp_path):
+    """The subprocess protocol of the full mode: --case X --width W prints one result line."""
+    proc = _run(["--tiny", "--case", "objective", "--width", "0.125", "--allocator-label", "tuned", "--threads", "1"],
+                timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("SPEED_JSON ")]
+    assert len(lines) == 1
+    row = json.loads(lines[0][len("SPEED_JSON "):])
+    assert row["case"] == "objective" and row["allocator"] == "tuned" and _positive(row["seconds_per_call"])
