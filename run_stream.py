@@ -146,16 +146,23 @@ def prepare_run_dir(cfg, args) -> tuple[Path, dict | None]:
             log.warning("no checkpoint in %s yet: starting the run from the beginning", run_dir)
             return run_dir, None
         return run_dir, ckpt.load(path)
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not args.overwrite:
-            raise RunError(f"run directory {str(run_dir)!r} is not empty; pass --resume {run_dir} to continue it, "
-                           "--overwrite to replace it, or choose another run.out_dir")
-        from streaming_ssl import distributed as ddp
-
-        # the process group does not exist yet (ddp.is_main() is True on every rank): ask torchrun's env
-        if ddp.env_world()[0] == 0:
-            shutil.rmtree(run_dir)
+    if run_dir.exists() and any(run_dir.iterdir()) and not args.overwrite:
+        raise RunError(f"run directory {str(run_dir)!r} is not empty; pass --resume {run_dir} to continue it, "
+                       "--overwrite to replace it, or choose another run.out_dir")
     return run_dir, None
+
+
+def create_run_dir(cfg, args, run_dir: Path) -> None:
+    """Called once data, stream and model are known to be good: nothing is written or deleted before."""
+    from streaming_ssl import distributed as ddp
+    from streaming_ssl.config import save_config
+
+    if ddp.is_main():
+        if args.overwrite and not args.resume and run_dir.exists():
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    ddp.barrier()
 
 
 def _dict_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
@@ -190,7 +197,6 @@ def _run(cfg, args) -> dict:
     from scenarios.streams import build_stream
     from streaming_ssl import checkpoint as ckpt
     from streaming_ssl import distributed as ddp
-    from streaming_ssl.config import save_config
     from streaming_ssl.evaluation import (JSONLLogger, ProbeMetric, ScalarTensorboardLogger, StreamEvaluator,
                                           plot_run, read_rows)
     from streaming_ssl.lars import LARS, param_groups
@@ -198,11 +204,6 @@ def _run(cfg, args) -> dict:
 
     run_dir, state = prepare_run_dir(cfg, args)
     device, amp_dtype = setup_runtime(cfg)
-    if ddp.is_main():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-    ddp.barrier()
-    setup_logging(run_dir)
     log.info("run %s on %s (precision %s, world %d)", run_dir, device, amp_dtype or "fp32", ddp.world_size())
 
     splits = load_splits(cfg)
@@ -252,6 +253,8 @@ def _run(cfg, args) -> dict:
                                 patches=cfg.eval.patches, batch_size=cfg.eval.batch_size, knn_k=cfg.eval.knn_k,
                                 knn_temperature=cfg.eval.knn_temperature, seen_classes=cfg.eval.seen_classes,
                                 probe_kwargs=probe_kwargs(cfg), seed=cfg.train.seed)
+    create_run_dir(cfg, args, run_dir)
+    setup_logging(run_dir)
     every = s.eval_every
     n_steps = len(stream)
 

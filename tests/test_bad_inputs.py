@@ -138,6 +138,9 @@ CASES = {
                                         r"y_train"),
     "run dir not empty": (lambda t, g: run_stream.main(["--config", "configs/smoke.yaml", f"run.out_dir={g}"]),
                           r"is not empty; pass --resume"),
+    "overwrite, then the data is missing": (lambda t, g: run_stream.main(["--config", "configs/smoke.yaml", "--overwrite",
+                                                                         f"run.out_dir={g}", f"data.root={t / 'nowhere'}"]),
+                                           r"nowhere"),
     "resume with another config": (lambda t, g: run_stream.main(["--resume", str(g), "optim.lr=0.1"]),
                                    r"different config.*optim.lr"),
     "resume a folder that is no run": (lambda t, g: run_stream.main(["--resume", str(t)]), r"no config.yaml"),
@@ -184,7 +187,7 @@ def test_bad_input_gives_clear_error(name: str, tmp_path: Path, good_run: Path, 
 
     assert re.search(pattern, errors[0], re.S), errors[0]
     assert _digest(good_run) == before
-    assert not (tmp_path / "out" / "metrics.jsonl").exists()
+    assert not (tmp_path / "out").exists()  # nothing is created before the inputs are known to be good
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path, caplog) -> None:
