@@ -204,7 +204,6 @@ def _run(cfg, args) -> dict:
 
     run_dir, state = prepare_run_dir(cfg, args)
     device, amp_dtype = setup_runtime(cfg)
-    log.info("run %s on %s (precision %s, world %d)", run_dir, device, amp_dtype or "fp32", ddp.world_size())
 
     splits = load_splits(cfg)
     train = per_class_subset(splits.train, cfg.data.train_per_class)
@@ -255,6 +254,7 @@ def _run(cfg, args) -> dict:
                                 probe_kwargs=probe_kwargs(cfg), seed=cfg.train.seed)
     create_run_dir(cfg, args, run_dir)
     setup_logging(run_dir)
+    log.info("run %s on %s (precision %s, world %d)", run_dir, device, amp_dtype or "fp32", ddp.world_size())
     every = s.eval_every
     n_steps = len(stream)
 

@@ -379,8 +379,9 @@ def test_two_node_static_launch_on_loopback(stream_runs) -> None:
 
 
 # ------------------------------------------------------------------------------------------ run directory
-def test_overwrite_deletes_the_run_dir_on_global_rank_0_only(tmp_path, monkeypatch) -> None:
-    """prepare_run_dir runs before the process group exists: it must ask torchrun's RANK, not ddp.rank()."""
+def test_overwrite_deletes_only_once_the_inputs_are_good(tmp_path, monkeypatch) -> None:
+    """prepare_run_dir (before the process group exists, on every rank) never deletes; create_run_dir,
+    called after data, stream and model are built and the group exists, deletes on rank 0 only."""
     import run_stream
     from streaming_ssl.config import load_config
 
@@ -389,13 +390,15 @@ def test_overwrite_deletes_the_run_dir_on_global_rank_0_only(tmp_path, monkeypat
     (run_dir / "old.txt").write_text("x")
     cfg = load_config(ROOT / "configs/smoke.yaml", [f"run.out_dir={run_dir}"])
     args = run_stream.parse_args(["--config", "configs/smoke.yaml", "--overwrite"])
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("RANK", "1")
-    assert run_stream.prepare_run_dir(cfg, args) == (run_dir, None)
-    assert (run_dir / "old.txt").exists()  # left to rank 0 (two concurrent rmtree calls race)
-    monkeypatch.setenv("RANK", "0")
-    assert run_stream.prepare_run_dir(cfg, args) == (run_dir, None)
-    assert not run_dir.exists()
+    for rank in ("1", "0"):
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setenv("RANK", rank)
+        assert run_stream.prepare_run_dir(cfg, args) == (run_dir, None)
+        assert (run_dir / "old.txt").exists()
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.delenv("RANK")
+    run_stream.create_run_dir(cfg, args, run_dir)  # outside DDP this process is rank 0
+    assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml"]
 
 
 if __name__ == "__main__":  # a rank of the `spawned` fixture's torchrun launch
