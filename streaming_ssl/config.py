@@ -52,6 +52,9 @@ class ModelConfig:
     proj_hidden_dim: int = 4096
     proj_dim: int = 1024  # size of z, the space of the objective
     sync_bn: bool = True  # SyncBatchNorm under DDP, so batch statistics are those of the global batch
+    # recompute the stem and the first k of the 4 stages in backward instead of storing their activations:
+    # 1 roughly halves activation memory for one more forward of stage 1 (see models.py); 0 stores all
+    recompute_stages: int = 0
 
 
 @dataclass
@@ -319,6 +322,8 @@ def validate(cfg: Config) -> None:
     _check(op.eta > 0, "optim.eta", f"must be > 0, got {op.eta}")
     _check(op.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {op.warmup_steps}")
     _check(m.width > 0, "model.width", f"must be > 0, got {m.width}")
+    _check(0 <= m.recompute_stages <= 4, "model.recompute_stages",
+           f"must be 0..4 (0: store all activations; k: recompute the stem and stages 1..k), got {m.recompute_stages}")
     for name in ("feature_dim", "proj_hidden_dim", "proj_dim"):
         _check(getattr(m, name) >= 1, f"model.{name}", f"must be >= 1, got {getattr(m, name)}")
     _check(t.batch_size >= 2, "train.batch_size", f"must be >= 2 (the coding rate needs a batch), got {t.batch_size}")

@@ -6,13 +6,23 @@
 Probes read h; the objective reads z. Stems: 'cifar' (3x3 stride-1 conv, no max-pool, for 32x32),
 'tiny' (3x3 stride-1 conv and a 2x2 max-pool, so 64x64 inputs cost what CIFAR does after the stem),
 'imagenet' (7x7 stride-2 conv and a 3x3 stride-2 max-pool).
+
+Activation memory: `recompute_stages=k` keeps only the input of the stem and of the first k stages in
+training and recomputes their activations during backward (torch.utils.checkpoint, non-reentrant).
+The front of a ResNet holds most of the activation memory at the least compute per byte: on 32x32
+patches stage 1 stores about half of all activations for a quarter of the forward FLOPs. Gradients
+and BatchNorm statistics are those of the plain model (the recomputation does not update running
+statistics a second time).
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 STEMS = ("cifar", "tiny", "imagenet")
 ARCHS = ("resnet18",)
@@ -40,8 +50,11 @@ class BasicBlock(nn.Module):
 class ResNet18(nn.Module):
     """ResNet-18 trunk; forward gives the global-average-pooled feature of size `out_dim`."""
 
-    def __init__(self, stem: str = "cifar", width: float = 1.0) -> None:
+    def __init__(self, stem: str = "cifar", width: float = 1.0, recompute_stages: int = 0) -> None:
         super().__init__()
+        if not 0 <= recompute_stages <= 4:
+            raise ValueError(f"recompute_stages must be 0..4 (stages of ResNet-18), got {recompute_stages}")
+        self.recompute_stages = recompute_stages
         if stem not in STEMS:
             raise ValueError(f"unknown stem {stem!r}; valid: {', '.join(STEMS)}")
         if width <= 0:
@@ -66,9 +79,47 @@ class ResNet18(nn.Module):
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
+    def _front(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        x = self.stem(x)
+        for stage in self.stages[:k]:
+            x = stage(x)
+        return x
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stages(self.stem(x))
+        k = self.recompute_stages if self.training and torch.is_grad_enabled() else 0
+        if k:
+            calls = [0]
+
+            def front(inp: torch.Tensor) -> torch.Tensor:
+                calls[0] += 1
+                with _running_stats_frozen(self) if calls[0] > 1 else contextlib.nullcontext():
+                    return self._front(inp, k)
+
+            x = checkpoint(front, x, use_reentrant=False)
+        else:
+            x = self._front(x, 0)
+        for stage in self.stages[k:]:
+            x = stage(x)
         return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+
+
+@contextlib.contextmanager
+def _running_stats_frozen(module: nn.Module):
+    """BatchNorm layers normalise by batch statistics as in training but leave running statistics as they are.
+
+    momentum 0 keeps the same kernels (and so the same saved tensors, which the checkpoint's recomputation
+    check compares); the step counter is put back afterwards.
+    """
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in norms]
+    for m in norms:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, (momentum, count) in zip(norms, saved):
+            m.momentum = momentum
+            m.num_batches_tracked.copy_(count)
 
 
 def _mlp_block(in_dim: int, out_dim: int) -> nn.Sequential:
@@ -79,11 +130,12 @@ class EMPSSLModel(nn.Module):
     """Backbone + pre-feature layer (h) + projector (z, unit norm)."""
 
     def __init__(self, *, arch: str = "resnet18", stem: str = "cifar", width: float = 1.0,
-                 feature_dim: int = 4096, proj_hidden_dim: int = 4096, proj_dim: int = 1024) -> None:
+                 feature_dim: int = 4096, proj_hidden_dim: int = 4096, proj_dim: int = 1024,
+                 recompute_stages: int = 0) -> None:
         super().__init__()
         if arch not in ARCHS:
             raise ValueError(f"unknown architecture {arch!r}; valid: {', '.join(ARCHS)}")
-        self.backbone = ResNet18(stem=stem, width=width)
+        self.backbone = ResNet18(stem=stem, width=width, recompute_stages=recompute_stages)
         self.pre_feature = _mlp_block(self.backbone.out_dim, feature_dim)
         self.projector = nn.Sequential(_mlp_block(feature_dim, proj_hidden_dim), nn.Linear(proj_hidden_dim, proj_dim))
         self.feature_dim = feature_dim

@@ -191,6 +191,7 @@ def test_unknown_choices(override, match):
     (["augment.jitter=[0.4, 0.4, 0.4, 0.6]"], r"augment\.jitter: .*hue <= 0\.5"),
     (["optim.momentum=1.0"], r"optim\.momentum: must be in \[0, 1\)"),
     (["model.width=0"], r"model\.width: must be > 0"),
+    (["model.recompute_stages=5"], r"model\.recompute_stages: must be 0\.\.4"),
     (["data.train_per_class=0"], r"data\.train_per_class: must be >= 1 or null"),
 ])
 def test_out_of_range_values(overrides, match):

@@ -139,3 +139,58 @@ def test_gradients_reach_every_parameter():
     (z[:, 0].sum() + z.pow(3).sum()).backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+def _step(model: EMPSSLModel, x: torch.Tensor, channels_last: bool) -> tuple[dict, dict, int]:
+    """One training forward/backward; (grads, buffers, bytes saved for backward)."""
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    saved = [0]
+
+    def pack(t: torch.Tensor):
+        saved[0] += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        _, z = model(x)
+    (z[:, :3].sum() + z.pow(3).sum()).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    return grads, buffers, saved[0]
+
+
+@pytest.mark.parametrize("stages", [1, 2, 4])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_recompute_stages_same_gradients_and_statistics_less_saved(stages, channels_last):
+    """Recomputing the front gives the plain model's gradients and BN statistics, and stores less for backward."""
+    x = images(6, 16, seed=3)
+    torch.manual_seed(2)
+    plain = EMPSSLModel(stem="cifar", **SMALL).train()
+    torch.manual_seed(2)
+    recomputed = EMPSSLModel(stem="cifar", recompute_stages=stages, **SMALL).train()
+    g0, b0, saved0 = _step(plain, x, channels_last)
+    g1, b1, saved1 = _step(recomputed, x, channels_last)
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], rtol=1e-5, atol=1e-6, msg=name)
+    for name in b0:  # running statistics updated once, the step counter too
+        torch.testing.assert_close(b1[name], b0[name], rtol=0, atol=0, msg=name)
+    assert b1["backbone.stem.1.num_batches_tracked"].item() == 1
+    assert saved1 < 0.8 * saved0
+    # eval mode and no-grad forwards never checkpoint: same features
+    with torch.no_grad():
+        torch.testing.assert_close(recomputed.eval().features(x), plain.eval().features(x))
+
+
+def test_recompute_saves_more_with_more_stages():
+    x = images(4, 16, seed=4)
+    saved = []
+    for k in (0, 1, 2, 3, 4):
+        torch.manual_seed(0)
+        saved.append(_step(EMPSSLModel(stem="cifar", recompute_stages=k, **SMALL).train(), x, False)[2])
+    assert saved == sorted(saved, reverse=True) and len(set(saved)) == 5
+
+
+def test_recompute_stages_range():
+    with pytest.raises(ValueError, match="recompute_stages"):
+        ResNet18(recompute_stages=5)
