@@ -15,6 +15,8 @@ Cases (each at every width in --widths, on the CPU with torch threads = cores, a
               batched MultiPatchAugment, channels_last, Gram/Cholesky objective, LARS, cosine schedule)
   model_only  forward + objective + backward + LARS step on pre-made channels_last patches: the ceiling
               of `ours` (everything but the input pipeline)
+  ours_lowmem `ours` with model.recompute_stages=1 (stem and stage 1 recomputed in backward): the
+              low-memory setting, for the peak-memory comparison with the reference
   objective   emp_ssl_loss forward + backward on random unit-norm projections (and the reference loss)
   augment     MultiPatchAugment on one uint8 batch (and the reference PIL chain, serially, one process)
   online      EMPSSLStrategy.train on an online stream (mini-experiences of k samples) vs the same data
@@ -24,9 +26,12 @@ Cases (each at every width in --widths, on the CPU with torch threads = cores, a
   memory      VmHWM / VmRSS after each experience of a 5-experience class-incremental stream with
               the evaluator after each experience; growth from experience 1 to 5
 
-Full mode runs every (case, width) in a fresh subprocess (`--case X --width W` prints one JSON line),
-with the glibc malloc tunables of scripts/run.sh ("tuned") and without them ("default"), cases and
-allocators interleaved, --repeats times; ratios pair the two sides of the same repeat and allocator
+Training cases also record the peak resident memory of their process (VmHWM; the reference's DataLoader
+workers separately). Full mode runs every (case, width) in a fresh subprocess (`--case X --width W`
+prints one JSON line) under each allocator of --allocators: glibc as is ("default"), glibc with the
+malloc tunables of scripts/run.sh ("tuned"), jemalloc or tcmalloc through LD_PRELOAD (Debian packages
+libjemalloc2, libtcmalloc-minimal4; the reference's forked workers inherit it); cases and allocators
+interleaved, --repeats times; ratios pair the two sides of the same repeat and allocator
 and are reported as median and [min, max]. --tiny runs everything in this process, once, with tiny
 sizes. Times use time.perf_counter; warm-up steps are excluded.
 """
@@ -59,7 +64,9 @@ warnings.filterwarnings("ignore", message="No loggers specified")
 warnings.filterwarnings("ignore", message="no QP solver found")
 
 TUNABLES = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=68719476736"
-CASES = ("reference", "ours", "model_only", "objective", "augment", "online", "probe", "memory")
+CASES = ("reference", "ours", "model_only", "ours_lowmem", "objective", "augment", "online", "probe", "memory")
+ALLOCATORS = ("default", "tuned", "jemalloc", "tcmalloc")
+PRELOAD = {"jemalloc": "libjemalloc.so.2", "tcmalloc": "libtcmalloc_minimal.so.4"}
 RESULT_PREFIX = "SPEED_JSON "
 CIFAR10_TRAIN, CIFAR10_TEST = 50_000, 10_000
 
@@ -90,6 +97,7 @@ class Sizes:
     memory_eval_train_per_class: int = 50
     memory_eval_test_per_class: int = 20
     memory_probe_epochs: int = 5
+    lowmem_stages: int = 1  # model.recompute_stages of the ours_lowmem case
 
 
 TINY = Sizes(batch=8, patches=4, feature_dim=128, proj_hidden_dim=128, proj_dim=64, steps=2, warmup=1, calls=2,
@@ -149,14 +157,15 @@ def uses_channels_last(width: float, device) -> bool:
     return not (device.type == "cpu" and round(64 * width) < 8)
 
 
-def make_model(width: float, sizes: Sizes, device, *, channels_last: bool):
+def make_model(width: float, sizes: Sizes, device, *, channels_last: bool, recompute_stages: int = 0):
     import torch
 
     from streaming_ssl.models import EMPSSLModel
 
     torch.manual_seed(0)
     model = EMPSSLModel(arch="resnet18", stem="cifar", width=width, feature_dim=sizes.feature_dim,
-                        proj_hidden_dim=sizes.proj_hidden_dim, proj_dim=sizes.proj_dim).to(device)
+                        proj_hidden_dim=sizes.proj_hidden_dim, proj_dim=sizes.proj_dim,
+                        recompute_stages=recompute_stages).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
@@ -215,29 +224,47 @@ def make_strategy(*, model, augment, train, sizes: Sizes, batch: int, total_upda
                           on_experience=on_experience)
 
 
-def strategy_step_times(width: float, sizes: Sizes, device, splits, steps: int) -> tuple[list[float], dict]:
+def strategy_step_times(width: float, sizes: Sizes, device, splits, steps: int,
+                        recompute_stages: int = 0) -> tuple[list[float], dict]:
     """Our end-to-end step: EMPSSLStrategy.train over one in-memory experience of (warmup+steps) batches."""
     from scenarios.streams import build_stream
 
     cl = uses_channels_last(width, device)
     train = first_n(splits.train, (sizes.warmup + steps) * sizes.batch)
     stream = build_stream(train, splits.num_classes, mode="offline", epochs=1)
-    model = make_model(width, sizes, device, channels_last=cl)
+    model = make_model(width, sizes, device, channels_last=cl, recompute_stages=recompute_stages)
     clock = IterClock(device)
     strategy = make_strategy(model=model, augment=make_augment(sizes, splits, device), train=train, sizes=sizes,
                              batch=sizes.batch, total_updates=stream.n_updates(sizes.batch), device=device,
                              channels_last=cl, on_iteration=clock)
     strategy.train(iter(stream), eval_streams=[])
-    info = {"channels_last": cl, "amp_dtype": str(amp_dtype_for(device)),
+    info = {"channels_last": cl, "amp_dtype": str(amp_dtype_for(device)), "recompute_stages": recompute_stages,
             "loss_finite": bool(math.isfinite(float(strategy.loss.detach().reshape(-1)[0])))}
     return clock.intervals(sizes.warmup), info
 
 
 def step_result(times: list[float], sizes: Sizes, **extra) -> dict:
+    """Throughput of the measured steps and this process's peak resident memory so far (MB)."""
     mean = statistics.fmean(times)
     per = sizes.batch * sizes.patches
+    peak = read_proc_memory().get("VmHWM_kB")
     return {"seconds_per_step": mean, "step_seconds": stats(times), "patches_per_s": per / mean,
-            "images_per_s": sizes.batch / mean, "steps": len(times), "warmup_steps": sizes.warmup, **extra}
+            "images_per_s": sizes.batch / mean, "steps": len(times), "warmup_steps": sizes.warmup,
+            "peak_rss_MB": None if peak is None else peak / 1024, **extra}
+
+
+def workers_peak_rss_MB(loader_iter) -> float | None:
+    """Sum of the VmHWM of a DataLoader iterator's worker processes (they share the parent's pages copy-on-write,
+    so this over-counts what they add)."""
+    total, pids = 0, [w.pid for w in getattr(loader_iter, "_workers", [])]
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    total += int(line.split()[1])
+        except OSError:
+            return None
+    return total / 1024 if pids else None
 
 
 def read_proc_memory() -> dict:
@@ -300,13 +327,20 @@ def case_reference(width: float, sizes: Sizes, device, splits, ctx: dict) -> dic
         if step >= sizes.warmup:
             times.append(now - last)
         last = now
+    workers_peak = workers_peak_rss_MB(batches)
     del batches
-    return step_result(times, sizes, dataloader_workers=workers, channels_last=False, amp_dtype="None (fp32)",
+    return step_result(times, sizes, dataloader_workers=workers, workers_peak_rss_MB=workers_peak,
+                       channels_last=False, amp_dtype="None (fp32)",
                        loss_finite=bool(torch.isfinite(loss).item()))
 
 
 def case_ours(width: float, sizes: Sizes, device, splits, ctx: dict) -> dict:
     times, info = strategy_step_times(width, sizes, device, splits, sizes.steps)
+    return step_result(times, sizes, **info)
+
+
+def case_ours_lowmem(width: float, sizes: Sizes, device, splits, ctx: dict) -> dict:
+    times, info = strategy_step_times(width, sizes, device, splits, sizes.steps, recompute_stages=sizes.lowmem_stages)
     return step_result(times, sizes, **info)
 
 
@@ -542,6 +576,7 @@ def case_memory(width: float, sizes: Sizes, device, splits, ctx: dict) -> dict:
 
 
 CASE_FUNCS = {"reference": case_reference, "ours": case_ours, "model_only": case_model_only,
+              "ours_lowmem": case_ours_lowmem,
               "objective": case_objective, "augment": case_augment, "online": case_online, "probe": case_probe,
               "memory": case_memory}
 
@@ -555,6 +590,7 @@ def run_case(case: str, width: float, device_name: str, sizes: Sizes, args, repe
     splits = None if case == "objective" else load_cifar(args.data)  # the objective needs no images
     row = {"case": case, "width": width, "device": device_name, "allocator": allocator, "repeat": repeat_index,
            "threads": torch.get_num_threads(), "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
+           "ld_preload": os.environ.get("LD_PRELOAD"),
            "loadavg_start": os.getloadavg()[0]}
     t0 = time.perf_counter()
     try:
@@ -569,6 +605,7 @@ def run_case(case: str, width: float, device_name: str, sizes: Sizes, args, repe
 
 # ------------------------------------------------------------------------------------------ summary
 PRIMARY = {"reference": "patches_per_s", "ours": "patches_per_s", "model_only": "patches_per_s",
+           "ours_lowmem": "patches_per_s",
            "objective": "seconds_per_call", "augment": "seconds_per_batch", "online": "online_over_one_experience",
            "probe": "eval_over_pass", "memory": "peak_growth_pct"}
 
@@ -613,6 +650,13 @@ def summarize(rows: list[dict]) -> dict:
             "ours_over_reference_patches_per_s": _ratio(by_case, ("ours", "patches_per_s"),
                                                         ("reference", "patches_per_s"), _target_speedup(width), ">="),
             "ours_over_model_only": _ratio(by_case, ("ours", "patches_per_s"), ("model_only", "patches_per_s"), 0.92, ">="),
+            "ours_lowmem_over_reference_patches_per_s": _ratio(by_case, ("ours_lowmem", "patches_per_s"),
+                                                               ("reference", "patches_per_s"), None, "info"),
+            "peak_rss_ours_over_reference": _ratio(by_case, ("ours", "peak_rss_MB"), ("reference", "peak_rss_MB"),
+                                                   0.5 if width >= 1.0 else None, "<="),
+            "peak_rss_ours_lowmem_over_reference": _ratio(by_case, ("ours_lowmem", "peak_rss_MB"),
+                                                          ("reference", "peak_rss_MB"), 0.5 if width >= 1.0 else None,
+                                                          "<="),
             "objective_share_of_step": _ratio(by_case, ("objective", "seconds_per_call"), ("ours", "seconds_per_step"),
                                               0.02, "<="),
             "augment_share_of_step": _ratio(by_case, ("augment", "seconds_per_batch"), ("ours", "seconds_per_step"),
@@ -630,26 +674,28 @@ def summarize(rows: list[dict]) -> dict:
             if r.get("target") is None:
                 r.pop("target", None)
         summary[key] = {"cases": cases, "ratios": {k: v for k, v in ratios.items() if v["n"]}}
-    # allocator effect: tuned / default of each throughput, paired by repeat
+    # allocator effect: each allocator / default of each throughput (and peak memory), paired by repeat
     effect: dict = {}
     for key, by_case in groups.items():
         dev, wid, alloc = key.split("|")
-        if alloc != "tuned" or f"{dev}|{wid}|default" not in groups:
+        if alloc in ("default", "inherited") or f"{dev}|{wid}|default" not in groups:
             continue
         base = groups[f"{dev}|{wid}|default"]
         out = {}
         for case, metric, invert in (("reference", "patches_per_s", False), ("ours", "patches_per_s", False),
-                                     ("model_only", "patches_per_s", False), ("objective", "seconds_per_call", True),
-                                     ("augment", "seconds_per_batch", True)):
+                                     ("model_only", "patches_per_s", False), ("ours_lowmem", "patches_per_s", False),
+                                     ("objective", "seconds_per_call", True), ("augment", "seconds_per_batch", True),
+                                     ("reference", "peak_rss_MB", False), ("ours", "peak_rss_MB", False)):
             vals = []
             for rep, row in by_case.get(case, {}).items():
                 other = base.get(case, {}).get(rep)
                 if other and other.get(metric) and row.get(metric):
                     vals.append(other[metric] / row[metric] if invert else row[metric] / other[metric])
             if vals:
-                out[f"{case}_speedup_tuned_over_default"] = {**stats(vals), "values": vals}
+                name = "peak_rss" if metric == "peak_rss_MB" else "speedup"
+                out[f"{case}_{name}_{alloc}_over_default"] = {**stats(vals), "values": vals}
         if out:
-            effect[f"{dev}|{wid}"] = out
+            effect.setdefault(f"{dev}|{wid}", {}).update(out)
     return {"by_group": summary, "allocator_effect": effect}
 
 
@@ -674,7 +720,7 @@ def print_table(result: dict, file=sys.stdout) -> None:
                   f"{tgt:>9} {met:>5}", file=file)
     for key, eff in result["summary"]["allocator_effect"].items():
         for name, s in eff.items():
-            print(f"{key + '|tuned/default':<34} {name:<36} {s['median']:>10.4g} "
+            print(f"{key + '|allocators':<34} {name:<36} {s['median']:>10.4g} "
                   f"{_span(s):>22}", file=file)
     errors = [r for r in result["rows"] if "error" in r]
     for r in errors:
@@ -693,7 +739,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="auto: the CPU, and CUDA too when present")
     p.add_argument("--allocators", default="default,tuned",
-                   help="full mode: 'default' (no GLIBC_TUNABLES) and/or 'tuned' (the tunables of scripts/run.sh)")
+                   help="full mode, comma-separated: default (glibc as is), tuned (the GLIBC_TUNABLES of "
+                        "scripts/run.sh), jemalloc, tcmalloc (LD_PRELOAD of the Debian packages' libraries)")
     p.add_argument("--steps", type=int, help="measured steps per training case")
     p.add_argument("--warmup", type=int, help="warm-up steps (excluded, >= 1)")
     p.add_argument("--batch", type=int, help="images per batch")
@@ -779,6 +826,16 @@ def worker_main(args) -> int:
     return 0
 
 
+def preload_path(allocator: str) -> str:
+    """Absolute path of the allocator library to LD_PRELOAD; SystemExit naming the package when it is missing."""
+    name = PRELOAD[allocator]
+    for d in ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib", "/usr/local/lib"):
+        if Path(d, name).exists():
+            return str(Path(d, name))
+    package = {"jemalloc": "libjemalloc2", "tcmalloc": "libtcmalloc-minimal4"}[allocator]
+    raise SystemExit(f"--allocators {allocator}: {name} not found; install it (Debian: apt-get install {package})")
+
+
 def subprocess_row(case: str, width: float, device: str, allocator: str, rep: int, args) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--case", case, "--width", str(width), "--run-device", device,
            "--repeat-index", str(rep), "--allocator-label", allocator]
@@ -787,10 +844,12 @@ def subprocess_row(case: str, width: float, device: str, allocator: str, rep: in
         if value is not None:
             cmd += [f"--{name.replace('_', '-')}", str(value)]
     env = dict(os.environ)
+    env.pop("GLIBC_TUNABLES", None)
+    env.pop("LD_PRELOAD", None)
     if allocator == "tuned":
         env["GLIBC_TUNABLES"] = TUNABLES
-    else:
-        env.pop("GLIBC_TUNABLES", None)
+    elif allocator in PRELOAD:
+        env["LD_PRELOAD"] = preload_path(allocator)
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout, cwd=str(ROOT))
     except subprocess.TimeoutExpired:
@@ -825,8 +884,12 @@ def main(argv=None) -> int:
         allocators = ["inherited"]
     else:
         allocators = [a.strip() for a in args.allocators.split(",")]
-        if any(a not in ("default", "tuned") for a in allocators):
-            raise SystemExit("--allocators takes default and/or tuned")
+        bad = [a for a in allocators if a not in ALLOCATORS]
+        if bad:
+            raise SystemExit(f"unknown allocator(s) {bad}; valid: {', '.join(ALLOCATORS)}")
+        for a in allocators:
+            if a in PRELOAD:
+                preload_path(a)  # fail now, not after an hour
     plan = []
     for rep in range(repeats):
         order = allocators if rep % 2 == 0 else allocators[::-1]

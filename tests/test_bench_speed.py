@@ -17,7 +17,7 @@ DATA = os.environ.get("STREAMING_SSL_DATA")
 pytestmark = pytest.mark.skipif(not DATA or not (Path(DATA) / "cifar10.npz").is_file(),
                                 reason="needs the real CIFAR-10: set STREAMING_SSL_DATA to the folder of cifar10.npz")
 
-CASES = ("reference", "ours", "model_only", "objective", "augment", "online", "probe", "memory")
+CASES = ("reference", "ours", "model_only", "ours_lowmem", "objective", "augment", "online", "probe", "memory")
 
 
 def _positive(x) -> bool:
@@ -51,12 +51,15 @@ def test_every_case_ran_without_error(tiny_result):
 
 def test_step_cases_report_positive_throughput(tiny_result):
     rows = {r["case"]: r for r in tiny_result["rows"]}
-    for case in ("reference", "ours", "model_only"):
+    for case in ("reference", "ours", "model_only", "ours_lowmem"):
         r = rows[case]
         assert _positive(r["seconds_per_step"]) and _positive(r["patches_per_s"]) and _positive(r["images_per_s"])
+        assert _positive(r["peak_rss_MB"]), case
         assert r["steps"] == 2 and _positive(r["step_seconds"]["min"]) and r["warmup_steps"] == 1
         assert r["patches_per_s"] == pytest.approx(8 * 4 / r["seconds_per_step"])
     assert rows["reference"]["channels_last"] is False and rows["reference"]["dataloader_workers"] >= 1
+    assert _positive(rows["reference"]["workers_peak_rss_MB"])
+    assert rows["ours_lowmem"]["recompute_stages"] == 1 and rows["ours"]["recompute_stages"] == 0
     for key in ("seconds_per_call", "reference_seconds_per_call", "reference_over_ours"):
         assert _positive(rows["objective"][key]), key
     for key in ("seconds_per_batch", "patches_per_s", "reference_serial_seconds_per_batch"):
@@ -93,6 +96,9 @@ def test_summary_has_every_ratio(tiny_result):
         assert (r["op"], r["target"]) == (op, target) and r["n"] == 1 and isinstance(r["met"], bool)
         assert math.isfinite(r["median"]) and (name.startswith("memory") or r["median"] > 0), name
     assert _positive(ratios["augment_share_of_step"]["median"])
+    for name in ("peak_rss_ours_over_reference", "peak_rss_ours_lowmem_over_reference",
+                 "ours_lowmem_over_reference_patches_per_s"):
+        assert _positive(ratios[name]["median"]) and "target" not in ratios[name], name  # targets: full width only
 
 
 def test_worker_mode_prints_one_json_line(tmp_path):
@@ -104,3 +110,9 @@ def test_worker_mode_prints_one_json_line(tmp_path):
     assert len(lines) == 1
     row = json.loads(lines[0][len("SPEED_JSON "):])
     assert row["case"] == "objective" and row["allocator"] == "tuned" and _positive(row["seconds_per_call"])
+
+
+def test_unknown_allocator_is_refused_before_any_work():
+    proc = _run(["--allocators", "default,mimalloc", "--out", os.devnull], timeout=120)
+    assert proc.returncode != 0 and "unknown allocator(s) ['mimalloc']" in proc.stderr
+    assert "jemalloc" in proc.stderr and "[1/" not in proc.stderr
