@@ -79,7 +79,8 @@ def main() -> int:
             run_dir = runs / name
             fresh = ["python", "run_stream.py", "--config", ROWS[name], f"run.out_dir={run_dir}"]
             resume = (run_dir / "config.yaml").exists()
-            seconds = run([sys.executable, "run_stream.py", "--resume", str(run_dir)] if resume else fresh, log_path)
+            cmd = ["run_stream.py", "--resume", str(run_dir)] if resume else fresh[1:]
+            seconds = run([sys.executable, *cmd], log_path)  # "python" in the recorded command is this interpreter
             rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
             last = rows[-1]
             row = {"command": " ".join(fresh), "config": ROWS[name],
