@@ -41,6 +41,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"], help="where features are computed")
     p.add_argument("--random-init", action="store_true",
                    help="ignore the weights: probe a randomly initialised encoder of the same architecture (the floor)")
+    p.add_argument("--probe-select", action="store_true",
+                   help="also fit a probe whose weight decay is chosen on a held-out 10%% of the TRAINING images "
+                        "(stratified, seeded) and refit on all of them; reported next to the default probe")
+    p.add_argument("--features-cache", metavar="DIR",
+                   help="keep extracted features in DIR and reuse them when checkpoint, dataset, patches, seed and "
+                        "image subset match (bag-of-features extraction is the expensive part of a probe)")
     p.add_argument("--out", help="also write the JSON result to this file")
     return p.parse_args(argv)
 
@@ -50,7 +56,7 @@ def evaluate(args) -> dict:
     from streaming_ssl import checkpoint as ckpt
     from streaming_ssl.config import config_from_dict
     from streaming_ssl.device import resolve_device, resolve_precision
-    from streaming_ssl.probe import extract_features, knn_predict, linear_probe_accuracy
+    from streaming_ssl.probe import extract_features, knn_predict, linear_probe_accuracy, select_weight_decay
 
     path = ckpt.resolve(args.checkpoint)
     state = ckpt.load(path)
@@ -83,11 +89,24 @@ def evaluate(args) -> dict:
         t0 = time.perf_counter()
         kw = dict(device=device, batch_size=cfg.eval.batch_size, patches=patches, amp_dtype=amp_dtype,
                   channels_last=False, seed=cfg.train.seed)
-        ftr = extract_features(model, tr.images, augment, progress=f"features {name}/train", **kw)
-        fte = extract_features(model, te.images, augment, progress=f"features {name}/test", **kw)
+        key = {"checkpoint": str(path.resolve()), "updates": result["updates"], "random_init": result["random_init"],
+               "dataset": name, "patches": patches, "seed": cfg.train.seed}
+        ftr = cached_features(args.features_cache, {**key, "split": "train", "n": len(tr)}, extract_features,
+                              model, tr.images, augment, progress=f"features {name}/train", **kw)
+        fte = cached_features(args.features_cache, {**key, "split": "test", "n": len(te)}, extract_features,
+                              model, te.images, augment, progress=f"features {name}/test", **kw)
         acc, _ = linear_probe_accuracy(ftr, tr.targets, fte, te.targets, splits.num_classes, seed=cfg.train.seed,
                                        **probe_kwargs(cfg))
-        entry = {"linear": acc, "train_images": len(tr), "test_images": len(te)}
+        entry = {"linear": acc, "train_images": len(tr), "test_images": len(te),
+                 "probe": {**probe_kwargs(cfg), "features": "standardised h", "reported": "final epoch"}}
+        if args.probe_select:
+            kwargs = probe_kwargs(cfg)
+            best, scores = select_weight_decay(ftr, tr.targets, splits.num_classes, seed=cfg.train.seed, **kwargs)
+            kwargs["weight_decay"] = best
+            sel_acc, _ = linear_probe_accuracy(ftr, tr.targets, fte, te.targets, splits.num_classes,
+                                               seed=cfg.train.seed, **kwargs)
+            entry["linear_selected"] = {"accuracy": sel_acc, "weight_decay": best, "held_out_fraction": 0.1,
+                                        "held_out_accuracy": {str(k): v for k, v in scores.items()}}
         if args.knn:
             pred = knn_predict(ftr, tr.targets, fte, splits.num_classes, k=cfg.eval.knn_k or 20,
                                temperature=cfg.eval.knn_temperature)
@@ -95,6 +114,28 @@ def evaluate(args) -> dict:
         entry["seconds"] = time.perf_counter() - t0
         result[name] = entry
     return result
+
+
+def cached_features(folder: str | None, key: dict, compute, *args, **kwargs) -> torch.Tensor:
+    """compute(*args, **kwargs), or the tensor saved under `folder` for exactly this key (the key stored in the
+    file is compared, the file name is not trusted)."""
+    if not folder:
+        return compute(*args, **kwargs)
+    import hashlib
+
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    path = Path(folder) / f"{key['dataset']}_{key['split']}_p{key['patches']}_{digest}.pt"
+    if path.exists():
+        saved = torch.load(path, weights_only=True)
+        if saved.get("key") == json.dumps(key, sort_keys=True):
+            log.info("features from %s", path)
+            return saved["features"]
+    feats = compute(*args, **kwargs)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"key": json.dumps(key, sort_keys=True), "features": feats}, tmp)
+    tmp.replace(path)
+    return feats
 
 
 def main(argv=None) -> int:
@@ -112,6 +153,9 @@ def main(argv=None) -> int:
     for name, entry in result.items():
         if isinstance(entry, dict):
             extra = f", kNN {100 * entry['knn']:.2f}%" if "knn" in entry else ""
+            if "linear_selected" in entry:
+                sel = entry["linear_selected"]
+                extra += f", selected-decay probe {100 * sel['accuracy']:.2f}% (weight decay {sel['weight_decay']:g})"
             print(f"{name}: linear probe {100 * entry['linear']:.2f}%{extra} "
                   f"({entry['train_images']} train / {entry['test_images']} test images, patches={result['patches']})")
     print(json.dumps(result))

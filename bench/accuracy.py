@@ -42,13 +42,16 @@ def run(cmd: list[str], log_path: Path) -> float:
 
 
 def probe(ckpt_dir: Path, patches: int, log_path: Path, random_init: bool = False) -> dict:
+    """evaluate.py on the run's last checkpoint: the default probe, the held-out-selected one, and kNN. Features are
+    cached in the run directory, so a rerun (or another probe setting) does not extract them again."""
     out = ckpt_dir / f"probe_p{patches}{'_random' if random_init else ''}.json"
-    cmd = [sys.executable, "evaluate.py", "--checkpoint", str(ckpt_dir), "--patches", str(patches), "--knn",
+    cmd = ["python", "evaluate.py", "--checkpoint", str(ckpt_dir), "--patches", str(patches), "--knn",
+           "--probe-select", "--features-cache", str(ckpt_dir / "features"),
            "--out", str(out)] + (["--random-init"] if random_init else [])
-    seconds = run(cmd, log_path)
-    result = json.loads(out.read_text())
-    return {"linear": result["cifar10"]["linear"], "knn": result["cifar10"].get("knn"), "seconds": seconds,
-            "command": " ".join(cmd)}
+    seconds = run([sys.executable, *cmd[1:]], log_path)
+    result = json.loads(out.read_text())["cifar10"]
+    return {"linear": result["linear"], "linear_selected": result["linear_selected"], "knn": result.get("knn"),
+            "probe": result.get("probe"), "seconds": seconds, "command": " ".join(cmd)}
 
 
 def main() -> int:
@@ -78,9 +81,11 @@ def main() -> int:
         else:
             run_dir = runs / name
             fresh = ["python", "run_stream.py", "--config", ROWS[name], f"run.out_dir={run_dir}"]
-            resume = (run_dir / "config.yaml").exists()
-            cmd = ["run_stream.py", "--resume", str(run_dir)] if resume else fresh[1:]
-            seconds = run([sys.executable, *cmd], log_path)  # "python" in the recorded command is this interpreter
+            seconds = 0.0
+            if not (run_dir / "summary.json").exists():  # written when a run has finished
+                resume = (run_dir / "config.yaml").exists()
+                cmd = ["run_stream.py", "--resume", str(run_dir)] if resume else fresh[1:]
+                seconds = run([sys.executable, *cmd], log_path)  # "python" in the recorded command: this interpreter
             rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
             last = rows[-1]
             row = {"command": " ".join(fresh), "config": ROWS[name],
@@ -93,16 +98,22 @@ def main() -> int:
         results[name] = row
         out.write_text(json.dumps(results, indent=2))
         print(name, json.dumps({k: v for k, v in row.items() if k != "accuracy_matrix"}), flush=True)
-    lines = ["| row | samples seen | linear, whole image | linear, bag of 16 patches | kNN (bag) | avg forgetting |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    lines = ["| row | samples seen | linear, whole image | linear, bag of 16 patches | same, held-out decay | "
+             "kNN (bag) | avg forgetting | train wall time |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name in ROWS:
         if name in results:
             r = results[name]
             bof = r.get(f"probe_bof{args.patches}", {})
             forget = r.get("avg_forgetting")
+            sel = bof.get("linear_selected", {})
+            wall = r.get("train_and_stream_eval_seconds")
             lines.append(f"| {name} | {r['samples_seen']} | {100 * r['probe_whole']['linear']:.1f}% | "
-                         f"{100 * bof.get('linear', float('nan')):.1f}% | {100 * (bof.get('knn') or float('nan')):.1f}% | "
-                         f"{'-' if forget is None else f'{100 * forget:.1f} pts'} |")
+                         f"{100 * bof.get('linear', float('nan')):.1f}% | "
+                         f"{100 * sel.get('accuracy', float('nan')):.1f}% (wd {sel.get('weight_decay', float('nan')):g}) | "
+                         f"{100 * (bof.get('knn') or float('nan')):.1f}% | "
+                         f"{'-' if forget is None else f'{100 * forget:.1f} pts'} | "
+                         f"{'-' if not wall else f'{wall / 60:.0f} min'} |")
     (out.parent / "accuracy.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -142,3 +142,37 @@ def linear_probe_accuracy(train_feats: torch.Tensor, train_labels: torch.Tensor,
     clf = train_linear_probe(tr, train_labels, num_classes, **kwargs)
     pred = predict(clf, te)
     return float((pred == test_labels).float().mean()), pred
+
+
+WEIGHT_DECAY_GRID = (0.0, 1e-5, 1e-4, 5e-4, 1e-3, 5e-3, 1e-2)
+
+
+def stratified_holdout(labels: torch.Tensor, fraction: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fit indices, held-out indices): a seeded `fraction` of every class held out (at least one, if the class has 2+)."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"held-out fraction must be in (0, 1), got {fraction}")
+    gen = torch.Generator().manual_seed(seed)
+    fit, held = [], []
+    for c in labels.unique(sorted=True):
+        idx = (labels == c).nonzero().flatten()
+        idx = idx[torch.randperm(len(idx), generator=gen)]
+        k = min(max(1, round(fraction * len(idx))), len(idx) - 1) if len(idx) > 1 else 0
+        held.append(idx[:k])
+        fit.append(idx[k:])
+    return torch.cat(fit).sort().values, torch.cat(held).sort().values
+
+
+def select_weight_decay(feats: torch.Tensor, labels: torch.Tensor, num_classes: int, *,
+                        grid: tuple[float, ...] = WEIGHT_DECAY_GRID, val_fraction: float = 0.1, seed: int = 0,
+                        **kwargs) -> tuple[float, dict[float, float]]:
+    """The probe weight decay with the best accuracy on a held-out part of the TRAINING features (the test set is
+    never looked at); ties go to the larger decay. Returns (best, {weight decay: held-out accuracy})."""
+    fit, held = stratified_holdout(labels, val_fraction, seed)
+    kwargs.pop("weight_decay", None)
+    scores = {}
+    for wd in grid:
+        acc, _ = linear_probe_accuracy(feats[fit], labels[fit], feats[held], labels[held], num_classes,
+                                       weight_decay=wd, seed=seed, **kwargs)
+        scores[wd] = acc
+    best = max(scores, key=lambda wd: (scores[wd], wd))
+    return best, scores

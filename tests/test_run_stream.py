@@ -96,6 +96,36 @@ def test_last_probe_beats_random_init(split_run: Path, data_root: Path, capsys) 
     assert again == pytest.approx(last, abs=1e-6)
 
 
+def test_evaluate_features_cache_and_selected_probe(split_run: Path, data_root: Path, tmp_path: Path,
+                                                   capsys) -> None:
+    """--features-cache reuses features only for the same key; --probe-select adds a held-out-chosen probe."""
+    cache = tmp_path / "features"
+    base = ["--checkpoint", str(split_run), "--data-root", str(data_root), "--train-per-class", "40",
+            "--test-per-class", "20", "--features-cache", str(cache), "--patches", "2"]
+    assert evaluate.main(base + ["--probe-select"]) == 0
+    first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["cifar10"]
+    files = sorted(cache.glob("*.pt"))
+    assert [f.name.split("_")[:3] for f in files] == [["cifar10", "test", "p2"], ["cifar10", "train", "p2"]]
+    sel = first["linear_selected"]
+    assert 0 <= sel["accuracy"] <= 1 and len(sel["held_out_accuracy"]) == 7
+    assert sel["held_out_accuracy"][str(sel["weight_decay"])] == max(sel["held_out_accuracy"].values())
+    # cached: the same numbers, and the files are read, not rewritten
+    stamps = [f.stat().st_mtime_ns for f in files]
+    assert evaluate.main(base) == 0
+    again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["cifar10"]
+    assert again["linear"] == first["linear"] and [f.stat().st_mtime_ns for f in files] == stamps
+    # another key (random init) gets its own files; a file whose stored key differs is recomputed, not trusted
+    assert evaluate.main(base + ["--random-init"]) == 0
+    capsys.readouterr()
+    assert len(list(cache.glob("*.pt"))) == 4
+    saved = torch.load(files[1], weights_only=True)
+    torch.save({"key": saved["key"].replace('"patches": 2', '"patches": 3'), "features": saved["features"] * 0},
+               files[1])
+    assert evaluate.main(base) == 0
+    redo = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["cifar10"]
+    assert redo["linear"] == first["linear"]
+
+
 def test_same_seed_same_metrics(split_run: Path, data_root: Path, tmp_path: Path) -> None:
     rc = run_stream.main(["--config", "configs/smoke.yaml", f"run.out_dir={tmp_path / 'again'}",
                           f"data.root={data_root}", "eval.transfer=[cifar100]"])
