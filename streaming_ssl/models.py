@@ -7,12 +7,12 @@ Probes read h; the objective reads z. Stems: 'cifar' (3x3 stride-1 conv, no max-
 'tiny' (3x3 stride-1 conv and a 2x2 max-pool, so 64x64 inputs cost what CIFAR does after the stem),
 'imagenet' (7x7 stride-2 conv and a 3x3 stride-2 max-pool).
 
-Activation memory: `recompute_stages=k` keeps only the input of the stem and of the first k stages in
-training and recomputes their activations during backward (torch.utils.checkpoint, non-reentrant).
-The front of a ResNet holds most of the activation memory at the least compute per byte: on 32x32
-patches stage 1 stores about half of all activations for a quarter of the forward FLOPs. Gradients
-and BatchNorm statistics are those of the plain model (the recomputation does not update running
-statistics a second time).
+Activation memory: `recompute_stages=k` keeps only the inputs of the stem and of every block of the
+first k stages in training, and recomputes their activations during backward, one block at a time
+(torch.utils.checkpoint, non-reentrant). The front of a ResNet holds most of the activation memory at
+the least compute per byte: on 32x32 patches stage 1 stores about half of all activations for a
+quarter of the forward FLOPs. Gradients and BatchNorm statistics are those of the plain model (the
+recomputation does not update running statistics a second time).
 """
 
 from __future__ import annotations
@@ -79,28 +79,26 @@ class ResNet18(nn.Module):
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
-    def _front(self, x: torch.Tensor, k: int) -> torch.Tensor:
-        x = self.stem(x)
-        for stage in self.stages[:k]:
-            x = stage(x)
-        return x
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k = self.recompute_stages if self.training and torch.is_grad_enabled() else 0
-        if k:
-            calls = [0]
-
-            def front(inp: torch.Tensor) -> torch.Tensor:
-                calls[0] += 1
-                with _running_stats_frozen(self) if calls[0] > 1 else contextlib.nullcontext():
-                    return self._front(inp, k)
-
-            x = checkpoint(front, x, use_reentrant=False)
-        else:
-            x = self._front(x, 0)
-        for stage in self.stages[k:]:
-            x = stage(x)
+        x = _recomputed(self.stem, x) if k else self.stem(x)
+        for i, stage in enumerate(self.stages):
+            for block in stage:
+                x = _recomputed(block, x) if i < k else block(x)
         return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+
+
+def _recomputed(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """module(x) keeping only x for backward; the activations are recomputed there, one block at a time (so the
+    peak of the backward pass holds a single block's activations), without a second running-statistics update."""
+    calls = [0]
+
+    def run(inp: torch.Tensor) -> torch.Tensor:
+        calls[0] += 1
+        with _running_stats_frozen(module) if calls[0] > 1 else contextlib.nullcontext():
+            return module(inp)
+
+    return checkpoint(run, x, use_reentrant=False)
 
 
 @contextlib.contextmanager
