@@ -164,5 +164,17 @@ def main(argv=None) -> int:
     return 0
 
 
+def choose_allocator(argv=None) -> None:
+    """On CPU, re-execute once with the faster allocator setting (streaming_ssl/allocator.py)."""
+    from streaming_ssl import allocator
+
+    try:
+        allocator.reexec_if_needed(allocator.device_type_of(parse_args(argv).device or "auto"))
+    except allocator.AllocatorError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
+    choose_allocator()
     sys.exit(main())

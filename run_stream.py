@@ -255,7 +255,8 @@ def _run(cfg, args) -> dict:
                                 probe_kwargs=probe_kwargs(cfg), seed=cfg.train.seed)
     create_run_dir(cfg, args, run_dir)
     setup_logging(run_dir)
-    log.info("run %s on %s (precision %s, world %d)", run_dir, device, amp_dtype or "fp32", ddp.world_size())
+    log.info("run %s on %s (precision %s, world %d, allocator %s)", run_dir, device, amp_dtype or "fp32",
+             ddp.world_size(), os.environ.get("STREAMING_SSL_ALLOCATOR_APPLIED", "system"))
     every = s.eval_every
     n_steps = len(stream)
 
@@ -461,5 +462,22 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def choose_allocator(argv: list[str] | None = None) -> None:
+    """On CPU runs, re-execute once with the faster allocator setting (streaming_ssl/allocator.py). A config
+    that does not load is left for main() to report."""
+    from streaming_ssl import allocator
+
+    try:
+        device = resolve_config(parse_args(argv)).train.device
+    except Exception:  # noqa: BLE001 - main() reports bad input properly
+        return
+    try:
+        allocator.reexec_if_needed(allocator.device_type_of(device))
+    except allocator.AllocatorError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
+    choose_allocator()
     sys.exit(main())

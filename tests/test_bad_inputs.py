@@ -256,3 +256,19 @@ def test_ctrl_c_saves_and_exits_cleanly(tmp_path: Path) -> None:
     state = ckpt.load(ckpt.latest(run_dir))
     assert 2 <= state["position"]["global_step"] < 20
     assert not list(run_dir.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("cli", ["run_stream.py", "evaluate.py"])
+def test_unknown_allocator_is_refused_by_the_cli(cli: str, tmp_path: Path, good_run: Path) -> None:
+    """STREAMING_SSL_ALLOCATOR is read before any work: a bad value exits 2 naming the valid ones."""
+    before = _digest(good_run)
+    args = (["--config", "configs/smoke.yaml", f"run.out_dir={tmp_path / 'out'}", f"data.root={Path(DATA).resolve()}"]
+            if cli == "run_stream.py" else ["--checkpoint", str(good_run), "--device", "cpu"])
+    env = {**os.environ, "STREAMING_SSL_ALLOCATOR": "mimalloc"}
+    env.pop("STREAMING_SSL_ALLOCATOR_APPLIED", None)
+    proc = subprocess.run([sys.executable, cli, *args], cwd=Path(run_stream.__file__).parent, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "STREAMING_SSL_ALLOCATOR='mimalloc' is not an allocator; valid: auto, system, tuned, jemalloc, tcmalloc" \
+        in proc.stderr
+    assert not (tmp_path / "out").exists() and _digest(good_run) == before
