@@ -144,7 +144,7 @@ def linear_probe_accuracy(train_feats: torch.Tensor, train_labels: torch.Tensor,
     return float((pred == test_labels).float().mean()), pred
 
 
-WEIGHT_DECAY_GRID = (0.0, 1e-5, 1e-4, 5e-4, 1e-3, 5e-3, 1e-2)
+WEIGHT_DECAY_GRID = (0.0, 1e-4, 5e-4, 1e-3, 5e-3, 1e-2, 2e-2, 5e-2, 1e-1)
 
 
 def stratified_holdout(labels: torch.Tensor, fraction: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

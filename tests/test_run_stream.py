@@ -16,6 +16,7 @@ import run_stream
 from streaming_ssl import checkpoint as ckpt
 from streaming_ssl.config import load_config
 from streaming_ssl.objective import emp_ssl_loss
+from streaming_ssl.probe import WEIGHT_DECAY_GRID
 
 DATA = os.environ.get("STREAMING_SSL_DATA")
 pytestmark = pytest.mark.skipif(not DATA or not (Path(DATA) / "cifar10.npz").is_file(),
@@ -107,7 +108,7 @@ def test_evaluate_features_cache_and_selected_probe(split_run: Path, data_root: 
     files = sorted(cache.glob("*.pt"))
     assert [f.name.split("_")[:3] for f in files] == [["cifar10", "test", "p2"], ["cifar10", "train", "p2"]]
     sel = first["linear_selected"]
-    assert 0 <= sel["accuracy"] <= 1 and len(sel["held_out_accuracy"]) == 7
+    assert 0 <= sel["accuracy"] <= 1 and len(sel["held_out_accuracy"]) == len(WEIGHT_DECAY_GRID)
     assert sel["held_out_accuracy"][str(sel["weight_decay"])] == max(sel["held_out_accuracy"].values())
     # cached: the same numbers, and the files are read, not rewritten
     stamps = [f.stat().st_mtime_ns for f in files]
