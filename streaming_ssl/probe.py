@@ -89,7 +89,7 @@ def standardize(train: torch.Tensor, *others: torch.Tensor) -> list[torch.Tensor
 
 
 def train_linear_probe(feats: torch.Tensor, labels: torch.Tensor, num_classes: int, *, epochs: int = 30,
-                       lr: float = 0.1, weight_decay: float = 5e-4, batch_size: int = 256,
+                       lr: float = 0.1, weight_decay: float = 5e-3, batch_size: int = 256,
                        seed: int = 0) -> torch.nn.Linear:
     """A linear classifier on (already standardised) features: SGD with momentum, cosine schedule."""
     gen = torch.Generator().manual_seed(seed)
