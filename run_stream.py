@@ -196,6 +196,7 @@ def _run(cfg, args) -> dict:
     from tqdm import tqdm
 
     from scenarios.streams import build_stream
+    from streaming_ssl import allocator
     from streaming_ssl import checkpoint as ckpt
     from streaming_ssl import distributed as ddp
     from streaming_ssl.evaluation import (JSONLLogger, ProbeMetric, ScalarTensorboardLogger, StreamEvaluator,
@@ -256,7 +257,7 @@ def _run(cfg, args) -> dict:
     create_run_dir(cfg, args, run_dir)
     setup_logging(run_dir)
     log.info("run %s on %s (precision %s, world %d, allocator %s)", run_dir, device, amp_dtype or "fp32",
-             ddp.world_size(), os.environ.get("STREAMING_SSL_ALLOCATOR_APPLIED", "system"))
+             ddp.world_size(), allocator.in_effect(dict(os.environ)))
     every = s.eval_every
     n_steps = len(stream)
 

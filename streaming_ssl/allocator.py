@@ -79,6 +79,15 @@ def reexec_if_needed(device_type: str) -> str:
     return effect
 
 
+def in_effect(env: dict) -> str:
+    """What this process runs with, for the run header: our choice, the user's settings, or glibc as is."""
+    if env.get(APPLIED):
+        return env[APPLIED]
+    if env.get("GLIBC_TUNABLES") or env.get("LD_PRELOAD"):
+        return "user (GLIBC_TUNABLES/LD_PRELOAD)"
+    return "system"
+
+
 def device_type_of(setting: str) -> str:
     """'cpu' or 'cuda' for a train.device setting (auto: cuda when a GPU is visible)."""
     if setting in ("cpu", "cuda"):

@@ -29,6 +29,12 @@ def test_user_settings_win():
     assert plan({APPLIED: "tuned"}, "cpu") == ("tuned", {})  # already re-executed: never again
 
 
+def test_in_effect_names_what_the_process_runs_with():
+    assert allocator.in_effect({APPLIED: "tcmalloc"}) == "tcmalloc"
+    assert allocator.in_effect({"GLIBC_TUNABLES": "x"}).startswith("user")
+    assert allocator.in_effect({}) == "system"
+
+
 def test_bad_choice_and_missing_library_name_the_fix(monkeypatch):
     with pytest.raises(AllocatorError, match=r"STREAMING_SSL_ALLOCATOR='mimalloc' .* valid: auto, system, tuned"):
         plan({ENV: "mimalloc"}, "cpu")
