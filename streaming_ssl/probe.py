@@ -169,10 +169,12 @@ def select_weight_decay(feats: torch.Tensor, labels: torch.Tensor, num_classes: 
     never looked at); ties go to the larger decay. Returns (best, {weight decay: held-out accuracy})."""
     fit, held = stratified_holdout(labels, val_fraction, seed)
     kwargs.pop("weight_decay", None)
+    # split and standardise once (the copies are the size of the features); only the fit differs per decay
+    tr, va = standardize(feats[fit], feats[held])
+    tr_labels, va_labels = labels[fit], labels[held]
     scores = {}
     for wd in grid:
-        acc, _ = linear_probe_accuracy(feats[fit], labels[fit], feats[held], labels[held], num_classes,
-                                       weight_decay=wd, seed=seed, **kwargs)
-        scores[wd] = acc
+        clf = train_linear_probe(tr, tr_labels, num_classes, weight_decay=wd, seed=seed, **kwargs)
+        scores[wd] = float((predict(clf, va) == va_labels).float().mean())
     best = max(scores, key=lambda wd: (scores[wd], wd))
     return best, scores
