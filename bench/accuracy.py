@@ -54,17 +54,109 @@ def probe(ckpt_dir: Path, patches: int, log_path: Path, random_init: bool = Fals
             "probe": result.get("probe"), "seconds": seconds, "command": " ".join(cmd)}
 
 
+LABELS = {"random_init": "random-init encoder (floor)", "offline_1epoch": "offline, 1 epoch (i.i.d. one pass)",
+          "split_cifar10": "Split CIFAR-10, 5 x 2 classes, one pass", "online_cifar10": "online, mini-experiences of 10",
+          "offline_3epochs": "offline, 3 epochs"}
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def _probe_cell(probe: dict) -> str:
+    """'as run / held-out decay (wd ..)' for one probe result."""
+    if not probe:
+        return "-"
+    sel = probe.get("linear_selected") or {}
+    held = f" / {_pct(sel.get('accuracy'))} (wd {sel['weight_decay']:g})" if sel else ""
+    return f"{_pct(probe.get('linear'))}{held}"
+
+
+def report(results: dict, out_dir: Path, patches: int = 16) -> None:
+    """accuracy.md (the table, then the accuracy matrix of every multi-experience row) and accuracy.png."""
+    bag = f"probe_bof{patches}"
+    lines = [f"| row | samples seen | linear, whole image: as run / held-out decay | linear, bag of {patches}: as run / "
+             "held-out decay | kNN whole / bag | avg forgetting (whole image) | train + stream eval time |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name in ROWS:
+        if name not in results:
+            continue
+        r = results[name]
+        forget = r.get("avg_forgetting")
+        wall = r.get("train_and_stream_eval_seconds")
+        knn = f"{_pct(r.get('probe_whole', {}).get('knn'))} / {_pct(r.get(bag, {}).get('knn'))}"
+        lines.append(f"| {LABELS[name]} | {r['samples_seen']:,} | {_probe_cell(r.get('probe_whole'))} | "
+                     f"{_probe_cell(r.get(bag))} | {knn} | "
+                     f"{'-' if forget is None else f'{100 * forget:.1f} pts'} | "
+                     f"{'-' if not wall else f'{wall / 60:.0f} min'} |")
+    for name in ROWS:
+        matrix = results.get(name, {}).get("accuracy_matrix") or []
+        if len(matrix) < 2:
+            continue
+        lines += ["", f"Accuracy matrix of {name} (whole-image probe after each evaluation; row t: after experience "
+                  "t, column j: test classes of experience j):", "",
+                  "| after | " + " | ".join(f"exp {j + 1}" for j in range(len(matrix[0]))) + " |",
+                  "| --- |" + " --- |" * len(matrix[0])]
+        lines += [f"| {t + 1} | " + " | ".join(f"{100 * a:.1f}" for a in row) + " |" for t, row in enumerate(matrix)]
+    (out_dir / "accuracy.md").write_text("\n".join(lines) + "\n")
+    _plot(results, out_dir / "accuracy.png", bag, patches)
+
+
+def _plot(results: dict, path: Path, bag: str, patches: int) -> None:
+    """Grouped bars: every row's probe accuracy (held-out decay where measured, else as run)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in ROWS if n in results]
+    if not names:
+        return
+
+    def acc(probe: dict | None) -> float:
+        if not probe:
+            return float("nan")
+        sel = probe.get("linear_selected") or {}
+        return 100 * sel.get("accuracy", probe.get("linear", float("nan")))
+
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.8 * len(names)), 4.5))
+    width = 0.38
+    for k, (key, label) in enumerate((("probe_whole", "whole image"), (bag, f"bag of {patches} patches"))):
+        xs = [i + (k - 0.5) * width for i in range(len(names))]
+        ys = [acc(results[n].get(key)) for n in names]
+        bars = ax.bar(xs, ys, width, label=label)
+        ax.bar_label(bars, fmt="%.1f", fontsize=8)
+    ax.axhline(75, color="gray", ls="--", lw=1, label="one-pass target (bag)")
+    ax.set_xticks(range(len(names)), [LABELS[n].replace(", ", ",\n", 1) for n in names], fontsize=8)
+    ax.set_ylabel("linear probe accuracy on CIFAR-10 test (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title("EMP-SSL on CIFAR-10, ResNet-18 width 1/4, 20 patches\n"
+                 "linear probe, weight decay chosen on held-out training images", fontsize=9)
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     p.add_argument("--runs", default="runs/accuracy", help="where the runs live (resumed when present)")
     p.add_argument("--out", default="bench/results/accuracy.json")
     p.add_argument("--patches", type=int, default=16, help="bag-of-features patches of the second probe")
+    p.add_argument("--report-only", action="store_true",
+                   help="only redraw accuracy.md and accuracy.png from the JSON in --out (no training, no probing)")
     args = p.parse_args()
+    out = REPO / args.out
+    if args.report_only:
+        if not out.is_file():
+            p.error(f"--report-only: no results at {out}; run some rows first")
+        report(json.loads(out.read_text()), out.parent, args.patches)
+        print((out.parent / "accuracy.md").read_text())
+        return 0
     env_ok = os.environ.get("STREAMING_SSL_DATA")
     if not env_ok:
         p.error("set STREAMING_SSL_DATA to the folder holding cifar10.npz")
-    out = REPO / args.out
     out.parent.mkdir(parents=True, exist_ok=True)
     results = json.loads(out.read_text()) if out.exists() else {}
     runs = REPO / args.runs
@@ -98,24 +190,8 @@ def main() -> int:
         results[name] = row
         out.write_text(json.dumps(results, indent=2))
         print(name, json.dumps({k: v for k, v in row.items() if k != "accuracy_matrix"}), flush=True)
-    lines = ["| row | samples seen | linear, whole image | linear, bag of 16 patches | same, held-out decay | "
-             "kNN (bag) | avg forgetting | train wall time |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for name in ROWS:
-        if name in results:
-            r = results[name]
-            bof = r.get(f"probe_bof{args.patches}", {})
-            forget = r.get("avg_forgetting")
-            sel = bof.get("linear_selected", {})
-            wall = r.get("train_and_stream_eval_seconds")
-            lines.append(f"| {name} | {r['samples_seen']} | {100 * r['probe_whole']['linear']:.1f}% | "
-                         f"{100 * bof.get('linear', float('nan')):.1f}% | "
-                         f"{100 * sel.get('accuracy', float('nan')):.1f}% (wd {sel.get('weight_decay', float('nan')):g}) | "
-                         f"{100 * (bof.get('knn') or float('nan')):.1f}% | "
-                         f"{'-' if forget is None else f'{100 * forget:.1f} pts'} | "
-                         f"{'-' if not wall else f'{wall / 60:.0f} min'} |")
-    (out.parent / "accuracy.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    report(results, out.parent, args.patches)
+    print((out.parent / "accuracy.md").read_text())
     return 0
 
 

@@ -446,8 +446,41 @@ def case_augment(width: float, sizes: Sizes, device, splits, ctx: dict) -> dict:
     med, med_ref = statistics.median(t_ours), statistics.median(t_ref)
     return {"seconds_per_batch": med, "batch_seconds": stats(t_ours), "patches_per_s": per / med,
             "reference_serial_seconds_per_batch": med_ref, "reference_serial_batch_seconds": stats(t_ref),
-            "reference_serial_patches_per_s": per / med_ref, "kornia": "skipped (optional)",
+            "reference_serial_patches_per_s": per / med_ref, "kornia": _kornia_side(x, sizes, splits, device, med),
             "what": f"{sizes.batch} uint8 images -> {per} patches; reference = PIL chain + collate in one process"}
+
+
+def kornia_augment(image_size: int, mean, std, device):
+    """The reference chain written with kornia.augmentation (batched, per-sample parameters), for comparison."""
+    import torch
+    import kornia.augmentation as K
+
+    return torch.nn.Sequential(
+        K.RandomResizedCrop((image_size, image_size), scale=(0.25, 0.25), ratio=(1.0, 1.0)),
+        K.RandomHorizontalFlip(p=0.5),
+        K.ColorJitter(0.4, 0.4, 0.4, 0.2, p=0.8),  # torchvision's order: a random permutation per call
+        K.RandomGrayscale(p=0.2),
+        K.RandomGaussianBlur((3, 3), (0.1, 2.0), p=0.1),
+        K.RandomSolarize(thresholds=0.0, additions=0.0, p=0.1),  # threshold exactly 0.5 = 128/255
+        K.Normalize(torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)),
+    ).to(device)
+
+
+def _kornia_side(x, sizes: Sizes, splits, device, ours_seconds: float):
+    """kornia.augmentation on the same batch (uint8 -> float, one copy per patch, the chain), or why not measured."""
+    try:
+        import kornia
+    except ImportError:
+        return "not measured (optional, not installed)"
+    aug = kornia_augment(splits.image_size, tuple(splits.mean), tuple(splits.std), device)
+
+    def call():
+        aug(x.float().div(255).repeat_interleave(sizes.patches, 0))
+
+    t = _time_calls(call, sizes.calls, max(1, sizes.warmup), device)
+    med = statistics.median(t)
+    return {"version": kornia.__version__, "seconds_per_batch": med, "batch_seconds": stats(t),
+            "patches_per_s": sizes.batch * sizes.patches / med, "kornia_over_ours_seconds": med / ours_seconds}
 
 
 def _online_side(kind: str, width: float, sizes: Sizes, device, splits, data) -> dict:
@@ -634,6 +667,12 @@ def _ratio(rows_by_case: dict, num: tuple[str, str], den: tuple[str, str] | None
     return out
 
 
+def _kornia_rows(by_case: dict) -> dict:
+    """The augment rows' kornia side as rows of their own (for _ratio), when kornia was measured."""
+    reps = {rep: row["kornia"] for rep, row in by_case.get("augment", {}).items() if isinstance(row.get("kornia"), dict)}
+    return {"augment": reps}
+
+
 def summarize(rows: list[dict]) -> dict:
     groups: dict = {}
     for row in rows:
@@ -661,6 +700,8 @@ def summarize(rows: list[dict]) -> dict:
                                               0.02, "<="),
             "augment_share_of_step": _ratio(by_case, ("augment", "seconds_per_batch"), ("ours", "seconds_per_step"),
                                             None, "info"),
+            "kornia_over_ours_augment_seconds": _ratio(_kornia_rows(by_case), ("augment", "kornia_over_ours_seconds"),
+                                                       None, None, "info"),
             "online_over_one_experience": _ratio(by_case, ("online", "online_over_one_experience"), None, 0.8, ">="),
             "probe_eval_over_one_pass": _ratio(by_case, ("probe", "eval_over_pass"), None, 0.1, "<=",
                                                cifar10_extrapolated=stats([
@@ -806,7 +847,7 @@ def meta(args, sizes: Sizes, mode: str) -> dict:
                                    "d x d logdet objective, SGD wrapped by LARS)",
                 "model_only": "forward + emp_ssl_loss + backward + LARS step on pre-made channels_last patches",
                 "precision": "fp32 on CPUs without native bf16 (this one); bf16 autocast on CUDA / AVX512-BF16 CPUs",
-                "kornia": "not measured (optional, not installed)",
+                "kornia": "augment case: kornia.augmentation doing the reference chain, when kornia is installed",
                 "ratios": "each ratio pairs both sides from the same repeat and allocator; median and [min, max]",
             }}
 

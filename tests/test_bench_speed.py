@@ -64,6 +64,13 @@ def test_step_cases_report_positive_throughput(tiny_result):
         assert _positive(rows["objective"][key]), key
     for key in ("seconds_per_batch", "patches_per_s", "reference_serial_seconds_per_batch"):
         assert _positive(rows["augment"][key]), key
+    kornia = rows["augment"]["kornia"]  # optional: measured when installed, otherwise says so
+    try:
+        import kornia as _  # noqa: F401
+    except ImportError:
+        assert kornia == "not measured (optional, not installed)"
+    else:
+        assert _positive(kornia["patches_per_s"]) and _positive(kornia["kornia_over_ours_seconds"])
 
 
 def test_stream_probe_and_memory_cases(tiny_result):
