@@ -458,7 +458,7 @@ def kornia_augment(image_size: int, mean, std, device):
     return torch.nn.Sequential(
         K.RandomResizedCrop((image_size, image_size), scale=(0.25, 0.25), ratio=(1.0, 1.0)),
         K.RandomHorizontalFlip(p=0.5),
-        K.ColorJitter(0.4, 0.4, 0.4, 0.2, p=0.8),  # torchvision's order: a random permutation per call
+        K.ColorJitter(0.4, 0.4, 0.4, 0.2, p=0.8),  # kornia's torchvision-aligned jitter
         K.RandomGrayscale(p=0.2),
         K.RandomGaussianBlur((3, 3), (0.1, 2.0), p=0.1),
         K.RandomSolarize(thresholds=0.0, additions=0.0, p=0.1),  # threshold exactly 0.5 = 128/255
