@@ -258,6 +258,9 @@ def _run(cfg, args) -> dict:
     setup_logging(run_dir)
     log.info("run %s on %s (precision %s, world %d, allocator %s)", run_dir, device, amp_dtype or "fp32",
              ddp.world_size(), allocator.in_effect(dict(os.environ)))
+    if cfg.train.compile:
+        log.info("train.compile: the training forward is compiled at the first update (and at a new batch size)")
+        train_model.compile()
     every = s.eval_every
     n_steps = len(stream)
 

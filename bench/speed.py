@@ -17,6 +17,8 @@ Cases (each at every width in --widths, on the CPU with torch threads = cores, a
               of `ours` (everything but the input pipeline)
   ours_lowmem `ours` with model.recompute_stages=2 (stem, stages 1-2 recomputed in backward): the
               low-memory setting, for the peak-memory comparison with the reference
+  ours_compiled  `ours` with train.compile (torch.compile of the training forward); opt-in through --only,
+              since compiling takes minutes: its warm-up steps include the compilation
   objective   emp_ssl_loss forward + backward on random unit-norm projections (and the reference loss)
   augment     MultiPatchAugment on one uint8 batch (and the reference PIL chain, serially, one process)
   online      EMPSSLStrategy.train on an online stream (mini-experiences of k samples) vs the same data
@@ -65,6 +67,7 @@ warnings.filterwarnings("ignore", message="no QP solver found")
 
 TUNABLES = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=68719476736"
 CASES = ("reference", "ours", "model_only", "ours_lowmem", "objective", "augment", "online", "probe", "memory")
+OPT_IN_CASES = ("ours_compiled",)  # run only when named in --only
 ALLOCATORS = ("default", "tuned", "jemalloc", "tcmalloc")
 PRELOAD = {"jemalloc": "libjemalloc.so.2", "tcmalloc": "libtcmalloc_minimal.so.4"}
 RESULT_PREFIX = "SPEED_JSON "
@@ -225,7 +228,7 @@ def make_strategy(*, model, augment, train, sizes: Sizes, batch: int, total_upda
 
 
 def strategy_step_times(width: float, sizes: Sizes, device, splits, steps: int,
-                        recompute_stages: int = 0) -> tuple[list[float], dict]:
+                        recompute_stages: int = 0, compile: bool = False) -> tuple[list[float], dict]:
     """Our end-to-end step: EMPSSLStrategy.train over one in-memory experience of (warmup+steps) batches."""
     from scenarios.streams import build_stream
 
@@ -233,12 +236,15 @@ def strategy_step_times(width: float, sizes: Sizes, device, splits, steps: int,
     train = first_n(splits.train, (sizes.warmup + steps) * sizes.batch)
     stream = build_stream(train, splits.num_classes, mode="offline", epochs=1)
     model = make_model(width, sizes, device, channels_last=cl, recompute_stages=recompute_stages)
+    if compile:
+        model.compile()  # as run_stream.py with train.compile
     clock = IterClock(device)
     strategy = make_strategy(model=model, augment=make_augment(sizes, splits, device), train=train, sizes=sizes,
                              batch=sizes.batch, total_updates=stream.n_updates(sizes.batch), device=device,
                              channels_last=cl, on_iteration=clock)
     strategy.train(iter(stream), eval_streams=[])
     info = {"channels_last": cl, "amp_dtype": str(amp_dtype_for(device)), "recompute_stages": recompute_stages,
+            "compiled": compile,
             "loss_finite": bool(math.isfinite(float(strategy.loss.detach().reshape(-1)[0])))}
     return clock.intervals(sizes.warmup), info
 
@@ -341,6 +347,11 @@ def case_ours(width: float, sizes: Sizes, device, splits, ctx: dict) -> dict:
 
 def case_ours_lowmem(width: float, sizes: Sizes, device, splits, ctx: dict) -> dict:
     times, info = strategy_step_times(width, sizes, device, splits, sizes.steps, recompute_stages=sizes.lowmem_stages)
+    return step_result(times, sizes, **info)
+
+
+def case_ours_compiled(width: float, sizes: Sizes, device, splits, ctx: dict) -> dict:
+    times, info = strategy_step_times(width, sizes, device, splits, sizes.steps, compile=True)
     return step_result(times, sizes, **info)
 
 
@@ -609,7 +620,7 @@ def case_memory(width: float, sizes: Sizes, device, splits, ctx: dict) -> dict:
 
 
 CASE_FUNCS = {"reference": case_reference, "ours": case_ours, "model_only": case_model_only,
-              "ours_lowmem": case_ours_lowmem,
+              "ours_lowmem": case_ours_lowmem, "ours_compiled": case_ours_compiled,
               "objective": case_objective, "augment": case_augment, "online": case_online, "probe": case_probe,
               "memory": case_memory}
 
@@ -638,7 +649,7 @@ def run_case(case: str, width: float, device_name: str, sizes: Sizes, args, repe
 
 # ------------------------------------------------------------------------------------------ summary
 PRIMARY = {"reference": "patches_per_s", "ours": "patches_per_s", "model_only": "patches_per_s",
-           "ours_lowmem": "patches_per_s",
+           "ours_lowmem": "patches_per_s", "ours_compiled": "patches_per_s",
            "objective": "seconds_per_call", "augment": "seconds_per_batch", "online": "online_over_one_experience",
            "probe": "eval_over_pass", "memory": "peak_growth_pct"}
 
@@ -691,6 +702,11 @@ def summarize(rows: list[dict]) -> dict:
             "ours_over_model_only": _ratio(by_case, ("ours", "patches_per_s"), ("model_only", "patches_per_s"), 0.92, ">="),
             "ours_lowmem_over_reference_patches_per_s": _ratio(by_case, ("ours_lowmem", "patches_per_s"),
                                                                ("reference", "patches_per_s"), None, "info"),
+            "ours_compiled_over_reference_patches_per_s": _ratio(by_case, ("ours_compiled", "patches_per_s"),
+                                                                 ("reference", "patches_per_s"), _target_speedup(width),
+                                                                 ">="),
+            "ours_compiled_over_ours": _ratio(by_case, ("ours_compiled", "patches_per_s"), ("ours", "patches_per_s"),
+                                              None, "info"),
             "peak_rss_ours_over_reference": _ratio(by_case, ("ours", "peak_rss_MB"), ("reference", "peak_rss_MB"),
                                                    0.5 if width >= 1.0 else None, "<="),
             "peak_rss_ours_lowmem_over_reference": _ratio(by_case, ("ours_lowmem", "peak_rss_MB"),
@@ -773,7 +789,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="seconds: width 0.125, batch 8, 4 patches, 2 steps, in-process")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "speed.json"), help="JSON output path")
-    p.add_argument("--only", help=f"comma-separated cases to run (default all: {','.join(CASES)})")
+    p.add_argument("--only", help=f"comma-separated cases to run (default all: {','.join(CASES)}; opt-in: "
+                                   f"{','.join(OPT_IN_CASES)})")
     p.add_argument("--widths", help="comma-separated width multipliers (default 0.25,1.0; tiny 0.125)")
     p.add_argument("--repeats", type=int, default=None, help="repeats of every case (default 3; tiny 1)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: os.cpu_count())")
@@ -790,7 +807,7 @@ def parse_args(argv=None):
     p.add_argument("--data", help="data root (default: $STREAMING_SSL_DATA)")
     p.add_argument("--timeout", type=float, default=None, help="seconds allowed per case subprocess")
     # worker mode (one case, one JSON line on stdout)
-    p.add_argument("--case", choices=CASES, help=argparse.SUPPRESS)
+    p.add_argument("--case", choices=CASES + OPT_IN_CASES, help=argparse.SUPPRESS)
     p.add_argument("--width", type=float, help=argparse.SUPPRESS)
     p.add_argument("--repeat-index", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--allocator-label", default="inherited", help=argparse.SUPPRESS)
@@ -912,9 +929,9 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING)
     sizes = sizes_from(args)
     cases = [c.strip() for c in args.only.split(",")] if args.only else list(CASES)
-    bad = [c for c in cases if c not in CASES]
+    bad = [c for c in cases if c not in CASES + OPT_IN_CASES]
     if bad:
-        raise SystemExit(f"unknown case(s) {bad}; valid: {', '.join(CASES)}")
+        raise SystemExit(f"unknown case(s) {bad}; valid: {', '.join(CASES + OPT_IN_CASES)}")
     widths = [float(w) for w in (args.widths or ("0.125" if args.tiny else "0.25,1.0")).split(",")]
     repeats = args.repeats or (1 if args.tiny else 3)
     devices = devices_from(args)

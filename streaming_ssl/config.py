@@ -131,6 +131,9 @@ class TrainConfig:
     seed: int = 0
     threads: int | None = None  # CPU threads (None: torch default)
     deterministic: bool = False  # deterministic algorithms (exact resume tests)
+    # torch.compile the training forward (inductor; probes stay eager). The first update compiles (a minute or two
+    # on 2 CPU cores), and so does the first batch of another size. Not with model.recompute_stages > 0.
+    compile: bool = False
     log_every: int = 20  # updates between progress/loss logs
 
 
@@ -328,6 +331,9 @@ def validate(cfg: Config) -> None:
            f"must be 0..4 (0: store all activations; k: recompute the stem and stages 1..k), got {m.recompute_stages}")
     for name in ("feature_dim", "proj_hidden_dim", "proj_dim"):
         _check(getattr(m, name) >= 1, f"model.{name}", f"must be >= 1, got {getattr(m, name)}")
+    _check(not (t.compile and m.recompute_stages), "train.compile",
+           "cannot be combined with model.recompute_stages > 0 (the recomputation is not traced); "
+           "set model.recompute_stages=0 or train.compile=false")
     _check(t.batch_size >= 2, "train.batch_size", f"must be >= 2 (the coding rate needs a batch), got {t.batch_size}")
     _check(t.threads is None or t.threads >= 1, "train.threads", f"must be >= 1, got {t.threads}")
     _check(t.log_every >= 1, "train.log_every", f"must be >= 1, got {t.log_every}")

@@ -137,6 +137,28 @@ def test_same_seed_same_metrics(split_run: Path, data_root: Path, tmp_path: Path
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_compiled_training_runs_the_stream(split_run: Path, data_root: Path, tmp_path: Path) -> None:
+    """train.compile=true trains through torch.compile (graphs are captured) and learns as eager training does.
+    (Its numerics are checked in test_models.py; 20 updates amplify rounding, so weights are not compared.)"""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    run_dir = tmp_path / "compiled"
+    rc = run_stream.main(["--config", "configs/smoke.yaml", f"run.out_dir={run_dir}", f"data.root={data_root}",
+                          "train.compile=true"])
+    assert rc == 0
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs
+    assert "train.compile" in (run_dir / "train.log").read_text()
+    e, c = _rows(split_run), _rows(run_dir)
+    assert [r["updates"] for r in c] == [r["updates"] for r in e]
+    assert abs(c[-1]["probe/acc_all"] - e[-1]["probe/acc_all"]) <= 0.08
+    # the checkpoint is the plain model's (no torch.compile wrapper keys) and resumes into an eager model
+    state = ckpt.load(ckpt.latest(run_dir))["model"]
+    assert not any("_orig_mod" in k for k in state)
+    run_stream.build_model(load_config(run_dir / "config.yaml"), "cifar10").load_state_dict(state)
+
+
 def test_refuses_non_empty_run_dir(split_run: Path, data_root: Path) -> None:
     before = sorted(p.name for p in split_run.iterdir())
     assert run_stream.main(["--config", "configs/smoke.yaml", f"run.out_dir={split_run}", f"data.root={data_root}"]) == 2

@@ -192,6 +192,8 @@ def test_unknown_choices(override, match):
     (["optim.momentum=1.0"], r"optim\.momentum: must be in \[0, 1\)"),
     (["model.width=0"], r"model\.width: must be > 0"),
     (["model.recompute_stages=5"], r"model\.recompute_stages: must be 0\.\.4"),
+    (["train.compile=true", "model.recompute_stages=2"],
+     r"train\.compile: cannot be combined with model\.recompute_stages > 0 .*set model\.recompute_stages=0"),
     (["data.train_per_class=0"], r"data\.train_per_class: must be >= 1 or null"),
 ])
 def test_out_of_range_values(overrides, match):
