@@ -132,7 +132,8 @@ class TrainConfig:
     threads: int | None = None  # CPU threads (None: torch default)
     deterministic: bool = False  # deterministic algorithms (exact resume tests)
     # torch.compile the training forward (inductor; probes stay eager). The first update compiles (a minute or two
-    # on 2 CPU cores), and so does the first batch of another size. Not with model.recompute_stages > 0.
+    # on 2 CPU cores), and so does the first batch of another size. Not with model.recompute_stages > 0. No faster
+    # on an AVX2 CPU (README, Speed): meant for GPUs, measure with bench/speed.py --only ours,ours_compiled.
     compile: bool = False
     log_every: int = 20  # updates between progress/loss logs
 

@@ -153,7 +153,7 @@ def test_compiled_training_runs_the_stream(split_run: Path, data_root: Path, tmp
     e, c = _rows(split_run), _rows(run_dir)
     assert [r["updates"] for r in c] == [r["updates"] for r in e]
     assert all(0 <= r["probe/acc_all"] <= 1 for r in c)
-    # the checkpoint is the plain model's (no torch.compile wrapper keys) and resumes into an eager model
+    # the checkpoint is the plain model's (no torch.compile wrapper keys) and loads into an eager model
     state = ckpt.load(ckpt.latest(run_dir))["model"]
     assert not any("_orig_mod" in k for k in state)
     run_stream.build_model(load_config(run_dir / "config.yaml"), "cifar10").load_state_dict(state)
