@@ -47,6 +47,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--features-cache", metavar="DIR",
                    help="keep extracted features in DIR and reuse them when checkpoint, dataset, patches, seed and "
                         "image subset match (bag-of-features extraction is the expensive part of a probe)")
+    p.add_argument("--bn-recalibrate", type=int, default=0, metavar="N",
+                   help="before extracting features, re-estimate the BatchNorm running statistics on N random "
+                        "unlabelled training images of the probed dataset, in the form the probe reads (whole "
+                        "images or plain patches); the stored ones are those of the last training batches")
     p.add_argument("--out", help="also write the JSON result to this file")
     return p.parse_args(argv)
 
@@ -54,10 +58,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 def evaluate(args) -> dict:
     from run_stream import build_augment, build_model, load_splits, per_class_subset, probe_kwargs
     from streaming_ssl import checkpoint as ckpt
-    from streaming_ssl.config import config_from_dict
+    from streaming_ssl.config import ConfigError, config_from_dict
     from streaming_ssl.device import resolve_device, resolve_precision
-    from streaming_ssl.probe import extract_features, knn_predict, linear_probe_accuracy, select_weight_decay
+    from streaming_ssl.probe import (extract_features, knn_predict, linear_probe_accuracy, recalibrate_batchnorm,
+                                     select_weight_decay)
 
+    if args.bn_recalibrate < 0:
+        raise ConfigError(f"--bn-recalibrate takes a number of images >= 0 (e.g. 10000), got {args.bn_recalibrate}")
     path = ckpt.resolve(args.checkpoint)
     state = ckpt.load(path)
     cfg = config_from_dict(state["config"])
@@ -76,11 +83,14 @@ def evaluate(args) -> dict:
         ckpt.check_model_matches(state, model, str(path))
         model.load_state_dict(state["model"])
     model.to(device)
+    stored = {k: v.clone() for k, v in model.state_dict().items()}
     augment = build_augment(cfg, train_splits).to(device)
     patches = cfg.eval.patches if args.patches is None else args.patches
     result = {"checkpoint": str(path), "updates": int(state["position"]["global_step"]),
               "samples_seen": int(state["position"]["samples_seen"]), "patches": patches,
               "random_init": bool(args.random_init)}
+    if args.bn_recalibrate:
+        result["bn_recalibrate"] = args.bn_recalibrate
     names = ([] if args.no_in_domain else [args.dataset or cfg.data.dataset]) + list(args.transfer)
     for name in names:
         splits = train_splits if name == train_splits.name else load_splits(cfg, name)
@@ -91,10 +101,24 @@ def evaluate(args) -> dict:
                   channels_last=False, seed=cfg.train.seed)
         key = {"checkpoint": str(path.resolve()), "updates": result["updates"], "random_init": result["random_init"],
                "dataset": name, "patches": patches, "seed": cfg.train.seed}
-        ftr = cached_features(args.features_cache, {**key, "split": "train", "n": len(tr)}, extract_features,
-                              model, tr.images, augment, progress=f"features {name}/train", **kw)
-        fte = cached_features(args.features_cache, {**key, "split": "test", "n": len(te)}, extract_features,
-                              model, te.images, augment, progress=f"features {name}/test", **kw)
+        recalibrated = [not args.bn_recalibrate]
+
+        def features(images, _splits=splits, _name=name, _done=recalibrated, **kwargs):
+            if not _done[0]:  # once per dataset, and only if some features are not in the cache
+                # statistics of this dataset only: start from the stored ones for every probed dataset
+                model.load_state_dict(stored)
+                recalibrate_batchnorm(model, _splits.train.images, augment, n_images=args.bn_recalibrate,
+                                      device=device, batch_size=cfg.eval.batch_size, patches=patches,
+                                      amp_dtype=amp_dtype, seed=cfg.train.seed, progress=f"batchnorm {_name}")
+                _done[0] = True
+            return extract_features(model, images, augment, **kwargs)
+
+        if args.bn_recalibrate:
+            key["bn_recalibrate"] = args.bn_recalibrate
+        ftr = cached_features(args.features_cache, {**key, "split": "train", "n": len(tr)}, features,
+                              tr.images, progress=f"features {name}/train", **kw)
+        fte = cached_features(args.features_cache, {**key, "split": "test", "n": len(te)}, features,
+                              te.images, progress=f"features {name}/test", **kw)
         acc, _ = linear_probe_accuracy(ftr, tr.targets, fte, te.targets, splits.num_classes, seed=cfg.train.seed,
                                        **probe_kwargs(cfg))
         entry = {"linear": acc, "train_images": len(tr), "test_images": len(te),
@@ -157,7 +181,9 @@ def main(argv=None) -> int:
                 sel = entry["linear_selected"]
                 extra += f", selected-decay probe {100 * sel['accuracy']:.2f}% (weight decay {sel['weight_decay']:g})"
             print(f"{name}: linear probe {100 * entry['linear']:.2f}%{extra} "
-                  f"({entry['train_images']} train / {entry['test_images']} test images, patches={result['patches']})")
+                  f"({entry['train_images']} train / {entry['test_images']} test images, patches={result['patches']}"
+                  + (f", BatchNorm re-estimated on {result['bn_recalibrate']} images" if "bn_recalibrate" in result
+                     else "") + ")")
     print(json.dumps(result))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))

@@ -66,6 +66,55 @@ def extract_features(model: torch.nn.Module, images, augment: MultiPatchAugment,
     return _gather_rows(local, n, n_batches, batch_size)
 
 
+@torch.no_grad()
+def recalibrate_batchnorm(model: torch.nn.Module, images, augment: MultiPatchAugment, *, n_images: int,
+                          device: torch.device, batch_size: int = 256, patches: int = 0,
+                          amp_dtype: torch.dtype | None = None, seed: int = 0, progress: str | None = None) -> int:
+    """Re-estimate the running statistics of the BatchNorm layers on the path to h, from unlabelled images.
+
+    The running statistics a model carries are those of its last training batches: augmented patches (colour
+    jitter, grayscale) and, after a class-incremental stream, only the classes of the last experience. Probes
+    read whole images or plain patches of every class. This replaces the statistics by the exact (cumulative)
+    average over `n_images` images drawn at random (seeded) from `images`, in the form the probe reads
+    (whole images for patches=0, else `patches` plain patches per image). Weights are not touched; layers
+    that h does not pass through (the projector's) keep their statistics. Every rank computes the same
+    statistics from the same images. Returns the number of images used.
+    """
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+             and m.track_running_stats]
+    if n_images <= 0 or not norms:
+        return 0
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + 7919)
+    order = torch.randperm(len(images), generator=gen)[:n_images].sort().values
+    saved = {m: ({k: v.clone() for k, v in m.state_dict().items()}, m.momentum) for m in norms}
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average: every batch weighs the same, the order does not matter
+        m.train()
+    batches = range(math.ceil(len(order) / batch_size))
+    if progress and ddp.is_main():
+        batches = tqdm(batches, desc=progress, leave=False, unit="batch")
+    try:
+        for k in batches:
+            x = images[order[k * batch_size:(k + 1) * batch_size]].to(device, non_blocking=True)
+            if patches:
+                inp = augment.eval_patches(x, patches, torch.Generator(device=device).manual_seed(seed + 31 * k + 1))
+            else:
+                inp = augment.whole_image(x)
+            with autocast(device, amp_dtype):
+                model.features(inp)
+    finally:
+        for m, (state, momentum) in saved.items():
+            m.momentum = momentum
+            if int(m.num_batches_tracked) == 0:  # not on the path to h: leave it as it was
+                m.load_state_dict(state)
+        for m, mode in modes.items():
+            m.training = mode
+    return len(order)
+
+
 def _gather_rows(local: torch.Tensor, n: int, n_batches: int, batch_size: int) -> torch.Tensor:
     """Every rank's rows, in order, on every rank (rank r holds the rows of its batch share)."""
     if not ddp.is_dist():

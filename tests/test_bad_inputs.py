@@ -147,6 +147,8 @@ CASES = {
     "truncated checkpoint": (lambda t, g: evaluate.main(["--checkpoint", str(_truncated_ckpt(t, g))]),
                              r"truncated or corrupted.*earlier ckpt_"),
     "not a checkpoint": (lambda t, g: evaluate.main(["--checkpoint", str(_foreign_ckpt(t))]), r"not a streaming-ssl checkpoint"),
+    "negative BatchNorm re-estimation": (lambda t, g: evaluate.main(["--checkpoint", str(g), "--bn-recalibrate", "-5"]),
+                                         r"--bn-recalibrate takes a number of images >= 0.*-5"),
     "checkpoint of another width": (lambda t, g: run_stream.main(["--resume", str(_other_width_run(t, g))]),
                                     r"does not fit this model \(first shape mismatch"),
 }

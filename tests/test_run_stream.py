@@ -127,6 +127,33 @@ def test_evaluate_features_cache_and_selected_probe(split_run: Path, data_root: 
     assert redo["linear"] == first["linear"]
 
 
+def test_evaluate_bn_recalibrate(split_run: Path, data_root: Path, tmp_path: Path, capsys) -> None:
+    """--bn-recalibrate probes with re-estimated statistics, caches those features apart, and leaves the
+    checkpoint on disk as it was."""
+    cache = tmp_path / "features"
+    path = ckpt.latest(split_run)
+    before = path.read_bytes()
+    base = ["--checkpoint", str(split_run), "--data-root", str(data_root), "--train-per-class", "40",
+            "--test-per-class", "20", "--features-cache", str(cache), "--transfer", "cifar100"]
+    assert evaluate.main(base) == 0
+    plain = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert evaluate.main(base + ["--bn-recalibrate", "64"]) == 0
+    out = capsys.readouterr().out
+    recal = json.loads(out.strip().splitlines()[-1])
+    assert "BatchNorm re-estimated on 64 images" in out and recal["bn_recalibrate"] == 64
+    assert len(list(cache.glob("*.pt"))) == 8  # 2 datasets x train/test, with and without re-estimation
+    for name in ("cifar10", "cifar100"):
+        assert 0 <= recal[name]["linear"] <= 1
+    # the features differ from the stored statistics' (the stream's last batches were augmented patches)
+    feats = {}
+    for f in cache.glob("cifar10_train_*.pt"):
+        saved = torch.load(f, weights_only=True)
+        feats["bn_recalibrate" in saved["key"]] = saved["features"]
+    assert not torch.allclose(feats[True], feats[False])
+    assert path.read_bytes() == before and plain["cifar10"]["linear"] == pytest.approx(
+        _rows(split_run)[-1]["probe/acc_all"], abs=1e-6)
+
+
 def test_same_seed_same_metrics(split_run: Path, data_root: Path, tmp_path: Path) -> None:
     rc = run_stream.main(["--config", "configs/smoke.yaml", f"run.out_dir={tmp_path / 'again'}",
                           f"data.root={data_root}", "eval.transfer=[cifar100]"])
