@@ -47,10 +47,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--features-cache", metavar="DIR",
                    help="keep extracted features in DIR and reuse them when checkpoint, dataset, patches, seed and "
                         "image subset match (bag-of-features extraction is the expensive part of a probe)")
-    p.add_argument("--bn-recalibrate", type=int, default=0, metavar="N",
+    p.add_argument("--bn-recalibrate", type=int, default=None, metavar="N",
                    help="before extracting features, re-estimate the BatchNorm running statistics on N random "
                         "unlabelled training images of the probed dataset, in the form the probe reads (whole "
-                        "images or plain patches); the stored ones are those of the last training batches")
+                        "images or plain patches); the stored ones are those of the last training batches "
+                        "(default: the checkpoint config's eval.bn_recalibrate, 0 = off)")
     p.add_argument("--out", help="also write the JSON result to this file")
     return p.parse_args(argv)
 
@@ -63,11 +64,13 @@ def evaluate(args) -> dict:
     from streaming_ssl.probe import (extract_features, knn_predict, linear_probe_accuracy, recalibrate_batchnorm,
                                      select_weight_decay)
 
-    if args.bn_recalibrate < 0:
+    if args.bn_recalibrate is not None and args.bn_recalibrate < 0:
         raise ConfigError(f"--bn-recalibrate takes a number of images >= 0 (e.g. 10000), got {args.bn_recalibrate}")
     path = ckpt.resolve(args.checkpoint)
     state = ckpt.load(path)
     cfg = config_from_dict(state["config"])
+    if args.bn_recalibrate is None:
+        args.bn_recalibrate = cfg.eval.bn_recalibrate
     if args.data_root:
         cfg.data.root = args.data_root
     if args.device:

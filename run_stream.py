@@ -253,7 +253,8 @@ def _run(cfg, args) -> dict:
                                 augment=augment, device=device, amp_dtype=amp_dtype, channels_last=channels_last,
                                 patches=cfg.eval.patches, batch_size=cfg.eval.batch_size, knn_k=cfg.eval.knn_k,
                                 knn_temperature=cfg.eval.knn_temperature, seen_classes=cfg.eval.seen_classes,
-                                probe_kwargs=probe_kwargs(cfg), seed=cfg.train.seed)
+                                probe_kwargs=probe_kwargs(cfg), seed=cfg.train.seed,
+                                bn_recalibrate=cfg.eval.bn_recalibrate)
     create_run_dir(cfg, args, run_dir)
     setup_logging(run_dir)
     log.info("run %s on %s (precision %s, world %d, allocator %s)", run_dir, device, amp_dtype or "fp32",

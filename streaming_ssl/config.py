@@ -120,6 +120,10 @@ class EvalConfig:
     seen_classes: bool = True  # also fit a probe restricted to the classes seen so far
     transfer: list[str] = field(default_factory=list)  # out-of-domain datasets probed after each evaluation
     batch_size: int = 256  # images per feature-extraction batch
+    # > 0: probe a copy of the model whose BatchNorm running statistics are re-estimated on this many unlabelled
+    # training images of the probed dataset (the stored ones are those of the last training batches: augmented
+    # patches and, in a class-incremental stream, only the last experience's classes). The trained model is untouched.
+    bn_recalibrate: int = 0
 
 
 @dataclass
@@ -351,6 +355,7 @@ def validate(cfg: Config) -> None:
     _check(e.probe_epochs >= 1, "eval.probe_epochs", f"must be >= 1, got {e.probe_epochs}")
     _check(e.probe_lr > 0, "eval.probe_lr", f"must be > 0, got {e.probe_lr}")
     _check(e.knn_k >= 0, "eval.knn_k", f"must be >= 0, got {e.knn_k}")
+    _check(e.bn_recalibrate >= 0, "eval.bn_recalibrate", f"must be a number of images >= 0 (0: off), got {e.bn_recalibrate}")
     _check(e.batch_size >= 1 and e.probe_batch_size >= 1, "eval.batch_size", "batch sizes must be >= 1")
     for i, name in enumerate(e.transfer):
         _check(name in DATASETS, f"eval.transfer[{i}]", f"unknown dataset {name!r}; valid: {', '.join(DATASETS)}")

@@ -10,6 +10,7 @@ one JSON object per evaluation; plot_run draws the accuracy matrix and the curve
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import time
@@ -24,7 +25,7 @@ from avalanche.logging import BaseLogger
 
 from streaming_ssl import distributed as ddp
 from streaming_ssl.augment import MultiPatchAugment
-from streaming_ssl.probe import extract_features, knn_predict, linear_probe_accuracy
+from streaming_ssl.probe import extract_features, knn_predict, linear_probe_accuracy, recalibrate_batchnorm
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +61,12 @@ class StreamEvaluator:
                  augment: MultiPatchAugment, device: torch.device, amp_dtype: torch.dtype | None = None,
                  channels_last: bool = True, patches: int = 0, batch_size: int = 256, knn_k: int = 20,
                  knn_temperature: float = 0.07, seen_classes: bool = True, probe_kwargs: dict | None = None,
-                 seed: int = 0) -> None:
+                 seed: int = 0, bn_recalibrate: int = 0) -> None:
         self.in_domain, self.transfer, self.parent_classes = in_domain, transfer, parent_classes
         self.augment, self.device, self.amp_dtype, self.channels_last = augment, device, amp_dtype, channels_last
         self.patches, self.batch_size, self.knn_k, self.knn_temperature = patches, batch_size, knn_k, knn_temperature
         self.seen_classes, self.probe_kwargs, self.seed = seen_classes, dict(probe_kwargs or {}), seed
+        self.bn_recalibrate = bn_recalibrate
         self.history: list[list[float]] = []  # A rows, each followed by the number of seen experiences
 
     def state_dict(self) -> dict:
@@ -78,6 +80,16 @@ class StreamEvaluator:
                                 patches=self.patches, amp_dtype=self.amp_dtype, channels_last=self.channels_last,
                                 seed=self.seed, progress=f"features {tag}")
 
+    def _probed_model(self, model: torch.nn.Module, probe_set: ProbeSet) -> torch.nn.Module:
+        """The model, or (eval.bn_recalibrate > 0) a copy with BatchNorm statistics of `probe_set`'s training images."""
+        if not self.bn_recalibrate:
+            return model
+        probed = copy.deepcopy(model)
+        recalibrate_batchnorm(probed, probe_set.train_images, self.augment, n_images=self.bn_recalibrate,
+                              device=self.device, batch_size=self.batch_size, patches=self.patches,
+                              amp_dtype=self.amp_dtype, seed=self.seed, progress=f"batchnorm {probe_set.name}")
+        return probed
+
     def _probe(self, tr, ytr, te, yte, num_classes):
         return linear_probe_accuracy(tr, ytr, te, yte, num_classes, seed=self.seed, **self.probe_kwargs)
 
@@ -85,8 +97,9 @@ class StreamEvaluator:
         """One evaluation with `n_seen` parent experiences seen so far."""
         d = self.in_domain
         t0 = time.perf_counter()
-        tr = self._features(model, d.train_images, f"{d.name}/train")
-        te = self._features(model, d.test_images, f"{d.name}/test")
+        probed = self._probed_model(model, d)
+        tr = self._features(probed, d.train_images, f"{d.name}/train")
+        te = self._features(probed, d.test_images, f"{d.name}/test")
         row: dict = {}
         acc_all, pred = self._probe(tr, d.train_labels, te, d.test_labels, d.num_classes)
         row["probe/acc_all"] = acc_all
@@ -116,8 +129,9 @@ class StreamEvaluator:
             knn = knn_predict(tr, d.train_labels, te, d.num_classes, k=self.knn_k, temperature=self.knn_temperature)
             row["knn/acc_all"] = float((knn == d.test_labels).float().mean())
         for t in self.transfer:
-            ttr = self._features(model, t.train_images, f"{t.name}/train")
-            tte = self._features(model, t.test_images, f"{t.name}/test")
+            probed = self._probed_model(model, t)
+            ttr = self._features(probed, t.train_images, f"{t.name}/train")
+            tte = self._features(probed, t.test_images, f"{t.name}/test")
             row[f"transfer/{t.name}"], _ = self._probe(ttr, t.train_labels, tte, t.test_labels, t.num_classes)
         row["time/eval_seconds"] = time.perf_counter() - t0
         return row

@@ -120,6 +120,8 @@ CASES = {
     "unknown dataset": (lambda t, g: _runs(t, "data.dataset=cifar1O"), r"data.dataset: unknown value 'cifar1O'.*Did you mean 'cifar10'"),
     "unknown arch": (lambda t, g: _runs(t, "model.arch=resnet50"), r"model.arch: unknown value 'resnet50'.*Valid: resnet18"),
     "unknown transfer": (lambda t, g: _runs(t, "eval.transfer=[svhn]"), r"eval.transfer\[0\]: unknown dataset 'svhn'"),
+    "negative eval.bn_recalibrate": (lambda t, g: _runs(t, "eval.bn_recalibrate=-3"),
+                                     r"eval.bn_recalibrate: must be a number of images >= 0.*-3"),
     "epochs in a stream": (lambda t, g: _runs(t, "stream.epochs=3"), r"epochs must be 1 in mode 'class_incremental'"),
     "split not covering classes": (lambda t, g: _runs(t, "stream.classes_per_experience=[3,3]"),
                                    r"sums to 6, but the dataset has 10 classes"),

@@ -91,3 +91,31 @@ def test_patches_use_the_probed_form_and_zero_images_do_nothing():
     untouched = _model_with_stale_statistics()
     assert recalibrate_batchnorm(untouched, images, augment, n_images=0, device=CPU) == 0
     assert float(_stem_bn(untouched).running_mean[0]) == 5.0 and int(_stem_bn(untouched).num_batches_tracked) == 123
+
+
+def test_stream_evaluator_probes_a_recalibrated_copy():
+    """eval.bn_recalibrate: the row is that of a copy recalibrated on the probe's training images (in-domain and
+    per transfer set), and the trained model keeps its own statistics."""
+    from streaming_ssl.evaluation import ProbeSet, StreamEvaluator
+
+    gen = torch.Generator().manual_seed(5)
+    sets = [ProbeSet(name, _images(24, seed), torch.randint(0, 3, (24,), generator=gen), _images(12, seed + 1),
+                     torch.randint(0, 3, (12,), generator=gen), 3) for name, seed in (("a", 10), ("b", 20))]
+    kw = dict(transfer=[sets[1]], parent_classes=[[0, 1], [2]], augment=_augment(), device=CPU, channels_last=False,
+              batch_size=8, knn_k=3, probe_kwargs={"epochs": 3}, seed=2)
+    model = _model_with_stale_statistics()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    row = StreamEvaluator(in_domain=sets[0], bn_recalibrate=16, **kw).evaluate(model, 1)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    stale = StreamEvaluator(in_domain=sets[0], **kw).evaluate(model, 1)
+
+    def by_hand(probe_set):  # the same recalibration applied to a fresh copy, then the plain evaluator
+        m = _model_with_stale_statistics()
+        recalibrate_batchnorm(m, probe_set.train_images, _augment(), n_images=16, device=CPU, batch_size=8, seed=2)
+        return m
+
+    ours = StreamEvaluator(in_domain=sets[0], **{**kw, "transfer": []}).evaluate(by_hand(sets[0]), 1)
+    theirs = StreamEvaluator(in_domain=sets[1], **{**kw, "transfer": []}).evaluate(by_hand(sets[1]), 1)
+    assert row["probe/acc_matrix_row"] == ours["probe/acc_matrix_row"] and row["knn/acc_all"] == ours["knn/acc_all"]
+    assert row["transfer/b"] == theirs["probe/acc_all"]
+    assert stale["probe/acc_matrix_row"] != row["probe/acc_matrix_row"] or stale["knn/acc_all"] != row["knn/acc_all"]
