@@ -9,6 +9,10 @@ bench/results/accuracy.md. Rerunning continues an interrupted row from its check
 
     python bench/accuracy.py --rows offline_1epoch random_init        # about 1.5 h on 2 CPU cores
     python bench/accuracy.py --rows split_cifar10 online_cifar10 offline_3epochs
+    python bench/accuracy.py --rows offline_1epoch split_cifar10 --bn-recalibrate 10000 --probes whole
+
+--bn-recalibrate N adds probes of the same checkpoints with BatchNorm statistics re-estimated on N training
+images (evaluate.py --bn-recalibrate), kept next to the plain ones and reported in a table of their own.
 """
 
 from __future__ import annotations
@@ -41,17 +45,18 @@ def run(cmd: list[str], log_path: Path) -> float:
     return time.time() - t0
 
 
-def probe(ckpt_dir: Path, patches: int, log_path: Path, random_init: bool = False) -> dict:
+def probe(ckpt_dir: Path, patches: int, log_path: Path, random_init: bool = False, bn_recalibrate: int = 0) -> dict:
     """evaluate.py on the run's last checkpoint: the default probe, the held-out-selected one, and kNN. Features are
     cached in the run directory, so a rerun (or another probe setting) does not extract them again."""
-    out = ckpt_dir / f"probe_p{patches}{'_random' if random_init else ''}.json"
+    out = ckpt_dir / f"probe_p{patches}{'_random' if random_init else ''}{f'_bn{bn_recalibrate}' * bool(bn_recalibrate)}.json"
     cmd = ["python", "evaluate.py", "--checkpoint", str(ckpt_dir), "--patches", str(patches), "--knn",
-           "--probe-select", "--features-cache", str(ckpt_dir / "features"),
+           "--probe-select", "--features-cache", str(ckpt_dir / "features"), "--bn-recalibrate", str(bn_recalibrate),
            "--out", str(out)] + (["--random-init"] if random_init else [])
     seconds = run([sys.executable, *cmd[1:]], log_path)
     result = json.loads(out.read_text())["cifar10"]
     return {"linear": result["linear"], "linear_selected": result["linear_selected"], "knn": result.get("knn"),
-            "probe": result.get("probe"), "seconds": seconds, "command": " ".join(cmd)}
+            "probe": result.get("probe"), "bn_recalibrate": bn_recalibrate, "seconds": seconds,
+            "command": " ".join(cmd)}
 
 
 LABELS = {"random_init": "random-init encoder (floor)", "offline_1epoch": "offline, 1 epoch (i.i.d. one pass)",
@@ -98,6 +103,18 @@ def report(results: dict, out_dir: Path, patches: int = 16) -> None:
                   "| after | " + " | ".join(f"exp {j + 1}" for j in range(len(matrix[0]))) + " |",
                   "| --- |" + " --- |" * len(matrix[0])]
         lines += [f"| {t + 1} | " + " | ".join(f"{100 * a:.1f}" for a in row) + " |" for t, row in enumerate(matrix)]
+    recal = [n for n in ROWS if n in results and ("probe_whole_bn" in results[n] or f"{bag}_bn" in results[n])]
+    if recal:
+        lines += ["", "Same checkpoints, BatchNorm running statistics re-estimated before probing (`evaluate.py "
+                  "--bn-recalibrate N`, N training images in the probed form):", "",
+                  f"| row | images | linear, whole image: as run / held-out decay | linear, bag of {patches}: as run / "
+                  "held-out decay | kNN whole / bag |", "| --- | --- | --- | --- | --- |"]
+        for name in recal:
+            r = results[name]
+            whole, bof = r.get("probe_whole_bn") or {}, r.get(f"{bag}_bn") or {}
+            n = whole.get("bn_recalibrate") or bof.get("bn_recalibrate")
+            lines.append(f"| {LABELS[name]} | {n:,} | {_probe_cell(whole)} | {_probe_cell(bof)} | "
+                         f"{_pct(whole.get('knn')) if whole else '-'} / {_pct(bof.get('knn')) if bof else '-'} |")
     (out_dir / "accuracy.md").write_text("\n".join(lines) + "\n")
     _plot(results, out_dir / "accuracy.png", bag, patches)
 
@@ -144,6 +161,11 @@ def main() -> int:
     p.add_argument("--runs", default="runs/accuracy", help="where the runs live (resumed when present)")
     p.add_argument("--out", default="bench/results/accuracy.json")
     p.add_argument("--patches", type=int, default=16, help="bag-of-features patches of the second probe")
+    p.add_argument("--probes", nargs="+", default=["whole", "bag"], choices=["whole", "bag"],
+                   help="which probes to run (a row's other probes already in the JSON are kept)")
+    p.add_argument("--bn-recalibrate", type=int, default=0, metavar="N",
+                   help="probe with BatchNorm statistics re-estimated on N training images, stored as *_bn next to "
+                        "the plain probes")
     p.add_argument("--report-only", action="store_true",
                    help="only redraw accuracy.md and accuracy.png from the JSON in --out (no training, no probing)")
     args = p.parse_args()
@@ -161,6 +183,13 @@ def main() -> int:
     results = json.loads(out.read_text()) if out.exists() else {}
     runs = REPO / args.runs
     runs.mkdir(parents=True, exist_ok=True)
+    suffix = "_bn" if args.bn_recalibrate else ""
+
+    def probes(ckpt_dir: Path, log_path: Path, random_init: bool = False) -> dict:
+        wanted = {"whole": ("probe_whole", 0), "bag": (f"probe_bof{args.patches}", args.patches)}
+        return {key + suffix: probe(ckpt_dir, patches, log_path, random_init, args.bn_recalibrate)
+                for kind, (key, patches) in wanted.items() if kind in args.probes}
+
     for name in args.rows:
         log_path = runs / f"{name}.log"
         if name == "random_init":
@@ -169,7 +198,7 @@ def main() -> int:
                 print("random_init needs the offline_1epoch run first (its architecture)", file=sys.stderr)
                 continue
             row = {"samples_seen": 0, "train_seconds": 0.0, "command": "evaluate.py --random-init (same architecture)",
-                   "probe_whole": probe(base, 0, log_path, True), f"probe_bof{args.patches}": probe(base, args.patches, log_path, True)}
+                   **probes(base, log_path, True)}
         else:
             run_dir = runs / name
             fresh = ["python", "run_stream.py", "--config", ROWS[name], f"run.out_dir={run_dir}"]
@@ -182,12 +211,13 @@ def main() -> int:
             last = rows[-1]
             row = {"command": " ".join(fresh), "config": ROWS[name],
                    "samples_seen": last["samples_seen"], "updates": last["updates"],
-                   "train_and_stream_eval_seconds": last["time/wall_seconds"], "this_session_seconds": seconds,
+                   "train_and_stream_eval_seconds": last["time/wall_seconds"],
                    "stream_final_probe_whole_10k": last["probe/acc_all"],
                    "accuracy_matrix": [r["probe/acc_matrix_row"] for r in rows],
-                   "avg_forgetting": last.get("probe/avg_forgetting"),
-                   "probe_whole": probe(run_dir, 0, log_path), f"probe_bof{args.patches}": probe(run_dir, args.patches, log_path)}
-        results[name] = row
+                   "avg_forgetting": last.get("probe/avg_forgetting"), **probes(run_dir, log_path)}
+            if seconds:
+                row["this_session_seconds"] = seconds
+        results[name] = {**results.get(name, {}), **row}  # probes not rerun this time are kept
         out.write_text(json.dumps(results, indent=2))
         print(name, json.dumps({k: v for k, v in row.items() if k != "accuracy_matrix"}), flush=True)
     report(results, out.parent, args.patches)

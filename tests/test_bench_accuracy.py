@@ -44,6 +44,21 @@ def test_report_only_renders_table_matrix_and_figure(tmp_path):
     png = (tmp_path / "accuracy.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     assert md in proc.stdout
+    assert "re-estimated" not in md  # no such probes: no second table
+
+
+def test_report_lists_recalibrated_probes_in_a_table_of_their_own(tmp_path):
+    bn = {**_probe(0.58, 0.63, 0.02, 0.52), "bn_recalibrate": 10000}
+    results = {"offline_1epoch": {"samples_seen": 50000, "probe_whole": _probe(0.55, 0.6, 0.02, 0.5),
+                                  "probe_bof16": _probe(0.7, 0.74, 0.005, 0.66), "probe_whole_bn": bn}}
+    out = tmp_path / "accuracy.json"
+    out.write_text(json.dumps(results))
+    assert _run("--report-only", "--out", str(out)).returncode == 0
+    md = (tmp_path / "accuracy.md").read_text()
+    main, extra = md.split("re-estimated")
+    assert "58.0%" not in main and "55.0% / 60.0% (wd 0.02)" in main
+    row = [line for line in extra.splitlines() if line.startswith("| offline")]
+    assert row == ["| offline, 1 epoch (i.i.d. one pass) | 10,000 | 58.0% / 63.0% (wd 0.02) | - | 52.0% / - |"]
 
 
 def test_report_only_without_results_names_the_file(tmp_path):
