@@ -86,7 +86,7 @@ def evaluate(args) -> dict:
         ckpt.check_model_matches(state, model, str(path))
         model.load_state_dict(state["model"])
     model.to(device)
-    stored = {k: v.clone() for k, v in model.state_dict().items()}
+    stored = {k: v.clone() for k, v in model.state_dict().items()} if args.bn_recalibrate else None
     augment = build_augment(cfg, train_splits).to(device)
     patches = cfg.eval.patches if args.patches is None else args.patches
     result = {"checkpoint": str(path), "updates": int(state["position"]["global_step"]),
@@ -104,16 +104,14 @@ def evaluate(args) -> dict:
                   channels_last=False, seed=cfg.train.seed)
         key = {"checkpoint": str(path.resolve()), "updates": result["updates"], "random_init": result["random_init"],
                "dataset": name, "patches": patches, "seed": cfg.train.seed}
-        recalibrated = [not args.bn_recalibrate]
+        pending = {"recalibrate": bool(args.bn_recalibrate)}
 
-        def features(images, _splits=splits, _name=name, _done=recalibrated, **kwargs):
-            if not _done[0]:  # once per dataset, and only if some features are not in the cache
-                # statistics of this dataset only: start from the stored ones for every probed dataset
-                model.load_state_dict(stored)
-                recalibrate_batchnorm(model, _splits.train.images, augment, n_images=args.bn_recalibrate,
+        def features(images, **kwargs):  # called within this iteration: splits and name are this dataset's
+            if pending.pop("recalibrate", False):  # once per dataset, and only if some features are not cached
+                model.load_state_dict(stored)  # statistics of this dataset only, from the stored ones each time
+                recalibrate_batchnorm(model, splits.train.images, augment, n_images=args.bn_recalibrate,
                                       device=device, batch_size=cfg.eval.batch_size, patches=patches,
-                                      amp_dtype=amp_dtype, seed=cfg.train.seed, progress=f"batchnorm {_name}")
-                _done[0] = True
+                                      amp_dtype=amp_dtype, seed=cfg.train.seed, progress=f"batchnorm {name}")
             return extract_features(model, images, augment, **kwargs)
 
         if args.bn_recalibrate:

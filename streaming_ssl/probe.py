@@ -19,6 +19,14 @@ from streaming_ssl.augment import MultiPatchAugment
 from streaming_ssl.device import autocast
 
 
+def _probe_input(augment: MultiPatchAugment, x: torch.Tensor, patches: int, patch_seed: int) -> torch.Tensor:
+    """What a probe reads of a batch: the whole images (patches=0) or `patches` plain patches each, drawn from a
+    generator seeded with `patch_seed` on the batch's device."""
+    if not patches:
+        return augment.whole_image(x)
+    return augment.eval_patches(x, patches, torch.Generator(device=x.device).manual_seed(patch_seed))
+
+
 @torch.inference_mode()
 def extract_features(model: torch.nn.Module, images, augment: MultiPatchAugment, *, device: torch.device,
                      batch_size: int = 256, patches: int = 0, amp_dtype: torch.dtype | None = None,
@@ -47,11 +55,7 @@ def extract_features(model: torch.nn.Module, images, augment: MultiPatchAugment,
         for k in batches:
             idx = torch.arange(k * batch_size, min((k + 1) * batch_size, n))
             x = images[idx].to(device, non_blocking=True)
-            if patches:
-                gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + k)
-                inp = augment.eval_patches(x, patches, gen)
-            else:
-                inp = augment.whole_image(x)
+            inp = _probe_input(augment, x, patches, seed * 1_000_003 + k)
             if channels_last:
                 inp = inp.contiguous(memory_format=torch.channels_last)
             with autocast(device, amp_dtype):
@@ -99,10 +103,7 @@ def recalibrate_batchnorm(model: torch.nn.Module, images, augment: MultiPatchAug
     try:
         for k in batches:
             x = images[order[k * batch_size:(k + 1) * batch_size]].to(device, non_blocking=True)
-            if patches:
-                inp = augment.eval_patches(x, patches, torch.Generator(device=device).manual_seed(seed + 31 * k + 1))
-            else:
-                inp = augment.whole_image(x)
+            inp = _probe_input(augment, x, patches, seed + 31 * k + 1)
             with autocast(device, amp_dtype):
                 model.features(inp)
     finally:
