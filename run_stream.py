@@ -60,7 +60,7 @@ def build_model(cfg, dataset: str):
     m = cfg.model
     return EMPSSLModel(arch=m.arch, stem=STEM_OF[dataset] if m.stem == "auto" else m.stem, width=m.width,
                        feature_dim=m.feature_dim, proj_hidden_dim=m.proj_hidden_dim, proj_dim=m.proj_dim,
-                       recompute_stages=m.recompute_stages)
+                       recompute_stages=m.recompute_stages, recompute_bn_relu=m.recompute_bn_relu)
 
 
 def build_augment(cfg, splits):

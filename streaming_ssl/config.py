@@ -55,6 +55,9 @@ class ModelConfig:
     # recompute the stem and the first k of the 4 stages in backward instead of storing their activations:
     # 2 halved the peak memory of a full-width CIFAR step (5.7 vs 10.8 GB; README "Speed"); 0 stores all
     recompute_stages: int = 0
+    # keep each block's first convolution output instead of its BatchNorm+ReLU output and rebuild the latter in
+    # backward (one activation of four per block, one BatchNorm forward per block more; exact, README "Speed")
+    recompute_bn_relu: bool = False
 
 
 @dataclass
@@ -339,6 +342,9 @@ def validate(cfg: Config) -> None:
     _check(not (t.compile and m.recompute_stages), "train.compile",
            "cannot be combined with model.recompute_stages > 0 (the recomputation is not traced); "
            "set model.recompute_stages=0 or train.compile=false")
+    _check(not (t.compile and m.recompute_bn_relu), "train.compile",
+           "cannot be combined with model.recompute_bn_relu (a hand-written backward the compiler does not fuse); "
+           "set model.recompute_bn_relu=false or train.compile=false")
     _check(t.batch_size >= 2, "train.batch_size", f"must be >= 2 (the coding rate needs a batch), got {t.batch_size}")
     _check(t.threads is None or t.threads >= 1, "train.threads", f"must be >= 1, got {t.threads}")
     _check(t.log_every >= 1, "train.log_every", f"must be >= 1, got {t.log_every}")

@@ -13,11 +13,18 @@ first k stages in training, and recomputes their activations during backward, on
 the least compute per byte: on 32x32 patches stage 1 stores about half of all activations for a
 quarter of the forward FLOPs. Gradients and BatchNorm statistics are those of the plain model (the
 recomputation does not update running statistics a second time).
+
+`recompute_bn_relu=True` drops one more activation of the four a block stores: the output of its first
+BatchNorm+ReLU, which the second convolution would keep for its weight gradient, is rebuilt in backward
+from the first convolution's output (kept anyway for the BatchNorm's own backward). The price is one
+BatchNorm forward per block in backward, no convolution. Within recomputed stages it lowers the peak of
+their backward too. Layers that are not a plain BatchNorm2d (SyncBatchNorm under DDP) take the stored path.
 """
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -31,8 +38,9 @@ ARCHS = ("resnet18",)
 class BasicBlock(nn.Module):
     """Two 3x3 convolutions with a residual connection (projection shortcut when the shape changes)."""
 
-    def __init__(self, in_ch: int, out_ch: int, stride: int) -> None:
+    def __init__(self, in_ch: int, out_ch: int, stride: int, recompute_bn_relu: bool = False) -> None:
         super().__init__()
+        self.recompute_bn_relu = recompute_bn_relu
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(out_ch)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, 1, 1, bias=False)
@@ -42,15 +50,21 @@ class BasicBlock(nn.Module):
             self.shortcut = nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride, bias=False), nn.BatchNorm2d(out_ch))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
-        out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x), inplace=True)
+        out = self.conv1(x)
+        if self.recompute_bn_relu and self.training and torch.is_grad_enabled() and _fusable(self.bn1):
+            out = bn_relu_conv(out, self.bn1, self.conv2)
+        else:
+            out = self.conv2(F.relu(self.bn1(out), inplace=True))
+        out = self.bn2(out)
+        out += self.shortcut(x)  # in place: the BatchNorm does not keep its output, so no temporary is needed
+        return F.relu(out, inplace=True)
 
 
 class ResNet18(nn.Module):
     """ResNet-18 trunk; forward gives the global-average-pooled feature of size `out_dim`."""
 
-    def __init__(self, stem: str = "cifar", width: float = 1.0, recompute_stages: int = 0) -> None:
+    def __init__(self, stem: str = "cifar", width: float = 1.0, recompute_stages: int = 0,
+                 recompute_bn_relu: bool = False) -> None:
         super().__init__()
         if not 0 <= recompute_stages <= 4:
             raise ValueError(f"recompute_stages must be 0..4 (stages of ResNet-18), got {recompute_stages}")
@@ -71,7 +85,8 @@ class ResNet18(nn.Module):
         stages, in_ch = [], chans[0]
         for i, ch in enumerate(chans):
             stride = 1 if i == 0 else 2
-            stages.append(nn.Sequential(BasicBlock(in_ch, ch, stride), BasicBlock(ch, ch, 1)))
+            stages.append(nn.Sequential(BasicBlock(in_ch, ch, stride, recompute_bn_relu),
+                                        BasicBlock(ch, ch, 1, recompute_bn_relu)))
             in_ch = ch
         self.stages = nn.Sequential(*stages)
         self.out_dim = chans[-1]
@@ -120,6 +135,78 @@ def _running_stats_frozen(module: nn.Module):
             m.num_batches_tracked.copy_(count)
 
 
+def _fusable(bn: nn.Module) -> bool:
+    if type(bn) is nn.BatchNorm2d:
+        return True
+    if not getattr(bn, "_warned_unfused", False):
+        bn._warned_unfused = True
+        warnings.warn(f"recompute_bn_relu: {type(bn).__name__} is not a plain BatchNorm2d; its block stores the "
+                      "BatchNorm+ReLU output as usual", stacklevel=3)
+    return False
+
+
+def bn_relu_conv(x: torch.Tensor, bn: nn.BatchNorm2d, conv: nn.Conv2d) -> torch.Tensor:
+    """conv(relu(bn(x))) in training, keeping x (not the ReLU output) for backward; running statistics and the step
+    counter are updated as nn.BatchNorm2d.forward does."""
+    if conv.bias is not None or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        raise ValueError("bn_relu_conv needs a bias-free convolution with numeric zero padding")
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    return _BNReLUConv.apply(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, factor, bn.eps, conv.weight,
+                             conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+class _BNReLUConv(torch.autograd.Function):
+    """BatchNorm (batch statistics) -> ReLU -> convolution; saves the BatchNorm input and its batch statistics and
+    rebuilds the ReLU output in backward with the same kernel, so the weight gradient sees the forward's values."""
+
+    @staticmethod
+    def forward(ctx, x, bn_weight, bn_bias, running_mean, running_var, factor, eps, weight, stride, padding,
+                dilation, groups):
+        y, mean, invstd = torch.ops.aten.native_batch_norm(x, bn_weight, bn_bias, running_mean, running_var, True,
+                                                           factor, eps)
+        out = F.conv2d(y.relu_(), weight, None, stride, padding, dilation, groups)  # autocast applies here
+        ctx.save_for_backward(x, bn_weight, bn_bias, mean, invstd, weight)
+        ctx.conv = (stride, padding, dilation, groups)
+        ctx.eps = eps
+        ctx.conv_dtype = out.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        # at most two activation-sized temporaries at a time: the rebuilt ReLU output (for the weight gradient),
+        # then the input gradient (masked in place) next to the BatchNorm's input gradient
+        x, bn_weight, bn_bias, mean, invstd, weight = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conv
+        need = ctx.needs_input_grad
+        grad_out = grad_out.to(ctx.conv_dtype)
+        w = weight.to(ctx.conv_dtype)
+        # the forward's kernel on the same input: the same batch statistics and a bit-identical output
+        y, _, _ = torch.ops.aten.native_batch_norm(x, bn_weight, bn_bias, None, None, True, 0.0, ctx.eps)
+        y = y.relu_()
+        grad_weight = None
+        if need[7]:
+            grad_weight = torch.ops.aten.convolution_backward(
+                grad_out, y.to(ctx.conv_dtype), w, None, stride, padding, dilation, False, [0, 0], groups,
+                [False, True, False])[1].to(weight.dtype)
+        if not (need[0] or need[1] or need[2]):
+            return (None,) * 7 + (grad_weight,) + (None,) * 4
+        dead = y <= 0
+        del y
+        # the input gradient reads only the input's shape and layout, which x shares with the ReLU output
+        grad_y = torch.ops.aten.convolution_backward(
+            grad_out, x.to(ctx.conv_dtype), w, None, stride, padding, dilation, False, [0, 0], groups,
+            [True, False, False])[0]
+        grad_y = grad_y.to(x.dtype).masked_fill_(dead, 0)
+        del dead
+        grad_x, grad_bn_weight, grad_bn_bias = torch.ops.aten.native_batch_norm_backward(
+            grad_y, x, bn_weight, None, None, mean, invstd, True, ctx.eps,
+            [need[0], need[1] and bn_weight is not None, need[2] and bn_bias is not None])
+        return (grad_x, grad_bn_weight, grad_bn_bias, None, None, None, None, grad_weight, None, None, None, None)
+
+
 def _mlp_block(in_dim: int, out_dim: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(in_dim, out_dim), nn.BatchNorm1d(out_dim), nn.ReLU(inplace=True))
 
@@ -129,11 +216,12 @@ class EMPSSLModel(nn.Module):
 
     def __init__(self, *, arch: str = "resnet18", stem: str = "cifar", width: float = 1.0,
                  feature_dim: int = 4096, proj_hidden_dim: int = 4096, proj_dim: int = 1024,
-                 recompute_stages: int = 0) -> None:
+                 recompute_stages: int = 0, recompute_bn_relu: bool = False) -> None:
         super().__init__()
         if arch not in ARCHS:
             raise ValueError(f"unknown architecture {arch!r}; valid: {', '.join(ARCHS)}")
-        self.backbone = ResNet18(stem=stem, width=width, recompute_stages=recompute_stages)
+        self.backbone = ResNet18(stem=stem, width=width, recompute_stages=recompute_stages,
+                                 recompute_bn_relu=recompute_bn_relu)
         self.pre_feature = _mlp_block(self.backbone.out_dim, feature_dim)
         self.projector = nn.Sequential(_mlp_block(feature_dim, proj_hidden_dim), nn.Linear(proj_hidden_dim, proj_dim))
         self.feature_dim = feature_dim

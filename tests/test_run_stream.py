@@ -164,6 +164,23 @@ def test_same_seed_same_metrics(split_run: Path, data_root: Path, tmp_path: Path
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_recompute_bn_relu_trains_the_same_stream(split_run: Path, data_root: Path, tmp_path: Path) -> None:
+    """model.recompute_bn_relu=true reaches the model through the config and changes memory only: the same metrics
+    and the same weights, bit for bit."""
+    run_dir = tmp_path / "lean"
+    rc = run_stream.main(["--config", "configs/smoke.yaml", f"run.out_dir={run_dir}", f"data.root={data_root}",
+                          "eval.transfer=[cifar100]", "model.recompute_bn_relu=true"])
+    assert rc == 0
+    cfg = load_config(run_dir / "config.yaml")
+    assert cfg.model.recompute_bn_relu
+    blocks = [b for stage in run_stream.build_model(cfg, "cifar10").backbone.stages for b in stage]
+    assert blocks and all(b.recompute_bn_relu for b in blocks)
+    assert _without_time(_rows(run_dir)) == _without_time(_rows(split_run))
+    a = ckpt.load(ckpt.latest(split_run))["model"]
+    b = ckpt.load(ckpt.latest(run_dir))["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_compiled_training_runs_the_stream(split_run: Path, data_root: Path, tmp_path: Path) -> None:
     """train.compile=true trains the stream through torch.compile (graphs are captured) and checkpoints the plain
     model. Its numerics are checked in test_models.py (20 updates amplify rounding, so runs are not compared)."""

@@ -194,6 +194,8 @@ def test_unknown_choices(override, match):
     (["model.recompute_stages=5"], r"model\.recompute_stages: must be 0\.\.4"),
     (["train.compile=true", "model.recompute_stages=2"],
      r"train\.compile: cannot be combined with model\.recompute_stages > 0 .*set model\.recompute_stages=0"),
+    (["train.compile=true", "model.recompute_bn_relu=true"],
+     r"train\.compile: cannot be combined with model\.recompute_bn_relu .*set model\.recompute_bn_relu=false"),
     (["data.train_per_class=0"], r"data\.train_per_class: must be >= 1 or null"),
 ])
 def test_out_of_range_values(overrides, match):

@@ -223,3 +223,100 @@ def test_compiled_training_step_matches_float64():
         assert (q.grad.double() - r.grad).norm() <= 1e-2 * r.grad.norm(), n
     for (n, b), a in zip(compiled.named_buffers(), exact.buffers()):
         torch.testing.assert_close(b.to(a.dtype), a, rtol=1e-3, atol=1e-4, msg=n)
+
+
+def _saved_storage_bytes(model: EMPSSLModel, x: torch.Tensor) -> int:
+    """Bytes of the distinct activation storages (not parameters or buffers) autograd keeps for backward after
+    one training forward."""
+    own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    storages = {}
+
+    def pack(t: torch.Tensor):
+        if t.untyped_storage().data_ptr() not in own:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x)
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("stages", [0, 2])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_recompute_bn_relu_is_the_plain_model(stages, channels_last, momentum):
+    """Rebuilding the BatchNorm+ReLU output in backward gives the plain model's gradients and statistics exactly
+    (the same kernels on the same inputs), alone and inside recomputed stages, with either BatchNorm momentum."""
+    x = images(6, 16, seed=7)
+    torch.manual_seed(3)
+    plain = EMPSSLModel(stem="cifar", **SMALL).train()
+    for m in plain.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = momentum
+    lean = copy.deepcopy(plain)
+    for m in lean.modules():
+        if hasattr(m, "recompute_bn_relu"):
+            m.recompute_bn_relu = True
+    lean.backbone.recompute_stages = stages
+    for _ in range(2):  # the second step sees updated statistics and (momentum None) a step count of 2
+        g0, b0, _ = _step(plain, x, channels_last)
+        g1, b1, _ = _step(lean, x, channels_last)
+        for model in (plain, lean):
+            model.zero_grad(set_to_none=True)
+        for name in g0:
+            torch.testing.assert_close(g1[name], g0[name], rtol=0, atol=0, msg=name)
+        for name in b0:
+            torch.testing.assert_close(b1[name], b0[name], rtol=0, atol=0, msg=name)
+    assert b1["backbone.stages.0.0.bn1.num_batches_tracked"].item() == 2
+
+
+def test_recompute_bn_relu_keeps_one_activation_less_per_block():
+    """Per block, the first BatchNorm+ReLU output (what the second convolution would keep) is no longer stored:
+    the saved bytes drop by exactly those activations, and nothing else is added."""
+    x = images(4, 16, seed=8)
+    torch.manual_seed(0)
+    plain = EMPSSLModel(stem="cifar", **SMALL).train()
+    lean = EMPSSLModel(stem="cifar", recompute_bn_relu=True, **SMALL).train()
+    lean.load_state_dict(plain.state_dict())
+    dropped = 0
+    side, batch = 16, 4
+    for i, stage in enumerate(plain.backbone.stages):
+        side = side if i == 0 else side // 2
+        dropped += sum(block.bn1.num_features * side * side * batch * 4 for block in stage)
+    saved_plain, saved_lean = _saved_storage_bytes(plain, x), _saved_storage_bytes(lean, x)
+    assert saved_plain - saved_lean == dropped
+
+
+def test_recompute_bn_relu_autocast_bf16_matches():
+    x = images(6, 16, seed=9)
+    torch.manual_seed(4)
+    plain = EMPSSLModel(stem="cifar", **SMALL).train()
+    lean = copy.deepcopy(plain)
+    for m in lean.modules():
+        if hasattr(m, "recompute_bn_relu"):
+            m.recompute_bn_relu = True
+    grads = []
+    for model in (plain, lean):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _, z = model(x)
+        assert z.dtype == torch.bfloat16
+        (z.float()[:, :3].sum() + z.float().pow(3).sum()).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    for name in grads[0]:
+        assert grads[1][name].dtype == torch.float32
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-2, atol=1e-4, msg=name)
+
+
+def test_recompute_bn_relu_sync_batchnorm_falls_back_with_a_warning():
+    """SyncBatchNorm (DDP) is not fused: the block stores as usual, says so once, and computes the same thing."""
+    x = images(4, 16, seed=10)
+    torch.manual_seed(5)
+    plain = EMPSSLModel(stem="cifar", **SMALL).train()
+    synced = nn.SyncBatchNorm.convert_sync_batchnorm(EMPSSLModel(stem="cifar", recompute_bn_relu=True, **SMALL))
+    synced.load_state_dict(plain.state_dict())
+    synced.train()
+    with pytest.warns(UserWarning, match="recompute_bn_relu: SyncBatchNorm is not a plain BatchNorm2d"):
+        g1, _, _ = _step(synced, x, False)
+    g0, _, _ = _step(plain, x, False)
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], msg=name)
