@@ -15,8 +15,10 @@ Cases (each at every width in --widths, on the CPU with torch threads = cores, a
               batched MultiPatchAugment, channels_last, Gram/Cholesky objective, LARS, cosine schedule)
   model_only  forward + objective + backward + LARS step on pre-made channels_last patches: the ceiling
               of `ours` (everything but the input pipeline)
-  ours_lowmem `ours` with model.recompute_stages=2 (stem, stages 1-2 recomputed in backward): the
-              low-memory setting, for the peak-memory comparison with the reference
+  ours_lean   `ours` with model.recompute_bn_relu (each block's first BatchNorm+ReLU output rebuilt in
+              backward from the convolution output instead of stored): a quarter less activation memory
+  ours_lowmem `ours` with model.recompute_stages=2 and model.recompute_bn_relu (stem, stages 1-2
+              recomputed in backward): the low-memory setting, for the peak-memory comparison with the reference
   ours_compiled  `ours` with train.compile (torch.compile of the training forward); opt-in through --only,
               since compiling takes minutes: its warm-up steps include the compilation
   objective   emp_ssl_loss forward + backward on random unit-norm projections (and the reference loss)
@@ -66,7 +68,7 @@ warnings.filterwarnings("ignore", message="No loggers specified")
 warnings.filterwarnings("ignore", message="no QP solver found")
 
 TUNABLES = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=68719476736"
-CASES = ("reference", "ours", "model_only", "ours_lowmem", "objective", "augment", "online", "probe", "memory")
+CASES = ("reference", "ours", "model_only", "ours_lean", "ours_lowmem", "objective", "augment", "online", "probe", "memory")
 OPT_IN_CASES = ("ours_compiled",)  # run only when named in --only
 ALLOCATORS = ("default", "tuned", "jemalloc", "tcmalloc")
 PRELOAD = {"jemalloc": "libjemalloc.so.2", "tcmalloc": "libtcmalloc_minimal.so.4"}
@@ -101,6 +103,7 @@ class Sizes:
     memory_eval_test_per_class: int = 20
     memory_probe_epochs: int = 5
     lowmem_stages: int = 2  # model.recompute_stages of the ours_lowmem case
+    lowmem_bn_relu: bool = True  # model.recompute_bn_relu of the ours_lowmem case
 
 
 TINY = Sizes(batch=8, patches=4, feature_dim=128, proj_hidden_dim=128, proj_dim=64, steps=2, warmup=1, calls=2,
@@ -160,7 +163,8 @@ def uses_channels_last(width: float, device) -> bool:
     return not (device.type == "cpu" and round(64 * width) < 8)
 
 
-def make_model(width: float, sizes: Sizes, device, *, channels_last: bool, recompute_stages: int = 0):
+def make_model(width: float, sizes: Sizes, device, *, channels_last: bool, recompute_stages: int = 0,
+               recompute_bn_relu: bool = False):
     import torch
 
     from streaming_ssl.models import EMPSSLModel
@@ -168,7 +172,7 @@ def make_model(width: float, sizes: Sizes, device, *, channels_last: bool, recom
     torch.manual_seed(0)
     model = EMPSSLModel(arch="resnet18", stem="cifar", width=width, feature_dim=sizes.feature_dim,
                         proj_hidden_dim=sizes.proj_hidden_dim, proj_dim=sizes.proj_dim,
-                        recompute_stages=recompute_stages).to(device)
+                        recompute_stages=recompute_stages, recompute_bn_relu=recompute_bn_relu).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
@@ -228,14 +232,16 @@ def make_strategy(*, model, augment, train, sizes: Sizes, batch: int, total_upda
 
 
 def strategy_step_times(width: float, sizes: Sizes, device, splits, steps: int,
-                        recompute_stages: int = 0, compile: bool = False) -> tuple[list[float], dict]:
+                        recompute_stages: int = 0, recompute_bn_relu: bool = False,
+                        compile: bool = False) -> tuple[list[float], dict]:
     """Our end-to-end step: EMPSSLStrategy.train over one in-memory experience of (warmup+steps) batches."""
     from scenarios.streams import build_stream
 
     cl = uses_channels_last(width, device)
     train = first_n(splits.train, (sizes.warmup + steps) * sizes.batch)
     stream = build_stream(train, splits.num_classes, mode="offline", epochs=1)
-    model = make_model(width, sizes, device, channels_last=cl, recompute_stages=recompute_stages)
+    model = make_model(width, sizes, device, channels_last=cl, recompute_stages=recompute_stages,
+                       recompute_bn_relu=recompute_bn_relu)
     if compile:
         model.compile()  # as run_stream.py with train.compile
     clock = IterClock(device)
@@ -244,7 +250,7 @@ def strategy_step_times(width: float, sizes: Sizes, device, splits, steps: int,
                              channels_last=cl, on_iteration=clock)
     strategy.train(iter(stream), eval_streams=[])
     info = {"channels_last": cl, "amp_dtype": str(amp_dtype_for(device)), "recompute_stages": recompute_stages,
-            "compiled": compile,
+            "recompute_bn_relu": recompute_bn_relu, "compiled": compile,
             "loss_finite": bool(math.isfinite(float(strategy.loss.detach().reshape(-1)[0])))}
     return clock.intervals(sizes.warmup), info
 
@@ -345,8 +351,14 @@ def case_ours(width: float, sizes: Sizes, device, splits, ctx: dict) -> dict:
     return step_result(times, sizes, **info)
 
 
+def case_ours_lean(width: float, sizes: Sizes, device, splits, ctx: dict) -> dict:
+    times, info = strategy_step_times(width, sizes, device, splits, sizes.steps, recompute_bn_relu=True)
+    return step_result(times, sizes, **info)
+
+
 def case_ours_lowmem(width: float, sizes: Sizes, device, splits, ctx: dict) -> dict:
-    times, info = strategy_step_times(width, sizes, device, splits, sizes.steps, recompute_stages=sizes.lowmem_stages)
+    times, info = strategy_step_times(width, sizes, device, splits, sizes.steps, recompute_stages=sizes.lowmem_stages,
+                                      recompute_bn_relu=sizes.lowmem_bn_relu)
     return step_result(times, sizes, **info)
 
 
@@ -620,7 +632,7 @@ def case_memory(width: float, sizes: Sizes, device, splits, ctx: dict) -> dict:
 
 
 CASE_FUNCS = {"reference": case_reference, "ours": case_ours, "model_only": case_model_only,
-              "ours_lowmem": case_ours_lowmem, "ours_compiled": case_ours_compiled,
+              "ours_lean": case_ours_lean, "ours_lowmem": case_ours_lowmem, "ours_compiled": case_ours_compiled,
               "objective": case_objective, "augment": case_augment, "online": case_online, "probe": case_probe,
               "memory": case_memory}
 
@@ -649,7 +661,7 @@ def run_case(case: str, width: float, device_name: str, sizes: Sizes, args, repe
 
 # ------------------------------------------------------------------------------------------ summary
 PRIMARY = {"reference": "patches_per_s", "ours": "patches_per_s", "model_only": "patches_per_s",
-           "ours_lowmem": "patches_per_s", "ours_compiled": "patches_per_s",
+           "ours_lean": "patches_per_s", "ours_lowmem": "patches_per_s", "ours_compiled": "patches_per_s",
            "objective": "seconds_per_call", "augment": "seconds_per_batch", "online": "online_over_one_experience",
            "probe": "eval_over_pass", "memory": "peak_growth_pct"}
 
@@ -700,6 +712,8 @@ def summarize(rows: list[dict]) -> dict:
             "ours_over_reference_patches_per_s": _ratio(by_case, ("ours", "patches_per_s"),
                                                         ("reference", "patches_per_s"), _target_speedup(width), ">="),
             "ours_over_model_only": _ratio(by_case, ("ours", "patches_per_s"), ("model_only", "patches_per_s"), 0.92, ">="),
+            "ours_lean_over_ours_patches_per_s": _ratio(by_case, ("ours_lean", "patches_per_s"),
+                                                        ("ours", "patches_per_s"), None, "info"),
             "ours_lowmem_over_reference_patches_per_s": _ratio(by_case, ("ours_lowmem", "patches_per_s"),
                                                                ("reference", "patches_per_s"), None, "info"),
             "ours_compiled_over_reference_patches_per_s": _ratio(by_case, ("ours_compiled", "patches_per_s"),
@@ -709,6 +723,9 @@ def summarize(rows: list[dict]) -> dict:
                                               None, "info"),
             "peak_rss_ours_over_reference": _ratio(by_case, ("ours", "peak_rss_MB"), ("reference", "peak_rss_MB"),
                                                    0.5 if width >= 1.0 else None, "<="),
+            "peak_rss_ours_lean_over_reference": _ratio(by_case, ("ours_lean", "peak_rss_MB"),
+                                                        ("reference", "peak_rss_MB"), 0.5 if width >= 1.0 else None,
+                                                        "<="),
             "peak_rss_ours_lowmem_over_reference": _ratio(by_case, ("ours_lowmem", "peak_rss_MB"),
                                                           ("reference", "peak_rss_MB"), 0.5 if width >= 1.0 else None,
                                                           "<="),
@@ -740,7 +757,8 @@ def summarize(rows: list[dict]) -> dict:
         base = groups[f"{dev}|{wid}|default"]
         out = {}
         for case, metric, invert in (("reference", "patches_per_s", False), ("ours", "patches_per_s", False),
-                                     ("model_only", "patches_per_s", False), ("ours_lowmem", "patches_per_s", False),
+                                     ("model_only", "patches_per_s", False), ("ours_lean", "patches_per_s", False),
+                                     ("ours_lowmem", "patches_per_s", False),
                                      ("objective", "seconds_per_call", True), ("augment", "seconds_per_batch", True),
                                      ("reference", "peak_rss_MB", False), ("ours", "peak_rss_MB", False)):
             vals = []

@@ -17,7 +17,7 @@ DATA = os.environ.get("STREAMING_SSL_DATA")
 pytestmark = pytest.mark.skipif(not DATA or not (Path(DATA) / "cifar10.npz").is_file(),
                                 reason="needs the real CIFAR-10: set STREAMING_SSL_DATA to the folder of cifar10.npz")
 
-CASES = ("reference", "ours", "model_only", "ours_lowmem", "objective", "augment", "online", "probe", "memory")
+CASES = ("reference", "ours", "model_only", "ours_lean", "ours_lowmem", "objective", "augment", "online", "probe", "memory")
 
 
 def _positive(x) -> bool:
@@ -51,7 +51,7 @@ def test_every_case_ran_without_error(tiny_result):
 
 def test_step_cases_report_positive_throughput(tiny_result):
     rows = {r["case"]: r for r in tiny_result["rows"]}
-    for case in ("reference", "ours", "model_only", "ours_lowmem"):
+    for case in ("reference", "ours", "model_only", "ours_lean", "ours_lowmem"):
         r = rows[case]
         assert _positive(r["seconds_per_step"]) and _positive(r["patches_per_s"]) and _positive(r["images_per_s"])
         assert _positive(r["peak_rss_MB"]), case
@@ -60,6 +60,8 @@ def test_step_cases_report_positive_throughput(tiny_result):
     assert rows["reference"]["channels_last"] is False and rows["reference"]["dataloader_workers"] >= 1
     assert _positive(rows["reference"]["workers_peak_rss_MB"])
     assert rows["ours_lowmem"]["recompute_stages"] == 2 and rows["ours"]["recompute_stages"] == 0
+    assert rows["ours_lean"]["recompute_stages"] == 0
+    assert [rows[c]["recompute_bn_relu"] for c in ("ours", "ours_lean", "ours_lowmem")] == [False, True, True]
     for key in ("seconds_per_call", "reference_seconds_per_call", "reference_over_ours"):
         assert _positive(rows["objective"][key]), key
     for key in ("seconds_per_batch", "patches_per_s", "reference_serial_seconds_per_batch"):
@@ -103,8 +105,9 @@ def test_summary_has_every_ratio(tiny_result):
         assert (r["op"], r["target"]) == (op, target) and r["n"] == 1 and isinstance(r["met"], bool)
         assert math.isfinite(r["median"]) and (name.startswith("memory") or r["median"] > 0), name
     assert _positive(ratios["augment_share_of_step"]["median"])
-    for name in ("peak_rss_ours_over_reference", "peak_rss_ours_lowmem_over_reference",
-                 "ours_lowmem_over_reference_patches_per_s"):
+    for name in ("peak_rss_ours_over_reference", "peak_rss_ours_lean_over_reference",
+                 "peak_rss_ours_lowmem_over_reference", "ours_lowmem_over_reference_patches_per_s",
+                 "ours_lean_over_ours_patches_per_s"):
         assert _positive(ratios[name]["median"]) and "target" not in ratios[name], name  # targets: full width only
 
 
