@@ -53,7 +53,7 @@ class ModelConfig:
     proj_dim: int = 1024  # size of z, the space of the objective
     sync_bn: bool = True  # SyncBatchNorm under DDP, so batch statistics are those of the global batch
     # recompute the stem and the first k of the 4 stages in backward instead of storing their activations:
-    # 2 halved the peak memory of a full-width CIFAR step (5.7 vs 10.8 GB; README "Speed"); 0 stores all
+    # 2 with recompute_bn_relu: 5.3 vs 10.8 GB peak for a full-width CIFAR step (README "Speed"); 0 stores all
     recompute_stages: int = 0
     # keep each block's first convolution output instead of its BatchNorm+ReLU output and rebuild the latter in
     # backward (one activation of four per block, one BatchNorm forward per block more; exact, README "Speed")
