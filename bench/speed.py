@@ -68,7 +68,8 @@ warnings.filterwarnings("ignore", message="No loggers specified")
 warnings.filterwarnings("ignore", message="no QP solver found")
 
 TUNABLES = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=68719476736"
-CASES = ("reference", "ours", "model_only", "ours_lean", "ours_lowmem", "objective", "augment", "online", "probe", "memory")
+CASES = ("reference", "ours", "model_only", "ours_lean", "ours_lowmem", "objective", "augment", "online", "probe",
+         "memory")
 OPT_IN_CASES = ("ours_compiled",)  # run only when named in --only
 ALLOCATORS = ("default", "tuned", "jemalloc", "tcmalloc")
 PRELOAD = {"jemalloc": "libjemalloc.so.2", "tcmalloc": "libtcmalloc_minimal.so.4"}

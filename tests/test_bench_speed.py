@@ -17,7 +17,8 @@ DATA = os.environ.get("STREAMING_SSL_DATA")
 pytestmark = pytest.mark.skipif(not DATA or not (Path(DATA) / "cifar10.npz").is_file(),
                                 reason="needs the real CIFAR-10: set STREAMING_SSL_DATA to the folder of cifar10.npz")
 
-CASES = ("reference", "ours", "model_only", "ours_lean", "ours_lowmem", "objective", "augment", "online", "probe", "memory")
+CASES = ("reference", "ours", "model_only", "ours_lean", "ours_lowmem", "objective", "augment", "online", "probe",
+         "memory")
 
 
 def _positive(x) -> bool:
