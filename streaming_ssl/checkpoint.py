@@ -3,22 +3,32 @@
 A checkpoint is a dict of tensors, numbers, strings, lists and dicts only: model and optimizer state
 dicts, the stream position, every RNG state (python, numpy, torch CPU/CUDA, the augmentation
 generator), the evaluator's history, the number of metrics.jsonl rows written, and the resolved
-config. It is written to a temporary file, fsynced, then renamed over the target, so a crash while
-saving never leaves a broken checkpoint under the final name.
+config. It is written to a uniquely named temporary file (streaming_ssl/atomic.py), fsynced, then renamed
+over the target, so a crash while saving never leaves a broken checkpoint under the final name, and a
+reader without the run lock (evaluate on a live run) sees whole checkpoints only: use `load_latest`, which
+also survives the rotation deleting the file it chose.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import re
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from streaming_ssl.atomic import atomic_symlink, atomic_write
+
+log = logging.getLogger(__name__)
+
 FORMAT_VERSION = 1
-_NAME = re.compile(r"ckpt_(\d{9})\.pt$")
+PAUSE_ENV = "STREAMING_SSL_TEST_CKPT_PAUSE"
+PAUSE_MARKER_ENV = "STREAMING_SSL_TEST_CKPT_MARKER"
+_NAME = re.compile(r"ckpt_(\d{9})\.pt")
 
 
 class CheckpointError(RuntimeError):
@@ -51,56 +61,101 @@ def set_rng_state(state: dict) -> None:
 
 
 def atomic_save(obj: dict, path: str | Path) -> None:
-    """torch.save to path.tmp, fsync, rename over path, fsync the folder. On any error nothing changes."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    try:
-        fd = os.open(path.parent, os.O_RDONLY)
+    """torch.save to a unique temporary file, fsync, rename over path, fsync the folder.
+
+    The temporary file is `.<name>.<pid>.<8 hex>.tmp` beside path (`atomic.TEMP_GLOB`), removed on any
+    exception; on any error the target is unchanged.
+
+    Test hooks (for chaos tests that SIGKILL a run inside a checkpoint write; unset in normal use):
+      STREAMING_SSL_TEST_CKPT_MARKER=<file>: after the temporary file is written and fsynced, append the
+        line "writing <path>" to <file> (so the killer knows the process is inside a write);
+      STREAMING_SSL_TEST_CKPT_PAUSE=<seconds>: then sleep that long before the rename.
+    """
+    atomic_write(path, lambda fh: torch.save(obj, fh), before_rename=lambda _tmp: _test_pause(Path(path)))
+
+
+def _test_pause(path: Path) -> None:
+    """The STREAMING_SSL_TEST_CKPT_MARKER / _PAUSE hooks of atomic_save."""
+    marker = os.environ.get(PAUSE_MARKER_ENV)
+    pause = os.environ.get(PAUSE_ENV)
+    if marker:
+        with open(marker, "a") as fh:
+            fh.write(f"writing {path}\n")
+    if pause:
         try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
+            seconds = float(pause)
+        except ValueError:
+            raise ValueError(f"{PAUSE_ENV}={pause!r} is not a number of seconds; set it to e.g. 5 or unset it") from None
+        time.sleep(seconds)
 
 
-def load(path: str | Path) -> dict:
-    """Load a checkpoint with weights_only=True; a clear CheckpointError if it is missing or damaged."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {str(path)!r} does not exist; pass a ckpt_*.pt file or a run directory")
+def _read(path: Path) -> dict:
+    """Load and check one checkpoint; FileNotFoundError if it is not there, CheckpointError if it is damaged."""
+    fh = open(path, "rb")  # once open, the data stays readable even if a writer deletes the file
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(fh, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for truncated zips and bad pickles
         raise CheckpointError(f"checkpoint {str(path)!r} is truncated or corrupted ({type(err).__name__}: "
                               f"{str(err)[:200]}); use an earlier ckpt_*.pt of the same run") from err
+    finally:
+        fh.close()
     if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION or "model" not in state:
         raise CheckpointError(f"{str(path)!r} is not a streaming-ssl checkpoint (format {FORMAT_VERSION})")
     return state
 
 
+def load(path: str | Path) -> dict:
+    """Load a checkpoint with weights_only=True; a clear CheckpointError if it is missing or damaged."""
+    path = Path(path)
+    try:
+        if path.is_dir():
+            raise IsADirectoryError(path)
+        return _read(path)
+    except (FileNotFoundError, IsADirectoryError):
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist; pass a ckpt_*.pt file or a run directory "
+                              "(to load the newest checkpoint of a run directory use load_latest)") from None
+
+
+def load_latest(path: str | Path, attempts: int = 5) -> tuple[Path, dict]:
+    """(file, state) of a checkpoint file, or of the newest checkpoint of a run directory.
+
+    Safe on a live run without its lock: checkpoints appear by atomic rename, and when the chosen file is
+    deleted by the writer's rotation between listing and opening, the directory is listed again and the
+    newest checkpoint not yet found gone is taken (up to `attempts` tries). A damaged newest checkpoint
+    raises CheckpointError (it is not skipped silently).
+    """
+    path = Path(path)
+    if not path.is_dir():
+        return path, load(path)
+    gone: set[Path] = set()
+    for _ in range(attempts):
+        candidates = [p for p in list_checkpoints(path) if p not in gone]
+        if not candidates:
+            break
+        found = candidates[-1]
+        try:
+            return found, _read(found)
+        except FileNotFoundError:
+            log.info("checkpoint %s was rotated away while opening it; taking the next newest", found)
+            gone.add(found)
+    raise CheckpointError(f"run directory {str(path)!r} holds no ckpt_*.pt checkpoint (or its checkpoints were "
+                          f"deleted while reading, {attempts} times); check the path or retry")
+
+
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """ckpt_*.pt files of a run, oldest first."""
+    """ckpt_<9 digits>.pt files of a run, oldest first (ckpt.pt, temporary and other files are ignored)."""
     run_dir = Path(run_dir)
-    return sorted((p for p in run_dir.glob("ckpt_*.pt") if _NAME.search(p.name)), key=lambda p: p.name)
+    return sorted((p for p in run_dir.glob("ckpt_*.pt") if _NAME.fullmatch(p.name)), key=lambda p: p.name)
 
 
 def latest(run_dir: str | Path) -> Path | None:
+    """The newest ckpt_*.pt of a run directory, or None. To load it on a live run, use load_latest."""
     ckpts = list_checkpoints(run_dir)
     return ckpts[-1] if ckpts else None
 
 
 def resolve(path: str | Path) -> Path:
-    """A checkpoint file, or the latest checkpoint of a run directory."""
+    """A checkpoint file, or the latest checkpoint of a run directory (load_latest also survives rotation)."""
     path = Path(path)
     if path.is_dir():
         found = latest(path)
@@ -115,11 +170,7 @@ def save_rotating(obj: dict, run_dir: str | Path, step: int, keep_last: int) -> 
     run_dir = Path(run_dir)
     path = run_dir / f"ckpt_{step:09d}.pt"
     atomic_save(obj, path)
-    link = run_dir / "ckpt.pt"
-    tmp_link = run_dir / "ckpt.pt.tmp"
-    tmp_link.unlink(missing_ok=True)
-    os.symlink(path.name, tmp_link)
-    os.replace(tmp_link, link)
+    atomic_symlink(path.name, run_dir / "ckpt.pt")
     for old in list_checkpoints(run_dir)[:-keep_last]:
         old.unlink(missing_ok=True)
     return path

@@ -1,0 +1,167 @@
+"""Atomic writes with unique temporary names, rotation, and readers of a live run (load_latest)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from streaming_ssl import checkpoint as ckpt
+from streaming_ssl.atomic import (TEMP_GLOB, atomic_write, atomic_write_bytes, atomic_write_text, is_temp_name,
+                                  list_temp_files, temp_path)
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _state(step: int) -> dict:
+    return {"format": ckpt.FORMAT_VERSION, "model": {"w": torch.full((4,), float(step))}, "step": step}
+
+
+def test_temp_names_are_unique_per_write_and_carry_the_pid(tmp_path: Path) -> None:
+    names = {temp_path(tmp_path / "ckpt_000000001.pt").name for _ in range(50)}
+    assert len(names) == 50
+    for name in names:
+        assert name.startswith(".ckpt_000000001.pt.") and f".{os.getpid()}." in name and name.endswith(".tmp")
+        assert is_temp_name(name)
+        (tmp_path / name).touch()
+    assert {p.name for p in tmp_path.glob(TEMP_GLOB)} == names
+    assert {p.name for p in list_temp_files(tmp_path)} == names
+    assert not is_temp_name("ckpt_000000001.pt") and not is_temp_name(".lock") and not is_temp_name("a.tmp")
+
+
+def test_atomic_write_text_and_bytes_replace_the_target_and_leave_no_temp_file(tmp_path: Path) -> None:
+    target = tmp_path / "summary.json"
+    atomic_write_text(target, '{"a": 1}\n')
+    assert target.read_text() == '{"a": 1}\n'
+    atomic_write_bytes(target, b"\x00\x01")
+    assert target.read_bytes() == b"\x00\x01"
+    assert list_temp_files(tmp_path) == []
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt, OSError])
+def test_an_interrupted_write_removes_its_temp_file_and_keeps_the_old_target(tmp_path: Path, error) -> None:
+    target = tmp_path / "results.json"
+    target.write_text("old")
+
+    def half_then_fail(fh) -> None:
+        fh.write(b"new and half")
+        raise error("stopped mid-write")
+
+    with pytest.raises(error):
+        atomic_write(target, half_then_fail)
+    assert target.read_text() == "old"
+    assert list_temp_files(tmp_path) == []
+
+
+def test_atomic_save_of_an_unpicklable_object_changes_nothing(tmp_path: Path) -> None:
+    ckpt.atomic_save(_state(1), tmp_path / "ckpt_000000001.pt")
+    with pytest.raises(Exception):  # noqa: B017 - pickle raises AttributeError/PicklingError depending on version
+        ckpt.atomic_save({"format": 1, "model": {}, "fn": lambda: 0}, tmp_path / "ckpt_000000001.pt")
+    assert ckpt.load(tmp_path / "ckpt_000000001.pt")["step"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt_000000001.pt"]
+
+
+def test_save_rotating_keeps_the_newest_points_ckpt_pt_at_it_and_ignores_temp_files(tmp_path: Path) -> None:
+    leftover = temp_path(tmp_path / "ckpt_000000099.pt")
+    leftover.write_bytes(b"killed mid-write")
+    (tmp_path / "old_ckpt_000000050.pt").write_bytes(b"not ours")
+    for step in (3, 6, 9, 12):
+        ckpt.save_rotating(_state(step), tmp_path, step, keep_last=2)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["ckpt_000000009.pt", "ckpt_000000012.pt"]
+    assert os.readlink(tmp_path / "ckpt.pt") == "ckpt_000000012.pt"
+    assert ckpt.latest(tmp_path).name == "ckpt_000000012.pt"
+    assert list_temp_files(tmp_path) == [leftover]  # only the one we planted: rotation leaves none
+    path, state = ckpt.load_latest(tmp_path)
+    assert path.name == "ckpt_000000012.pt" and state["step"] == 12
+    assert ckpt.load_latest(tmp_path / "ckpt_000000009.pt")[1]["step"] == 9
+
+
+def test_load_latest_takes_the_next_newest_when_the_listed_newest_is_gone(tmp_path: Path) -> None:
+    ckpt.save_rotating(_state(3), tmp_path, 3, keep_last=5)
+    ckpt.save_rotating(_state(6), tmp_path, 6, keep_last=5)
+    # a name that is listed but cannot be opened, as when rotation deletes it between listing and opening
+    os.symlink("ckpt_000000007.pt", tmp_path / "ckpt_000000009.pt")
+    assert ckpt.latest(tmp_path).name == "ckpt_000000009.pt"
+    with pytest.raises(ckpt.CheckpointError, match="does not exist"):
+        ckpt.load(ckpt.resolve(tmp_path))
+    path, state = ckpt.load_latest(tmp_path)
+    assert path.name == "ckpt_000000006.pt" and state["step"] == 6
+
+
+def test_load_latest_errors_clearly_on_a_run_without_checkpoints(tmp_path: Path) -> None:
+    with pytest.raises(ckpt.CheckpointError, match="holds no ckpt_"):
+        ckpt.load_latest(tmp_path)
+    with pytest.raises(ckpt.CheckpointError, match="load_latest"):
+        ckpt.load(tmp_path)
+
+
+def test_load_latest_on_a_live_run_with_rotation_never_fails(tmp_path: Path) -> None:
+    ckpt.save_rotating(_state(0), tmp_path, 0, keep_last=1)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def writer() -> None:
+        step = 1
+        try:
+            while not stop.is_set():
+                ckpt.save_rotating(_state(step), tmp_path, step, keep_last=1)
+                step += 1
+        except BaseException as err:  # surfaced by the assertion below
+            errors.append(err)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    seen = []
+    try:
+        deadline = time.time() + 1.5
+        while time.time() < deadline:
+            path, state = ckpt.load_latest(tmp_path, attempts=50)
+            assert state["step"] == int(path.stem.split("_")[1])
+            assert torch.equal(state["model"]["w"], torch.full((4,), float(state["step"])))
+            seen.append(state["step"])
+    finally:
+        stop.set()
+        thread.join()
+    assert not errors
+    assert seen == sorted(seen) and len(set(seen)) > 1
+    assert list_temp_files(tmp_path) == []
+
+
+def test_test_hooks_let_a_killer_sigkill_inside_a_checkpoint_write(tmp_path: Path) -> None:
+    ckpt.save_rotating(_state(3), tmp_path, 3, keep_last=5)
+    marker = tmp_path.parent / f"{tmp_path.name}.marker"
+    code = ("import sys, torch; from streaming_ssl import checkpoint as c; "
+            "c.save_rotating({'format': 1, 'model': {'w': torch.ones(3)}}, sys.argv[1], 6, keep_last=5)")
+    env = {**os.environ, "PYTHONPATH": str(REPO), ckpt.PAUSE_ENV: "60", ckpt.PAUSE_MARKER_ENV: str(marker)}
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], env=env)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and not (marker.exists() and marker.read_text().endswith("\n")):
+            assert proc.poll() is None, "the writer ended before it paused"
+            time.sleep(0.02)
+        assert marker.read_text() == f"writing {tmp_path / 'ckpt_000000006.pt'}\n"
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    leftovers = list_temp_files(tmp_path)
+    assert len(leftovers) == 1 and leftovers[0].name.startswith(f".ckpt_000000006.pt.{proc.pid}.")
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["ckpt_000000003.pt"]
+    assert ckpt.load_latest(tmp_path)[1]["step"] == 3
+    assert os.readlink(tmp_path / "ckpt.pt") == "ckpt_000000003.pt"
+
+
+def test_a_bad_pause_value_is_named_and_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(ckpt.PAUSE_ENV, "soon")
+    with pytest.raises(ValueError, match=ckpt.PAUSE_ENV):
+        ckpt.atomic_save(_state(1), tmp_path / "ckpt_000000001.pt")
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,98 @@
+"""The features cache reuses valid entries and recomputes (then rewrites) any entry it cannot use."""
+
+from __future__ import annotations
+
+import fractions
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from streaming_ssl.atomic import list_temp_files
+from streaming_ssl.features_cache import cached_features, entry_path
+
+KEY = {"dataset": "cifar10", "split": "train", "patches": 16, "n": 6, "checkpoint": "ckpt_000000003.pt"}
+
+
+class Counter:
+    """A compute function that counts its calls and returns distinct features each time."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, images: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        self.calls += 1
+        return images.float().view(len(images), -1) * scale + self.calls
+
+
+IMAGES = torch.arange(6 * 5, dtype=torch.uint8).view(6, 5)
+
+
+def test_a_valid_entry_is_reused_without_computing(tmp_path: Path) -> None:
+    compute = Counter()
+    first = cached_features(tmp_path, KEY, compute, IMAGES, scale=2.0)
+    assert compute.calls == 1 and torch.equal(first, IMAGES.float() * 2.0 + 1)
+    assert entry_path(tmp_path, KEY).is_file()
+    again = cached_features(tmp_path, dict(reversed(KEY.items())), compute, IMAGES, scale=2.0)  # key order is free
+    assert compute.calls == 1 and torch.equal(again, first)
+    other = cached_features(tmp_path, {**KEY, "split": "test"}, compute, IMAGES, scale=2.0)
+    assert compute.calls == 2 and not torch.equal(other, first)
+    assert list_temp_files(tmp_path) == []
+
+
+def test_no_folder_always_computes(tmp_path: Path) -> None:
+    compute = Counter()
+    for folder in (None, ""):
+        cached_features(folder, KEY, compute, IMAGES)
+    assert compute.calls == 2
+
+
+def _truncated(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _save(obj) -> Callable[[Path], None]:
+    return lambda path: torch.save(obj, path)
+
+
+DAMAGE = {
+    "truncated": _truncated,
+    "garbage bytes": lambda path: path.write_bytes(b"\x89not a torch file at all" * 50),
+    "plain tensor": _save(torch.ones(6, 5)),
+    "dict without the keys": _save({"features": torch.ones(6, 5)}),
+    "another key": _save({"key": '{"dataset": "cifar100"}', "features": torch.ones(6, 5)}),
+    "foreign pickle": lambda path: torch.save({"key": _stored_key(path), "features": fractions.Fraction(1, 3)}, path),
+    "integer tensor": lambda path: torch.save({"key": _stored_key(path), "features": torch.ones(6, 5, dtype=torch.long)},
+                                              path),
+    "1-D tensor": lambda path: torch.save({"key": _stored_key(path), "features": torch.ones(30)}, path),
+}
+
+
+def _stored_key(path: Path) -> str:
+    """The key string of the valid entry at path (so only the features are wrong)."""
+    return torch.load(path, weights_only=True)["key"]
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE), ids=list(DAMAGE))
+def test_an_unusable_entry_is_recomputed_once_rewritten_and_then_reused(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, damage: str) -> None:
+    compute = Counter()
+    cached_features(tmp_path, KEY, compute, IMAGES)
+    path = entry_path(tmp_path, KEY)
+    DAMAGE[damage](path)
+    with caplog.at_level(logging.WARNING, logger="streaming_ssl.features_cache"):
+        feats = cached_features(tmp_path, KEY, compute, IMAGES)
+    assert compute.calls == 2 and torch.equal(feats, IMAGES.float() + 2)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and str(path) in warnings[0] and "recomputing" in warnings[0]
+    reused = cached_features(tmp_path, KEY, compute, IMAGES)
+    assert compute.calls == 2 and torch.equal(reused, feats)
+    assert list_temp_files(tmp_path) == []
+
+
+def test_a_key_without_the_naming_fields_is_refused_clearly(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="lacks \\['patches'\\]"):
+        cached_features(tmp_path, {"dataset": "cifar10", "split": "train"}, Counter(), IMAGES)
