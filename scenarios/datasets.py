@@ -9,6 +9,13 @@ Supported datasets (see :data:`DATASET_NAMES`):
   decoded once and cached next to the data.
 * ``imagenet100`` -- the 100 classes of ``imagenet100_classes.txt`` read lazily
   from ``ROOT/imagenet100/{train,val}/<wnid>/`` or ``ROOT/imagenet/{train,val}/<wnid>/``.
+* ``folder:PATH`` and ``npz:PATH`` -- any image folder or .npz file (see
+  :mod:`scenarios.sources`); the path is in the name, ``ROOT`` is not used.
+
+The registry :data:`DATASETS` maps each built-in name to its :class:`DatasetSpec`
+(loader, model stem, image size, normalisation, number of classes); adding a
+built-in dataset means adding one entry there. :func:`dataset_spec` answers for
+built-in names and generic sources alike.
 
 ``ROOT`` is the ``root`` argument, or the ``STREAMING_SSL_DATA`` environment
 variable when no root is given. Every problem with the data raises
@@ -26,28 +33,36 @@ import pathlib
 import pickle
 import zipfile
 import zlib
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 
 import numpy as np
 import torch
 
 __all__ = [
+    "DATASETS",
     "DATASET_NAMES",
     "ENV_VAR",
+    "GENERIC_SPELLINGS",
     "DataError",
+    "DatasetSpec",
     "DatasetSplits",
     "ImageData",
     "LazyImageFolder",
+    "check_dataset_name",
+    "dataset_spec",
     "load_dataset",
     "resolve_root",
+    "stem_for_size",
 ]
 
 logger = logging.getLogger(__name__)
 
 ENV_VAR = "STREAMING_SSL_DATA"
-DATASET_NAMES = ("cifar10", "cifar100", "tinyimagenet", "imagenet100")
+# How the two generic sources are spelled wherever a dataset is named (see scenarios/sources.py).
+GENERIC_SPELLINGS = ("folder:PATH", "npz:PATH")
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -57,7 +72,8 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 IMAGENET100_DEFAULT_SIZE = 224
-IMAGE_EXTENSIONS = frozenset({".jpeg", ".jpg", ".png"})
+# what torchvision.io.decode_image reads (BMP/TIFF are not: convert them to PNG)
+IMAGE_EXTENSIONS = frozenset({".jpeg", ".jpg", ".png", ".webp"})
 
 TINY_DIR = "tiny-imagenet-200"
 TINY_CACHE_NAME = ".streaming_ssl_cache.pt"
@@ -256,7 +272,133 @@ class DatasetSplits:
         return len(self.class_names)
 
 
-# --------------------------------------------------------------------------- entry point
+# --------------------------------------------------------------------------- registry and entry point
+
+# loader(root, *, download, image_size) -> DatasetSplits; root is ignored by the generic sources
+Loader = Callable[..., "DatasetSplits"]
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """What the rest of the code needs to know about a dataset before (or without) loading it.
+
+    Attributes:
+        name: the canonical name (a generic source: its readable name, e.g. ``svhn``).
+        loader: ``loader(root, *, download, image_size) -> DatasetSplits``.
+        stem: the encoder stem that fits the image size: ``cifar``, ``tiny`` or ``imagenet``.
+        image_size: side of the square images the loader returns (by default).
+        mean, std: per-channel normalisation statistics in [0, 1].
+        num_classes: number of classes.
+    """
+
+    name: str
+    loader: Loader
+    stem: str
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    num_classes: int
+
+    def load(
+        self,
+        root: str | os.PathLike[str] | None = None,
+        *,
+        download: bool = False,
+        image_size: int | None = None,
+    ) -> DatasetSplits:
+        """Load the dataset (same arguments as :func:`load_dataset`)."""
+        return self.loader(root, download=download, image_size=image_size)
+
+
+def stem_for_size(image_size: int) -> str:
+    """The encoder stem for images of side ``image_size``: <= 32 cifar, <= 64 tiny, else imagenet.
+
+    The CIFAR stem (3x3 stride-1 conv, no max-pool) keeps small images' resolution; the ImageNet stem
+    (7x7 stride-2 conv + max-pool) divides it by 4, which only large images afford. Generic sources
+    (``folder:``/``npz:``) get their stem from this rule, applied to the side the encoder receives.
+    """
+    size = int(image_size)
+    if size <= 32:
+        return "cifar"
+    if size <= 64:
+        return "tiny"
+    return "imagenet"
+
+
+def _canonical(name: str) -> str:
+    """A built-in name spelled loosely (case, ``-``/``_``, ``tinyimagenet200``) -> its registry key."""
+    key = str(name).strip().lower().replace("-", "").replace("_", "")
+    return "tinyimagenet" if key == "tinyimagenet200" else key
+
+
+def check_dataset_name(name: str, key: str = "dataset") -> None:
+    """Check the spelling of a dataset name without touching any file.
+
+    Accepts a built-in name (see :data:`DATASET_NAMES`, spelled as :func:`load_dataset` accepts it)
+    or a generic source ``folder:PATH`` / ``npz:PATH``.
+
+    Args:
+        name: the name to check.
+        key: what the name is (a config key such as ``data.dataset``); it starts the message.
+
+    Raises:
+        DataError: unknown name; the message names ``key``, the closest valid name and the generic
+            spellings.
+    """
+    from scenarios import sources  # sources builds on this module's containers: imported when used
+
+    if sources.is_generic(name):
+        try:
+            sources.parse_source(name)
+        except DataError as err:
+            raise DataError(f"{key}: {err}") from None
+        return
+    if _canonical(name) in DATASETS:
+        return
+    close = difflib.get_close_matches(_canonical(name), DATASET_NAMES, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise DataError(
+        f"{key}: unknown value {name!r}.{hint} Valid: {', '.join(DATASET_NAMES)}, or any image folder as "
+        f"folder:PATH (PATH/train/<class>/ and PATH/test/ or PATH/val/) or a .npz file as npz:PATH "
+        f"(x_train, y_train, x_test, y_test)."
+    )
+
+
+def dataset_spec(name: str, *, image_size: int | None = None) -> DatasetSpec:
+    """The :class:`DatasetSpec` of a built-in name or of a generic ``folder:PATH`` / ``npz:PATH`` source.
+
+    Args:
+        name: as for :func:`load_dataset`.
+        image_size: the side the images will be resized to (as passed to :func:`load_dataset`); it
+            sets ``image_size`` of ImageNet-100 and of generic sources, and so their stem.
+
+    A built-in spec is a constant of the registry. A generic source's spec needs its data: this
+    reads the source (its statistics come from the cache after the first time), so code that loads
+    the data anyway may as well take ``stem_for_size(splits.image_size)``.
+
+    Raises:
+        DataError: unknown name, or (generic sources) missing or malformed data.
+    """
+    from scenarios import sources
+
+    if sources.is_generic(name):
+        splits = sources.load_source(sources.parse_source(name), image_size=image_size)
+        return DatasetSpec(
+            name=splits.name,
+            loader=partial(_load_generic, name),
+            stem=stem_for_size(splits.image_size),
+            image_size=splits.image_size,
+            mean=splits.mean,
+            std=splits.std,
+            num_classes=splits.num_classes,
+        )
+    check_dataset_name(name)
+    spec = DATASETS[_canonical(name)]
+    if image_size is None or int(image_size) == spec.image_size:
+        return spec
+    if spec.name != "imagenet100":
+        _check_fixed_size(spec.name, image_size, spec.image_size)
+    return replace(spec, image_size=_positive_size(spec.name, image_size))
 
 
 def load_dataset(
@@ -269,40 +411,33 @@ def load_dataset(
     """Load dataset ``name`` from ``root`` (or ``$STREAMING_SSL_DATA``).
 
     Args:
-        name: one of :data:`DATASET_NAMES` (case-insensitive; ``-``/``_`` ignored).
+        name: one of :data:`DATASET_NAMES` (case-insensitive; ``-``/``_`` ignored), or a generic
+            source ``folder:PATH`` / ``npz:PATH`` (:mod:`scenarios.sources`; ``root`` is not used,
+            a relative PATH is relative to the current directory).
         root: the data folder; ``None`` means ``$STREAMING_SSL_DATA``.
         download: CIFAR only: fetch the python layout with torchvision if no
             local copy exists (needs internet).
         image_size: side of the returned square images. ImageNet-100 resizes to
-            it (default 224); the other datasets have a fixed size (32, 32, 64)
-            and only accept that value.
+            it (default 224) and so do generic sources (default: their own size);
+            the other datasets have a fixed size (32, 32, 64) and only accept that value.
 
     Raises:
         DataError: unknown name, missing or malformed data.
     """
-    key = str(name).strip().lower().replace("-", "").replace("_", "")
-    if key == "tinyimagenet200":
-        key = "tinyimagenet"
-    if key not in DATASET_NAMES:
-        close = difflib.get_close_matches(key, DATASET_NAMES, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise DataError(
-            f"Unknown dataset {name!r}; valid names are {', '.join(DATASET_NAMES)}.{hint}"
-        )
-    if key in ("cifar10", "cifar100"):
-        _check_fixed_size(key, image_size, 32)
-        base = resolve_root(root, create=download)
-        return _load_cifar(key, base, download=download)
-    if download:
-        logger.warning("data.download is only supported for CIFAR; ignored for %s", key)
-    base = resolve_root(root)
-    if key == "tinyimagenet":
-        _check_fixed_size(key, image_size, TINY_IMAGE_SIZE)
-        return _load_tiny_imagenet(base)
-    size = IMAGENET100_DEFAULT_SIZE if image_size is None else int(image_size)
-    if size <= 0:
-        raise DataError(f"imagenet100: image_size must be positive, got {image_size}")
-    return _load_imagenet100(base, size)
+    from scenarios import sources
+
+    if sources.is_generic(name):
+        return _load_generic(name, root, download=download, image_size=image_size)
+    check_dataset_name(name)
+    return DATASETS[_canonical(name)].load(root, download=download, image_size=image_size)
+
+
+def _load_generic(name: str, root: Any, *, download: bool, image_size: int | None) -> DatasetSplits:
+    """Loader of a ``folder:``/``npz:`` source (``root`` unused: the path is in the name)."""
+    from scenarios import sources
+
+    _no_download(name, download)
+    return sources.load_source(sources.parse_source(name), image_size=image_size)
 
 
 def _check_fixed_size(name: str, image_size: int | None, native: int) -> None:
@@ -310,8 +445,41 @@ def _check_fixed_size(name: str, image_size: int | None, native: int) -> None:
     if image_size is not None and int(image_size) != native:
         raise DataError(
             f"{name} images are {native}x{native}; image_size={image_size} is not supported "
-            f"(only imagenet100 is resized). Remove data.image_size or set it to {native}."
+            f"(only imagenet100 and folder:/npz: sources are resized). Remove data.image_size or set it to {native}."
         )
+
+
+def _positive_size(name: str, image_size: int | None) -> int:
+    """``image_size`` as a positive int, or a DataError naming the dataset."""
+    if image_size is None or int(image_size) <= 0:
+        raise DataError(f"{name}: image_size must be a positive number of pixels, got {image_size}")
+    return int(image_size)
+
+
+def _no_download(name: str, download: bool) -> None:
+    """Warn that ``download`` does nothing for a dataset that cannot be fetched."""
+    if download:
+        logger.warning("data.download is only supported for CIFAR; ignored for %s", name)
+
+
+def _load_cifar_entry(name: str, root: Any, *, download: bool, image_size: int | None) -> DatasetSplits:
+    """Registry loader of CIFAR-10/100."""
+    _check_fixed_size(name, image_size, 32)
+    return _load_cifar(name, resolve_root(root, create=download), download=download)
+
+
+def _load_tiny_entry(root: Any, *, download: bool, image_size: int | None) -> DatasetSplits:
+    """Registry loader of Tiny ImageNet."""
+    _no_download("tinyimagenet", download)
+    _check_fixed_size("tinyimagenet", image_size, TINY_IMAGE_SIZE)
+    return _load_tiny_imagenet(resolve_root(root))
+
+
+def _load_imagenet100_entry(root: Any, *, download: bool, image_size: int | None) -> DatasetSplits:
+    """Registry loader of ImageNet-100 (resized to ``image_size``, default 224)."""
+    _no_download("imagenet100", download)
+    size = IMAGENET100_DEFAULT_SIZE if image_size is None else _positive_size("imagenet100", image_size)
+    return _load_imagenet100(resolve_root(root), size)
 
 
 # --------------------------------------------------------------------------- CIFAR
@@ -319,7 +487,9 @@ def _check_fixed_size(name: str, image_size: int | None, native: int) -> None:
 
 @dataclass(frozen=True)
 class _CifarSpec:
-    num_classes: int
+    """Where and how one CIFAR variant is stored (its classes and statistics live in :data:`DATASETS`)."""
+
+    name: str
     npz_name: str
     py_dir: str
     train_files: tuple[str, ...]
@@ -327,13 +497,16 @@ class _CifarSpec:
     meta_file: str
     label_key: str
     names_key: str
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes, from the registry."""
+        return DATASETS[self.name].num_classes
 
 
 _CIFAR_SPECS = {
     "cifar10": _CifarSpec(
-        num_classes=10,
+        name="cifar10",
         npz_name="cifar10.npz",
         py_dir="cifar-10-batches-py",
         train_files=tuple(f"data_batch_{i}" for i in range(1, 6)),
@@ -341,11 +514,9 @@ _CIFAR_SPECS = {
         meta_file="batches.meta",
         label_key="labels",
         names_key="label_names",
-        mean=CIFAR10_MEAN,
-        std=CIFAR10_STD,
     ),
     "cifar100": _CifarSpec(
-        num_classes=100,
+        name="cifar100",
         npz_name="cifar100.npz",
         py_dir="cifar-100-python",
         train_files=("train",),
@@ -353,8 +524,6 @@ _CIFAR_SPECS = {
         meta_file="meta",
         label_key="fine_labels",
         names_key="fine_label_names",
-        mean=CIFAR100_MEAN,
-        std=CIFAR100_STD,
     ),
 }
 
@@ -383,9 +552,9 @@ def _load_cifar(name: str, base: pathlib.Path, *, download: bool) -> DatasetSpli
         train=train,
         test=test,
         class_names=names,
-        image_size=32,
-        mean=spec.mean,
-        std=spec.std,
+        image_size=DATASETS[name].image_size,
+        mean=DATASETS[name].mean,
+        std=DATASETS[name].std,
     )
 
 
@@ -405,23 +574,24 @@ def _download_cifar(name: str, base: pathlib.Path) -> None:
         ) from exc
 
 
-def _read_cifar_npz(path: pathlib.Path, spec: _CifarSpec) -> tuple[ImageData, ImageData, list[str]]:
-    """Read and validate a CIFAR npz (x_train, y_train, x_test, y_test, class_names)."""
-    fallback = f"the python layout {path.parent / spec.py_dir}/"
-    required = ("x_train", "y_train", "x_test", "y_test", "class_names")
-    arrays: dict[str, np.ndarray] = {}
+def read_npz_arrays(
+    path: pathlib.Path, required: Sequence[str], optional: Sequence[str] = (), *, fix: str
+) -> dict[str, np.ndarray]:
+    """The ``required`` (and present ``optional``) arrays of an .npz file, loaded without pickle.
+
+    Raises:
+        DataError: a required key is missing (naming it and the keys present), or the file is
+            truncated, corrupted or holds pickled objects; ``fix`` ends the message.
+    """
     try:
         with np.load(path, allow_pickle=False) as npz:
             missing = [k for k in required if k not in npz.files]
             if missing:
                 raise DataError(
                     f"{path} lacks the key(s) {', '.join(missing)} (has: "
-                    f"{', '.join(npz.files) or 'none'}); it must hold {', '.join(required)} as "
-                    f"documented in shared/data/README.md. Re-create it, or delete it to fall "
-                    f"back to {fallback}."
+                    f"{', '.join(npz.files) or 'none'}); {fix}"
                 )
-            for k in required:
-                arrays[k] = npz[k]
+            return {k: npz[k] for k in (*required, *optional) if k in npz.files}
     except DataError:
         raise
     except (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error, KeyError) as exc:
@@ -429,10 +599,18 @@ def _read_cifar_npz(path: pathlib.Path, spec: _CifarSpec) -> tuple[ImageData, Im
             detail = "it holds object arrays (pickled data), which are not loaded for safety"
         else:
             detail = f"{type(exc).__name__}: {exc}"
-        raise DataError(
-            f"{path} is truncated or corrupted ({detail}); re-create it or delete it to fall "
-            f"back to {fallback}."
-        ) from exc
+        raise DataError(f"{path} is truncated or corrupted ({detail}); {fix}") from exc
+
+
+def _read_cifar_npz(path: pathlib.Path, spec: _CifarSpec) -> tuple[ImageData, ImageData, list[str]]:
+    """Read and validate a CIFAR npz (x_train, y_train, x_test, y_test, class_names)."""
+    fallback = f"the python layout {path.parent / spec.py_dir}/"
+    required = ("x_train", "y_train", "x_test", "y_test", "class_names")
+    arrays = read_npz_arrays(
+        path, required,
+        fix=f"it must hold {', '.join(required)} as documented in shared/data/README.md. Re-create it, "
+            f"or delete it to fall back to {fallback}.",
+    )
 
     splits = []
     for split in ("train", "test"):
@@ -548,7 +726,7 @@ def _read_cifar_python(folder: pathlib.Path, spec: _CifarSpec) -> tuple[ImageDat
     """Read torchvision's / the official python layout of CIFAR-10/100."""
     hint = (
         f"{folder}/ must hold {', '.join(spec.train_files)}, {spec.test_file} and "
-        f"{spec.meta_file} as extracted from {_CIFAR_URLS['cifar10' if spec.num_classes == 10 else 'cifar100']}; "
+        f"{spec.meta_file} as extracted from {_CIFAR_URLS[spec.name]}; "
         f"delete the folder and set data.download: true to fetch it again."
     )
 
@@ -606,20 +784,45 @@ def _decode_rgb(path: str) -> torch.Tensor:
     return img
 
 
+def resize_uint8(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Resize uint8 images ``(3, H, W)`` or ``(N, 3, H, W)`` to ``height x width``, rounded back to uint8.
+
+    The resize is the call of the whole-image probes (:meth:`streaming_ssl.augment.MultiPatchAugment.whole_image`):
+    ``torch.nn.functional.interpolate(x, mode="bilinear", align_corners=False, antialias=True)`` on float
+    pixels, so a stored resized image differs from the probes' own resize by rounding only.
+    """
+    batch = images if images.dim() == 4 else images.unsqueeze(0)
+    out = torch.nn.functional.interpolate(
+        batch.float(), size=(int(height), int(width)), mode="bilinear", align_corners=False, antialias=True
+    )
+    out = out.round_().clamp_(0, 255).to(torch.uint8)
+    return out if images.dim() == 4 else out.squeeze(0)
+
+
 def _resize_center_crop(img: torch.Tensor, size: int) -> torch.Tensor:
-    """Resize the shorter side to ``size`` (bilinear, antialias), then center-crop square."""
+    """Resize the shorter side to ``size`` (:func:`resize_uint8`), then center-crop square.
+
+    ``img`` is ``(3, H, W)`` or a batch ``(N, 3, H, W)`` of one size; the longer side becomes
+    ``int(size * long / short)``, as in torchvision's ``resize``.
+    """
     from torchvision.transforms.v2 import functional as F
 
     h, w = int(img.shape[-2]), int(img.shape[-1])
     if (h, w) == (size, size):
         return img.contiguous()
     if min(h, w) != size:
-        img = F.resize(img, [size], antialias=True)
+        new_h, new_w = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
+        img = resize_uint8(img, new_h, new_w)
     return F.center_crop(img, [size, size]).contiguous()
 
 
-def _decode_many(paths: Sequence[str], size: int, desc: str) -> torch.Tensor:
-    """Decode ``paths`` into one (N, 3, size, size) uint8 tensor, with progress if many."""
+def _decode_many(
+    paths: Sequence[str], size: int, desc: str, *, same_size_as: tuple[str, int, int] | None = None
+) -> torch.Tensor:
+    """Decode ``paths`` into one (N, 3, size, size) uint8 tensor, with progress if many.
+
+    ``same_size_as=(path, H, W)``: every image must be H x W like ``path``, else a DataError.
+    """
     out = torch.empty((len(paths), 3, size, size), dtype=torch.uint8)
     iterator: Iterable[tuple[int, str]] = enumerate(paths)
     if len(paths) > _PROGRESS_THRESHOLD:
@@ -630,7 +833,14 @@ def _decode_many(paths: Sequence[str], size: int, desc: str) -> torch.Tensor:
         except ImportError:  # pragma: no cover - tqdm is a dependency
             logger.info("%s: decoding %d images", desc, len(paths))
     for i, p in iterator:
-        out[i] = _resize_center_crop(_decode_rgb(p), size)
+        img = _decode_rgb(p)
+        if same_size_as is not None and tuple(img.shape[-2:]) != same_size_as[1:]:
+            ref, h, w = same_size_as
+            raise DataError(
+                f"{desc}: images differ in size ({ref} is {h}x{w}, {p} is {img.shape[-2]}x{img.shape[-1]}); "
+                f"set data.image_size (image_size=...) to the side to resize them all to."
+            )
+        out[i] = _resize_center_crop(img, size)
     return out
 
 
@@ -728,8 +938,8 @@ def _load_tiny_imagenet(base: pathlib.Path) -> DatasetSplits:
         test=ImageData(test_images, torch.tensor(val_targets, dtype=torch.int64)),
         class_names=class_names,
         image_size=TINY_IMAGE_SIZE,
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
+        mean=DATASETS["tinyimagenet"].mean,
+        std=DATASETS["tinyimagenet"].std,
     )
 
 
@@ -858,6 +1068,23 @@ def _load_imagenet100(base: pathlib.Path, image_size: int) -> DatasetSplits:
         test=splits[1],
         class_names=list(wnids),
         image_size=image_size,
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
+        mean=DATASETS["imagenet100"].mean,
+        std=DATASETS["imagenet100"].std,
     )
+
+
+# --------------------------------------------------------------------------- the registry
+
+# name -> DatasetSpec of every built-in dataset; the one place to add another.
+DATASETS: dict[str, DatasetSpec] = {
+    "cifar10": DatasetSpec("cifar10", partial(_load_cifar_entry, "cifar10"), "cifar", 32,
+                           CIFAR10_MEAN, CIFAR10_STD, 10),
+    "cifar100": DatasetSpec("cifar100", partial(_load_cifar_entry, "cifar100"), "cifar", 32,
+                            CIFAR100_MEAN, CIFAR100_STD, 100),
+    "tinyimagenet": DatasetSpec("tinyimagenet", _load_tiny_entry, "tiny", TINY_IMAGE_SIZE,
+                                IMAGENET_MEAN, IMAGENET_STD, 200),
+    "imagenet100": DatasetSpec("imagenet100", _load_imagenet100_entry, "imagenet", IMAGENET100_DEFAULT_SIZE,
+                               IMAGENET_MEAN, IMAGENET_STD, 100),
+}
+# the built-in names, in registry order
+DATASET_NAMES: tuple[str, ...] = tuple(DATASETS)

@@ -18,13 +18,16 @@ from torchvision.io import ImageReadMode, decode_image, encode_jpeg, encode_png,
 from scenarios import datasets as ds
 from scenarios.datasets import (
     DATASET_NAMES,
+    DATASETS,
     ENV_VAR,
     DataError,
     DatasetSplits,
     ImageData,
     LazyImageFolder,
+    dataset_spec,
     load_dataset,
     resolve_root,
+    stem_for_size,
 )
 
 # torchvision 0.29 flags its image codecs as deprecated (in favour of TorchCodec); they still work.
@@ -126,7 +129,8 @@ def test_resolve_root_explicit_env_and_errors(tmp_path, monkeypatch):
 
 
 def test_unknown_name_suggests_closest(tmp_path):
-    with pytest.raises(DataError, match=r"cifar10, cifar100, tinyimagenet, imagenet100.*Did you mean 'cifar10'"):
+    with pytest.raises(DataError, match=r"dataset: unknown value 'cifar1O'\. Did you mean 'cifar10'\? Valid: cifar10, "
+                                        r"cifar100, tinyimagenet, imagenet100, .*folder:PATH.*npz:PATH"):
         load_dataset("cifar1O", tmp_path)
     with pytest.raises(DataError, match=r"Did you mean 'tinyimagenet'"):
         load_dataset("tinyimagenett", tmp_path)
@@ -138,6 +142,27 @@ def test_fixed_size_datasets_reject_other_image_size(tmp_path):
         load_dataset("cifar10", tmp_path, image_size=64)
     with pytest.raises(DataError, match=r"tinyimagenet images are 64x64"):
         load_dataset("tinyimagenet", tmp_path, image_size=32)
+
+
+def test_registry_holds_the_builtin_datasets():
+    assert DATASET_NAMES == tuple(DATASETS) == ("cifar10", "cifar100", "tinyimagenet", "imagenet100")
+    assert [DATASETS[n].stem for n in DATASET_NAMES] == ["cifar", "cifar", "tiny", "imagenet"]
+    assert [DATASETS[n].image_size for n in DATASET_NAMES] == [32, 32, 64, 224]
+    assert [DATASETS[n].num_classes for n in DATASET_NAMES] == [10, 100, 200, 100]
+    assert dataset_spec("CIFAR-10") is DATASETS["cifar10"] and dataset_spec("tiny-imagenet-200") is DATASETS["tinyimagenet"]
+    assert dataset_spec("imagenet100", image_size=96).image_size == 96
+    assert dataset_spec("imagenet100", image_size=96).stem == "imagenet"
+    with pytest.raises(DataError, match=r"cifar10 images are 32x32; image_size=64"):
+        dataset_spec("cifar10", image_size=64)
+    assert [stem_for_size(s) for s in (8, 32, 33, 64, 65, 224)] == ["cifar", "cifar", "tiny", "tiny", "imagenet", "imagenet"]
+
+
+def test_registry_spec_matches_what_the_loader_returns(tmp_path, cifar10_arrays):
+    _write_cifar10_python(tmp_path, *cifar10_arrays, CIFAR10_NAMES)
+    spec = dataset_spec("cifar10")
+    d = spec.load(tmp_path)
+    assert (d.name, d.image_size, d.mean, d.std) == (spec.name, spec.image_size, spec.mean, spec.std)
+    assert d.num_classes == spec.num_classes
 
 
 # --------------------------------------------------------------------------- CIFAR: loading

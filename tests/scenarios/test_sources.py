@@ -1,0 +1,323 @@
+"""Tests for scenarios.sources: any image folder (folder:PATH) or .npz (npz:PATH) as a dataset.
+
+Fixtures are written through real encoders (torchvision.io encode_png / encode_jpeg): PNG and JPEG,
+grayscale and RGB, several sizes, an .npz with HWC RGB images and one with NHW grayscale images.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torchvision.io import encode_png, write_file
+
+from scenarios import sources
+from scenarios.datasets import (
+    DataError,
+    LazyImageFolder,
+    _resize_center_crop,
+    dataset_spec,
+    load_dataset,
+)
+from scenarios.streams import build_stream
+from streaming_ssl.augment import MultiPatchAugment
+from streaming_ssl.config import ConfigError, load_config
+from tests.conftest import class_image, write_jpeg, write_png
+
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:The image decoding and encoding capabilities of TorchVision:DeprecationWarning"
+)
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+CLASSES = ["zebra", "ant", "moth"]  # written in this order; ids follow the sorted names: ant 0, moth 1, zebra 2
+
+
+def gray_png(path: pathlib.Path, img: torch.Tensor) -> None:
+    """Write a one-channel PNG."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_file(str(path), encode_png(img))
+
+
+def make_folder(root: pathlib.Path, *, test_name: str = "test", size: int = 12, per_class: int = 3) -> dict:
+    """ROOT/train/<class>/ and ROOT/<test_name>/<class>/ with lossless PNGs of one size; returns the pixels.
+
+    The first training image of class 'moth' is a grayscale PNG; the rest are RGB.
+    """
+    pixels: dict[str, torch.Tensor] = {}
+    for c, name in enumerate(CLASSES):
+        for split, n in (("train", per_class), (test_name, 1)):
+            for k in range(n):
+                img = class_image(c, k + (100 if split != "train" else 0), size, size, seed=5)
+                path = root / split / name / f"{name}_{k}.png"
+                if name == "moth" and split == "train" and k == 0:
+                    img = img[:1]
+                    gray_png(path, img)
+                else:
+                    write_png(path, img)
+                pixels[str(path)] = img
+    return pixels
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    """Keep the statistics cache of every test in its own folder."""
+    monkeypatch.setenv(sources.CACHE_ENV_VAR, str(tmp_path / "cache"))
+
+
+# --------------------------------------------------------------------------- names and the registry
+
+
+def test_names_parse_and_read(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert sources.parse_source("folder:/data/svhn/").path == pathlib.Path("/data/svhn")
+    assert sources.parse_source("folder:/data/svhn/").name == "svhn"
+    assert sources.parse_source("npz:/data/digits.npz").name == "digits"
+    assert sources.parse_source("npz:sub/d.npz").path == tmp_path / "sub" / "d.npz"
+    assert sources.parse_source("NPZ:~/d.npz").path == pathlib.Path.home() / "d.npz"
+    assert sources.is_generic("folder:x") and not sources.is_generic("cifar10") and not sources.is_generic("foldr:x")
+    with pytest.raises(DataError, match=r"'folder:' names no path; write folder:PATH"):
+        sources.parse_source("folder:")
+
+
+def test_config_reads_the_registry(tmp_path):
+    cfg = load_config(None, ["data.dataset=folder:/data/svhn", "eval.transfer=[cifar100, npz:rel/d.npz]"])
+    assert cfg.data.dataset == "folder:/data/svhn" and cfg.eval.transfer == ["cifar100", "npz:rel/d.npz"]
+    with pytest.raises(ConfigError, match=r"^data\.dataset: unknown value 'tinyimagnet'\. Did you mean 'tinyimagenet'\?"
+                                          r".*folder:PATH.*npz:PATH"):
+        load_config(None, ["data.dataset=tinyimagnet"])
+    with pytest.raises(ConfigError, match=r"^eval\.transfer\[1\]: unknown value 'foldr:/x'\..*folder:PATH.*npz:PATH"):
+        load_config(None, ["eval.transfer=[cifar10, 'foldr:/x']"])
+    with pytest.raises(ConfigError, match=r"^eval\.transfer\[0\]: 'npz:' names no path"):
+        load_config(None, ["eval.transfer=['npz:']"])
+
+
+# --------------------------------------------------------------------------- image folders
+
+
+def test_folder_classes_pixels_and_grayscale(tmp_path):
+    pixels = make_folder(tmp_path / "shapes", test_name="val")
+    d = load_dataset(f"folder:{tmp_path / 'shapes'}/")
+    assert d.name == "shapes" and d.class_names == ["ant", "moth", "zebra"] and d.image_size == 12
+    assert isinstance(d.train.images, torch.Tensor) and d.train.images.shape == (9, 3, 12, 12)
+    assert d.train.targets.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2] and d.test.targets.tolist() == [0, 1, 2]
+    paths = sorted(p for p in pixels if "/train/" in p)  # sorted class folders, sorted files
+    for i, p in enumerate(paths):
+        expect = pixels[p].expand(3, -1, -1)  # the grayscale image becomes three equal channels
+        assert torch.equal(d.train.images[i], expect), p
+    gray = d.train.images[3]
+    assert torch.equal(gray[0], gray[1]) and torch.equal(gray[1], gray[2]) and not torch.equal(d.train.images[4][0], d.train.images[4][1])
+    assert dataset_spec(f"folder:{tmp_path / 'shapes'}").stem == "cifar"
+
+
+def test_folder_resize_equals_the_whole_image_probe_resize(tmp_path):
+    root = tmp_path / "mixed"
+    square = class_image(0, 0, 20, 20, seed=9)
+    write_png(root / "train" / "a" / "0.png", square)
+    wide = torch.zeros(3, 16, 64, dtype=torch.uint8)  # red | green (the middle half) | blue
+    wide[0, :, :16], wide[1, :, 16:48], wide[2, :, 48:] = 255, 255, 255
+    write_png(root / "train" / "a" / "1.png", wide)
+    write_jpeg(root / "train" / "b" / "0.jpg", class_image(1, 0, 30, 25, seed=9))
+    write_png(root / "test" / "b" / "0.png", class_image(1, 1, 9, 9, seed=9))
+    with pytest.raises(DataError, match=r"images differ in size \(.*0\.png is 20x20, .*1\.png is 16x64\); set data\.image_size"):
+        load_dataset(f"folder:{root}")
+    d = load_dataset(f"folder:{root}", image_size=8)
+    assert d.train.images.shape == (3, 3, 8, 8) and d.test.images.shape == (1, 3, 8, 8) and d.image_size == 8
+    probe = MultiPatchAugment(2, 8, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)).whole_image(square[None])
+    assert (d.train.images[0].float() / 255 - probe[0]).abs().max() <= 0.5 / 255 + 1e-6  # rounding only
+    green = torch.tensor([0, 255, 0], dtype=torch.int16).view(3, 1, 1)
+    assert (d.train.images[1].to(torch.int16) - green).abs().max() <= 1  # shorter side resized, center crop
+    assert torch.equal(d.test.images[0], _resize_center_crop(class_image(1, 1, 9, 9, seed=9), 8))
+
+
+def test_folder_stream_is_class_incremental(tmp_path):
+    make_folder(tmp_path / "f", per_class=4)
+    d = load_dataset(f"folder:{tmp_path / 'f'}")
+    stream = build_stream(d.train, d.num_classes, mode="class_incremental", n_experiences=3, class_order_seed=0)
+    assert sorted(c for cs in stream.parent_classes for c in cs) == [0, 1, 2]
+    for exp, classes in zip(stream, stream.parent_classes):
+        assert sorted(set(exp.dataset.targets)) == sorted(classes) and len(exp.dataset) == 4
+
+
+def test_large_folder_is_lazy_and_equal(tmp_path, monkeypatch):
+    make_folder(tmp_path / "f")
+    dense = load_dataset(f"folder:{tmp_path / 'f'}", image_size=8)
+    monkeypatch.setattr(sources, "MAX_IN_MEMORY_IMAGES", 5)
+    lazy = load_dataset(f"folder:{tmp_path / 'f'}", image_size=8)
+    assert isinstance(lazy.train.images, LazyImageFolder) and isinstance(lazy.test.images, LazyImageFolder)
+    assert torch.equal(lazy.train.images[torch.arange(9)], dense.train.images)
+    assert torch.equal(lazy.test.images[torch.arange(3)], dense.test.images)
+    assert torch.equal(lazy.train.targets, dense.train.targets)
+    assert lazy.mean == pytest.approx(dense.mean) and lazy.std == pytest.approx(dense.std)
+    with pytest.raises(DataError, match=r"holds 12 images .* read lazily .* set data\.image_size"):
+        load_dataset(f"folder:{tmp_path / 'f'}")
+
+
+def test_folder_errors_name_the_problem(tmp_path):
+    root = tmp_path / "f"
+    with pytest.raises(DataError, match=re.escape(f"folder source {root} does not exist")):
+        load_dataset(f"folder:{root}")
+    make_folder(root)
+    (root / "test").rename(root / "holdout")
+    with pytest.raises(DataError, match=rf"neither {re.escape(str(root))}/test/ nor .*/val/ exists"):
+        load_dataset(f"folder:{root}")
+    (root / "holdout").rename(root / "test")
+    write_png(root / "test" / "wasp" / "0.png", class_image(5, 0, 12, 12, seed=1))
+    with pytest.raises(DataError, match=r"test/ has class folder\(s\) wasp that .*train/ lacks"):
+        load_dataset(f"folder:{root}")
+    (root / "train" / "wasp").mkdir()
+    (root / "train" / "wasp" / "scan.bmp").write_bytes(b"BM")
+    with pytest.raises(DataError, match=r"class folder .*train/wasp/ is empty: no \.jpeg/\.jpg/\.png/\.webp image; "
+                                        r"it holds \.bmp \(1\)"):
+        load_dataset(f"folder:{root}")
+    (root / "train" / "wasp" / "broken.png").write_bytes(b"\x89PNG not really")
+    with pytest.raises(DataError, match=r"Cannot decode image .*train/wasp/broken\.png"):
+        load_dataset(f"folder:{root}")
+    (root / "train").rename(root / "training")
+    with pytest.raises(DataError, match=rf"{re.escape(str(root))}/train/ is missing"):
+        load_dataset(f"folder:{root}")
+
+
+# --------------------------------------------------------------------------- npz
+
+
+def save_npz(path: pathlib.Path, **arrays) -> pathlib.Path:
+    np.savez(path, **arrays)
+    return path
+
+
+def test_npz_hwc_rgb_and_nhw_gray(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (6, 10, 10, 3), dtype=np.uint8)
+    rgb = save_npz(tmp_path / "colour.npz", x_train=x, y_train=np.array([0, 1, 2, 0, 1, 2]), x_test=x[:2],
+                   y_test=np.array([2, 0]), class_names=np.array(["a", "b", "c"]))
+    d = load_dataset(f"npz:{rgb}")
+    assert d.name == "colour" and d.class_names == ["a", "b", "c"] and d.image_size == 10
+    assert torch.equal(d.train.images, torch.from_numpy(x).permute(0, 3, 1, 2))
+    assert d.test.targets.tolist() == [2, 0]
+    g = rng.integers(0, 256, (4, 14, 14), dtype=np.uint8)
+    gray = save_npz(tmp_path / "digits.npz", x_train=g, y_train=np.array([1, 0, 1, 3]), x_test=g[:1], y_test=np.array([3]))
+    d = load_dataset(f"npz:{gray}", image_size=7)
+    assert d.name == "digits" and d.class_names == ["0", "1", "2", "3"] and d.train.images.shape == (4, 3, 7, 7)
+    assert torch.equal(d.train.images[:, 0], d.train.images[:, 1]) and torch.equal(d.train.images[:, 1], d.train.images[:, 2])
+    probe = MultiPatchAugment(2, 7, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)).whole_image(
+        torch.from_numpy(g)[:, None].expand(-1, 3, -1, -1))
+    assert (d.train.images.float() / 255 - probe).abs().max() <= 0.5 / 255 + 1e-6
+    assert dataset_spec(f"npz:{gray}", image_size=48).stem == "tiny"
+    assert dataset_spec(f"npz:{gray}", image_size=100).stem == "imagenet"
+
+
+def test_npz_errors_name_the_problem(tmp_path):
+    x = np.zeros((3, 8, 8, 3), dtype=np.uint8)
+    y = np.array([0, 1, 1])
+    missing = tmp_path / "nothere.npz"
+    with pytest.raises(DataError, match=re.escape(f"npz source {missing} does not exist")):
+        load_dataset(f"npz:{missing}")
+    p = save_npz(tmp_path / "a.npz", x_train=x, y_train=y, x_test=x)
+    with pytest.raises(DataError, match=r"a\.npz lacks the key\(s\) y_test \(has: x_train, y_train, x_test\)"):
+        load_dataset(f"npz:{p}")
+    p = save_npz(tmp_path / "b.npz", x_train=x, y_train=y, x_test=x, y_test=np.array([0, 1]))
+    with pytest.raises(DataError, match=r"b\.npz key y_test .*has 2 labels but there are 3 images"):
+        load_dataset(f"npz:{p}")
+    p = save_npz(tmp_path / "c.npz", x_train=x, y_train=y, x_test=x, y_test=np.array([0, 1, 2]))
+    with pytest.raises(DataError, match=r"c\.npz key y_test \(max\(y_train\) \+ 1 classes\) has labels out of range "
+                                        r"\[0, 2\]; expected 0\.\.1"):
+        load_dataset(f"npz:{p}")
+    p = save_npz(tmp_path / "d.npz", x_train=x, y_train=np.array([0, -1, 1]), x_test=x, y_test=y,
+                 class_names=np.array(["u", "v"]))
+    with pytest.raises(DataError, match=r"d\.npz key y_train \(class_names classes\) has labels out of range"):
+        load_dataset(f"npz:{p}")
+    p = save_npz(tmp_path / "e.npz", x_train=x.astype(np.float32), y_train=y, x_test=x, y_test=y)
+    with pytest.raises(DataError, match=r"e\.npz key x_train has dtype float32; images must be uint8"):
+        load_dataset(f"npz:{p}")
+    (tmp_path / "f.npz").write_bytes(b"PK not a zip")
+    with pytest.raises(DataError, match=r"f\.npz is truncated or corrupted"):
+        load_dataset(f"npz:{tmp_path / 'f.npz'}")
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def hand_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
+    x = images.double() / 255
+    return x.mean(dim=(0, 2, 3)).tolist(), x.permute(1, 0, 2, 3).reshape(3, -1).std(dim=1, unbiased=False).tolist()
+
+
+def test_stats_are_computed_once_cached_and_invalidated(tmp_path):
+    root = tmp_path / "f"
+    make_folder(root)
+    d = load_dataset(f"folder:{root}")
+    mean, std = hand_stats(d.train.images)
+    assert d.mean == pytest.approx(mean, abs=1e-9) and d.std == pytest.approx(std, abs=1e-9)
+    cache = root / sources.STATS_FILE
+    blob = json.loads(cache.read_text())
+    assert blob["stats"]["12"] == {"mean": pytest.approx(mean), "std": pytest.approx(std)}
+    blob["stats"]["12"] = {"mean": [0.1, 0.2, 0.3], "std": [0.4, 0.5, 0.6]}  # a second load must read, not compute
+    cache.write_text(json.dumps(blob))
+    again = load_dataset(f"folder:{root}")
+    assert again.mean == (0.1, 0.2, 0.3) and again.std == (0.4, 0.5, 0.6)
+    resized = load_dataset(f"folder:{root}", image_size=6)  # another size: its own entry, the first one kept
+    assert resized.mean == pytest.approx(hand_stats(resized.train.images)[0], abs=1e-9)
+    assert set(json.loads(cache.read_text())["stats"]) == {"12", "6"}
+    changed = class_image(7, 7, 12, 12, seed=7)
+    write_png(root / "train" / "ant" / "ant_0.png", changed)  # the data changes: the cache is stale
+    fresh = load_dataset(f"folder:{root}")
+    assert fresh.mean == pytest.approx(hand_stats(fresh.train.images)[0], abs=1e-9)
+    assert fresh.mean != pytest.approx(mean, abs=1e-6)
+
+
+def test_stats_cache_falls_back_to_the_cache_folder(tmp_path):
+    x = np.random.default_rng(1).integers(0, 256, (5, 6, 6, 3), dtype=np.uint8)
+    p = save_npz(tmp_path / "d.npz", x_train=x, y_train=np.arange(5), x_test=x, y_test=np.arange(5))
+    d = load_dataset(f"npz:{p}")
+    beside = tmp_path / f".d.npz{sources.STATS_FILE}"
+    assert beside.is_file()
+    ref = sources.parse_source(f"npz:{p}")
+    fallback = sources._cache_files(ref)[1]
+    assert fallback.parent == tmp_path / "cache"  # $STREAMING_SSL_CACHE
+    blob = json.loads(beside.read_text())
+    blob["stats"]["6"]["mean"] = [0.25, 0.5, 0.75]
+    fallback.parent.mkdir(parents=True)
+    fallback.write_text(json.dumps(blob))
+    beside.unlink()
+    assert load_dataset(f"npz:{p}").mean == (0.25, 0.5, 0.75)
+    assert d.mean == pytest.approx(hand_stats(d.train.images)[0], abs=1e-9)
+    given = save_npz(tmp_path / "g.npz", x_train=x, y_train=np.arange(5), x_test=x, y_test=np.arange(5),
+                     mean=np.array([0.5, 0.5, 0.5]), std=np.array([0.2, 0.3, 0.4]))
+    assert load_dataset(f"npz:{given}").std == (0.2, 0.3, 0.4)
+    assert not (tmp_path / f".g.npz{sources.STATS_FILE}").exists()
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def test_training_cli_on_a_folder_with_an_npz_transfer(tmp_path):
+    root = tmp_path / "blobs"
+    for c in range(3):
+        for k in range(8):
+            write_png(root / "train" / f"c{c}" / f"{k}.png", class_image(c, k, 16, 16, seed=11))
+        for k in range(4):
+            write_jpeg(root / "test" / f"c{c}" / f"{k}.jpg", class_image(c, 50 + k, 16, 16, seed=11))
+    g = np.random.default_rng(2).integers(0, 256, (12, 20, 20), dtype=np.uint8)
+    transfer = save_npz(tmp_path / "digits.npz", x_train=g, y_train=np.arange(12) % 2, x_test=g[:6], y_test=np.arange(6) % 2)
+    out = tmp_path / "run"
+    cmd = [sys.executable, "run_stream.py", "--config", "configs/smoke.yaml", f"data.dataset=folder:{root}",
+           "data.train_per_class=null", "data.test_per_class=null", f"eval.transfer=[npz:{transfer}]",
+           "model.width=0.125", "model.feature_dim=32", "model.proj_hidden_dim=32", "model.proj_dim=32",
+           "augment.n_patches=2", "eval.probe_epochs=2", "eval.knn_k=3", "train.batch_size=8", "train.threads=1",
+           "run.tensorboard=false", f"run.out_dir={out}"]
+    env = {**os.environ, sources.CACHE_ENV_VAR: str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    assert len(rows) == 3  # configs/smoke.yaml: 3 experiences
+    for r in rows:
+        assert 0.0 <= r["transfer/digits"] <= 1.0
+        assert len(r["probe/acc_matrix_row"]) == 3
+    assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
