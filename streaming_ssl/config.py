@@ -16,7 +16,8 @@ from typing import Any
 
 import yaml
 
-DATASETS = ("cifar10", "cifar100", "tinyimagenet", "imagenet100")
+from scenarios.datasets import DataError, check_dataset_name
+
 MODES = ("class_incremental", "data_incremental", "online", "offline")
 ONLINE_BASES = ("class_incremental", "data_incremental")
 DEVICES = ("auto", "cpu", "cuda")
@@ -35,7 +36,7 @@ def _choices(*values: str) -> dict:
 
 @dataclass
 class DataConfig:
-    dataset: str = field(default="cifar10", metadata=_choices(*DATASETS))
+    dataset: str = "cifar10"  # a name of the registry scenarios/datasets.py DATASETS, or folder:PATH / npz:PATH
     root: str | None = None  # folder holding the data; None: $STREAMING_SSL_DATA
     download: bool = False  # CIFAR only: fetch through torchvision when missing (needs internet)
     image_size: int | None = None  # ImageNet-100: stored image side (default 224)
@@ -312,6 +313,14 @@ def _check(ok: bool, key: str, msg: str) -> None:
         raise ConfigError(f"{key}: {msg}")
 
 
+def _check_dataset(name: str, key: str) -> None:
+    """A dataset name the registry knows (scenarios.datasets), or a folder:PATH / npz:PATH source."""
+    try:
+        check_dataset_name(name, key)
+    except DataError as err:
+        raise ConfigError(str(err)) from None
+
+
 def validate(cfg: Config) -> None:
     """Range and consistency checks that types alone cannot express."""
     a, o, s, t, e, m, op = cfg.augment, cfg.objective, cfg.stream, cfg.train, cfg.eval, cfg.model, cfg.optim
@@ -363,8 +372,9 @@ def validate(cfg: Config) -> None:
     _check(e.knn_k >= 0, "eval.knn_k", f"must be >= 0, got {e.knn_k}")
     _check(e.bn_recalibrate >= 0, "eval.bn_recalibrate", f"must be a number of images >= 0 (0: off), got {e.bn_recalibrate}")
     _check(e.batch_size >= 1 and e.probe_batch_size >= 1, "eval.batch_size", "batch sizes must be >= 1")
+    _check_dataset(cfg.data.dataset, "data.dataset")
     for i, name in enumerate(e.transfer):
-        _check(name in DATASETS, f"eval.transfer[{i}]", f"unknown dataset {name!r}; valid: {', '.join(DATASETS)}")
+        _check_dataset(name, f"eval.transfer[{i}]")
     for key, value in (("data.train_per_class", cfg.data.train_per_class), ("data.test_per_class", cfg.data.test_per_class),
                        ("eval.train_per_class", e.train_per_class), ("eval.test_per_class", e.test_per_class)):
         _check(value is None or value >= 1, key, f"must be >= 1 or null, got {value}")

@@ -186,7 +186,7 @@ def test_unknown_choices(override, match):
     (["augment.solarize_p=-0.1"], r"augment\.solarize_p: is a probability"),
     (["stream.epochs=2"], r"stream\.epochs: .*epochs must be 1 in mode 'class_incremental'"),
     (["stream.mode=online", "stream.epochs=3"], r"stream\.epochs: .*epochs must be 1 in mode 'online'"),
-    (["eval.transfer=[cifar10, svhn]"], r"eval\.transfer\[1\]: unknown dataset 'svhn'; valid: cifar10"),
+    (["eval.transfer=[cifar10, svhn]"], r"eval\.transfer\[1\]: unknown value 'svhn'\. Valid: cifar10.*folder:PATH.*npz:PATH"),
     (["augment.crop_area=1.5"], r"augment\.crop_area: must be in \(0, 1\]"),
     (["augment.jitter=[0.4, 0.4, 0.4, 0.6]"], r"augment\.jitter: .*hue <= 0\.5"),
     (["optim.momentum=1.0"], r"optim\.momentum: must be in \[0, 1\)"),
