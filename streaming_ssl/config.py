@@ -155,6 +155,44 @@ class RunConfig:
     plot: bool = True
 
 
+REPLAY_POLICIES = ("none", "reservoir", "minred")
+
+
+@dataclass
+class ReplayConfig:
+    # none: off; reservoir: each image seen so far kept with equal probability; minred: drop the most redundant
+    # (cosine similarity of the model's features; costs a forward of buffer + batch images per update when full)
+    policy: str = field(default="none", metadata=_choices(*REPLAY_POLICIES))
+    size: int = 500  # images the buffer holds (uint8, in memory, on the training device; never labels)
+    batch: int = 100  # buffer images appended to each update (global batch); 0: buffer only feeds cl.mixup
+    minred_features: str = field(default="z", metadata=_choices("z", "h"))  # what MinRed compares
+
+
+@dataclass
+class DistillConfig:
+    enabled: bool = False  # CaSSLe: predict the frozen model's z of the same patches from the current z
+    weight: float = 1.0  # weight of the term weight * mean(1 - cos(predictor(z), z_frozen))
+    # 0: freeze a copy at every experience boundary (online streams: parent boundaries, which needs
+    # stream.access_task_boundaries); N > 0: every N updates (the way without boundaries, e.g. offline)
+    every: int = 0
+    hidden_dim: int = 2048  # predictor Linear(d, hidden)-BN-ReLU-Linear(hidden, d)
+
+
+@dataclass
+class MixupConfig:
+    enabled: bool = False  # LUMP: stream images mixed with buffer images before augmentation (needs cl.replay)
+    alpha: float = 0.4  # one lambda ~ Beta(alpha, alpha) per update
+
+
+@dataclass
+class ClConfig:
+    """Continual-learning methods (streaming_ssl/cl/), all off by default and composable."""
+
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    mixup: MixupConfig = field(default_factory=MixupConfig)
+
+
 @dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
@@ -166,6 +204,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    cl: ClConfig = field(default_factory=ClConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -380,6 +419,31 @@ def validate(cfg: Config) -> None:
         _check(value is None or value >= 1, key, f"must be >= 1 or null, got {value}")
     _check(cfg.run.checkpoint_every >= 0, "run.checkpoint_every", f"must be >= 0, got {cfg.run.checkpoint_every}")
     _check(cfg.run.keep_last >= 1, "run.keep_last", f"must be >= 1, got {cfg.run.keep_last}")
+    _validate_cl(cfg.cl, cfg.stream)
+
+
+def _validate_cl(cl: ClConfig, s: StreamConfig) -> None:
+    """The cl section alone and against the stream (a buffer larger than the data is checked at build time)."""
+    r, d, x = cl.replay, cl.distill, cl.mixup
+    _check(r.size >= 1, "cl.replay.size", f"must be >= 1 images, got {r.size}")
+    _check(r.batch >= 0, "cl.replay.batch", f"must be >= 0 images per update, got {r.batch}")
+    _check(r.policy == "none" or r.batch > 0 or x.enabled, "cl.replay.batch",
+           f"is 0 with cl.replay.policy={r.policy}: the buffer would be filled and never used; set cl.replay.batch "
+           "to the buffer images per update (e.g. 100), or cl.mixup.enabled=true to use it for mixup only")
+    _check(d.weight > 0 or not d.enabled, "cl.distill.weight", f"must be > 0 with cl.distill.enabled, got {d.weight}")
+    _check(d.every >= 0, "cl.distill.every", f"must be >= 0 (0: at experience boundaries), got {d.every}")
+    _check(d.hidden_dim >= 1, "cl.distill.hidden_dim", f"must be >= 1, got {d.hidden_dim}")
+    if d.enabled and d.every == 0:
+        _check(s.mode != "offline", "cl.distill.every",
+               "is 0 (freeze a copy at experience boundaries) but stream.mode=offline has one experience: there is "
+               "nothing to distil from. Set cl.distill.every=N (a frozen copy every N updates) or use a stream mode")
+        _check(s.mode != "online" or s.access_task_boundaries, "cl.distill.every",
+               "is 0 (freeze a copy at experience boundaries) but an online stream tells the learner no boundaries: "
+               "set cl.distill.every=N (a frozen copy every N updates) or stream.access_task_boundaries=true")
+    _check(x.alpha > 0, "cl.mixup.alpha", f"must be > 0 (lambda ~ Beta(alpha, alpha)), got {x.alpha}")
+    _check(not x.enabled or r.policy != "none", "cl.mixup.enabled",
+           "mixup mixes stream images with buffer images but cl.replay.policy=none keeps no buffer: set "
+           "cl.replay.policy=reservoir (and cl.replay.batch=0 for mixup without appended replay)")
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

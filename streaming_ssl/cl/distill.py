@@ -1,0 +1,152 @@
+"""Distillation (CaSSLe, Fini et al., "Self-supervised models are continual learners", CVPR 2022).
+
+A frozen copy of the model is taken at each experience boundary (or every N updates where a stream has
+no boundaries); a trainable predictor g maps the current projections z of the update's patches to the
+frozen model's projections z' of the same patches, and the loss gains
+
+    L_distill = w * 1/M sum_m (1 - cos(g(z_m), z'_m))           over the M = n*B patches of the update
+
+so that what the new model learns stays predictive of what the old one knew. g is CaSSLe's 2-layer
+MLP Linear(d, hidden)-BN-ReLU-Linear(hidden, d). The frozen model runs in eval mode (as in CaSSLe) under
+inference_mode with the training autocast; it never has a gradient. Before the first boundary there is
+no frozen model and no term.
+
+The plugin (DistillPlugin):
+  after_training_exp (every = 0) / after_training_iteration (every = N): takes the frozen copy of
+      `strategy.core_model` (rank 0's BatchNorm buffers on every rank under DDP).
+  before_backward: adds the term to `strategy.loss` (and `distill` to `strategy.last_stats`), counts
+      the frozen model's patches in `counters.frozen_forwards`.
+  after_backward: under DDP, averages the predictor's gradients over ranks (the predictor lives outside
+      the DDP wrapper; the model's gradients through z are averaged by DDP).
+The predictor is in `trainable_modules` (the optimizer gets it) and, with the frozen copy, in the
+checkpoint (`state_key`); it is not part of the probed model.
+
+DDP: each rank's term is scaled by (its patches / the global patches) x world, so that DDP's averaging
+gives the gradient of the mean over the global batch, also for uneven shares.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import torch
+import torch.nn.functional as F
+from avalanche.core import SupervisedPlugin
+
+from streaming_ssl import distributed as ddp
+from streaming_ssl.cl.common import global_update_images
+from streaming_ssl.device import autocast
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------------ pure maths
+def distill_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """mean_m (1 - cos(pred_m, target_m)) in float32.
+
+    Args:
+        pred: (M, d) predictions g(z) of the current model's projections.
+        target: (M, d) the frozen model's projections of the same M patches (no gradient flows to it).
+
+    Returns:
+        A float32 scalar in [0, 2].
+    """
+    with torch.autocast(device_type=pred.device.type, enabled=False):
+        cos = F.cosine_similarity(pred.float(), target.detach().float(), dim=-1)
+    return (1.0 - cos).mean()
+
+
+def build_predictor(dim: int, hidden_dim: int) -> torch.nn.Sequential:
+    """CaSSLe's predictor: Linear(dim, hidden)-BatchNorm1d-ReLU-Linear(hidden, dim)."""
+    return torch.nn.Sequential(torch.nn.Linear(dim, hidden_dim), torch.nn.BatchNorm1d(hidden_dim),
+                               torch.nn.ReLU(inplace=True), torch.nn.Linear(hidden_dim, dim))
+
+
+def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy of `model` in eval mode with requires_grad False (not compiled: it runs rarely changed)."""
+    frozen = copy.deepcopy(model)
+    if getattr(frozen, "_compiled_call_impl", None) is not None:  # Module.compile() wraps the original's call
+        frozen._compiled_call_impl = None
+    frozen.requires_grad_(False)
+    return frozen.eval()
+
+
+# ------------------------------------------------------------------------------------------ the plugin
+class DistillPlugin(SupervisedPlugin):
+    """CaSSLe distillation (see the module docstring).
+
+    Args:
+        model: the trained model without its DDP wrapper (copied at boundaries; the architecture of a
+            restored frozen copy).
+        dim: size of z (model.proj_dim).
+        hidden_dim: hidden width of the predictor.
+        weight: w of the term.
+        every: 0 freezes a copy at the end of every experience (online: of every parent experience, read
+            from `strategy.at_boundary`); N > 0 every N updates.
+        device: where the predictor lives (the training device).
+    """
+
+    state_key = "cl.distill"
+
+    def __init__(self, model: torch.nn.Module, *, dim: int, hidden_dim: int = 2048, weight: float = 1.0,
+                 every: int = 0, device: torch.device | str = "cpu") -> None:
+        super().__init__()
+        if every < 0:
+            raise ValueError(f"every must be >= 0 (0: at experience boundaries), got {every}")
+        self.model, self.weight, self.every = model, float(weight), int(every)
+        self.predictor = build_predictor(dim, hidden_dim).to(device)
+        self.trainable_modules = [self.predictor]
+        self.frozen: torch.nn.Module | None = None
+
+    def snapshot(self, strategy) -> None:
+        """Freeze a copy of the current model (rank 0's BatchNorm running statistics on every rank)."""
+        self.frozen = frozen_copy(strategy.core_model)
+        ddp.broadcast_buffers(self.frozen)
+        log.debug("distill: frozen copy taken at update %d", strategy.global_step)
+
+    def after_training_exp(self, strategy, **kwargs) -> None:
+        if self.every == 0 and getattr(strategy, "at_boundary", True):
+            self.snapshot(strategy)
+
+    def after_training_iteration(self, strategy, **kwargs) -> None:
+        if self.every and strategy.global_step % self.every == 0:
+            self.snapshot(strategy)
+
+    def before_backward(self, strategy, **kwargs) -> None:
+        if self.frozen is None:
+            return
+        patches, z = strategy.mb_patches, strategy.mb_output
+        with torch.inference_mode(), autocast(strategy.device, strategy.amp_dtype):
+            _, z_frozen = self.frozen(patches)
+        z_frozen = z_frozen.clone()  # a normal tensor (inference tensors cannot be saved for backward)
+        with autocast(strategy.device, strategy.amp_dtype):
+            pred = self.predictor(z)
+        term = distill_loss(pred, z_frozen)
+        local_images = len(z) // strategy.n_patches
+        global_images = global_update_images(strategy, local_images)
+        scale = local_images * ddp.world_size() / global_images
+        strategy.loss = strategy.loss + (self.weight * scale) * term
+        strategy.last_stats["distill"] = term.detach()
+        strategy.counters.frozen_forwards += strategy.n_patches * global_images
+
+    def after_backward(self, strategy, **kwargs) -> None:
+        if not ddp.is_dist() or self.frozen is None:
+            return
+        world = ddp.world_size()
+        for p in self.predictor.parameters():
+            if p.grad is not None:
+                torch.distributed.all_reduce(p.grad)
+                p.grad.div_(world)
+
+    def state_dict(self) -> dict:
+        return {"predictor": self.predictor.state_dict(),
+                "frozen": None if self.frozen is None else self.frozen.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.predictor.load_state_dict(state["predictor"])
+        self.frozen = None
+        if state["frozen"] is not None:
+            frozen = frozen_copy(self.model)
+            frozen.load_state_dict(state["frozen"])
+            self.frozen = frozen

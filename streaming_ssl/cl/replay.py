@@ -1,0 +1,284 @@
+"""Replay: a buffer of past training images (uint8, never labels) whose images join each update.
+
+Policies (what the buffer keeps of the stream):
+
+* ``reservoir`` -- task-free reservoir sampling (Vitter's algorithm R). The t-th image of the stream
+  (t = 1, 2, ...) fills slot t-1 while t <= size; afterwards it draws j ~ U{0, ..., t-1} and replaces
+  slot j when j < size. After n images, every one of them is in the buffer with probability size/n.
+* ``minred`` -- MinRed (Purushwalkam et al., "The challenges of continuous self-supervised learning",
+  ECCV 2022): when the buffer and the new images exceed the size, the most redundant images are dropped
+  one at a time until `size` remain: the pair (i, j) with the highest cosine similarity of their features
+  is found and, of the two, the one more similar to the rest (its second-nearest neighbour) goes.
+  Features are the current model's z (or h) of the whole images, in eval mode under inference_mode;
+  these forwards count as ``extra_forwards``.
+
+The plugin (ReplayBufferPlugin), per update:
+  before_training_iteration: remembers this rank's stream images (before any plugin changes the batch).
+  before_forward: appends ``batch`` buffer images, drawn without replacement by a seeded generator, to
+      ``strategy.mbatch[0]``; adds their global number to ``strategy.mb_added`` and
+      ``counters.buffer_images``. Their patches go through the same augmentation and objective.
+  after_training_iteration: inserts the update's stream images (never their labels) into the buffer, so
+      an update never replays its own images; sets ``counters.buffer_bytes``.
+
+DDP: the stream images of the global batch are gathered on every rank and every decision uses generators
+seeded identically everywhere (MinRed's choice is computed on rank 0 and broadcast), so every rank holds
+the same buffer; each rank appends its contiguous share (shard_bounds) of the global replay batch, which is
+what one process holding the whole global batch would train on.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from avalanche.core import SupervisedPlugin
+
+from streaming_ssl import distributed as ddp
+from streaming_ssl.cl.common import gather_global_batch, global_stream_size, like, to_uint8
+from streaming_ssl.device import autocast
+from streaming_ssl.strategy import derive_seed
+
+log = logging.getLogger(__name__)
+
+POLICIES = ("reservoir", "minred")
+
+
+# ------------------------------------------------------------------------------------------ pure maths
+def reservoir_slots(seen: int, n_new: int, size: int, generator: torch.Generator) -> torch.Tensor:
+    """Algorithm R for `n_new` images arriving after `seen`: the buffer slot each one goes to, or -1.
+
+    Image i of the batch is the t-th of the stream, t = seen + i + 1: slot t - 1 while t <= size, else
+    slot j with j = floor(u t), u ~ U[0, 1) (so j ~ U{0..t-1}), kept only when j < size. Apply the slots
+    in batch order: a later image overwrites an earlier one that chose the same slot.
+
+    Returns:
+        (n_new,) int64 slots in [-1, size). One uniform per image is drawn from `generator`.
+    """
+    t = torch.arange(seen + 1, seen + n_new + 1, dtype=torch.float64)
+    u = torch.rand(n_new, generator=generator, dtype=torch.float64)
+    j = torch.minimum((u * t).floor(), t - 1).long()
+    filling = t <= size
+    return torch.where(filling, t.long() - 1, torch.where(j < size, j, torch.full_like(j, -1)))
+
+
+def last_writers(slots: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dst slots, src rows): for every slot chosen in `slots` (n,), the last row that chose it."""
+    rows = torch.arange(len(slots))
+    keep = slots >= 0
+    winner = torch.full((size,), -1, dtype=torch.long)
+    winner.scatter_reduce_(0, slots[keep], rows[keep], reduce="amax")
+    dst = (winner >= 0).nonzero().flatten()
+    return dst, winner[dst]
+
+
+def minred_keep(features: torch.Tensor, size: int) -> torch.Tensor:
+    """Indices (sorted) of the `size` rows MinRed keeps of (N, d) features, N >= size >= 1.
+
+    S = cos(f_a, f_b) for a != b. Repeat until `size` rows remain: take the most similar remaining pair
+    (i, j) = argmax S; drop whichever of the two has the higher similarity to its nearest remaining
+    neighbour other than the pair partner (the lower index on a tie). Each drop removes the row whose
+    nearest neighbour is closest of all, i.e. the one whose max cosine similarity to the others is highest.
+    """
+    n = len(features)
+    if size >= n:
+        return torch.arange(n)
+    f = F.normalize(features.float(), dim=1)
+    sim = f @ f.T
+    sim = (sim + sim.T) / 2  # exactly symmetric: both members of a pair see the same similarity
+    sim.fill_diagonal_(float("-inf"))
+    alive = torch.ones(n, dtype=torch.bool)
+    for _ in range(n - size):
+        i, j = divmod(int(sim.argmax()), n)
+        rest = sim[[i, j]].clone()
+        rest[0, j] = rest[1, i] = float("-inf")
+        second_i, second_j = rest.max(dim=1).values.tolist()
+        drop = i if (second_i, -i) > (second_j, -j) else j
+        alive[drop] = False
+        sim[drop, :] = float("-inf")
+        sim[:, drop] = float("-inf")
+    return alive.nonzero().flatten()
+
+
+# ------------------------------------------------------------------------------------------ the buffer
+class ImageBuffer:
+    """A fixed-capacity buffer of uint8 images (C, H, W), allocated at the first insertion on `device`.
+
+    `seen` counts every image ever offered. Holds no labels.
+    """
+
+    def __init__(self, capacity: int, device: torch.device | str = "cpu") -> None:
+        if capacity < 1:
+            raise ValueError(f"a replay buffer needs a capacity >= 1, got {capacity}")
+        self.capacity, self.device = int(capacity), torch.device(device)
+        self.images: torch.Tensor | None = None
+        self.filled = 0
+        self.seen = 0
+
+    def __len__(self) -> int:
+        return self.filled
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the images held now."""
+        return 0 if self.images is None else self.filled * self.images[0].numel()
+
+    def contents(self) -> torch.Tensor:
+        """The images held, (filled, C, H, W) uint8 (a view)."""
+        if self.images is None:
+            return torch.zeros(0, 3, 1, 1, dtype=torch.uint8, device=self.device)
+        return self.images[:self.filled]
+
+    def _allocate(self, like_images: torch.Tensor) -> None:
+        if self.images is None:
+            self.images = torch.zeros(self.capacity, *like_images.shape[1:], dtype=torch.uint8, device=self.device)
+        elif like_images.shape[1:] != self.images.shape[1:]:
+            raise ValueError(f"the replay buffer holds images of shape {tuple(self.images.shape[1:])}, but the stream "
+                             f"now gives {tuple(like_images.shape[1:])}: resize the benchmark's images to one size")
+
+    def add_reservoir(self, x: torch.Tensor, generator: torch.Generator) -> None:
+        """Offer images x (uint8 or float in [0, 1]) under reservoir sampling."""
+        x = to_uint8(x).to(self.device)
+        self._allocate(x)
+        slots = reservoir_slots(self.seen, len(x), self.capacity, generator)
+        dst, src = last_writers(slots, self.capacity)
+        self.images[dst.to(self.device)] = x[src.to(self.device)]
+        self.seen += len(x)
+        self.filled = min(self.capacity, self.seen)
+
+    def candidates(self, x: torch.Tensor) -> torch.Tensor:
+        """The buffer's images followed by x, uint8 (what MinRed chooses from)."""
+        x = to_uint8(x).to(self.device)
+        self._allocate(x)
+        return torch.cat([self.contents(), x])
+
+    def set_contents(self, images: torch.Tensor, offered: int) -> None:
+        """Hold exactly `images` (at most capacity) after `offered` more images were seen."""
+        if len(images) > self.capacity:
+            raise ValueError(f"{len(images)} images do not fit a buffer of {self.capacity}")
+        self._allocate(images)
+        self.images[:len(images)] = images
+        self.filled = len(images)
+        self.seen += offered
+
+    def sample(self, k: int, generator: torch.Generator) -> torch.Tensor:
+        """min(k, filled) distinct slots, uniformly at random (the same on every rank for the same generator)."""
+        return torch.randperm(self.filled, generator=generator)[:k]
+
+    def state_dict(self) -> dict:
+        return {"images": self.contents().cpu(), "seen": self.seen, "capacity": self.capacity}
+
+    def load_state_dict(self, state: dict) -> None:
+        if int(state["capacity"]) != self.capacity:
+            raise ValueError(f"the saved replay buffer holds {state['capacity']} images, this one {self.capacity}: "
+                             "resume with the run's saved config (cl.replay.size)")
+        self.images, self.filled, self.seen = None, 0, 0
+        images = state["images"]
+        if len(images):
+            self.set_contents(images.to(self.device), 0)
+        self.seen = int(state["seen"])
+
+
+# ------------------------------------------------------------------------------------------ the plugin
+@torch.inference_mode()
+def model_features(model: torch.nn.Module, images: torch.Tensor, augment, *, which: str = "z",
+                   amp_dtype: torch.dtype | None = None, batch_size: int = 256) -> torch.Tensor:
+    """float32 (N, d) z or h of whole images (augment.whole_image), model in eval mode (restored after)."""
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        for lo in range(0, len(images), batch_size):
+            x = augment.whole_image(images[lo:lo + batch_size])
+            with autocast(x.device, amp_dtype):
+                h, z = model(x)
+            out.append((z if which == "z" else h).float())
+    finally:
+        model.train(was_training)
+    return torch.cat(out)
+
+
+class ReplayBufferPlugin(SupervisedPlugin):
+    """Replay of past stream images (see the module docstring): `policy` reservoir or minred.
+
+    Args:
+        size: images the buffer holds.
+        batch: buffer images appended to each update (global, over all ranks); 0 keeps the buffer
+            without replaying it (LUMP mixup only).
+        policy: "reservoir" or "minred".
+        minred_features: "z" or "h", the features MinRed compares.
+        seed: seeds the buffer's generators (identical on every rank).
+        device: where the buffer's images live (the training device).
+    """
+
+    state_key = "cl.replay"
+
+    def __init__(self, *, size: int, batch: int, policy: str = "reservoir", minred_features: str = "z",
+                 seed: int = 0, device: torch.device | str = "cpu") -> None:
+        super().__init__()
+        if policy not in POLICIES:
+            raise ValueError(f"unknown replay policy {policy!r}; valid: {', '.join(POLICIES)}")
+        if batch < 0:
+            raise ValueError(f"the replay batch must be >= 0, got {batch}")
+        self.buffer = ImageBuffer(size, device)
+        self.batch, self.policy, self.minred_features = int(batch), policy, minred_features
+        self.insert_gen = torch.Generator().manual_seed(derive_seed(seed, "replay", "insert"))
+        self.sample_gen = torch.Generator().manual_seed(derive_seed(seed, "replay", "sample"))
+        self._stream: torch.Tensor | None = None
+
+    @property
+    def stream_images(self) -> torch.Tensor | None:
+        """This rank's stream images of the update in progress (None between updates)."""
+        return self._stream
+
+    def before_training_iteration(self, strategy, **kwargs) -> None:
+        self._stream = strategy.mbatch[0]
+
+    def before_forward(self, strategy, **kwargs) -> None:
+        k = min(self.batch, len(self.buffer))
+        if k == 0:
+            return
+        slots = self.buffer.sample(k, self.sample_gen)
+        lo, hi = ddp.shard_bounds(k)
+        mine = self.buffer.contents()[slots[lo:hi].to(self.buffer.device)]
+        x = strategy.mbatch[0]
+        strategy.mbatch[0] = torch.cat([x, like(mine, x)])
+        strategy.mb_added += k
+        strategy.counters.buffer_images += k
+
+    def after_training_iteration(self, strategy, **kwargs) -> None:
+        stream, self._stream = self._stream, None
+        if stream is None:
+            return
+        self.insert(gather_global_batch(stream, global_stream_size(strategy, len(stream))), strategy)
+        strategy.counters.buffer_bytes = self.buffer.nbytes
+
+    def insert(self, images: torch.Tensor, strategy=None) -> None:
+        """Offer the global batch `images` to the buffer (MinRed needs `strategy` for the model's features)."""
+        if self.policy == "reservoir":
+            self.buffer.add_reservoir(images, self.insert_gen)
+            return
+        cand = self.buffer.candidates(images)
+        if len(cand) <= self.buffer.capacity:
+            self.buffer.set_contents(cand, len(images))
+            return
+        keep = None
+        if ddp.is_main():  # one decision, broadcast: BatchNorm running statistics may differ across ranks
+            feats = model_features(strategy.core_model, cand, strategy.augment, which=self.minred_features,
+                                   amp_dtype=strategy.amp_dtype)
+            keep = minred_keep(feats, self.buffer.capacity).tolist()
+        keep = ddp.broadcast_object(keep)
+        strategy.counters.extra_forwards += len(cand)
+        self.buffer.set_contents(cand[torch.tensor(keep, device=cand.device)], len(images))
+
+    def state_dict(self) -> dict:
+        return {"buffer": self.buffer.state_dict(), "insert_gen": self.insert_gen.get_state(),
+                "sample_gen": self.sample_gen.get_state(), "policy": self.policy}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["policy"] != self.policy:
+            raise ValueError(f"the checkpoint's replay buffer was filled by {state['policy']!r}, this run uses "
+                             f"{self.policy!r}: resume with the run's saved config (cl.replay.policy)")
+        self.buffer.load_state_dict(state["buffer"])
+        self.insert_gen.set_state(state["insert_gen"])
+        self.sample_gen.set_state(state["sample_gen"])
