@@ -1,0 +1,126 @@
+"""Replay: reservoir keeps every past image with equal probability, MinRed drops the most redundant, and an
+update trains on exactly its stream images plus buffer images from earlier updates (never labels)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from scipy import stats
+
+from streaming_ssl.cl.replay import ImageBuffer, ReplayBufferPlugin, last_writers, minred_keep, reservoir_slots
+from tests.streaming_ssl.cl.tiny import BATCH, N_PATCHES, Recorder, build_strategy
+
+
+def _id_images(ids: range) -> torch.Tensor:
+    """(n, 1, 1, 1) uint8 images whose single pixel is the image's id."""
+    return torch.tensor(list(ids), dtype=torch.uint8).view(-1, 1, 1, 1)
+
+
+def test_reservoir_keeps_every_past_image_with_probability_size_over_n() -> None:
+    n, size, batch, runs = 60, 12, 7, 3000  # batches of 7 do not divide 60 nor the size
+    counts = torch.zeros(n)
+    for r in range(runs):
+        buf, gen = ImageBuffer(size), torch.Generator().manual_seed(r)
+        for lo in range(0, n, batch):
+            buf.add_reservoir(_id_images(range(lo, min(lo + batch, n))), gen)
+        held = buf.contents().flatten().long()
+        assert len(held) == size and len(set(held.tolist())) == size and buf.seen == n
+        counts[held] += 1
+    p = size / n
+    std = math.sqrt(runs * p * (1 - p))
+    assert (counts - runs * p).abs().max() < 4.5 * std, counts  # every image: binomial(runs, size/n)
+    # the whole profile: sum of squared standardised deviations ~ chi2 with n - 1 degrees of freedom
+    chi2 = float((((counts - runs * p) / std) ** 2).sum())
+    assert stats.chi2.sf(chi2, n - 1) > 1e-4, chi2
+    # early (filling) and late images are equally likely: no bias towards either end of the stream
+    assert abs(float(counts[:size].mean() - counts[-size:].mean())) < 4 * std / math.sqrt(size)
+
+
+def test_reservoir_slots_follow_algorithm_r() -> None:
+    gen = torch.Generator().manual_seed(1)
+    first = reservoir_slots(0, 5, 5, gen)
+    assert first.tolist() == [0, 1, 2, 3, 4]  # filling: image t goes to slot t - 1
+    later = reservoir_slots(1000, 4000, 5, gen)
+    assert later.min() >= -1 and later.max() < 5
+    # image t is kept with probability size / t: here t in 1001..5000, about 5 * ln 5 = 8 images in all
+    kept = int((later >= 0).sum())
+    assert 1 <= kept <= 25
+    dst, src = last_writers(torch.tensor([2, -1, 2, 0]), 5)
+    assert dst.tolist() == [0, 2] and src.tolist() == [3, 2]  # the later writer of slot 2 wins
+
+
+def test_minred_drops_the_most_redundant() -> None:
+    a, b, c = torch.eye(3)
+    near_a = torch.tensor([1.0, 0.05, 0.0])  # a near-duplicate of a, and slightly towards b
+    # the pair (near_a, a) is the most similar; near_a is also closer to the rest (b): it goes, wherever it stands
+    assert minred_keep(torch.stack([a, b, c, near_a]), 3).tolist() == [0, 1, 2]
+    assert minred_keep(torch.stack([near_a, a, b, c]), 3).tolist() == [1, 2, 3]
+    # two tight clusters and a loner; keeping 3 leaves one of each cluster and the loner
+    d1, d2, d3 = torch.tensor([[0.0, 1.0, 0.02], [0.0, 1.0, 0.0], [0.02, 1.0, 0.0]])
+    e1, e2 = torch.tensor([[0.0, 0.01, 1.0], [0.0, 0.0, 1.0]])
+    keep = minred_keep(torch.stack([d1, d2, d3, a, e1, e2]), 3).tolist()
+    assert 3 in keep and len({0, 1, 2} & set(keep)) == 1 and len({4, 5} & set(keep)) == 1
+    # nothing to drop
+    assert minred_keep(torch.stack([a, b]), 5).tolist() == [0, 1]
+
+
+def test_an_update_sees_its_stream_images_plus_buffer_images_of_earlier_updates() -> None:
+    replay, rec = ReplayBufferPlugin(size=10, batch=4, policy="reservoir", seed=3), Recorder()
+    stream, strategy, data = build_strategy([replay, rec])
+    strategy.train(list(stream), eval_streams=[])
+    assert len(rec.mb_x) == strategy.global_step == 6
+    for u, (x, own) in enumerate(zip(rec.mb_x, rec.stream)):
+        k = 0 if u == 0 else 4  # the buffer is empty at the first update
+        assert x.shape[0] == len(own) + k and rec.patch_rows[u] == N_PATCHES * (len(own) + k)
+        assert torch.equal(x[:len(own)], own)  # the stream images, untouched
+        earlier = torch.cat(rec.stream[:u]) if u else own[:0]
+        for img in x[len(own):]:  # each appended image is a stream image of an earlier update ...
+            assert (earlier == img).flatten(1).all(1).any()
+        for img in x[len(own):]:  # ... never one of this update
+            assert not (own == img).flatten(1).all(1).any()
+        assert len({tuple(img.flatten().tolist()) for img in x[len(own):]}) == k  # distinct buffer images
+        assert len(rec.labels[u]) == len(own)  # labels are never extended
+    held = replay.buffer.contents()
+    assert len(held) == 10 and replay.buffer.seen == len(data)
+    assert all((data.images == img).flatten(1).all(1).any() for img in held)
+    assert strategy.counters.buffer_images == 5 * 4 and strategy.mb_added == 4
+
+
+def test_the_buffer_holds_images_only_and_round_trips() -> None:
+    replay = ReplayBufferPlugin(size=10, batch=4, policy="reservoir", seed=3)
+    stream, strategy, _ = build_strategy([replay])
+    strategy.train(list(stream), eval_streams=[])
+    state = replay.state_dict()
+    tensors = []
+
+    def walk(v):
+        if isinstance(v, dict):
+            for w in v.values():
+                walk(w)
+        elif isinstance(v, torch.Tensor):
+            tensors.append(v)
+
+    walk(state)
+    # the images (uint8, 3 channels) and two generator states: no label tensor anywhere
+    assert sorted(t.dim() for t in tensors) == [1, 1, 4] and all(t.dtype == torch.uint8 for t in tensors)
+    assert state["buffer"]["images"].shape[1:] == (3, 8, 8)
+    again = ReplayBufferPlugin(size=10, batch=4, policy="reservoir", seed=99)
+    again.load_state_dict(state)
+    assert torch.equal(again.buffer.contents(), replay.buffer.contents()) and again.buffer.seen == 48
+    assert torch.equal(again.buffer.sample(4, again.sample_gen), replay.buffer.sample(4, replay.sample_gen))
+    with pytest.raises(ValueError, match="cl.replay.policy"):
+        ReplayBufferPlugin(size=10, batch=4, policy="minred").load_state_dict(state)
+
+
+def test_minred_run_keeps_a_full_buffer_of_stream_images() -> None:
+    replay = ReplayBufferPlugin(size=10, batch=4, policy="minred", seed=3)
+    stream, strategy, data = build_strategy([replay])
+    strategy.train(list(stream), eval_streams=[])
+    held = replay.buffer.contents()
+    assert len(held) == 10 and len({tuple(i.flatten().tolist()) for i in held}) == 10
+    assert all((data.images == img).flatten(1).all(1).any() for img in held)
+    # candidates forwarded when the buffer overflowed: 8 + 8 at the 2nd update, then 10 + 8 at each later one
+    assert strategy.counters.extra_forwards == 2 * BATCH + 4 * (10 + BATCH)
+    assert strategy.model.training  # the feature forwards restored the training mode
