@@ -1,0 +1,137 @@
+"""CaSSLe distillation: the frozen copy never changes nor gets a gradient, the term is its formula, the
+predictor learns."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from avalanche.core import SupervisedPlugin
+
+from streaming_ssl.cl.distill import DistillPlugin, distill_loss, frozen_copy
+from tests.streaming_ssl.cl.tiny import N_PATCHES, PROJ_DIM, build_strategy, tiny_model
+
+
+class FrozenWatch(SupervisedPlugin):
+    """The frozen model at the start of the 2nd experience and at its last update; the loss around the term."""
+
+    def __init__(self, distill: DistillPlugin) -> None:
+        super().__init__()
+        self.distill = distill
+        self.at_start = self.at_end = self.frozen_obj = None
+        self.grads: list = []
+        self.terms: list[tuple[float, float]] = []
+
+    def before_training_exp(self, strategy, **kwargs) -> None:
+        if self.distill.frozen is not None:
+            self.frozen_obj = self.distill.frozen
+            self.at_start = {k: v.clone() for k, v in self.distill.frozen.state_dict().items()}
+
+    def after_backward(self, strategy, **kwargs) -> None:
+        if self.distill.frozen is not None:
+            self.grads += [p.grad for p in self.distill.frozen.parameters()]
+            self.at_end = {k: v.clone() for k, v in self.distill.frozen.state_dict().items()}
+            self.terms.append(float(strategy.last_stats["distill"]))
+
+
+def test_distill_loss_is_its_formula() -> None:
+    pred = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 2.0]])
+    target = torch.tensor([[2.0, 0.0], [1.0, 0.0], [0.0, -1.0]])
+    # 1 - cos per row: 0, 1 - 1/sqrt(2), 2
+    want = (0.0 + (1 - 2 ** -0.5) + 2.0) / 3
+    assert float(distill_loss(pred, target)) == pytest.approx(want, abs=1e-7)
+    assert distill_loss(pred.bfloat16(), target).dtype == torch.float32
+
+
+def test_frozen_model_gets_no_gradient_and_never_changes() -> None:
+    distill = DistillPlugin(tiny_model(), dim=PROJ_DIM, hidden_dim=8, weight=1.0)
+    watch = FrozenWatch(distill)
+    stream, strategy, _ = build_strategy([distill, watch])
+    before = {k: v.clone() for k, v in strategy.model.state_dict().items()}
+    strategy.train(list(stream), eval_streams=[])
+    assert watch.at_start is not None and watch.at_end is not None and len(watch.terms) == 3  # exp 2 only
+    assert all(g is None for g in watch.grads)
+    assert all(torch.equal(watch.at_start[k], watch.at_end[k]) for k in watch.at_start)  # BN stats too
+    assert not watch.frozen_obj.training and not any(p.requires_grad for p in watch.frozen_obj.parameters())
+    # not vacuous: the trained model did change during the 2nd experience, and the frozen copy is the model of the
+    # 1st boundary, not the live one
+    after = strategy.model.state_dict()
+    assert any(not torch.equal(watch.at_end[k], after[k]) for k in after if after[k].is_floating_point())
+    assert any(not torch.equal(before[k], watch.at_start[k]) for k in before if before[k].is_floating_point())
+    assert strategy.counters.frozen_forwards == N_PATCHES * 24  # the 24 images of the 2nd experience
+
+
+class LossAround(SupervisedPlugin):
+    def __init__(self) -> None:
+        super().__init__()
+        self.losses: list[torch.Tensor] = []
+
+    def before_backward(self, strategy, **kwargs) -> None:
+        self.losses.append(strategy.loss.detach().clone())
+
+
+def test_the_term_added_to_the_loss_equals_the_formula() -> None:
+    distill = DistillPlugin(tiny_model(), dim=PROJ_DIM, hidden_dim=8, weight=0.7, every=2)
+    first, last = LossAround(), LossAround()
+    captured = {}
+
+    class Capture(SupervisedPlugin):
+        def before_backward(self, strategy, **kwargs):
+            if distill.frozen is not None and "z" not in captured:
+                captured.update(z=strategy.mb_output.detach().clone(), patches=strategy.mb_patches.clone(),
+                                frozen=frozen_copy(distill.frozen), predictor=copy.deepcopy(distill.predictor),
+                                step=len(first.losses) - 1)
+
+    stream, strategy, _ = build_strategy([first, Capture(), distill, last])
+    strategy.train(list(stream), eval_streams=[])
+    step = captured["step"]
+    assert step == 2  # every=2: the first frozen copy is taken after the 2nd update
+    added = float(last.losses[step] - first.losses[step])
+    with torch.no_grad():
+        _, z_frozen = captured["frozen"](captured["patches"])
+        # the predictor in training mode, as in the update: BatchNorm normalises with the batch's statistics
+        want = 0.7 * float(distill_loss(captured["predictor"](captured["z"]), z_frozen))
+    assert added == pytest.approx(want, rel=1e-4, abs=1e-6) and want > 1e-3
+    # no term before the first frozen copy
+    assert all(torch.equal(a, b) for a, b in zip(first.losses[:2], last.losses[:2]))
+
+
+def test_the_predictor_trains_and_the_term_decreases() -> None:
+    torch.manual_seed(0)
+    model = tiny_model()
+    distill = DistillPlugin(model, dim=PROJ_DIM, hidden_dim=32, weight=1.0)
+    frozen = frozen_copy(model)
+    patches = torch.randn(16, 3, 8, 8)
+    with torch.no_grad():
+        _, z = model.eval()(patches)
+        _, target = frozen(patches)
+    start = [p.detach().clone() for p in distill.predictor.parameters()]
+    opt = torch.optim.SGD(distill.predictor.parameters(), lr=0.5, momentum=0.9)
+    terms = []
+    for _ in range(30):
+        opt.zero_grad()
+        term = distill_loss(distill.predictor(z), target)
+        term.backward()
+        opt.step()
+        terms.append(float(term))
+    assert terms[-1] < 0.2 * terms[0] and terms[0] > 0.1
+    assert all(not torch.equal(a, b) for a, b in zip(start, distill.predictor.parameters()))
+
+
+def test_the_predictor_is_optimised_in_a_run_and_round_trips() -> None:
+    distill = DistillPlugin(tiny_model(), dim=PROJ_DIM, hidden_dim=8, weight=1.0)
+    start = {k: v.clone() for k, v in distill.predictor.state_dict().items()}
+    stream, strategy, _ = build_strategy([distill])
+    assert any(p is q for g in strategy.optimizer.param_groups for p in g["params"]
+               for q in distill.predictor.parameters())
+    strategy.train(list(stream), eval_streams=[])
+    assert any(not torch.equal(start[k], v) for k, v in distill.predictor.state_dict().items())
+    state = distill.state_dict()
+    again = DistillPlugin(tiny_model(), dim=PROJ_DIM, hidden_dim=8)
+    again.load_state_dict(state)
+    assert not again.frozen.training and not any(p.requires_grad for p in again.frozen.parameters())
+    for k, v in distill.frozen.state_dict().items():
+        assert torch.equal(again.frozen.state_dict()[k], v)
+    for k, v in distill.predictor.state_dict().items():
+        assert torch.equal(again.predictor.state_dict()[k], v)
