@@ -1,0 +1,257 @@
+"""Continual-learning methods end to end: exact resume through the CLI, and DDP (gloo on CPU) equals one process.
+
+* run_stream.py with replay, CaSSLe distillation and mixup on, SIGKILLed in the middle of the 2nd experience
+  (after the first frozen copy) and resumed, ends bitwise equal to an uninterrupted run: weights, optimizer,
+  buffer, generators, predictor, frozen copy, counters and every metrics row.
+* one torchrun launch of this file (2 ranks) trains a tiny stream with replay (reservoir, then MinRed) on an
+  uneven global batch; every rank holds the buffer one process holds, the replay batches split across ranks
+  are those of one process, and the weights equal one process's. A BatchNorm-free model and a deterministic
+  augmentation make one process and two comparable; a third run (replay + distillation + mixup) checks that
+  the ranks keep identical predictors and buffers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = os.environ.get("STREAMING_SSL_DATA")
+needs_data = pytest.mark.skipif(not DATA or not (Path(DATA) / "cifar10.npz").is_file(),
+                                reason="needs the real CIFAR-10: set STREAMING_SSL_DATA to the folder of cifar10.npz")
+TIMEOUT = 240
+
+# 3 experiences of 80/60/60 images, batch 20: 4 + 3 + 3 = 10 updates; checkpoints at 3, 4, 6, 7, 9, 10
+CL_ARGS = ["cl.replay.policy=reservoir", "cl.replay.size=50", "cl.replay.batch=10", "cl.distill.enabled=true",
+           "cl.distill.hidden_dim=32", "cl.mixup.enabled=true"]
+RUN_ARGS = ["train.deterministic=true", "train.threads=1", "data.train_per_class=20", "data.test_per_class=5",
+            "eval.probe_epochs=2", "run.checkpoint_every=3", "run.keep_last=50", "run.tensorboard=false",
+            "run.plot=false", *CL_ARGS]
+
+
+def _cmd(run_dir: Path) -> list[str]:
+    return [sys.executable, str(ROOT / "run_stream.py"), "--config", str(ROOT / "configs/smoke.yaml"),
+            f"run.out_dir={run_dir}", f"data.root={Path(DATA or '.').resolve()}", *RUN_ARGS]
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]
+
+
+def _assert_equal(a, b, where: str = "") -> None:
+    """Nested dicts/lists of tensors and plain values, bitwise."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for k in a:
+            _assert_equal(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_equal(x, y, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    else:
+        assert a == b, where
+
+
+@needs_data
+def test_sigkill_with_replay_distill_and_mixup_then_resume_is_exact(tmp_path: Path) -> None:
+    from streaming_ssl import checkpoint as ckpt
+
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.PIPE}
+    ref = subprocess.Popen(_cmd(full), cwd=ROOT, **quiet)
+    proc = subprocess.Popen(_cmd(killed), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + TIMEOUT
+    try:
+        while time.time() < deadline and not (killed / "ckpt_000000006.pt").exists():
+            assert proc.poll() is None, "the run ended before it could be killed"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    _, err = ref.communicate(timeout=TIMEOUT)
+    assert ref.returncode == 0, err.decode(errors="replace")[-3000:]
+    state = ckpt.load(ckpt.latest(killed))
+    pos = state["position"]
+    assert 6 <= pos["global_step"] < 10, "killed too late: the run had finished"
+    assert state["plugins"]["cl.distill"]["frozen"] is not None  # resumed with a frozen copy ...
+    assert 0 < len(state["plugins"]["cl.replay"]["buffer"]["images"]) <= 50  # ... and a buffer
+
+    res = subprocess.run([sys.executable, str(ROOT / "run_stream.py"), "--resume", str(killed)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=TIMEOUT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"resumed at update {pos['global_step']}" in res.stderr
+
+    rows = _rows(full)
+    assert _rows(killed) == rows and len(rows) == 3
+    assert rows[-1]["compute/buffer_images"] > 0 and rows[-1]["compute/frozen_forwards"] > 0
+    a, b = ckpt.load(ckpt.latest(full)), ckpt.load(ckpt.latest(killed))
+    for key in ("position", "model", "optimizer", "counters", "plugins"):
+        _assert_equal(a[key], b[key], key)
+    assert set(a["plugins"]) == {"cl.replay", "cl.distill", "cl.mixup"}
+    assert a["plugins"]["cl.replay"]["buffer"]["seen"] == 200
+
+
+# ------------------------------------------------------------------------------------------ DDP
+WORLD = 2
+GLOBAL_BATCH = 7  # uneven shares (4 + 3), and a last batch of 3 (2 + 1) in each experience of 24
+REPLAY = {"size": 10, "batch": 3}  # uneven replay shares too (2 + 1)
+
+
+class TinyNoBN(torch.nn.Module):
+    """(h, z) without BatchNorm: one process and N processes on shares of a batch compute the same function."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 32), torch.nn.ReLU())
+        self.proj = torch.nn.Linear(32, 16)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.enc(x)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.enc(x)
+        return h, F.normalize(self.proj(h), dim=-1)
+
+
+def _train(case: str) -> dict:
+    """One tiny run of `case` in this process (under DDP when the group exists); what the test compares."""
+    from avalanche.core import SupervisedPlugin
+
+    from scenarios.datasets import ImageData
+    from scenarios.streams import build_stream
+    from streaming_ssl import distributed as ddp
+    from streaming_ssl.augment import MultiPatchAugment
+    from streaming_ssl.cl import DistillPlugin, MixupPlugin, ReplayBufferPlugin
+    from streaming_ssl.lars import LARS, param_groups
+    from streaming_ssl.strategy import EMPSSLStrategy
+
+    torch.manual_seed(0)
+    model = TinyNoBN()
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    replay = ReplayBufferPlugin(policy="minred" if case == "minred" else "reservoir", seed=5, **REPLAY)
+    plugins: list = [replay]
+    if case == "all":
+        plugins = [MixupPlugin(replay, alpha=0.4, seed=5), replay,
+                   DistillPlugin(model, dim=16, hidden_dim=8, every=2)]
+
+    class Appended(SupervisedPlugin):
+        def __init__(self) -> None:
+            super().__init__()
+            self.images: list[torch.Tensor] = []
+
+        def after_forward(self, strategy, **kwargs) -> None:
+            self.images.append(strategy.mb_x[len(replay.stream_images):].clone())
+
+    appended = Appended()
+    groups = param_groups(model, 1e-4) + [g for p in plugins for m in getattr(p, "trainable_modules", [])
+                                          for g in param_groups(m, 1e-4)]
+    train_model = torch.nn.parallel.DistributedDataParallel(model) if ddp.is_dist() else model
+    augment = MultiPatchAugment(2, 8, crop_area=1.0, flip_p=0, jitter_p=0, gray_p=0, blur_p=0, solarize_p=0)
+    gen = torch.Generator().manual_seed(0)
+    data = ImageData(torch.randint(0, 256, (48, 3, 8, 8), dtype=torch.uint8, generator=gen),
+                     torch.arange(4).repeat_interleave(12))
+    stream = build_stream(data, 4, mode="class_incremental", experience_classes=[[0, 1], [2, 3]])
+    strategy = EMPSSLStrategy(model=train_model, optimizer=LARS(groups, lr=0.3), augment=augment, n_patches=2,
+                              batch_size=GLOBAL_BATCH, total_updates=stream.n_updates(GLOBAL_BATCH), device="cpu",
+                              channels_last=False, plugins=[*plugins, appended])
+    strategy.train(list(stream), eval_streams=[])
+    out = {"initial": initial, "model": model.state_dict(), "buffer": replay.buffer.contents().clone(), "appended": appended.images,
+           "counters": strategy.counters.state_dict()}
+    if case == "all":
+        out["predictor"] = {k: v.detach().clone() for k, v in plugins[2].predictor.named_parameters()}
+    return out
+
+
+def _rank_main(workdir: Path) -> None:
+    import torch.distributed as dist
+
+    from streaming_ssl import distributed as ddp
+
+    import streaming_ssl.cl  # noqa: F401 - Avalanche refuses to be imported first in a non-main rank
+    import streaming_ssl.strategy  # noqa: F401
+
+    torch.set_num_threads(1)
+    assert ddp.init_from_env("cpu") and dist.get_backend() == "gloo"
+    try:
+        out = {case: _train(case) for case in ("reservoir", "minred", "all")}
+        torch.save(out, workdir / f"rank{ddp.rank()}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory) -> dict:
+    workdir = tmp_path_factory.mktemp("cl_ddp")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+    if Path("/sys/class/net/lo").exists():
+        env["GLOO_SOCKET_IFNAME"] = "lo"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD), "--master_addr",
+           "127.0.0.1", "--master_port", str(port), __file__, str(workdir)]
+    with open(workdir / "torchrun.log", "wb") as fh:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = {case: _train(case) for case in ("reservoir", "minred")}
+        rc = proc.wait(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the 2-rank launch did not finish within {TIMEOUT} s")
+    finally:
+        torch.set_num_threads(threads)
+        if proc.poll() is None:  # its own session: the workers go too
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert rc == 0, (workdir / "torchrun.log").read_text(errors="replace")[-3000:]
+    ranks = [torch.load(workdir / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    return {"single": single, "ranks": ranks}
+
+
+@pytest.mark.parametrize("case", ["reservoir", "minred"])
+def test_ddp_replay_equals_one_process_on_the_global_batch(ddp_runs, case: str) -> None:
+    one, ranks = ddp_runs["single"][case], [r[case] for r in ddp_runs["ranks"]]
+    assert len(one["buffer"]) == REPLAY["size"]
+    for r in range(WORLD):  # every rank holds exactly the buffer of one process
+        assert torch.equal(ranks[r]["buffer"], one["buffer"]), f"rank {r}"
+        assert ranks[r]["counters"] == one["counters"], f"rank {r}"
+    # each update's global replay batch, split across ranks in rank order, is one process's
+    assert len(one["appended"]) == len(ranks[0]["appended"]) == 8
+    assert sum(len(a) for a in one["appended"]) == 7 * REPLAY["batch"]
+    for u, want in enumerate(one["appended"]):
+        assert torch.equal(torch.cat([ranks[r]["appended"][u] for r in range(WORLD)]), want), f"update {u}"
+        assert [len(ranks[r]["appended"][u]) for r in range(WORLD)] in ([0, 0], [2, 1])
+    for name, w in one["model"].items():  # and the training itself is that of one process
+        torch.testing.assert_close(ranks[0]["model"][name], w, rtol=1e-4, atol=1e-6)
+        assert torch.equal(ranks[0]["model"][name], ranks[1]["model"][name])
+    assert any(not torch.equal(w, one["initial"][n]) for n, w in one["model"].items())  # it did train
+
+
+def test_ddp_ranks_keep_identical_predictor_and_buffer_with_all_three(ddp_runs) -> None:
+    a, b = (r["all"] for r in ddp_runs["ranks"])
+    assert torch.equal(a["buffer"], b["buffer"]) and len(a["buffer"]) == REPLAY["size"]
+    assert a["counters"] == b["counters"] and a["counters"]["frozen_forwards"] > 0
+    for name, p in a["predictor"].items():  # gradients averaged over ranks: the same step everywhere
+        assert torch.equal(p, b["predictor"][name]), name
+    for name, w in a["model"].items():
+        assert torch.equal(w, b["model"][name]), name
+
+
+if __name__ == "__main__":  # a rank of the `ddp_runs` fixture's torchrun launch
+    _rank_main(Path(sys.argv[1]))
