@@ -46,6 +46,14 @@ class MixWatch(SupervisedPlugin):
     def before_training_iteration(self, strategy, **kwargs) -> None:
         self.states.append((self.mixup.rng.bit_generator.state, self.mixup.replay.buffer.contents().clone()))
 
+    def expected(self, u: int, own: torch.Tensor) -> torch.Tensor:
+        """lam * own + (1 - lam) * partners of update u, with the draws the plugin made from its generator."""
+        state, buffer = self.states[u]
+        rng = np.random.default_rng()
+        rng.bit_generator.state = state
+        lam, partners = sample_mixup(rng, self.mixup.alpha, len(own), len(buffer))
+        return lam * own.float() / 255 + (1 - lam) * buffer[torch.as_tensor(partners)].float() / 255
+
 
 def test_a_run_trains_on_mixtures_then_appended_buffer_images() -> None:
     replay = ReplayBufferPlugin(size=10, batch=3, policy="reservoir", seed=1)
@@ -55,12 +63,8 @@ def test_a_run_trains_on_mixtures_then_appended_buffer_images() -> None:
     strategy.train(list(stream), eval_streams=[])
     assert torch.equal(rec.mb_x[0], rec.stream[0])  # empty buffer: nothing mixed, nothing appended
     for u in range(1, len(rec.mb_x)):
-        state, buffer = watch.states[u]
-        own, x = rec.stream[u], rec.mb_x[u]
-        rng = np.random.default_rng()
-        rng.bit_generator.state = state
-        lam, partners = sample_mixup(rng, 0.4, len(own), len(buffer))
-        want = lam * own.float() / 255 + (1 - lam) * buffer[torch.as_tensor(partners)].float() / 255
+        own, x, buffer = rec.stream[u], rec.mb_x[u], watch.states[u][1]
+        want = watch.expected(u, own)
         assert x.dtype == torch.float32 and x.shape[0] == len(own) + 3
         torch.testing.assert_close(x[:len(own)], want, rtol=0, atol=1e-6)
         # the appended replay images are plain buffer images, as floats
@@ -79,13 +83,8 @@ def test_mixup_listed_after_replay_still_mixes_only_the_stream_images() -> None:
     rec, watch = Recorder(), MixWatch(mixup)
     stream, strategy, _ = build_strategy([watch, replay, mixup, rec])
     strategy.train(list(stream), eval_streams=[])
-    state, buffer = watch.states[3]
-    rng = np.random.default_rng()
-    rng.bit_generator.state = state
-    lam, partners = sample_mixup(rng, 0.4, len(rec.stream[3]), len(buffer))
     n = len(rec.stream[3])
-    want = lam * rec.stream[3].float() / 255 + (1 - lam) * buffer[torch.as_tensor(partners)].float() / 255
-    torch.testing.assert_close(rec.mb_x[3][:n], want, rtol=0, atol=1e-6)
+    torch.testing.assert_close(rec.mb_x[3][:n], watch.expected(3, rec.stream[3]), rtol=0, atol=1e-6)
     assert rec.mb_x[3].shape[0] == n + 3
 
 
