@@ -169,8 +169,8 @@ def _train(case: str) -> dict:
                               batch_size=GLOBAL_BATCH, total_updates=stream.n_updates(GLOBAL_BATCH), device="cpu",
                               channels_last=False, plugins=[*plugins, appended])
     strategy.train(list(stream), eval_streams=[])
-    out = {"initial": initial, "model": model.state_dict(), "buffer": replay.buffer.contents().clone(), "appended": appended.images,
-           "counters": strategy.counters.state_dict()}
+    out = {"initial": initial, "model": model.state_dict(), "buffer": replay.buffer.contents().clone(),
+           "appended": appended.images, "counters": strategy.counters.state_dict()}
     if case == "all":
         out["predictor"] = {k: v.detach().clone() for k, v in plugins[2].predictor.named_parameters()}
     return out

@@ -12,8 +12,9 @@ images). While the buffer is empty (first update) nothing is mixed.
 
 The plugin (MixupPlugin) reads the buffer of a ReplayBufferPlugin. build_cl_plugins lists it first, so
 that in before_forward it mixes the stream images, then the replay plugin appends its buffer images (not
-mixed); listed after the replay plugin it still mixes only the stream rows. The buffer keeps the original stream images (the replay plugin takes them
-in before_training_iteration). The mixing partners count as `counters.buffer_images`.
+mixed); listed after the replay plugin it still mixes only the stream rows. The buffer keeps the original
+stream images (the replay plugin takes them in before_training_iteration). The mixing partners count as
+`counters.buffer_images`.
 
 DDP: lam and the partners of the whole global batch are drawn from a generator seeded identically on
 every rank; each rank takes the partners of its share, as one process would.
