@@ -10,9 +10,20 @@ bench/results/accuracy.md. Rerunning continues an interrupted row from its check
     python bench/accuracy.py --rows offline_1epoch random_init        # about 1.5 h on 2 CPU cores
     python bench/accuracy.py --rows split_cifar10 online_cifar10 offline_3epochs
     python bench/accuracy.py --rows offline_1epoch split_cifar10 --bn-recalibrate 10000 --probes whole
+    python bench/accuracy.py --rows split_cifar10_replay split_cifar10_distill split_cifar10_mixup \
+        split_cifar10_replay_distill online_cifar10_replay           # continual-learning methods (cl/)
 
 --bn-recalibrate N adds probes of the same checkpoints with BatchNorm statistics re-estimated on N training
 images (evaluate.py --bn-recalibrate), kept next to the plain ones and reported in a table of their own.
+
+Every row also keeps the run's compute counters (patches forwarded and back-propagated, buffer images,
+frozen and extra forwards: streaming_ssl/accounting.py), its samples seen and wall time; accuracy_compute.png
+draws each row's final accuracy against its patch forwards. Rows trained before the counters existed are
+placed at samples seen x patches per image (hollow markers).
+
+To check that a row runs at all (not for results), shrink it:
+    python bench/accuracy.py --rows split_cifar10_replay --runs /tmp/acc_runs --out /tmp/acc/accuracy.json \
+        --probes whole --probe-per-class 20 --set data.train_per_class=40 model.width=0.125 augment.n_patches=4
 """
 
 from __future__ import annotations
@@ -33,6 +44,12 @@ ROWS = {
     "split_cifar10": "configs/accuracy/split_cifar10.yaml",
     "online_cifar10": "configs/accuracy/online_cifar10.yaml",
     "offline_3epochs": "configs/accuracy/offline_3epochs.yaml",
+    # continual-learning methods on the split_cifar10 / online_cifar10 rows (cl/; same encoder)
+    "split_cifar10_replay": "configs/accuracy/split_cifar10_replay.yaml",
+    "split_cifar10_distill": "configs/accuracy/split_cifar10_distill.yaml",
+    "split_cifar10_mixup": "configs/accuracy/split_cifar10_mixup.yaml",
+    "split_cifar10_replay_distill": "configs/accuracy/split_cifar10_replay_distill.yaml",
+    "online_cifar10_replay": "configs/accuracy/online_cifar10_replay.yaml",
 }
 
 
@@ -45,13 +62,16 @@ def run(cmd: list[str], log_path: Path) -> float:
     return time.time() - t0
 
 
-def probe(ckpt_dir: Path, patches: int, log_path: Path, random_init: bool = False, bn_recalibrate: int = 0) -> dict:
+def probe(ckpt_dir: Path, patches: int, log_path: Path, random_init: bool = False, bn_recalibrate: int = 0,
+          per_class: int | None = None) -> dict:
     """evaluate.py on the run's last checkpoint: the default probe, the held-out-selected one, and kNN. Features are
     cached in the run directory, so a rerun (or another probe setting) does not extract them again."""
     out = ckpt_dir / f"probe_p{patches}{'_random' if random_init else ''}{f'_bn{bn_recalibrate}' * bool(bn_recalibrate)}.json"
     cmd = ["python", "evaluate.py", "--checkpoint", str(ckpt_dir), "--patches", str(patches), "--knn",
            "--probe-select", "--features-cache", str(ckpt_dir / "features"), "--bn-recalibrate", str(bn_recalibrate),
            "--out", str(out)] + (["--random-init"] if random_init else [])
+    if per_class:
+        cmd += ["--train-per-class", str(per_class), "--test-per-class", str(per_class)]
     seconds = run([sys.executable, *cmd[1:]], log_path)
     result = json.loads(out.read_text())["cifar10"]
     return {"linear": result["linear"], "linear_selected": result["linear_selected"], "knn": result.get("knn"),
@@ -61,7 +81,37 @@ def probe(ckpt_dir: Path, patches: int, log_path: Path, random_init: bool = Fals
 
 LABELS = {"random_init": "random-init encoder (floor)", "offline_1epoch": "offline, 1 epoch (i.i.d. one pass)",
           "split_cifar10": "Split CIFAR-10, 5 x 2 classes, one pass", "online_cifar10": "online, mini-experiences of 10",
-          "offline_3epochs": "offline, 3 epochs"}
+          "offline_3epochs": "offline, 3 epochs",
+          "split_cifar10_replay": "Split CIFAR-10 + replay (reservoir 500, 100/update)",
+          "split_cifar10_distill": "Split CIFAR-10 + CaSSLe distillation",
+          "split_cifar10_mixup": "Split CIFAR-10 + LUMP mixup (buffer 500)",
+          "split_cifar10_replay_distill": "Split CIFAR-10 + replay + distillation",
+          "online_cifar10_replay": "online + replay (reservoir 500, 10/update)"}
+
+
+def patch_compute(row: dict) -> tuple[float | None, bool]:
+    """(patches forwarded: trained + frozen + extra, estimated?) of a row; rows without counters (trained before
+    they existed, no continual-learning method) are estimated as samples seen x the config's patches per image."""
+    c = row.get("compute")
+    if c:
+        return float(c.get("patches_forward", 0) + c.get("frozen_forwards", 0) + c.get("extra_forwards", 0)), False
+    if not row.get("samples_seen") or not row.get("config"):
+        return None, False
+    import yaml
+
+    cfg = yaml.safe_load((REPO / row["config"]).read_text()) or {}
+    return float(row["samples_seen"] * (cfg.get("augment") or {}).get("n_patches", 20)), True
+
+
+def _compute_cells(row: dict) -> str:
+    """'patch forwards | buffer images read' cells of the table."""
+    fwd, estimated = patch_compute(row)
+    c = row.get("compute") or {}
+    if fwd is None:
+        fwd_cell = "-"
+    else:
+        fwd_cell = (f"{fwd / 1e6:.1f} M" if fwd >= 1e6 else f"{fwd:,.0f}") + (" (est.)" if estimated else "")
+    return f"{fwd_cell} | {c['buffer_images']:,}" if "buffer_images" in c else f"{fwd_cell} | -"
 
 
 def _pct(x) -> str:
@@ -81,8 +131,9 @@ def report(results: dict, out_dir: Path, patches: int = 16) -> None:
     """accuracy.md (the table, then the accuracy matrix of every multi-experience row) and accuracy.png."""
     bag = f"probe_bof{patches}"
     lines = [f"| row | samples seen | linear, whole image: as run / held-out decay | linear, bag of {patches}: as run / "
-             "held-out decay | kNN whole / bag | avg forgetting (whole image) | train + stream eval time |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             "held-out decay | kNN whole / bag | avg forgetting (whole image) | train + stream eval time | patch forwards "
+             "(train + frozen + extra) | buffer images read |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name in ROWS:
         if name not in results:
             continue
@@ -93,7 +144,7 @@ def report(results: dict, out_dir: Path, patches: int = 16) -> None:
         lines.append(f"| {LABELS[name]} | {r['samples_seen']:,} | {_probe_cell(r.get('probe_whole'))} | "
                      f"{_probe_cell(r.get(bag))} | {knn} | "
                      f"{'-' if forget is None else f'{100 * forget:.1f} pts'} | "
-                     f"{'-' if not wall else f'{wall / 60:.0f} min'} |")
+                     f"{'-' if not wall else f'{wall / 60:.0f} min'} | {_compute_cells(r)} |")
     for name in ROWS:
         matrix = results.get(name, {}).get("accuracy_matrix") or []
         if len(matrix) < 2:
@@ -117,6 +168,15 @@ def report(results: dict, out_dir: Path, patches: int = 16) -> None:
                          f"{_pct(whole.get('knn')) if whole else '-'} / {_pct(bof.get('knn')) if bof else '-'} |")
     (out_dir / "accuracy.md").write_text("\n".join(lines) + "\n")
     _plot(results, out_dir / "accuracy.png", bag, patches)
+    _plot_compute(results, out_dir / "accuracy_compute.png", bag, patches)
+
+
+def _acc(probe: dict | None) -> float:
+    """A probe's accuracy in percent: held-out decay where measured, else as run (nan when absent)."""
+    if not probe:
+        return float("nan")
+    sel = probe.get("linear_selected") or {}
+    return 100 * sel.get("accuracy", probe.get("linear", float("nan")))
 
 
 def _plot(results: dict, path: Path, bag: str, patches: int) -> None:
@@ -129,18 +189,11 @@ def _plot(results: dict, path: Path, bag: str, patches: int) -> None:
     names = [n for n in ROWS if n in results]
     if not names:
         return
-
-    def acc(probe: dict | None) -> float:
-        if not probe:
-            return float("nan")
-        sel = probe.get("linear_selected") or {}
-        return 100 * sel.get("accuracy", probe.get("linear", float("nan")))
-
     fig, ax = plt.subplots(figsize=(max(6.0, 1.8 * len(names)), 4.5))
     width = 0.38
     for k, (key, label) in enumerate((("probe_whole", "whole image"), (bag, f"bag of {patches} patches"))):
         xs = [i + (k - 0.5) * width for i in range(len(names))]
-        ys = [acc(results[n].get(key)) for n in names]
+        ys = [_acc(results[n].get(key)) for n in names]
         bars = ax.bar(xs, ys, width, label=label)
         ax.bar_label(bars, fmt="%.1f", fontsize=8)
     ax.axhline(75, color="gray", ls="--", lw=1, label="one-pass target (bag)")
@@ -155,6 +208,62 @@ def _plot(results: dict, path: Path, bag: str, patches: int) -> None:
     plt.close(fig)
 
 
+def _plot_compute(results: dict, path: Path, bag: str, patches: int) -> None:
+    """Final accuracy (whole image and bag) of every trained row against its patch forwards; the random-init floor
+    as a line. Hollow markers: compute estimated from samples seen (rows trained before the counters)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [(n, *patch_compute(results[n])) for n in ROWS if n in results]
+    points = [(n, fwd, est) for n, fwd, est in points if fwd]
+    if not points:
+        return
+    fig, ax = plt.subplots(figsize=(8.0, 5.0))
+    for key, label, color in (("probe_whole", "whole image", "C0"), (bag, f"bag of {patches} patches", "C1")):
+        for k, (name, fwd, est) in enumerate(points):
+            y = _acc(results[name].get(key))
+            ax.scatter(fwd / 1e6, y, s=40, color=color, facecolors="none" if est else color,
+                       label=label if k == 0 else None)
+            if key == "probe_whole":
+                ax.annotate(name, (fwd / 1e6, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
+    floor = results.get("random_init", {}).get("probe_whole")
+    if floor:
+        ax.axhline(_acc(floor), color="gray", ls=":", lw=1, label="random init (whole image)")
+    ax.set_xlabel("patches forwarded in training (trained encoder + frozen copy + buffer features), millions")
+    ax.set_ylabel("final linear probe accuracy on CIFAR-10 test (%)")
+    ax.set_title("Accuracy against compute (hollow: estimated as samples seen x patches)", fontsize=9)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def trained_row(name: str, run_dir: Path, log_path: Path, overrides: list[str]) -> dict:
+    """Train (or resume, or reuse when finished) the run of row `name`; its numbers from metrics.jsonl."""
+    fresh = ["python", "run_stream.py", "--config", ROWS[name], f"run.out_dir={run_dir}", *overrides]
+    seconds = 0.0
+    if not (run_dir / "summary.json").exists():  # written when a run has finished
+        resume = (run_dir / "config.yaml").exists()
+        cmd = ["run_stream.py", "--resume", str(run_dir)] if resume else fresh[1:]
+        seconds = run([sys.executable, *cmd], log_path)  # "python" in the recorded command: this interpreter
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    last = rows[-1]
+    row = {"command": " ".join(fresh), "config": ROWS[name],
+           "samples_seen": last["samples_seen"], "updates": last["updates"],
+           "train_and_stream_eval_seconds": last["time/wall_seconds"],
+           "stream_final_probe_whole_10k": last["probe/acc_all"],
+           "accuracy_matrix": [r["probe/acc_matrix_row"] for r in rows],
+           "avg_forgetting": last.get("probe/avg_forgetting")}
+    compute = {k.split("/", 1)[1]: v for k, v in last.items() if k.startswith("compute/")}
+    if compute:  # runs trained before the counters existed have none
+        row["compute"] = compute
+    if seconds:
+        row["this_session_seconds"] = seconds
+    return row
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
@@ -166,6 +275,11 @@ def main() -> int:
     p.add_argument("--bn-recalibrate", type=int, default=0, metavar="N",
                    help="probe with BatchNorm statistics re-estimated on N training images, stored as *_bn next to "
                         "the plain probes")
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="config overrides for rows trained afresh (e.g. data.train_per_class=40 to check that a row "
+                        "runs); not for results: the row then is not the recipe")
+    p.add_argument("--probe-per-class", type=int, default=None, metavar="N",
+                   help="probe on the first N training and test images per class (a quick check; default: all)")
     p.add_argument("--report-only", action="store_true",
                    help="only redraw accuracy.md and accuracy.png from the JSON in --out (no training, no probing)")
     args = p.parse_args()
@@ -187,7 +301,8 @@ def main() -> int:
 
     def probes(ckpt_dir: Path, log_path: Path, random_init: bool = False) -> dict:
         wanted = {"whole": ("probe_whole", 0), "bag": (f"probe_bof{args.patches}", args.patches)}
-        return {key + suffix: probe(ckpt_dir, patches, log_path, random_init, args.bn_recalibrate)
+        return {key + suffix: probe(ckpt_dir, patches, log_path, random_init, args.bn_recalibrate,
+                                    args.probe_per_class)
                 for kind, (key, patches) in wanted.items() if kind in args.probes}
 
     for name in args.rows:
@@ -200,23 +315,8 @@ def main() -> int:
             row = {"samples_seen": 0, "train_seconds": 0.0, "command": "evaluate.py --random-init (same architecture)",
                    **probes(base, log_path, True)}
         else:
-            run_dir = runs / name
-            fresh = ["python", "run_stream.py", "--config", ROWS[name], f"run.out_dir={run_dir}"]
-            seconds = 0.0
-            if not (run_dir / "summary.json").exists():  # written when a run has finished
-                resume = (run_dir / "config.yaml").exists()
-                cmd = ["run_stream.py", "--resume", str(run_dir)] if resume else fresh[1:]
-                seconds = run([sys.executable, *cmd], log_path)  # "python" in the recorded command: this interpreter
-            rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-            last = rows[-1]
-            row = {"command": " ".join(fresh), "config": ROWS[name],
-                   "samples_seen": last["samples_seen"], "updates": last["updates"],
-                   "train_and_stream_eval_seconds": last["time/wall_seconds"],
-                   "stream_final_probe_whole_10k": last["probe/acc_all"],
-                   "accuracy_matrix": [r["probe/acc_matrix_row"] for r in rows],
-                   "avg_forgetting": last.get("probe/avg_forgetting"), **probes(run_dir, log_path)}
-            if seconds:
-                row["this_session_seconds"] = seconds
+            row = trained_row(name, runs / name, log_path, args.set)
+            row.update(probes(runs / name, log_path))
         results[name] = {**results.get(name, {}), **row}  # probes not rerun this time are kept
         out.write_text(json.dumps(results, indent=2))
         print(name, json.dumps({k: v for k, v in row.items() if k != "accuracy_matrix"}), flush=True)
