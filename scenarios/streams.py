@@ -69,6 +69,31 @@ def row_indices(dataset) -> torch.Tensor | None:
     return torch.as_tensor(list(attr), dtype=torch.long)
 
 
+def row_source(dataset) -> tuple[object, torch.Tensor] | None:
+    """(images, targets) of the one training tensor an experience dataset's `row_index` points into, or None.
+
+    Found by walking the Avalanche dataset tree down to our `_Rows` leaves; a dataset without `row_index`, or one
+    that mixes leaves of several sources (a foreign concatenation), has none, and the strategy then collates
+    samples one by one.
+    """
+    if getattr(dataset, "row_index", None) is None:
+        return None
+    leaves, todo, seen = [], [dataset], set()
+    while todo:
+        node = todo.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, _Rows):
+            leaves.append(node)
+        todo.extend(getattr(node, "_datasets", None) or [])
+    sources = {id(leaf.images): leaf for leaf in leaves}
+    if len(sources) != 1:
+        return None
+    leaf = next(iter(sources.values()))
+    return leaf.images, leaf.targets
+
+
 def plan_class_split(
     num_classes: int,
     *,

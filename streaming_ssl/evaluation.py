@@ -16,7 +16,6 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable
 
 import torch
 from avalanche.evaluation.metric_definitions import PluginMetric
@@ -138,11 +137,16 @@ class StreamEvaluator:
 
 
 class ProbeMetric(PluginMetric):
-    """Runs the StreamEvaluator after the experiences `due(strategy)` selects; emits MetricValues."""
+    """Runs the StreamEvaluator after training experiences and emits the row as Avalanche MetricValues.
 
-    def __init__(self, evaluator: StreamEvaluator, due: Callable, n_seen: Callable, model: torch.nn.Module) -> None:
+    Which experiences: `strategy.eval_due` when an EvalSchedule plugin set it (plugins.py), else every one;
+    parent experiences seen: `strategy.eval_seen`, else the experiences trained. The row also carries the
+    strategy's compute counters (`compute/...`) when it has them.
+    """
+
+    def __init__(self, evaluator: StreamEvaluator, model: torch.nn.Module) -> None:
         super().__init__()
-        self.evaluator, self.due, self.n_seen, self.model = evaluator, due, n_seen, model
+        self.evaluator, self.model = evaluator, model
         self.last_row: dict | None = None
         self.start_time = time.time()
         self.time_offset = 0.0  # seconds of earlier sessions of a resumed run
@@ -154,16 +158,26 @@ class ProbeMetric(PluginMetric):
         return self.last_row
 
     def after_training_exp(self, strategy) -> list[MetricValue] | None:
-        if not self.due(strategy):
+        self.last_row = None
+        if not getattr(strategy, "eval_due", True):
             return None
-        n_seen = self.n_seen(strategy)
+        n_seen = getattr(strategy, "eval_seen", strategy.stream_step)
         row = {"experience": strategy.stream_step - 1, "parent_experience": n_seen - 1,
                "samples_seen": strategy.samples_seen, "updates": strategy.global_step}
         row.update(self.evaluator.evaluate(self.model, n_seen))
+        if hasattr(strategy, "counters"):
+            row.update(strategy.counters.as_row())
         row["time/wall_seconds"] = self.time_offset + time.time() - self.start_time
         self.last_row = row
+        log.info("after experience %d: probe %s (seen %s), kNN %s, avg forgetting %s", row["experience"],
+                 _pct(row["probe/acc_all"]), _pct(row.get("probe/acc_seen")), _pct(row.get("knn/acc_all")),
+                 _pct(row.get("probe/avg_forgetting")))
         x = strategy.stream_step
         return [MetricValue(self, name, value, x) for name, value in row.items()]
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.2f}%"
 
 
 def _is_scalar(v) -> bool:

@@ -1,10 +1,25 @@
 """The EMP-SSL strategy: an Avalanche training template that ignores labels.
 
-Each mini-batch of the stream gives exactly one update: the images (uint8, gathered from the stream's
-in-memory tensor) are cut into n augmented patches on the training device, the encoder runs once over
-all n*B patches, and the EMP-SSL objective (objective.py) is minimised with LARS (lars.py) on a cosine
-schedule sized from the updates of the whole stream. Everything else (evaluation, logging, replay,
-checkpoints) hooks in through Avalanche plugins and the callbacks below.
+Each mini-batch of the stream gives exactly one update: the images are cut into n augmented patches on
+the training device, the encoder runs once over all n*B patches, and the EMP-SSL objective
+(objective.py) is minimised with LARS (lars.py) on a cosine schedule sized from the updates of the
+whole stream. Everything else (evaluation, logging, checkpoints, continual-learning methods) hooks in
+through Avalanche plugins (plugins.py, cl/).
+
+Data: any Avalanche benchmark whose datasets yield image tensors (uint8 0..255, or float in [0, 1],
+C = 1 or 3) works; samples are then collated one by one. When an experience carries our `row_index`
+attribute over one in-memory tensor (scenarios/streams.py), whole batches are gathered by index
+instead, and on CUDA that tensor lives on the GPU as uint8.
+
+What plugins may use (the contract the cl/ plugins rely on):
+    before_forward: `strategy.mb_x` holds this rank's stream images of the update (uint8 or float in
+        [0, 1], on the device); a plugin may replace `strategy.mbatch[0]` (e.g. append buffer images) and
+        must then add the global number of appended images to `strategy.mb_added`.
+    after_forward / before_backward: `strategy.mb_patches` (the augmented patches, patch-major) and
+        `strategy.mb_output` (z); a plugin may add a term to `strategy.loss` and its values to
+        `strategy.last_stats`.
+    always: `strategy.counters` (accounting.ComputeCounters), `strategy.core_model` (without DDP),
+        `strategy.amp_dtype`, `strategy.global_step`, `strategy.stream_step`.
 """
 
 from __future__ import annotations
@@ -12,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import os
 from collections.abc import Callable, Sequence
 
 import torch
@@ -19,8 +35,9 @@ from avalanche.training.plugins import EvaluationPlugin
 from avalanche.training.templates import SupervisedTemplate
 from torch.utils.data import default_collate
 
-from scenarios.streams import row_indices
+from scenarios.streams import row_indices, row_source
 from streaming_ssl import distributed as ddp
+from streaming_ssl.accounting import ComputeCounters
 from streaming_ssl.augment import MultiPatchAugment
 from streaming_ssl.device import autocast
 from streaming_ssl.lars import cosine_lr, set_lr
@@ -30,7 +47,11 @@ log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; raised before the update is applied."""
+    """The loss became NaN or infinite; no state with it is ever saved."""
+
+
+class StreamInputError(ValueError):
+    """A benchmark's samples are not images the strategy can train on; the message says how to fix them."""
 
 
 def derive_seed(*parts) -> int:
@@ -48,8 +69,10 @@ class RowBatchLoader:
     """
 
     def __init__(self, rows: torch.Tensor, fetch: Callable, batch_size: int, *, seed: int, key: Sequence,
-                 shuffle: bool = True, start_batch: int = 0, rank: int = 0, world: int = 1) -> None:
-        self.rows, self.fetch, self.batch_size = rows, fetch, batch_size
+                 shuffle: bool = True, start_batch: int = 0, rank: int = 0, world: int = 1,
+                 index_device: torch.device | None = None, workers: int = 0, pin_memory: bool = False) -> None:
+        self.rows, self.fetch, self.batch_size, self.index_device = rows, fetch, batch_size, index_device
+        self.workers, self.pin_memory = workers, pin_memory
         self.seed, self.key, self.shuffle = seed, tuple(key), shuffle
         self.epoch, self.start_batch, self.rank, self.world = 0, start_batch, rank, world
         self.last_global_size = 0
@@ -68,47 +91,110 @@ class RowBatchLoader:
 
     def __iter__(self):
         order, start = self.order(), self.start_batch
+        if self.index_device is not None:  # one copy per epoch; batches are then slices on the device
+            order = order.to(self.index_device)
         self.start_batch = 0
-        for b in range(start, math.ceil(len(order) / self.batch_size)):
-            batch = order[b * self.batch_size:(b + 1) * self.batch_size]
+        batches = [order[b * self.batch_size:(b + 1) * self.batch_size]
+                   for b in range(start, math.ceil(len(order) / self.batch_size))]
+        shares = [batch[slice(*ddp.shard_bounds(len(batch), self.rank, self.world))] for batch in batches]
+        fetched = map(self.fetch, shares)
+        if self.workers:  # lazily decoded images: batches decoded in workers, overlapped with training
+            fetched = iter(torch.utils.data.DataLoader(_Fetch(shares, self.fetch), batch_size=None,
+                                                       num_workers=self.workers, pin_memory=self.pin_memory))
+        for batch, (x, y) in zip(batches, fetched):
             self.last_global_size = len(batch)
-            lo, hi = ddp.shard_bounds(len(batch), self.rank, self.world)
-            x, y = self.fetch(batch[lo:hi])
-            yield x, y, torch.zeros(len(y), dtype=torch.long)
+            yield x, y, torch.zeros(len(y), dtype=torch.long, device=y.device)
+
+
+class _Fetch(torch.utils.data.Dataset):
+    """Item k is fetch(shares[k]): one whole batch, for a DataLoader's workers."""
+
+    def __init__(self, shares: list[torch.Tensor], fetch: Callable) -> None:
+        self.shares, self.fetch = shares, fetch
+
+    def __len__(self) -> int:
+        return len(self.shares)
+
+    def __getitem__(self, k: int):
+        return self.fetch(self.shares[k])
+
+
+def collate_images(samples: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """Collate (image, label, ...) samples of a foreign dataset into (images, labels), checking the images.
+
+    Images must be tensors (C, H, W) with C 1 or 3: uint8 0..255, or float in [0, 1]. Grayscale is
+    repeated to three channels. Anything else raises StreamInputError saying how to fix the benchmark.
+    """
+    first = samples[0][0] if samples and isinstance(samples[0], (tuple, list)) else None
+    if not isinstance(first, torch.Tensor):
+        raise StreamInputError(
+            f"the benchmark's samples give {type(first).__name__} images; EMPSSLStrategy needs image tensors "
+            "(uint8 0..255 or float in [0, 1]): add torchvision.transforms.PILToTensor() (or ToTensor()) to the "
+            "dataset, without Normalize (the strategy's augmentation normalises)")
+    x, y = default_collate([s[0] for s in samples]), default_collate([s[1] for s in samples])
+    check_images(x)
+    return x, torch.as_tensor(y)
+
+
+def check_images(x: torch.Tensor) -> torch.Tensor:
+    """StreamInputError unless x is a (B, 1|3, H, W) batch of uint8 images or float images in [0, 1]."""
+    if x.dim() != 4 or x.shape[1] not in (1, 3):
+        raise StreamInputError(f"images must be (C, H, W) tensors with 1 or 3 channels; got a batch of shape "
+                               f"{tuple(x.shape)}: give the benchmark image tensors, not features or flattened images")
+    if x.is_floating_point():
+        lo, hi = float(x.min()), float(x.max())
+        if lo < 0.0 or hi > 1.0:
+            raise StreamInputError(
+                f"float images must lie in [0, 1], but this batch spans [{lo:.3g}, {hi:.3g}]: the benchmark seems to "
+                "normalise already. Remove Normalize from its transforms (EMPSSLStrategy's augmentation normalises "
+                "with the dataset's statistics), or give uint8 images")
+    elif x.dtype != torch.uint8:
+        raise StreamInputError(f"images must be uint8 or float in [0, 1], got {x.dtype}")
+    return x
 
 
 class EMPSSLStrategy(SupervisedTemplate):
-    """Label-free EMP-SSL on an Avalanche stream: one multi-patch update per mini-batch.
+    """Label-free EMP-SSL on any Avalanche stream: one multi-patch update per mini-batch.
 
     Args:
         model: the module trained (an EMPSSLModel, or a DDP wrapper of one); forward gives (h, z).
         optimizer: usually LARS; its state persists across experiences.
-        augment: the batched multi-patch augmentation.
-        images, targets: the training tensor the stream's `row_index` attributes point into.
-        total_updates: updates of the whole run, for the cosine schedule.
+        augment: the batched multi-patch augmentation (its n_patches is the default of `n_patches`).
+        total_updates: updates of the whole run, for the cosine schedule; None keeps the optimizer's lr.
+        base_lr: peak of the schedule (default: the optimizer's lr).
         amp_dtype: autocast dtype (None: float32). The objective is always float32.
-        on_iteration / on_experience: callbacks (strategy) -> None after each update and after each
-            experience (after the evaluation plugin ran), e.g. checkpointing.
+        loader_workers: DataLoader workers that decode lazily stored images (ImageNet-100, large folders) into
+            pinned memory while the GPU trains; None: min(8, cores) on CUDA, 0 on CPU (the cores train).
+        finite_check_every: on CUDA, updates between checks that the loss stayed finite (a check is a host
+            sync); on CPU every update is checked (free). Checkpoint plugins call `check_finite()` before saving.
+        plugins: Avalanche plugins. Those with `runs_after_evaluator = True` (checkpoints, graceful stop) are
+            moved after the evaluation plugin, so that they see the evaluation of the experience just trained.
     """
 
     def __init__(self, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, augment: MultiPatchAugment,
-                 images, targets: torch.Tensor, n_patches: int, eps2: float = 0.2, lam: float = 200.0,
-                 batch_size: int = 100, epochs: int = 1, total_updates: int, base_lr: float,
+                 n_patches: int | None = None, eps2: float = 0.2, lam: float = 200.0, batch_size: int = 100,
+                 epochs: int = 1, total_updates: int | None = None, base_lr: float | None = None,
                  warmup_steps: int = 0, final_lr: float = 0.0, device: torch.device | str = "cpu",
                  amp_dtype: torch.dtype | None = None, channels_last: bool = True, seed: int = 0,
-                 plugins: list | None = None, evaluator: EvaluationPlugin | None = None,
-                 on_iteration: Callable | None = None, on_experience: Callable | None = None) -> None:
+                 finite_check_every: int = 50, loader_workers: int | None = None, plugins: list | None = None,
+                 evaluator: EvaluationPlugin | None = None) -> None:
         super().__init__(model=model, optimizer=optimizer, criterion=torch.nn.Identity(), train_mb_size=batch_size,
                          train_epochs=epochs, eval_mb_size=batch_size, device=device, plugins=plugins,
                          evaluator=evaluator if evaluator is not None else EvaluationPlugin(loggers=[]), eval_every=-1)
+        late = [p for p in self.plugins if getattr(p, "runs_after_evaluator", False)]
+        self.plugins = [p for p in self.plugins if p not in late] + late
         self.augment = augment.to(self.device)
-        self.images, self.targets = images, targets
-        self.n_patches, self.eps2, self.lam = n_patches, eps2, lam
-        self.total_updates, self.base_lr, self.warmup_steps, self.final_lr = total_updates, base_lr, warmup_steps, final_lr
+        self.n_patches = augment.n_patches if n_patches is None else n_patches
+        self.eps2, self.lam = eps2, lam
+        self.base_lr = optimizer.param_groups[0]["lr"] if base_lr is None else base_lr
+        self.total_updates, self.warmup_steps, self.final_lr = total_updates, warmup_steps, final_lr
         self.amp_dtype, self.channels_last, self.seed = amp_dtype, channels_last, seed
-        self.on_iteration, self.on_experience = on_iteration, on_experience
+        self.finite_check_every = max(int(finite_check_every), 1)
+        auto_workers = min(8, os.cpu_count() or 1) if self.device.type == "cuda" else 0
+        self.loader_workers = auto_workers if loader_workers is None else int(loader_workers)
         self.aug_generator = torch.Generator(device=self.device)
         self.aug_generator.manual_seed(derive_seed(seed, "augment", ddp.rank()))
+        self.counters = ComputeCounters()
         # Position in the stream; saved in checkpoints.
         self.global_step = 0  # updates done
         self.stream_step = 0  # training experiences finished
@@ -116,40 +202,66 @@ class EMPSSLStrategy(SupervisedTemplate):
         self.batch_in_epoch = 0  # batches of the current epoch done
         self.samples_seen = 0  # training samples consumed (global, all ranks)
         self.last_stats: dict[str, torch.Tensor] = {}
+        self.mb_patches: torch.Tensor | None = None
+        self.mb_added = 0  # global images plugins appended to this update's batch
+        self._nonfinite: torch.Tensor | None = None  # CUDA: non-finite losses since the last check
+        self._resident: tuple[int, torch.Tensor, torch.Tensor] | None = None
         self._resume_epoch = 0
         self._resume_batch = 0
 
+    @property
+    def core_model(self) -> torch.nn.Module:
+        """The trained model without its DDP wrapper."""
+        return getattr(self.model, "module", self.model)
+
     # ------------------------------------------------------------------------------------ data
-    def _fetch_rows(self, rows: torch.Tensor):
-        return self.images[rows], self.targets[rows]
+    def _on_device(self, images, targets: torch.Tensor):
+        """On CUDA, an in-memory uint8 tensor is copied to the GPU once: a batch is then an index there."""
+        if self.device.type != "cuda" or not isinstance(images, torch.Tensor):
+            return images, targets, None
+        if self._resident is None or self._resident[0] != id(images):
+            self._resident = (id(images), images.to(self.device), targets.to(self.device))
+        return self._resident[1], self._resident[2], self.device
 
     def make_train_dataloader(self, shuffle: bool = True, **kwargs) -> None:
-        """Batches gathered by row index from the training tensor (fallback: per-sample collate)."""
+        """Batches gathered by row index from the experience's tensor (fallback: per-sample collate)."""
         dataset = self.adapted_dataset
-        rows = row_indices(dataset)
-        if rows is not None:
-            fetch = self._fetch_rows
-        else:  # a dataset without row_index (a foreign plugin's): positions in it, collated per sample
+        rows, source = row_indices(dataset), row_source(dataset)
+        index_device, workers = None, 0
+        if rows is not None and source is not None:
+            images, targets, index_device = self._on_device(*source)
+            workers = 0 if isinstance(images, torch.Tensor) else self.loader_workers
+
+            def fetch(idx: torch.Tensor):
+                return images[idx], targets[idx]
+        else:  # a foreign dataset: positions in it, collated per sample and checked
             rows = torch.arange(len(dataset))
 
             def fetch(pos: torch.Tensor):
-                x, y, *_ = default_collate([dataset[int(i)] for i in pos])
-                return x, y
+                return collate_images([dataset[int(i)] for i in pos])
         self.dataloader = RowBatchLoader(rows, fetch, self.train_mb_size, seed=self.seed, key=("exp", self.stream_step),
                                          shuffle=shuffle, start_batch=self._resume_batch, rank=ddp.rank(),
-                                         world=ddp.world_size())
+                                         world=ddp.world_size(), index_device=index_device, workers=workers,
+                                         pin_memory=workers > 0 and self.device.type == "cuda")
 
     def make_optimizer(self, **kwargs) -> None:
         """The optimizer (and its momentum) lives across the whole stream: nothing to rebuild."""
 
     def _unpack_minibatch(self) -> None:
         self.mbatch = [t.to(self.device, non_blocking=True) for t in self.mbatch]
+        if self.mbatch[0].shape[1] == 1:  # grayscale benchmark: three equal channels
+            self.mbatch[0] = self.mbatch[0].expand(-1, 3, -1, -1)
 
     # ------------------------------------------------------------------------------------ step
+    def _before_forward(self, **kwargs) -> None:
+        self.mb_added = 0
+        super()._before_forward(**kwargs)
+
     def forward(self) -> torch.Tensor:
         patches = self.augment(self.mb_x, self.aug_generator)
         if self.channels_last:
             patches = patches.contiguous(memory_format=torch.channels_last)
+        self.mb_patches = patches
         with autocast(self.device, self.amp_dtype):
             _, z = self.model(patches)
         return z
@@ -160,16 +272,31 @@ class EMPSSLStrategy(SupervisedTemplate):
         return loss
 
     def backward(self) -> None:
-        if not torch.isfinite(self.loss).all():
+        if self.device.type == "cuda":  # no host sync per update: accumulate, check every finite_check_every
+            bad = ~torch.isfinite(self.loss.detach()).all()
+            self._nonfinite = bad if self._nonfinite is None else self._nonfinite | bad
+            if (self.global_step + 1) % self.finite_check_every == 0:
+                self.check_finite()
+        elif not torch.isfinite(self.loss).all():
             raise NonFiniteLossError(
                 f"non-finite loss ({float(self.loss.detach().reshape(-1)[0])}) at update {self.global_step} "
                 f"(experience {self.stream_step}, batch {self.batch_in_epoch}); nothing of this update was applied "
                 "and the last checkpoint is intact. Lower optim.lr, check the input data, or use precision fp32.")
         super().backward()
 
+    def check_finite(self) -> None:
+        """Raise NonFiniteLossError if a loss since the last check was not finite (CUDA: one host sync)."""
+        bad, self._nonfinite = self._nonfinite, None
+        if bad is not None and bool(bad):
+            raise NonFiniteLossError(
+                f"a non-finite loss occurred within the {self.finite_check_every} updates before update "
+                f"{self.global_step + 1} (experience {self.stream_step}); no state with it is saved and the last "
+                "checkpoint is intact. Lower optim.lr, check the input data, or use precision fp32.")
+
     def optimizer_step(self) -> None:
-        set_lr(self.optimizer, cosine_lr(min(self.global_step, self.total_updates - 1), self.total_updates, self.base_lr,
-                                         warmup_steps=self.warmup_steps, final_lr=self.final_lr))
+        if self.total_updates:
+            set_lr(self.optimizer, cosine_lr(min(self.global_step, self.total_updates - 1), self.total_updates,
+                                             self.base_lr, warmup_steps=self.warmup_steps, final_lr=self.final_lr))
         self.optimizer.step()
 
     # ------------------------------------------------------------------------------------ loop
@@ -192,17 +319,15 @@ class EMPSSLStrategy(SupervisedTemplate):
         self.batch_in_epoch += 1
         size = getattr(self.dataloader, "last_global_size", 0) or len(self.mb_x) * ddp.world_size()
         self.samples_seen += size
+        self.counters.stream_images += size
+        self.counters.add_update(images=size + self.mb_added, n_patches=self.n_patches)
         super()._after_training_iteration(**kwargs)
-        if self.on_iteration is not None:
-            self.on_iteration(self)
 
     def _after_training_exp(self, **kwargs) -> None:
         self.stream_step += 1
         self.batch_in_epoch = 0
         self.epoch_in_exp = 0
         super()._after_training_exp(**kwargs)
-        if self.on_experience is not None:
-            self.on_experience(self)
 
     # ------------------------------------------------------------------------------------ state
     def position(self) -> dict[str, int]:

@@ -41,8 +41,8 @@ def _setup(plugins, per_class: int = 12, batch: int = 8):
     model = EMPSSLModel(width=0.125, feature_dim=32, proj_hidden_dim=32, proj_dim=16)
     opt = LARS(param_groups(model, 1e-4), lr=0.3)
     total = stream.n_updates(batch)
-    strategy = EMPSSLStrategy(model=model, optimizer=opt, augment=MultiPatchAugment(2, 16), images=data.images,
-                              targets=data.targets, n_patches=2, batch_size=batch, total_updates=total, base_lr=0.3,
+    strategy = EMPSSLStrategy(model=model, optimizer=opt, augment=MultiPatchAugment(2, 16),
+                              n_patches=2, batch_size=batch, total_updates=total, base_lr=0.3,
                               device="cpu", channels_last=False, plugins=plugins)
     return stream, strategy, total
 

@@ -1,0 +1,46 @@
+"""Compute and memory counters of a run, so that every accuracy comes with its cost.
+
+All counts are cumulative over the run and global (summed over DDP ranks, computed from the global
+batch sizes, so they need no communication): the same numbers whatever the number of processes.
+
+- ``stream_images``: training images taken from the stream.
+- ``buffer_images``: images read from a replay buffer (appended to the batch, or mixed into it).
+- ``patches_forward`` / ``patches_backward``: augmented patches the trained encoder ran forward on /
+  back-propagated through (equal for EMP-SSL: every patch enters the objective).
+- ``frozen_forwards``: patches a frozen model (distillation) ran forward on, under inference mode.
+- ``extra_forwards``: images forwarded only to choose what a buffer keeps (MinRed features).
+- ``buffer_bytes``: bytes of images the buffer holds now (a gauge, not a sum).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+
+@dataclass
+class ComputeCounters:
+    """Cumulative compute of a run; plugins add to it, checkpoints save it, evaluation rows report it."""
+
+    stream_images: int = 0
+    buffer_images: int = 0
+    patches_forward: int = 0
+    patches_backward: int = 0
+    frozen_forwards: int = 0
+    extra_forwards: int = 0
+    buffer_bytes: int = 0
+
+    def add_update(self, *, images: int, n_patches: int) -> None:
+        """One update of the trained encoder over `images` images (stream + appended buffer) x `n_patches`."""
+        self.patches_forward += images * n_patches
+        self.patches_backward += images * n_patches
+
+    def as_row(self) -> dict[str, int]:
+        """The counters as evaluation-row keys `compute/<name>`."""
+        return {f"compute/{k}": int(v) for k, v in asdict(self).items()}
+
+    def state_dict(self) -> dict[str, int]:
+        return {k: int(v) for k, v in asdict(self).items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for f in fields(self):
+            setattr(self, f.name, int(state.get(f.name, 0)))

@@ -1,0 +1,248 @@
+"""Run machinery as Avalanche plugins: evaluation schedule, checkpoint and exact resume, graceful stop,
+progress, DDP buffer sync.
+
+Each is a small `SupervisedPlugin`; they compose with each other, with the continual-learning plugins
+of cl/ and with Avalanche's own. Plugins that must see the evaluation of the experience just trained
+(checkpoints, stop) carry `runs_after_evaluator = True`; EMPSSLStrategy moves them after its evaluation
+plugin (with another strategy, list them last and give the evaluator as a plugin before them).
+
+A plugin that holds state worth resuming (a replay buffer, a frozen model) exposes `state_key`,
+`state_dict()` and `load_state_dict(state)`; CheckpointPlugin saves and restores it with the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from pathlib import Path
+
+import torch
+from avalanche.core import SupervisedPlugin
+
+from streaming_ssl import checkpoint as ckpt
+from streaming_ssl import distributed as ddp
+from streaming_ssl.evaluation import ProbeMetric, StreamEvaluator, read_rows
+
+log = logging.getLogger(__name__)
+
+
+class Interrupted(Exception):
+    """Ctrl-C / SIGTERM arrived; the run saved a checkpoint at the last finished update."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written; the previous ones are intact."""
+
+
+class EvalSchedule(SupervisedPlugin):
+    """Decides after which training experiences the evaluation runs, and how many parents were seen.
+
+    Sets `strategy.eval_due`, `strategy.eval_seen` (parent experiences seen so far) and
+    `strategy.at_boundary` (a parent experience just ended) in after_training_exp, before the evaluation
+    plugin reads them. `every` = k evaluates every k training experiences (online: mini-experiences)
+    and after the last; 0 evaluates at the end of every parent experience.
+    """
+
+    def __init__(self, step_parent: list[int], every: int = 1) -> None:
+        super().__init__()
+        self.step_parent, self.every = list(step_parent), int(every)
+
+    def is_parent_end(self, step: int) -> bool:
+        return step == len(self.step_parent) - 1 or self.step_parent[step + 1] != self.step_parent[step]
+
+    def due(self, done: int) -> bool:
+        """Whether to evaluate after `done` finished training experiences."""
+        if done == len(self.step_parent):
+            return True
+        if self.every == 0:
+            return self.is_parent_end(done - 1)
+        return done % self.every == 0
+
+    def after_training_exp(self, strategy, **kwargs) -> None:
+        done = strategy.stream_step
+        strategy.eval_due = self.due(done)
+        strategy.eval_seen = self.step_parent[done - 1] + 1
+        strategy.at_boundary = self.is_parent_end(done - 1)
+
+
+class SyncBuffers(SupervisedPlugin):
+    """DDP without SyncBatchNorm: every rank evaluates rank 0's model (the one checkpointed).
+
+    Each rank's last forward updated its BatchNorm running statistics with its own share of the batch;
+    feature extraction shards the images, so the probes would otherwise read features computed with a
+    different model on every rank. Runs before the evaluation plugin.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def after_training_exp(self, strategy, **kwargs) -> None:
+        ddp.broadcast_buffers(self.model)
+
+
+class ProgressPlugin(SupervisedPlugin):
+    """A tqdm bar over the updates of the run, with loss, coding rate and invariance every `log_every`."""
+
+    def __init__(self, total_updates: int, *, desc: str = "", log_every: int = 20) -> None:
+        super().__init__()
+        self.total, self.desc, self.log_every = total_updates, desc, max(int(log_every), 1)
+        self.bar = None
+
+    def before_training(self, strategy, **kwargs) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=self.total, initial=strategy.global_step, desc=self.desc, unit="upd",
+                        disable=not ddp.is_main(), dynamic_ncols=True, mininterval=2.0)
+
+    def after_training_iteration(self, strategy, **kwargs) -> None:
+        if self.bar is None:
+            return
+        self.bar.update(1)
+        if strategy.global_step % self.log_every == 0 and strategy.last_stats:
+            stats = {k: f"{float(v):.3f}" for k, v in strategy.last_stats.items() if k in ("tcr", "inv", "distill")}
+            self.bar.set_postfix(loss=f"{float(strategy.loss.detach().reshape(-1)[0]):.2f}", **stats, refresh=False)
+
+    def after_training(self, strategy, **kwargs) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+class CheckpointPlugin(SupervisedPlugin):
+    """Atomic checkpoints of everything a run needs to continue bit for bit, and the restore.
+
+    Saved: model, optimizer, stream position, every RNG state, each rank's augmentation generator, the
+    evaluator's history, the number of metrics.jsonl rows, wall time, compute counters, the resolved
+    config, and the state of every plugin with a `state_key`. Written after every experience (online
+    streams: only with an evaluation, at parent boundaries, or on stop) and every `every` updates.
+    """
+
+    runs_after_evaluator = True
+
+    def __init__(self, run_dir: str | Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 evaluator: StreamEvaluator, metric: ProbeMetric, config: dict, keep_last: int = 3, every: int = 0,
+                 each_experience: bool = True) -> None:
+        super().__init__()
+        self.run_dir, self.model, self.optimizer = Path(run_dir), model, optimizer
+        self.evaluator, self.metric, self.config = evaluator, metric, config
+        self.keep_last, self.every, self.each_experience = keep_last, every, each_experience
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.last_saved: tuple[int, int] | None = None
+
+    def after_training_iteration(self, strategy, **kwargs) -> None:
+        if self.every and strategy.global_step % self.every == 0:
+            self.save(strategy)
+
+    def after_training_exp(self, strategy, **kwargs) -> None:
+        if self.each_experience or getattr(strategy, "eval_due", True) or getattr(strategy, "at_boundary", True):
+            self.save(strategy)
+
+    def payload(self, strategy) -> dict:
+        from streaming_ssl.strategy import NonFiniteLossError
+
+        if hasattr(strategy, "check_finite"):
+            strategy.check_finite()
+        bad = [n for n, t in self.model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+        if bad:
+            raise NonFiniteLossError(
+                f"the weights became non-finite at update {strategy.global_step} (first: {bad[0]}); this state was not "
+                "saved and the last checkpoint is intact. Lower optim.lr or check the input data.")
+        return {"format": ckpt.FORMAT_VERSION, "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "position": strategy.position(), "rng": ckpt.rng_state(),
+                "aug_generator": ddp.all_gather_object(strategy.aug_generator.get_state().cpu()),
+                "evaluator": self.evaluator.state_dict(), "counters": strategy.counters.state_dict(),
+                "plugins": {p.state_key: p.state_dict() for p in strategy.plugins if hasattr(p, "state_key")},
+                "metrics_rows": len(read_rows(self.metrics_path)) if ddp.is_main() else 0,
+                "wall_seconds": self.metric.time_offset + time.time() - self.metric.start_time,
+                "config": self.config}
+
+    def save(self, strategy) -> None:
+        payload = self.payload(strategy)
+        if ddp.is_main():
+            try:
+                ckpt.save_rotating(payload, self.run_dir, strategy.global_step, self.keep_last)
+            except OSError as err:
+                raise CheckpointWriteError(
+                    f"could not write a checkpoint into {str(self.run_dir)!r} ({err.strerror or err}); the previous "
+                    "checkpoints are intact: free disk space (or move run.out_dir), then "
+                    f"python run_stream.py --resume {self.run_dir}") from err
+        ddp.barrier()
+        self.last_saved = (strategy.global_step, strategy.stream_step)
+
+    def restore(self, strategy, state: dict) -> None:
+        """Continue from `state`: call after everything is built, right before training (RNG last)."""
+        strategy.core_model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        strategy.set_position(state["position"])
+        self.evaluator.load_state_dict(state["evaluator"])
+        self.metric.time_offset = float(state["wall_seconds"])
+        strategy.counters.load_state_dict(state.get("counters", {}))
+        saved = state.get("plugins", {})
+        for p in strategy.plugins:
+            if hasattr(p, "state_key"):
+                if p.state_key not in saved:
+                    raise ckpt.CheckpointError(f"the checkpoint holds no state for {p.state_key!r}: it was written by "
+                                               "a run without that method; resume with the config saved in the run")
+                p.load_state_dict(saved[p.state_key])
+        aug_states = state["aug_generator"]
+        if len(aug_states) != ddp.world_size():
+            raise ckpt.CheckpointError(
+                f"the run was saved by {len(aug_states)} process(es) but resumes with {ddp.world_size()}; resume "
+                "with the same number of processes (torchrun --nproc_per_node)")
+        strategy.aug_generator.set_state(aug_states[ddp.rank()])
+        if ddp.is_main():  # drop rows written after the checkpoint (they will be computed again)
+            rows = self.metrics_path.read_text().splitlines(keepends=True) if self.metrics_path.exists() else []
+            self.metrics_path.write_text("".join(rows[: int(state["metrics_rows"])]))
+        ckpt.set_rng_state(state["rng"])
+        self.last_saved = (strategy.global_step, strategy.stream_step)
+
+
+class GracefulStop(SupervisedPlugin):
+    """SIGINT/SIGTERM: finish the current update, save (through `checkpoint`), raise Interrupted.
+
+    A second signal leaves at once (KeyboardInterrupt). Handlers are installed for the training and
+    restored after it (call `close()` in a `finally` too: an exception skips after_training).
+    """
+
+    runs_after_evaluator = True
+
+    def __init__(self, checkpoint: CheckpointPlugin | None = None) -> None:
+        super().__init__()
+        self.checkpoint = checkpoint
+        self.signal: int | None = None
+        self._old: dict = {}
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signum
+        log.warning("signal %d: finishing the current update, saving a checkpoint, then stopping", signum)
+
+    def before_training(self, strategy, **kwargs) -> None:
+        self._old = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def _maybe_stop(self, strategy) -> None:
+        if self.signal is None:
+            return
+        if self.checkpoint is not None and self.checkpoint.last_saved != (strategy.global_step, strategy.stream_step):
+            self.checkpoint.save(strategy)
+        raise Interrupted(f"stopped by signal {self.signal} at update {strategy.global_step}")
+
+    def after_training_iteration(self, strategy, **kwargs) -> None:
+        self._maybe_stop(strategy)
+
+    def after_training_exp(self, strategy, **kwargs) -> None:
+        self._maybe_stop(strategy)
+
+    def after_training(self, strategy, **kwargs) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+        self._old = {}
