@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 import torch
 
-import evaluate
-import run_stream
+import streaming_ssl.cli.evaluate as evaluate
+import streaming_ssl.cli.train as run_stream
 from streaming_ssl import checkpoint as ckpt
 
 DATA = os.environ.get("STREAMING_SSL_DATA")
@@ -119,7 +119,7 @@ CASES = {
     "probability > 1": (lambda t, g: _runs(t, "augment.flip_p=1.5"), r"augment.flip_p: is a probability"),
     "unknown dataset": (lambda t, g: _runs(t, "data.dataset=cifar1O"), r"data.dataset: unknown value 'cifar1O'.*Did you mean 'cifar10'"),
     "unknown arch": (lambda t, g: _runs(t, "model.arch=resnet50"), r"model.arch: unknown value 'resnet50'.*Valid: resnet18"),
-    "unknown transfer": (lambda t, g: _runs(t, "eval.transfer=[svhn]"), r"eval.transfer\[0\]: unknown dataset 'svhn'"),
+    "unknown transfer": (lambda t, g: _runs(t, "eval.transfer=[svhn]"), r"eval.transfer\[0\]: unknown value 'svhn'"),
     "negative eval.bn_recalibrate": (lambda t, g: _runs(t, "eval.bn_recalibrate=-3"),
                                      r"eval.bn_recalibrate: must be a number of images >= 0.*-3"),
     "epochs in a stream": (lambda t, g: _runs(t, "stream.epochs=3"), r"epochs must be 1 in mode 'class_incremental'"),
@@ -270,7 +270,7 @@ def test_unknown_allocator_is_refused_by_the_cli(cli: str, tmp_path: Path, good_
             if cli == "run_stream.py" else ["--checkpoint", str(good_run), "--device", "cpu"])
     env = {**os.environ, "STREAMING_SSL_ALLOCATOR": "mimalloc"}
     env.pop("STREAMING_SSL_ALLOCATOR_APPLIED", None)
-    proc = subprocess.run([sys.executable, cli, *args], cwd=Path(run_stream.__file__).parent, env=env,
+    proc = subprocess.run([sys.executable, cli, *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "STREAMING_SSL_ALLOCATOR='mimalloc' is not an allocator; valid: auto, system, tuned, jemalloc, tcmalloc" \

@@ -260,7 +260,7 @@ def stream_runs(tmp_path_factory) -> dict:
            for k in range(2)},
     }
     deadline = time.monotonic() + TIMEOUT
-    import run_stream
+    import streaming_ssl.cli.train as run_stream
 
     threads = torch.get_num_threads()
     try:
@@ -292,7 +292,7 @@ _SPLITS: dict = {}
 
 def _reevaluate(ckpt_path: Path) -> dict:
     """probe/acc_all and knn/acc_all of a checkpoint, recomputed in this one process as run_stream.py does."""
-    from run_stream import build_augment, build_model, load_splits, per_class_subset, probe_kwargs, probe_set
+    from streaming_ssl.build import build_augment, build_model, load_splits, per_class_subset, probe_kwargs, probe_set
     from streaming_ssl import checkpoint as ckpt
     from streaming_ssl.config import config_from_dict
     from streaming_ssl.evaluation import StreamEvaluator
@@ -306,7 +306,7 @@ def _reevaluate(ckpt_path: Path) -> dict:
         splits.test = per_class_subset(splits.test, cfg.data.test_per_class)
         _SPLITS[key] = splits
     splits = _SPLITS[key]
-    model = build_model(cfg, splits.name).to(memory_format=torch.channels_last)
+    model = build_model(cfg, "cifar").to(memory_format=torch.channels_last)
     model.load_state_dict(state["model"])
     # one parent experience holding every class: acc_seen is acc_all, nothing depends on the history
     evaluator = StreamEvaluator(in_domain=probe_set(cfg, splits), transfer=[], parent_classes=[list(range(10))],
@@ -383,22 +383,21 @@ def test_two_node_static_launch_on_loopback(stream_runs) -> None:
 def test_overwrite_deletes_only_once_the_inputs_are_good(tmp_path, monkeypatch) -> None:
     """prepare_run_dir (before the process group exists, on every rank) never deletes; create_run_dir,
     called after data, stream and model are built and the group exists, deletes on rank 0 only."""
-    import run_stream
     from streaming_ssl.config import load_config
+    from streaming_ssl.runner import create_run_dir, prepare_run_dir
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "old.txt").write_text("x")
     cfg = load_config(ROOT / "configs/smoke.yaml", [f"run.out_dir={run_dir}"])
-    args = run_stream.parse_args(["--config", "configs/smoke.yaml", "--overwrite"])
     for rank in ("1", "0"):
         monkeypatch.setenv("WORLD_SIZE", "2")
         monkeypatch.setenv("RANK", rank)
-        assert run_stream.prepare_run_dir(cfg, args) == (run_dir, None)
+        assert prepare_run_dir(cfg, overwrite=True) == (run_dir, None)
         assert (run_dir / "old.txt").exists()
     monkeypatch.delenv("WORLD_SIZE")
     monkeypatch.delenv("RANK")
-    run_stream.create_run_dir(cfg, args, run_dir)  # outside DDP this process is rank 0
+    create_run_dir(cfg, run_dir, fresh=True)  # outside DDP this process is rank 0
     assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml"]
 
 

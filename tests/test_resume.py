@@ -68,9 +68,12 @@ def test_resume_refuses_a_different_config(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     subprocess.run(_cmd(run_dir, "stream.n_experiences=2", "data.train_per_class=10", "data.test_per_class=5"),
                    check=True, cwd=REPO, capture_output=True)
-    before = {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()}
+    def stamps() -> dict:  # the run's files; .lock is the single-writer lock's record (taken, then released)
+        return {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir() if p.name != ".lock"}
+
+    before = stamps()
     res = subprocess.run([sys.executable, str(REPO / "run_stream.py"), "--resume", str(run_dir), "optim.lr=0.1"],
                          cwd=REPO, capture_output=True, text=True)
     assert res.returncode == 2
     assert "different config" in res.stderr and "optim.lr" in res.stderr
-    assert {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()} == before
+    assert stamps() == before

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-import evaluate
-import run_stream
+import streaming_ssl.cli.evaluate as evaluate
+import streaming_ssl.cli.train as run_stream
+from streaming_ssl import build
 from streaming_ssl import checkpoint as ckpt
 from streaming_ssl.config import load_config
 from streaming_ssl.objective import emp_ssl_loss
@@ -173,7 +174,7 @@ def test_recompute_bn_relu_trains_the_same_stream(split_run: Path, data_root: Pa
     assert rc == 0
     cfg = load_config(run_dir / "config.yaml")
     assert cfg.model.recompute_bn_relu
-    blocks = [b for stage in run_stream.build_model(cfg, "cifar10").backbone.stages for b in stage]
+    blocks = [b for stage in build.build_model(cfg, "cifar").backbone.stages for b in stage]
     assert blocks and all(b.recompute_bn_relu for b in blocks)
     assert _without_time(_rows(run_dir)) == _without_time(_rows(split_run))
     a = ckpt.load(ckpt.latest(split_run))["model"]
@@ -200,7 +201,7 @@ def test_compiled_training_runs_the_stream(split_run: Path, data_root: Path, tmp
     # the checkpoint is the plain model's (no torch.compile wrapper keys) and loads into an eager model
     state = ckpt.load(ckpt.latest(run_dir))["model"]
     assert not any("_orig_mod" in k for k in state)
-    run_stream.build_model(load_config(run_dir / "config.yaml"), "cifar10").load_state_dict(state)
+    build.build_model(load_config(run_dir / "config.yaml"), "cifar").load_state_dict(state)
 
 
 def test_refuses_non_empty_run_dir(split_run: Path, data_root: Path) -> None:
@@ -217,9 +218,9 @@ def test_offline_run_lowers_the_loss(tmp_path: Path, data_root: Path) -> None:
     rows = _rows(run_dir)
     assert len(rows) == 1 and rows[0]["updates"] == 3 * 20 and rows[0]["samples_seen"] == 3 * 400
     cfg = load_config(run_dir / "config.yaml")
-    splits = run_stream.load_splits(cfg)
-    train = run_stream.per_class_subset(splits.train, cfg.data.train_per_class)
-    augment = run_stream.build_augment(cfg, splits)
+    splits = build.load_splits(cfg)
+    train = build.per_class_subset(splits.train, cfg.data.train_per_class)
+    augment = build.build_augment(cfg, splits)
 
     def mean_loss(model) -> float:
         model.train()
@@ -232,7 +233,7 @@ def test_offline_run_lowers_the_loss(tmp_path: Path, data_root: Path) -> None:
         return sum(losses) / len(losses)
 
     torch.manual_seed(cfg.train.seed)
-    init = run_stream.build_model(cfg, "cifar10")
-    trained = run_stream.build_model(cfg, "cifar10")
+    init = build.build_model(cfg, "cifar")
+    trained = build.build_model(cfg, "cifar")
     trained.load_state_dict(ckpt.load(ckpt.latest(run_dir))["model"])
     assert mean_loss(trained) < mean_loss(init) - 1.0

@@ -15,7 +15,7 @@ import pathlib
 
 import pytest
 
-import run_stream
+import streaming_ssl.cli.train as run_stream
 from streaming_ssl import checkpoint as ckpt
 
 TINY = [

@@ -1,0 +1,137 @@
+"""Probe a checkpoint: linear probe (and kNN) on frozen features, in-domain or on other datasets.
+
+The library behind evaluate.py. The checkpoint's own config rebuilds the model and augmentation
+(build.py); the explicit arguments say what to probe and how.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from scenarios.sources import is_generic
+from streaming_ssl import build
+from streaming_ssl import checkpoint as ckpt
+from streaming_ssl.config import ConfigError, config_from_dict
+from streaming_ssl.device import resolve_device, resolve_precision
+from streaming_ssl.features_cache import cached_features
+from streaming_ssl.probe import (extract_features, knn_predict, linear_probe_accuracy, recalibrate_batchnorm,
+                                 select_weight_decay)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ProbeRequest:
+    """What to probe. None means: the checkpoint config's value."""
+
+    checkpoint: str
+    datasets: list[str] = field(default_factory=list)  # empty: the dataset the checkpoint was trained on
+    transfer: list[str] = field(default_factory=list)
+    in_domain: bool = True
+    patches: int | None = None
+    knn: bool = False
+    train_per_class: int | None = None
+    test_per_class: int | None = None
+    probe_epochs: int | None = None
+    data_root: str | None = None
+    device: str | None = None
+    random_init: bool = False
+    probe_select: bool = False
+    features_cache: str | None = None
+    bn_recalibrate: int | None = None
+
+
+def probe_checkpoint(req: ProbeRequest) -> dict:
+    """Probe every requested dataset with the checkpoint's encoder; one result entry per dataset."""
+    if req.bn_recalibrate is not None and req.bn_recalibrate < 0:
+        raise ConfigError(f"--bn-recalibrate takes a number of images >= 0 (e.g. 10000), got {req.bn_recalibrate}")
+    path, state = ckpt.load_latest(req.checkpoint)
+    cfg = config_from_dict(state["config"])
+    n_recal = cfg.eval.bn_recalibrate if req.bn_recalibrate is None else req.bn_recalibrate
+    cfg.data.root = req.data_root or cfg.data.root
+    cfg.train.device = req.device or cfg.train.device
+    cfg.eval.probe_epochs = req.probe_epochs or cfg.eval.probe_epochs
+    device = resolve_device(cfg.train.device)
+    amp_dtype = resolve_precision(cfg.train.precision, device)
+    torch.manual_seed(cfg.train.seed)
+    train_splits = build.load_splits(cfg)
+    model = build.build_model(cfg, build.model_stem(cfg, train_splits))
+    if not req.random_init:
+        ckpt.check_model_matches(state, model, str(path))
+        model.load_state_dict(state["model"])
+    model.to(device)
+    augment = build.build_augment(cfg, train_splits).to(device)
+    patches = cfg.eval.patches if req.patches is None else req.patches
+    result = {"checkpoint": str(path), "updates": int(state["position"]["global_step"]),
+              "samples_seen": int(state["position"]["samples_seen"]), "patches": patches,
+              "random_init": bool(req.random_init)}
+    if n_recal:
+        result["bn_recalibrate"] = n_recal
+    names = ([] if not req.in_domain else (req.datasets or [cfg.data.dataset])) + list(req.transfer)
+    prober = _Prober(cfg, req, model, augment, device, amp_dtype, patches, n_recal, path, result)
+    for name in names:
+        splits = train_splits if name == cfg.data.dataset else build.load_splits(
+            cfg, name, image_size=train_splits.image_size if is_generic(name) else None)
+        result[splits.name] = prober.probe(name, splits)
+    return result
+
+
+class _Prober:
+    """Features (cached, BatchNorm re-estimated if asked) and probes of one dataset at a time."""
+
+    def __init__(self, cfg, req: ProbeRequest, model, augment, device, amp_dtype, patches: int, n_recal: int,
+                 path: Path, result: dict) -> None:
+        self.cfg, self.req, self.model, self.augment = cfg, req, model, augment
+        self.device, self.amp_dtype, self.patches, self.n_recal = device, amp_dtype, patches, n_recal
+        self.stored = {k: v.clone() for k, v in model.state_dict().items()} if n_recal else None
+        self.key = {"checkpoint": str(path.resolve()), "updates": result["updates"],
+                    "random_init": result["random_init"], "patches": patches, "seed": cfg.train.seed}
+        if n_recal:
+            self.key["bn_recalibrate"] = n_recal
+
+    def _features_of(self, name: str, splits):
+        pending = {"recalibrate": bool(self.n_recal)}
+
+        def features(images, **kwargs):
+            if pending.pop("recalibrate", False):  # once per dataset, and only if some features are not cached
+                self.model.load_state_dict(self.stored)  # this dataset's statistics, from the stored ones each time
+                recalibrate_batchnorm(self.model, splits.train.images, self.augment, n_images=self.n_recal,
+                                      device=self.device, batch_size=self.cfg.eval.batch_size, patches=self.patches,
+                                      amp_dtype=self.amp_dtype, seed=self.cfg.train.seed, progress=f"batchnorm {name}")
+            return extract_features(self.model, images, self.augment, **kwargs)
+        return features
+
+    def probe(self, name: str, splits) -> dict:
+        cfg, req = self.cfg, self.req
+        tr = build.per_class_subset(splits.train, req.train_per_class)
+        te = build.per_class_subset(splits.test, req.test_per_class)
+        t0 = time.perf_counter()
+        kw = dict(device=self.device, batch_size=cfg.eval.batch_size, patches=self.patches, amp_dtype=self.amp_dtype,
+                  channels_last=False, seed=cfg.train.seed)
+        key = {**self.key, "dataset": name}
+        features = self._features_of(name, splits)
+        ftr = cached_features(req.features_cache, {**key, "split": "train", "n": len(tr)}, features, tr.images,
+                              progress=f"features {splits.name}/train", **kw)
+        fte = cached_features(req.features_cache, {**key, "split": "test", "n": len(te)}, features, te.images,
+                              progress=f"features {splits.name}/test", **kw)
+        pk = build.probe_kwargs(cfg)
+        acc, _ = linear_probe_accuracy(ftr, tr.targets, fte, te.targets, splits.num_classes, seed=cfg.train.seed, **pk)
+        entry = {"linear": acc, "train_images": len(tr), "test_images": len(te),
+                 "probe": {**pk, "features": "standardised h", "reported": "final epoch"}}
+        if req.probe_select:
+            best, scores = select_weight_decay(ftr, tr.targets, splits.num_classes, seed=cfg.train.seed, **pk)
+            sel_acc, _ = linear_probe_accuracy(ftr, tr.targets, fte, te.targets, splits.num_classes,
+                                               seed=cfg.train.seed, **{**pk, "weight_decay": best})
+            entry["linear_selected"] = {"accuracy": sel_acc, "weight_decay": best, "held_out_fraction": 0.1,
+                                        "held_out_accuracy": {str(k): v for k, v in scores.items()}}
+        if req.knn:
+            pred = knn_predict(ftr, tr.targets, fte, splits.num_classes, k=cfg.eval.knn_k or 20,
+                               temperature=cfg.eval.knn_temperature)
+            entry["knn"] = float((pred == te.targets).float().mean())
+        entry["seconds"] = time.perf_counter() - t0
+        return entry

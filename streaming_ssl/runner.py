@@ -1,0 +1,169 @@
+"""One training run, from a resolved Config to its run directory: the library behind run_stream.py.
+
+`prepare_run_dir` checks the run directory (new, --resume, --overwrite) before anything is written;
+`train` builds the run (build.py), creates the directory only once data, stream and model are known to
+be good, trains the strategy over the stream, and writes the plot and summary.json.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import yaml
+
+from streaming_ssl import checkpoint as ckpt
+from streaming_ssl import distributed as ddp
+from streaming_ssl.atomic import atomic_write_text
+from streaming_ssl.config import Config, config_from_dict, save_config
+from streaming_ssl.runlock import RunLock, run_files
+
+log = logging.getLogger(__name__)
+
+
+class RunError(RuntimeError):
+    """A problem with the run directory or the command line; the message says what to do."""
+
+
+def dict_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """`key: run has X, now Y` for every leaf that differs between two nested dicts."""
+    out = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += dict_diff(va, vb, f"{prefix}{key}.")
+        elif va != vb:
+            out.append(f"{prefix}{key}: run has {va!r}, now {vb!r}")
+    return out
+
+
+def prepare_run_dir(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> tuple[Path, dict | None]:
+    """Check the run directory; with `resume` return the checkpoint to continue from (None: start afresh)."""
+    run_dir = Path(cfg.run.out_dir)
+    if resume:
+        saved_cfg_path = run_dir / "config.yaml"
+        if not saved_cfg_path.is_file():
+            raise RunError(f"cannot resume {str(run_dir)!r}: it holds no config.yaml (not a run directory)")
+        saved = config_from_dict(yaml.safe_load(saved_cfg_path.read_text()))
+        if saved.to_dict() != cfg.to_dict():
+            diffs = dict_diff(saved.to_dict(), cfg.to_dict())
+            raise RunError(f"cannot resume {str(run_dir)!r} with a different config ({'; '.join(diffs[:5])}); "
+                           "resume without --config/overrides, or start a new run with another run.out_dir")
+        path = ckpt.latest(run_dir)
+        if path is None:
+            log.warning("no checkpoint in %s yet: starting the run from the beginning", run_dir)
+            return run_dir, None
+        return run_dir, ckpt.load(path)
+    if run_files(run_dir) and not overwrite:
+        raise RunError(f"run directory {str(run_dir)!r} is not empty; pass --resume {run_dir} to continue it, "
+                       "--overwrite to replace it, or choose another run.out_dir")
+    return run_dir, None
+
+
+def create_run_dir(cfg: Config, run_dir: Path, *, fresh: bool, lock: RunLock | None = None) -> None:
+    """Called once data, stream and model are known to be good: nothing is written or deleted before.
+
+    `fresh` empties the directory (all but its lock file: deleting a held lock file would let a second
+    writer lock a new one). `lock` (rank 0), if not yet held, is taken right after the directory exists."""
+    if ddp.is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if lock is not None and not lock.locked:
+            lock.acquire()
+        for path in run_files(run_dir) if fresh else []:
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+        save_config(cfg, run_dir / "config.yaml")
+    ddp.barrier()
+
+
+def setup_logging(run_dir: Path | None) -> logging.Handler | None:
+    """Log to stderr and (rank 0) to RUN/train.log; returns the file handler, to be removed after the run."""
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s")
+    logging.getLogger().setLevel(logging.INFO if ddp.is_main() else logging.WARNING)
+    if run_dir is None or not ddp.is_main():
+        return None
+    handler = logging.FileHandler(run_dir / "train.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logging.getLogger().addHandler(handler)
+    return handler
+
+
+def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict:
+    """Train and evaluate one run; returns the last evaluation row.
+
+    One writer per run directory: rank 0 holds RUN/.lock (runlock.py) for the whole run, taken before anything
+    is read from or written to an existing directory (a new one: as soon as it is created); a second writer
+    (new run, --resume or --overwrite) gets RunLocked and changes nothing."""
+    handlers_before = list(logging.getLogger().handlers)
+    run_dir = Path(cfg.run.out_dir)
+    lock = RunLock(run_dir) if ddp.env_world()[0] == 0 else None
+    try:
+        if lock is not None and run_dir.is_dir():
+            lock.acquire()
+        return _train(cfg, resume=resume, overwrite=overwrite, lock=lock)
+    finally:  # a run's log file must not collect what later runs in this process log
+        if lock is not None:
+            lock.release()
+        for handler in logging.getLogger().handlers:
+            if handler not in handlers_before:
+                logging.getLogger().removeHandler(handler)
+                handler.close()
+
+
+def _train(cfg: Config, *, resume: bool, overwrite: bool, lock: RunLock | None) -> dict:
+    from streaming_ssl import allocator, build
+    from streaming_ssl.evaluation import plot_run, read_rows
+
+    run_dir, state = prepare_run_dir(cfg, resume=resume, overwrite=overwrite)
+    device, amp_dtype = build.setup_runtime(cfg)
+    splits = build.load_train_data(cfg)
+    stream = build.stream_from_config(cfg, splits)
+    log.info("stream: %s, %d training experiences, %d parent experiences, %d updates of %d images x %d patches",
+             cfg.stream.mode, len(stream), len(stream.parent_sizes), stream.n_updates(cfg.train.batch_size),
+             cfg.train.batch_size, cfg.augment.n_patches)
+    model = build.build_model(cfg, build.model_stem(cfg, splits)).to(device)
+    if state is not None:
+        ckpt.check_model_matches(state, model, str(run_dir))
+    run = build.build_run(cfg, run_dir, device=device, amp_dtype=amp_dtype, splits=splits, stream=stream, model=model)
+    create_run_dir(cfg, run_dir, fresh=overwrite and not resume, lock=lock)
+    setup_logging(run_dir)
+    run.loggers.extend(build.build_loggers(cfg, run_dir))
+    try:
+        log.info("run %s on %s (precision %s, world %d, allocator %s)", run_dir, device, amp_dtype or "fp32",
+                 ddp.world_size(), allocator.in_effect(dict(os.environ)))
+        if cfg.train.compile:
+            log.info("train.compile: the training forward is compiled at the first update (and at a new batch size)")
+        _fit(run, state)
+    finally:
+        build.close_loggers(run.loggers)
+    rows = read_rows(run_dir / "metrics.jsonl") if ddp.is_main() else []
+    if ddp.is_main() and cfg.run.plot and rows:
+        plot_run(rows, run_dir / "accuracy.png", title=f"{cfg.stream.mode} {splits.name} ({run_dir.name})")
+    if ddp.is_main() and rows:
+        atomic_write_text(run_dir / "summary.json", json.dumps(rows[-1], indent=2))
+        log.info("done: %s", json.dumps({k: v for k, v in rows[-1].items() if not isinstance(v, list)}))
+    return rows[-1] if rows else {}
+
+
+def _fit(run, state: dict | None) -> None:
+    """Restore (if resuming) and train the strategy over the rest of the stream."""
+    from streaming_ssl.plugins import Interrupted
+
+    strategy = run.strategy
+    if state is not None:
+        run.checkpoint.restore(strategy, state)
+        log.info("resumed at update %d (experience %d, batch %d)", strategy.global_step, strategy.stream_step,
+                 strategy.batch_in_epoch)
+    try:
+        if strategy.stream_step < len(run.stream):
+            strategy.train(itertools.islice(iter(run.stream), strategy.stream_step, None), eval_streams=[])
+    except Interrupted:
+        log.warning("stopped by signal at update %d; continue with: python run_stream.py --resume %s",
+                    strategy.global_step, run.run_dir)
+        raise
+    finally:
+        run.progress.close()
+        run.stop.close()
