@@ -1,0 +1,216 @@
+"""The doors of the framework: public API, the example, the installed files, no module importing a CLI,
+short functions, and EMPSSLStrategy on a foreign Avalanche benchmark (fast path and fallback agree)."""
+
+from __future__ import annotations
+
+import ast
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("STREAMING_SSL_DATA", REPO.parent / "shared" / "data")) / "cifar10.npz"
+PY_DIRS = ["streaming_ssl", "scenarios", "bench", "tests", "examples"]
+
+
+def _modules(dirs=PY_DIRS) -> list[Path]:
+    return sorted(p for d in dirs for p in (REPO / d).rglob("*.py")) + [REPO / "run_stream.py", REPO / "evaluate.py"]
+
+
+# ------------------------------------------------------------------------------------------ public API
+def test_public_api_exports_every_name_it_lists() -> None:
+    import streaming_ssl
+
+    assert len(streaming_ssl.__all__) >= 40
+    for name in streaming_ssl.__all__:
+        assert getattr(streaming_ssl, name) is not None, name
+    from streaming_ssl import EMPSSLStrategy, LARS, StreamEvaluator, build_stream, load_config  # noqa: F401
+
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        streaming_ssl.nope  # noqa: B018
+
+
+def test_no_module_imports_a_cli_script() -> None:
+    offenders = []
+    for path in _modules():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+            offenders += [f"{path.relative_to(REPO)}: {n}" for n in names if n.split(".")[0] in ("run_stream", "evaluate")]
+    assert offenders == []
+
+
+def test_no_function_over_80_lines() -> None:
+    long = []
+    for path in _modules(["streaming_ssl", "scenarios"]):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 80:
+                long.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1})")
+    assert long == []
+
+
+def test_installed_distribution_holds_only_our_two_packages(tmp_path) -> None:
+    """The wheel pip would install: top-level entries are streaming_ssl/ and scenarios/ (plus metadata), and
+    the two console scripts point into the package."""
+    src = tmp_path / "src"  # a copy: building in the checkout would leave build/ behind
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md", "run_stream.py", "evaluate.py"):
+        shutil.copy(REPO / name, src / name)
+    for name in ("streaming_ssl", "scenarios"):
+        shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                           "-w", str(tmp_path), str(src)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (wheel,) = tmp_path.glob("streaming_ssl-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    top = {n.split("/")[0] for n in names}
+    assert {t for t in top if not t.endswith(".dist-info")} == {"streaming_ssl", "scenarios"}
+    assert "streaming_ssl/cli/train.py" in names and "scenarios/imagenet100_classes.txt" in names
+    entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
+    assert "streaming-ssl-train = streaming_ssl.cli.train:entry" in entry_points
+    assert "streaming-ssl-evaluate = streaming_ssl.cli.evaluate:entry" in entry_points
+
+
+@pytest.mark.parametrize("script", ["streaming-ssl-train", "streaming-ssl-evaluate"])
+def test_console_scripts_are_installed_and_answer(script) -> None:
+    exe = Path(sys.executable).parent / script
+    if not exe.exists():
+        pytest.skip(f"{script} not installed in this environment (scripts/setup.sh installs it)")
+    proc = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "--checkpoint" in proc.stdout if "evaluate" in script else "--resume" in proc.stdout
+
+
+# ------------------------------------------------------------------------------------------ foreign benchmarks
+def _tiny_model_and_augment(seed: int = 0):
+    from streaming_ssl import EMPSSLModel, MultiPatchAugment
+
+    torch.manual_seed(seed)
+    return EMPSSLModel(stem="cifar", width=0.125, feature_dim=32, proj_hidden_dim=32, proj_dim=16), MultiPatchAugment(2, 8)
+
+
+def _strategy(model, augment, **kw):
+    from streaming_ssl import LARS, EMPSSLStrategy, param_groups
+
+    return EMPSSLStrategy(model=model, optimizer=LARS(param_groups(model, 1e-4), lr=0.1), augment=augment,
+                          batch_size=6, channels_last=False, total_updates=4, **kw)
+
+
+def _images(n=24, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 3, 8, 8), generator=gen, dtype=torch.uint8), torch.arange(n) % 4
+
+
+def test_fast_path_and_foreign_fallback_train_identically() -> None:
+    """An experience of our streams (row_index over one tensor) is gathered by index; the same images as a
+    foreign Avalanche dataset are collated per sample. Same batches, so bit-identical weights."""
+    from avalanche.benchmarks import benchmark_from_datasets
+    from avalanche.benchmarks.utils import as_classification_dataset
+    from torch.utils.data import TensorDataset
+
+    from scenarios.datasets import ImageData
+    from scenarios.streams import build_stream, row_source
+
+    x, y = _images()
+    ours = list(build_stream(ImageData(x, y), 4, mode="offline"))[0]  # one experience, original order
+    assert row_source(ours.dataset) is not None
+    foreign_data = TensorDataset(x, y)
+    foreign_data.targets = y.tolist()
+    foreign = next(iter(benchmark_from_datasets(train=[as_classification_dataset(foreign_data)]).train_stream))
+    assert row_source(foreign.dataset) is None
+    weights = []
+    for exp in (ours, foreign):
+        model, augment = _tiny_model_and_augment()
+        strategy = _strategy(model, augment)
+        strategy.train(exp)
+        assert strategy.global_step == 4 and strategy.counters.stream_images == 24
+        weights.append(model.state_dict())
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    init = _tiny_model_and_augment()[0].state_dict()
+    assert any(not torch.equal(weights[0][k], init[k]) for k in init if init[k].is_floating_point())  # it trained
+
+
+def _foreign(x, y):
+    from avalanche.benchmarks import benchmark_from_datasets
+    from avalanche.benchmarks.utils import as_classification_dataset
+    from torch.utils.data import TensorDataset
+
+    data = TensorDataset(x, y)
+    data.targets = y.tolist()
+    return next(iter(benchmark_from_datasets(train=[as_classification_dataset(data)]).train_stream))
+
+
+def test_float_images_in_unit_range_train_like_uint8() -> None:
+    x, y = _images()
+    results = []
+    for images in (x, x.float() / 255):
+        model, augment = _tiny_model_and_augment()
+        _strategy(model, augment).train(_foreign(images, y))
+        results.append(model.state_dict())
+    assert all(torch.allclose(results[0][k].float(), results[1][k].float(), atol=1e-5) for k in results[0])
+
+
+def test_normalised_float_input_is_refused_with_the_fix() -> None:
+    from streaming_ssl import StreamInputError
+
+    x, y = _images()
+    normalised = (x.float() / 255 - 0.5) / 0.25
+    model, augment = _tiny_model_and_augment()
+    with pytest.raises(StreamInputError, match=r"float images must lie in \[0, 1\].*Remove Normalize"):
+        _strategy(model, augment).train(_foreign(normalised, y))
+
+
+def test_grayscale_benchmark_is_repeated_to_three_channels() -> None:
+    x, y = _images()
+    gray = x[:, :1]
+    model, augment = _tiny_model_and_augment()
+    strategy = _strategy(model, augment)
+    strategy.train(_foreign(gray, y))
+    assert strategy.global_step == 4
+
+
+# ------------------------------------------------------------------------------------------ the example
+@pytest.mark.skipif(not DATA.exists(), reason="needs the real CIFAR-10 (STREAMING_SSL_DATA)")
+def test_example_trains_with_avalanche_replay_and_prints_the_matrix(capsys) -> None:
+    sys.path.insert(0, str(REPO / "examples"))
+    try:
+        import own_benchmark
+    finally:
+        sys.path.remove(str(REPO / "examples"))
+    matrix = own_benchmark.main(["--npz", str(DATA), "--per-class", "10", "--width", "0.125", "--experiences", "2"])
+    assert len(matrix) == 2 and all(len(row) == 2 for row in matrix)
+    assert all(0.0 <= a <= 1.0 for row in matrix for a in row)
+    out = capsys.readouterr().out
+    assert "after experience 1:" in out and "after experience 2:" in out
+    code = [line for line in (REPO / "examples/own_benchmark.py").read_text().splitlines()
+            if line.strip() and not line.strip().startswith("#")]
+    assert len(code) < 70  # about 40 lines of user code plus docstrings and argument parsing
+
+
+def test_lazy_images_decoded_in_workers_train_like_the_main_process(tmp_path) -> None:
+    """ImageNet-100 and large folders decode lazily; with DataLoader workers (the CUDA default) the batches,
+    and so the weights, are the same as decoding in the main process."""
+    from torchvision.io import encode_png, write_file
+
+    from scenarios.datasets import ImageData, LazyImageFolder
+    from scenarios.streams import build_stream
+
+    x, y = _images(n=12)
+    paths = []
+    for i, img in enumerate(x):
+        paths.append(tmp_path / f"{i}.png")
+        write_file(str(paths[-1]), encode_png(img))
+    data = ImageData(LazyImageFolder(paths, 8), y)
+    weights = []
+    for workers in (0, 2):
+        model, augment = _tiny_model_and_augment()
+        strategy = _strategy(model, augment, loader_workers=workers)
+        strategy.train(list(build_stream(data, 4, mode="offline"))[0])
+        assert strategy.global_step == 2
+        weights.append(model.state_dict())
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
