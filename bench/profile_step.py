@@ -64,26 +64,27 @@ def main(argv=None) -> int:
     import speed
 
     torch.set_num_threads(os.cpu_count() or 1)
-    device = torch.device("cpu")
+    from avalanche.core import SupervisedPlugin
+
+    from streaming_ssl import build
+
     sizes = speed.Sizes(batch=args.batch, patches=args.patches, steps=args.steps, warmup=args.warmup)
     splits = speed.load_cifar(None)
-    from scenarios.streams import build_stream
-
-    cl = speed.uses_channels_last(args.width, device)
+    cfg = speed.bench_config(args.width, sizes, "cpu", model__recompute_stages=args.recompute_stages)
     train = speed.first_n(splits.train, (args.warmup + args.steps) * args.batch)
-    stream = build_stream(train, splits.num_classes, mode="offline", epochs=1)
-    model = speed.make_model(args.width, sizes, device, channels_last=cl, recompute_stages=args.recompute_stages)
+    stream = build.stream_from_config(cfg, speed.with_train(splits, train))
+    model, augment, device, amp, cl = speed.build_parts(cfg, splits)
     marks: list[float] = []
     state = {"prof": None}
 
-    def on_iteration(strategy) -> None:
-        marks.append(time.perf_counter())
-        if len(marks) == args.warmup:  # warm-up done: start recording
-            state["prof"].start()
+    class StartProfiler(SupervisedPlugin):
+        def after_training_iteration(self, strategy, **kwargs) -> None:
+            marks.append(time.perf_counter())
+            if len(marks) == args.warmup:  # warm-up done: start recording
+                state["prof"].start()
 
-    strategy = speed.make_strategy(model=model, augment=speed.make_augment(sizes, splits, device), train=train,
-                                   sizes=sizes, batch=args.batch, total_updates=stream.n_updates(args.batch),
-                                   device=device, channels_last=cl, on_iteration=on_iteration)
+    strategy = speed.bench_strategy(cfg, model=model, augment=augment, device=device, amp=amp, channels_last=cl,
+                                    total_updates=stream.n_updates(args.batch), plugins=[StartProfiler()])
     prof = profile(activities=[ProfilerActivity.CPU], record_shapes=False)
     state["prof"] = prof
     with record_function("train"):
