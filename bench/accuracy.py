@@ -127,8 +127,10 @@ def _probe_cell(probe: dict) -> str:
     return f"{_pct(probe.get('linear'))}{held}"
 
 
-def report(results: dict, out_dir: Path, patches: int = 16) -> None:
-    """accuracy.md (the table, then the accuracy matrix of every multi-experience row) and accuracy.png."""
+def report(results: dict, out: Path, patches: int = 16) -> None:
+    """<out stem>.md (the table, then the accuracy matrix of every multi-experience row), <stem>.png and
+    <stem>_compute.png beside the JSON `out` (accuracy.json -> accuracy.md, accuracy.png, accuracy_compute.png)."""
+    out_dir = out.parent
     bag = f"probe_bof{patches}"
     lines = [f"| row | samples seen | linear, whole image: as run / held-out decay | linear, bag of {patches}: as run / "
              "held-out decay | kNN whole / bag | avg forgetting (whole image) | train + stream eval time | patch forwards "
@@ -166,9 +168,12 @@ def report(results: dict, out_dir: Path, patches: int = 16) -> None:
             n = whole.get("bn_recalibrate") or bof.get("bn_recalibrate")
             lines.append(f"| {LABELS[name]} | {n:,} | {_probe_cell(whole)} | {_probe_cell(bof)} | "
                          f"{_pct(whole.get('knn')) if whole else '-'} / {_pct(bof.get('knn')) if bof else '-'} |")
-    (out_dir / "accuracy.md").write_text("\n".join(lines) + "\n")
-    _plot(results, out_dir / "accuracy.png", bag, patches)
-    _plot_compute(results, out_dir / "accuracy_compute.png", bag, patches)
+    machines = sorted({r["machine"] for r in results.values() if r.get("machine")})
+    if machines:
+        lines += ["", "Measured on: " + "; ".join(machines) + "."]
+    (out_dir / f"{out.stem}.md").write_text("\n".join(lines) + "\n")
+    _plot(results, out_dir / f"{out.stem}.png", bag, patches)
+    _plot_compute(results, out_dir / f"{out.stem}_compute.png", bag, patches)
 
 
 def _acc(probe: dict | None) -> float:
@@ -287,8 +292,8 @@ def main() -> int:
     if args.report_only:
         if not out.is_file():
             p.error(f"--report-only: no results at {out}; run some rows first")
-        report(json.loads(out.read_text()), out.parent, args.patches)
-        print((out.parent / "accuracy.md").read_text())
+        report(json.loads(out.read_text()), out, args.patches)
+        print(out.with_suffix(".md").read_text())
         return 0
     env_ok = os.environ.get("STREAMING_SSL_DATA")
     if not env_ok:
@@ -317,12 +322,25 @@ def main() -> int:
         else:
             row = trained_row(name, runs / name, log_path, args.set)
             row.update(probes(runs / name, log_path))
+        row["machine"] = machine()
         results[name] = {**results.get(name, {}), **row}  # probes not rerun this time are kept
         out.write_text(json.dumps(results, indent=2))
         print(name, json.dumps({k: v for k, v in row.items() if k != "accuracy_matrix"}), flush=True)
-    report(results, out.parent, args.patches)
-    print((out.parent / "accuracy.md").read_text())
+    report(results, out, args.patches)
+    print(out.with_suffix(".md").read_text())
     return 0
+
+
+def machine() -> str:
+    """CPU model, core count, and the precision `train.precision=auto` gives on it (rows compare only within one)."""
+    import platform
+
+    import torch
+
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else "?"
+    bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return f"{model}, {os.cpu_count()} cores, {'AVX512-BF16: bf16' if bf16 else 'no native bf16: fp32'}"
 
 
 if __name__ == "__main__":
