@@ -40,6 +40,11 @@ _WHERE = {
     "GracefulStop": "streaming_ssl.plugins", "ProgressPlugin": "streaming_ssl.plugins",
     "SyncBuffers": "streaming_ssl.plugins", "Interrupted": "streaming_ssl.plugins",
     "ComputeCounters": "streaming_ssl.accounting",
+    # continual-learning methods
+    "ReplayBufferPlugin": "streaming_ssl.cl.replay", "ImageBuffer": "streaming_ssl.cl.replay",
+    "reservoir_slots": "streaming_ssl.cl.replay", "minred_keep": "streaming_ssl.cl.replay",
+    "DistillPlugin": "streaming_ssl.cl.distill", "distill_loss": "streaming_ssl.cl.distill",
+    "MixupPlugin": "streaming_ssl.cl.mixup", "mix_images": "streaming_ssl.cl.mixup",
     "RunLock": "streaming_ssl.runlock", "RunLocked": "streaming_ssl.runlock",
     # data, streams, config, assembly
     "build_stream": "scenarios.streams", "SSLStream": "scenarios.streams", "plan_class_split": "scenarios.streams",
