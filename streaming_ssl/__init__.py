@@ -17,43 +17,35 @@ import os as _os
 # set before SciPy loads, hence here (and in scenarios/__init__.py); a user's own setting wins.
 _os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-_WHERE = {
+_EXPORTS = {
     # the method
-    "EMPSSLStrategy": "streaming_ssl.strategy", "NonFiniteLossError": "streaming_ssl.strategy",
-    "StreamInputError": "streaming_ssl.strategy", "derive_seed": "streaming_ssl.strategy",
-    "EMPSSLModel": "streaming_ssl.models", "ResNet18": "streaming_ssl.models",
-    "MultiPatchAugment": "streaming_ssl.augment",
-    "coding_rate": "streaming_ssl.objective", "invariance": "streaming_ssl.objective",
-    "emp_ssl_loss": "streaming_ssl.objective",
-    "LARS": "streaming_ssl.lars", "param_groups": "streaming_ssl.lars", "cosine_lr": "streaming_ssl.lars",
-    "set_lr": "streaming_ssl.lars",
+    "streaming_ssl.strategy": ["EMPSSLStrategy", "NonFiniteLossError", "StreamInputError", "derive_seed"],
+    "streaming_ssl.models": ["EMPSSLModel", "ResNet18"],
+    "streaming_ssl.augment": ["MultiPatchAugment"],
+    "streaming_ssl.objective": ["coding_rate", "invariance", "emp_ssl_loss"],
+    "streaming_ssl.lars": ["LARS", "param_groups", "cosine_lr", "set_lr"],
     # probes and evaluation
-    "extract_features": "streaming_ssl.probe", "linear_probe_accuracy": "streaming_ssl.probe",
-    "train_linear_probe": "streaming_ssl.probe", "knn_predict": "streaming_ssl.probe",
-    "select_weight_decay": "streaming_ssl.probe", "recalibrate_batchnorm": "streaming_ssl.probe",
-    "StreamEvaluator": "streaming_ssl.evaluation", "ProbeSet": "streaming_ssl.evaluation",
-    "ProbeMetric": "streaming_ssl.evaluation", "JSONLLogger": "streaming_ssl.evaluation",
-    "ScalarTensorboardLogger": "streaming_ssl.evaluation", "forgetting": "streaming_ssl.evaluation",
-    "plot_run": "streaming_ssl.evaluation", "read_rows": "streaming_ssl.evaluation",
+    "streaming_ssl.probe": ["extract_features", "linear_probe_accuracy", "train_linear_probe", "knn_predict",
+                            "select_weight_decay", "recalibrate_batchnorm"],
+    "streaming_ssl.evaluation": ["StreamEvaluator", "ProbeSet", "ProbeMetric", "JSONLLogger",
+                                 "ScalarTensorboardLogger", "forgetting", "plot_run", "read_rows"],
     # run machinery
-    "EvalSchedule": "streaming_ssl.plugins", "CheckpointPlugin": "streaming_ssl.plugins",
-    "GracefulStop": "streaming_ssl.plugins", "ProgressPlugin": "streaming_ssl.plugins",
-    "SyncBuffers": "streaming_ssl.plugins", "Interrupted": "streaming_ssl.plugins",
-    "ComputeCounters": "streaming_ssl.accounting",
+    "streaming_ssl.plugins": ["EvalSchedule", "CheckpointPlugin", "GracefulStop", "ProgressPlugin", "SyncBuffers",
+                              "Interrupted"],
+    "streaming_ssl.accounting": ["ComputeCounters"],
+    "streaming_ssl.runlock": ["RunLock", "RunLocked"],
     # continual-learning methods
-    "ReplayBufferPlugin": "streaming_ssl.cl.replay", "ImageBuffer": "streaming_ssl.cl.replay",
-    "reservoir_slots": "streaming_ssl.cl.replay", "minred_keep": "streaming_ssl.cl.replay",
-    "DistillPlugin": "streaming_ssl.cl.distill", "distill_loss": "streaming_ssl.cl.distill",
-    "MixupPlugin": "streaming_ssl.cl.mixup", "mix_images": "streaming_ssl.cl.mixup",
-    "RunLock": "streaming_ssl.runlock", "RunLocked": "streaming_ssl.runlock",
+    "streaming_ssl.cl.replay": ["ReplayBufferPlugin", "ImageBuffer", "reservoir_slots", "minred_keep"],
+    "streaming_ssl.cl.distill": ["DistillPlugin", "distill_loss"],
+    "streaming_ssl.cl.mixup": ["MixupPlugin", "mix_images"],
     # data, streams, config, assembly
-    "build_stream": "scenarios.streams", "SSLStream": "scenarios.streams", "plan_class_split": "scenarios.streams",
-    "as_avalanche_dataset": "scenarios.streams",
-    "load_dataset": "scenarios.datasets", "dataset_spec": "scenarios.datasets", "DatasetSplits": "scenarios.datasets",
-    "ImageData": "scenarios.datasets",
-    "Config": "streaming_ssl.config", "load_config": "streaming_ssl.config", "ConfigError": "streaming_ssl.config",
-    "build_run": "streaming_ssl.build", "train": "streaming_ssl.runner",
+    "scenarios.streams": ["build_stream", "SSLStream", "plan_class_split", "as_avalanche_dataset"],
+    "scenarios.datasets": ["load_dataset", "dataset_spec", "DatasetSplits", "ImageData"],
+    "streaming_ssl.config": ["Config", "load_config", "ConfigError"],
+    "streaming_ssl.build": ["build_run"],
+    "streaming_ssl.runner": ["train"],
 }
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 
 __all__ = sorted(_WHERE)
 
