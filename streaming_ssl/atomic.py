@@ -44,6 +44,25 @@ def list_temp_files(folder: str | Path) -> list[Path]:
     return sorted(p for p in folder.glob(TEMP_GLOB) if is_temp_name(p.name))
 
 
+def remove_stale_temp_files(folder: str | Path) -> list[Path]:
+    """Delete the temporary files in folder whose writer (the PID in the name) no longer runs on this host.
+
+    Call only while holding the run lock (runlock.py): a live writer's temp file is kept."""
+    removed = []
+    for path in list_temp_files(folder):
+        pid = int(path.name.rsplit(".", 3)[1])
+        try:
+            os.kill(pid, 0)
+            continue  # alive: its write is in progress
+        except ProcessLookupError:
+            pass
+        except PermissionError:  # alive, another user's
+            continue
+        path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
 def fsync_dir(folder: str | Path) -> None:
     """fsync a folder so a rename inside it is durable; a no-op where folders cannot be opened."""
     try:

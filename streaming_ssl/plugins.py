@@ -22,6 +22,7 @@ from avalanche.core import SupervisedPlugin
 
 from streaming_ssl import checkpoint as ckpt
 from streaming_ssl import distributed as ddp
+from streaming_ssl.atomic import atomic_write_text
 from streaming_ssl.evaluation import ProbeMetric, StreamEvaluator, read_rows
 
 log = logging.getLogger(__name__)
@@ -197,7 +198,7 @@ class CheckpointPlugin(SupervisedPlugin):
         strategy.aug_generator.set_state(aug_states[ddp.rank()])
         if ddp.is_main():  # drop rows written after the checkpoint (they will be computed again)
             rows = self.metrics_path.read_text().splitlines(keepends=True) if self.metrics_path.exists() else []
-            self.metrics_path.write_text("".join(rows[: int(state["metrics_rows"])]))
+            atomic_write_text(self.metrics_path, "".join(rows[: int(state["metrics_rows"])]))
         ckpt.set_rng_state(state["rng"])
         self.last_saved = (strategy.global_step, strategy.stream_step)
 

@@ -18,7 +18,7 @@ import yaml
 
 from streaming_ssl import checkpoint as ckpt
 from streaming_ssl import distributed as ddp
-from streaming_ssl.atomic import atomic_write_text
+from streaming_ssl.atomic import atomic_write_text, remove_stale_temp_files
 from streaming_ssl.config import Config, config_from_dict, save_config
 from streaming_ssl.runlock import RunLock, run_files
 
@@ -73,6 +73,8 @@ def create_run_dir(cfg: Config, run_dir: Path, *, fresh: bool, lock: RunLock | N
         run_dir.mkdir(parents=True, exist_ok=True)
         if lock is not None and not lock.locked:
             lock.acquire()
+        for path in remove_stale_temp_files(run_dir) if lock is not None else []:
+            log.info("removed %s, left by a writer that was killed mid-write", path.name)
         for path in run_files(run_dir) if fresh else []:
             shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
         save_config(cfg, run_dir / "config.yaml")
