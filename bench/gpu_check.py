@@ -1,0 +1,465 @@
+#!/usr/bin/env python
+"""GPU check: everything that needs a CUDA device, in one time-boxed command (issue 17). Not a test.
+
+    bash scripts/gpu_check.sh                          # on the GPU machine (installs .gpu/wheels, then this)
+    python bench/gpu_check.py --dry-run                # here: every check on tiny sizes, device cpu
+
+Checks, each step a subprocess with its own timeout inside one overall budget (default 450 s), so a hang
+cannot eat the machine's window:
+  tests    pytest -m cuda tests/test_cuda.py: augmentation, bf16 model, objective, features and probe on CUDA
+           against the CPU, NCCL + SyncBatchNorm at world 1 (none may skip on a GPU)
+  e2e      Split CIFAR-10 through the real CLI (run_stream.py, configs/smoke.yaml, bf16 on CUDA) writing all
+           outputs; a second run stopped by SIGTERM inside its first checkpoint, then --resume: its metrics rows
+           must be complete and agree with the uninterrupted run (tolerances below)
+  ddp      the same run under `torchrun --nproc_per_node 1` with model.sync_bn=true, compared with the plain run
+  speed    bench/speed.py --device cuda: reference, ours, model_only, ours_lowmem, ours_compiled at widths
+           1/4 and 1, peak CUDA memory per case; its targets are reported (fatal only with --strict-targets)
+
+Writes bench/results/gpu_check.json, prints a table (pass/fail per check), exits 1 if any check fails and
+2 at once when CUDA is not available (unless --dry-run). `--write-data SRC DST` writes the CIFAR-10 subset
+of scripts/fetch_gpu_wheels.sh.
+
+Tolerances (plain run vs resumed run, and vs torchrun): the runs share seeds, data order and augmentation
+seeds, but bf16 autocast (8-bit mantissa: 2^-8 = 0.4% rounding) with cudnn.benchmark (each process may pick
+other convolution algorithms) and atomic adds in backward make CUDA runs differ at the bf16 rounding level
+from the first update; over the 40 updates the gap compounds but stays small for a stable run. Final loss
+within 1% (relative), its coding-rate part within 5% (relative), invariance within 0.005 (absolute), and
+the first evaluation's probe and kNN accuracy within 5 points (500 test images: one binomial standard
+deviation is about 2.2 points). A real defect (wrong batch statistics, all-gather, lr schedule or resume
+position) moves the coding rate or the accuracy far more. The JSON keeps the measured differences.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULT = ROOT / "bench" / "results" / "gpu_check.json"
+NO_CUDA_EXIT = 2
+TOL = {"loss_rel": 0.01, "tcr_rel": 0.05, "inv_abs": 0.005, "acc_abs": 0.05}
+SPEED_CASES = ("reference", "ours", "model_only", "ours_lowmem", "ours_compiled")
+SMOKE = "configs/smoke.yaml"
+# GPU: a few hundred images per class of .gpu/data; 3 experiences (4/3/3 classes) of batch 50: 16 + 12 + 12 updates
+E2E_GPU = ["data.train_per_class=200", "data.test_per_class=50", "train.batch_size=50"]
+CHECKPOINT_EVERY = {"gpu": 5, "dry": 3}
+
+
+@dataclass
+class Ctx:
+    """What every check needs: sizes, device, folders, the overall deadline."""
+
+    dry: bool
+    device: str
+    precision: str
+    data: str
+    workdir: Path
+    deadline: float
+    python: str = sys.executable
+    results: dict = field(default_factory=dict)
+
+    def timeout(self, wanted: float) -> float:
+        return max(0.0, min(wanted, self.deadline - time.monotonic()))
+
+    def env(self, **extra) -> dict:
+        path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+        return {**os.environ, "PYTHONPATH": path, "STREAMING_SSL_DATA": self.data, "PYTHONUNBUFFERED": "1",
+                **extra}
+
+
+# ------------------------------------------------------------------------------------------ subprocesses
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen
+    log: Path
+    started: float
+
+
+def start(name: str, cmd: list[str], ctx: Ctx, **env) -> Proc:
+    """Start a step in its own process group (so a timeout also ends torchrun workers and loader workers)."""
+    log = ctx.workdir / f"{name}.log"
+    with open(log, "wb") as fh:
+        popen = subprocess.Popen(cmd, cwd=ROOT, env=ctx.env(**env), stdout=fh, stderr=subprocess.STDOUT,
+                                 start_new_session=True)
+    return Proc(name, popen, log, time.monotonic())
+
+
+def finish(proc: Proc, timeout: float) -> dict:
+    """Wait up to `timeout` s; on timeout kill the whole process group. Returns rc, seconds, timed_out, tail."""
+    timed_out = False
+    try:
+        rc = proc.popen.wait(timeout=max(timeout, 0.1))
+    except subprocess.TimeoutExpired:
+        timed_out = True
+        kill_group(proc.popen)
+        rc = proc.popen.wait()
+    text = proc.log.read_text(errors="replace")
+    return {"cmd": " ".join(proc.popen.args), "rc": rc, "seconds": round(time.monotonic() - proc.started, 2),
+            "timed_out": timed_out, "log": str(proc.log), "tail": text[-2500:], "output": text}
+
+
+def kill_group(popen: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+    try:
+        os.killpg(popen.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def run_step(name: str, cmd: list[str], ctx: Ctx, timeout: float, **env) -> dict:
+    return finish(start(name, cmd, ctx, **env), ctx.timeout(timeout))
+
+
+def public(step: dict) -> dict:
+    """A step's record without its full output."""
+    return {k: v for k, v in step.items() if k != "output"}
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ------------------------------------------------------------------------------------------ (a) tests
+def check_tests(ctx: Ctx) -> dict:
+    env = {"STREAMING_SSL_TEST_DEVICE": ctx.device}
+    step = run_step("tests", [ctx.python, "-m", "pytest", "-m", "cuda", "tests/test_cuda.py", "-rs",
+                              "-p", "no:cacheprovider"], ctx, 150, **env)
+    counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|error)", step["output"])}
+    problems = []
+    if step["rc"] != 0 or step["timed_out"]:
+        problems.append(f"pytest exit {step['rc']}" + (" (timed out)" if step["timed_out"] else ""))
+    if not counts.get("passed"):
+        problems.append("no test passed")
+    if counts.get("skipped") and not ctx.dry:
+        problems.append(f"{counts['skipped']} skipped on a CUDA machine")
+    return {"ok": not problems, "problems": problems, "counts": counts, "step": public(step)}
+
+
+# ------------------------------------------------------------------------------------------ (b, c) CLI runs
+def cli_overrides(ctx: Ctx, out_dir: Path) -> list[str]:
+    sizes = [] if ctx.dry else E2E_GPU
+    return ["--config", SMOKE, f"data.root={ctx.data}", f"train.device={ctx.device}",
+            f"train.precision={ctx.precision}", "train.log_every=1", f"run.out_dir={out_dir}", *sizes]
+
+
+def read_rows(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def last_progress(output: str) -> dict:
+    """Loss, coding rate and invariance of the last update shown by the progress bar (train.log_every=1)."""
+    found = re.findall(r"inv=([-\d.]+), loss=([-\d.]+), tcr=([-\d.]+)", output)
+    if not found:
+        return {}
+    inv, loss, tcr = (float(v) for v in found[-1])
+    return {"loss": loss, "tcr": tcr, "inv": inv}
+
+
+def run_outputs(run_dir: Path, n_experiences: int) -> list[str]:
+    """What is missing or wrong among the outputs every run writes."""
+    problems = [f"{name} missing" for name in ("config.yaml", "metrics.jsonl", "summary.json", "accuracy.png",
+                                                "train.log") if not (run_dir / name).is_file()]
+    if not list((run_dir / "tb").rglob("events.out.tfevents*")):
+        problems.append("no TensorBoard events in tb/")
+    if not list(run_dir.glob("ckpt_*.pt")):
+        problems.append("no checkpoint")
+    experiences = [r.get("experience") for r in read_rows(run_dir)]
+    if experiences != list(range(n_experiences)):
+        problems.append(f"metrics rows of experiences {experiences}, expected {list(range(n_experiences))}")
+    return problems
+
+
+def compare_runs(ref_rows: list[dict], ref_prog: dict, rows: list[dict], prog: dict) -> tuple[dict, list[str]]:
+    """Differences between two runs of the same config, and which exceed TOL."""
+    diffs, problems = {}, []
+    if not (ref_prog and prog):
+        return diffs, ["no progress line with the loss (train.log_every=1) in one of the runs"]
+    if not (ref_rows and rows):
+        return diffs, ["a run has no metrics rows"]
+    diffs["loss_rel"] = abs(prog["loss"] - ref_prog["loss"]) / max(abs(ref_prog["loss"]), 1e-9)
+    diffs["tcr_rel"] = abs(prog["tcr"] - ref_prog["tcr"]) / max(abs(ref_prog["tcr"]), 1e-9)
+    diffs["inv_abs"] = abs(prog["inv"] - ref_prog["inv"])
+    for key in ("probe/acc_all", "knn/acc_all"):
+        if key in rows[0] and key in ref_rows[0]:
+            diffs[f"first_row {key}"] = abs(rows[0][key] - ref_rows[0][key])
+    for key in ("samples_seen", "updates"):
+        if rows[-1].get(key) != ref_rows[-1].get(key):
+            problems.append(f"final {key} {rows[-1].get(key)} != {ref_rows[-1].get(key)}")
+    for name, value in diffs.items():
+        limit = TOL["acc_abs"] if name.startswith("first_row") else TOL[name]
+        if value > limit:
+            problems.append(f"{name} differs by {value:.4g} > {limit}")
+    return diffs, problems
+
+
+def stop_after_first_checkpoint(ctx: Ctx, run_dir: Path, timeout: float) -> dict:
+    """Start a run with checkpoints every few updates; inside its first checkpoint write (paused there by the
+    STREAMING_SSL_TEST_CKPT_* hooks of checkpoint.py) send SIGTERM; the run must save and exit 130."""
+    marker = ctx.workdir / "ckpt_marker.txt"
+    marker.unlink(missing_ok=True)
+    every = CHECKPOINT_EVERY["dry" if ctx.dry else "gpu"]
+    proc = start("e2e_interrupted", [ctx.python, "run_stream.py", *cli_overrides(ctx, run_dir),
+                                     f"run.checkpoint_every={every}"], ctx,
+                 STREAMING_SSL_TEST_CKPT_MARKER=str(marker), STREAMING_SSL_TEST_CKPT_PAUSE="1.5")
+    end = time.monotonic() + ctx.timeout(timeout)
+    while time.monotonic() < end and proc.popen.poll() is None:
+        if marker.is_file() and marker.read_text().strip():
+            proc.popen.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.02)
+    step = finish(proc, end - time.monotonic())
+    step["signalled"] = bool(marker.is_file() and marker.read_text().strip())
+    return step
+
+
+def check_e2e(ctx: Ctx, plain: dict) -> dict:
+    """Resume check: the SIGTERM-stopped run, then --resume; `plain` is the finished uninterrupted run."""
+    problems = [f"plain run: {p}" for p in plain["problems"]]
+    resumed_dir = ctx.workdir / "resumed"
+    stopped = plain["stopped"]
+    rows_at_stop = len(read_rows(resumed_dir))
+    if stopped["rc"] != 130 or not stopped["signalled"]:
+        problems.append(f"stopped run: exit {stopped['rc']} (expected 130 after SIGTERM), "
+                        f"signalled={stopped['signalled']}, timed_out={stopped['timed_out']}")
+    n_exp = 3
+    if rows_at_stop >= n_exp:
+        problems.append("the stopped run had already finished every experience")
+    resume = run_step("e2e_resume", [ctx.python, "run_stream.py", "--resume", str(resumed_dir)], ctx, 120)
+    if resume["rc"] != 0:
+        problems.append(f"--resume: exit {resume['rc']}" + (" (timed out)" if resume["timed_out"] else ""))
+    problems += [f"resumed run: {p}" for p in run_outputs(resumed_dir, n_exp)]
+    diffs, bad = compare_runs(plain["rows"], plain["progress"], read_rows(resumed_dir),
+                              last_progress(resume["output"]))
+    problems += [f"resumed vs plain: {p}" for p in bad]
+    return {"ok": not problems, "problems": problems, "rows_when_stopped": rows_at_stop, "diffs_vs_plain": diffs,
+            "steps": {"plain": public(plain["step"]), "stopped": public(stopped), "resume": public(resume)}}
+
+
+def check_ddp(ctx: Ctx, plain: dict, step: dict) -> dict:
+    run_dir = ctx.workdir / "torchrun"
+    problems = [] if step["rc"] == 0 else [f"torchrun: exit {step['rc']}" + (" (timed out)" if step["timed_out"]
+                                                                           else "")]
+    problems += [f"torchrun run: {p}" for p in run_outputs(run_dir, 3)]
+    diffs, bad = compare_runs(plain["rows"], plain["progress"], read_rows(run_dir), last_progress(step["output"]))
+    problems += [f"torchrun vs plain: {p}" for p in bad]
+    log = (run_dir / "train.log").read_text(errors="replace") if (run_dir / "train.log").is_file() else ""
+    world = re.search(r"world (\d+)", log)
+    note = ("world 1: streaming_ssl.distributed.init_from_env creates no process group for one process, so this "
+            "run checks the torchrun launch path; NCCL, DDP and SyncBatchNorm are exercised by "
+            "tests/test_cuda.py::test_nccl_syncbn_ddp_world1")
+    return {"ok": not problems, "problems": problems, "diffs_vs_plain": diffs,
+            "world": int(world.group(1)) if world else None, "note": note, "step": public(step)}
+
+
+def launch_cli_runs(ctx: Ctx) -> dict:
+    """The plain run, the run to be stopped, and the torchrun run, side by side (the GPU has room)."""
+    plain_dir, torchrun_dir = ctx.workdir / "plain", ctx.workdir / "torchrun"
+    backend_env = {} if ctx.device == "cuda" else {"GLOO_SOCKET_IFNAME": "lo"} if Path("/sys/class/net/lo").exists() \
+        else {}
+    procs = {
+        "plain": start("e2e_plain", [ctx.python, "run_stream.py", *cli_overrides(ctx, plain_dir)], ctx),
+        "torchrun": start("ddp_torchrun", [ctx.python, "-m", "torch.distributed.run", "--nproc_per_node", "1",
+                                           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+                                           "run_stream.py", *cli_overrides(ctx, torchrun_dir), "model.sync_bn=true"],
+                          ctx, **backend_env),
+    }
+    stopped = stop_after_first_checkpoint(ctx, ctx.workdir / "resumed", 150)
+    steps = {name: finish(p, ctx.timeout(150)) for name, p in procs.items()}
+    plain = steps["plain"]
+    problems = [] if plain["rc"] == 0 else [f"exit {plain['rc']}" + (" (timed out)" if plain["timed_out"] else "")]
+    problems += run_outputs(plain_dir, 3)
+    return {"plain": {"step": plain, "rows": read_rows(plain_dir), "progress": last_progress(plain["output"]),
+                      "problems": problems, "stopped": stopped},
+            "torchrun": steps["torchrun"]}
+
+
+# ------------------------------------------------------------------------------------------ (d) speed
+def check_speed(ctx: Ctx, strict: bool) -> dict:
+    out = ctx.workdir / "speed.json"
+    if ctx.dry:  # in-process tiny sizes on the CPU; no compile (minutes on a CPU)
+        args = ["--tiny", "--device", "cpu", "--threads", "1", "--only", ",".join(SPEED_CASES[:-1])]
+    else:
+        args = ["--device", "cuda", "--only", ",".join(SPEED_CASES), "--widths", "0.25,1.0", "--repeats", "1",
+                "--allocators", "default", "--timeout", "150"]
+    step = run_step("speed", [ctx.python, "bench/speed.py", *args, "--out", str(out)], ctx, 330)
+    result = json.loads(out.read_text()) if out.is_file() else {"rows": [], "summary": {"by_group": {}}}
+    problems = [] if step["rc"] == 0 else [f"speed.py exit {step['rc']}" + (" (timed out)" if step["timed_out"]
+                                                                           else "")]
+    problems += [f"{r['case']} width {r['width']}: {r['error']}" for r in result["rows"] if "error" in r]
+    wanted = {(c, w) for c in (SPEED_CASES[:-1] if ctx.dry else SPEED_CASES) for w in ([0.125] if ctx.dry else
+                                                                                         [0.25, 1.0])}
+    have = {(r["case"], r["width"]) for r in result["rows"] if "error" not in r}
+    problems += [f"{c} width {w}: no result" for c, w in sorted(wanted - have)]
+    if not ctx.dry:
+        problems += [f"{r['case']} width {r['width']}: no peak_cuda_MB" for r in result["rows"]
+                     if "error" not in r and r.get("peak_cuda_MB") is None]
+    targets = speed_targets(result)
+    missed = [f"target {t['name']} ({t['group']}): {t['median']:.3g}, wanted {t['op']} {t['target']}"
+              for t in targets if t["met"] is False]
+    if strict:
+        problems += missed
+    return {"ok": not problems, "problems": problems, "targets": targets, "targets_missed": missed,
+            "peak_cuda_MB": {f"{r['case']}@{r['width']}": r.get("peak_cuda_MB") for r in result["rows"]},
+            "speed_json": str(out), "step": public(step)}
+
+
+def speed_targets(result: dict) -> list[dict]:
+    names = ("ours_over_reference_patches_per_s", "ours_over_model_only", "peak_cuda_ours_lowmem_over_reference",
+             "ours_compiled_over_ours", "peak_cuda_ours_over_reference")
+    out = []
+    for group, g in sorted(result["summary"]["by_group"].items()):
+        for name in names:
+            r = g["ratios"].get(name)
+            if r:
+                out.append({"group": group, "name": name, "median": r["median"], "target": r.get("target"),
+                            "op": r["op"], "met": r.get("met")})
+    return out
+
+
+# ------------------------------------------------------------------------------------------ driver
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dry-run", action="store_true", help="every check on tiny sizes with device cpu (tests this "
+                   "script without a GPU)")
+    p.add_argument("--only", default="tests,e2e,ddp,speed", help="comma-separated checks to run")
+    p.add_argument("--budget", type=float, default=450, help="seconds for all checks together (the machine is "
+                   "lent for 15 minutes, start-up included)")
+    p.add_argument("--out", default=str(RESULT), help="JSON result path")
+    p.add_argument("--workdir", default=None, help="run directories and logs (default: runs/gpu_check)")
+    p.add_argument("--data", default=None, help="folder of cifar10.npz (default: $STREAMING_SSL_DATA, .gpu/data)")
+    p.add_argument("--strict-targets", action="store_true", help="a missed speed/memory target fails the check")
+    p.add_argument("--preflight", action="store_true", help="only check that CUDA is there (exit 2 if not)")
+    p.add_argument("--write-data", nargs=2, metavar=("SRC_NPZ", "DST_NPZ"),
+                   help="write the first --train-per-class / --test-per-class images of every class of SRC to DST")
+    p.add_argument("--train-per-class", type=int, default=300)
+    p.add_argument("--test-per-class", type=int, default=100)
+    return p.parse_args(argv)
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def write_cifar_subset(src: str | Path, dst: str | Path, train_per_class: int, test_per_class: int) -> dict:
+    """The first k images of every class of each split, in the original order, with the same npz keys."""
+    import numpy as np
+
+    with np.load(src, allow_pickle=False) as d:
+        arrays = {key: d[key] for key in d.files}
+    counts = {}
+    for split, k in (("train", train_per_class), ("test", test_per_class)):
+        y = arrays[f"y_{split}"]
+        keep = np.sort(np.concatenate([np.flatnonzero(y == c)[:k] for c in np.unique(y)]))
+        arrays[f"x_{split}"], arrays[f"y_{split}"] = arrays[f"x_{split}"][keep], y[keep]
+        counts[split] = len(keep)
+    Path(dst).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(dst).with_name(Path(dst).name + ".tmp.npz")
+    np.savez(tmp, **arrays)
+    tmp.replace(dst)
+    return counts
+
+
+def run_checks(ctx: Ctx, only: list[str], strict: bool) -> dict:
+    results: dict = {}
+    if "tests" in only:
+        results["tests"] = check_tests(ctx)
+    if "e2e" in only or "ddp" in only:
+        runs = launch_cli_runs(ctx)
+        if "e2e" in only:
+            results["e2e"] = check_e2e(ctx, runs["plain"])
+        if "ddp" in only:
+            results["ddp"] = check_ddp(ctx, runs["plain"], runs["torchrun"])
+    if "speed" in only:
+        results["speed"] = check_speed(ctx, strict)
+    return results
+
+
+def print_table(results: dict, file=sys.stdout) -> None:
+    print(f"\n{'check':<8} {'result':<6} {'seconds':>8}  details", file=file)
+    for name, r in results.items():
+        seconds = r.get("seconds", "")
+        detail = "; ".join(r["problems"]) if r["problems"] else r.get("summary", "")
+        print(f"{name:<8} {'pass' if r['ok'] else 'FAIL':<6} {seconds:>8}  {detail}", file=file)
+    for t in results.get("speed", {}).get("targets", []):
+        met = {True: "met", False: "MISSED", None: "info"}[t["met"]]
+        target = f"{t['op']} {t['target']}" if t.get("target") is not None else ""
+        print(f"  {t['group']:<28} {t['name']:<40} {t['median']:>8.3g} {target:>8} {met}", file=file)
+
+
+def summarize(name: str, r: dict) -> str:
+    if name == "tests":
+        return ", ".join(f"{n} {k}" for k, n in r["counts"].items())
+    if name in ("e2e", "ddp"):
+        return ", ".join(f"{k} {v:.3g}" for k, v in r["diffs_vs_plain"].items())
+    if name == "speed":
+        return f"{len(r['peak_cuda_MB'])} cases; targets missed: {len(r['targets_missed'])}"
+    return ""
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.write_data:
+        counts = write_cifar_subset(*args.write_data, args.train_per_class, args.test_per_class)
+        print(f"wrote {args.write_data[1]}: {counts['train']} train, {counts['test']} test images")
+        return 0
+    if not args.dry_run and not cuda_available():
+        print("gpu_check: no CUDA device visible (torch.cuda.is_available() is False). Run it on the GPU machine "
+              "(bash scripts/gpu_check.sh), or --dry-run to test the checks on the CPU.", file=sys.stderr)
+        return NO_CUDA_EXIT
+    if args.preflight:
+        return 0
+    only = [c.strip() for c in args.only.split(",") if c.strip()]
+    bad = [c for c in only if c not in ("tests", "e2e", "ddp", "speed")]
+    if bad:
+        raise SystemExit(f"unknown check(s) {bad}; valid: tests, e2e, ddp, speed")
+    data = args.data or os.environ.get("STREAMING_SSL_DATA") or str(ROOT / ".gpu" / "data")
+    if not (Path(data) / "cifar10.npz").is_file():
+        raise SystemExit(f"no cifar10.npz in {data}: run scripts/fetch_gpu_wheels.sh (it writes .gpu/data) or set "
+                         "--data / STREAMING_SSL_DATA")
+    workdir = Path(args.workdir or ROOT / "runs" / "gpu_check").resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    ctx = Ctx(dry=args.dry_run, device="cpu" if args.dry_run else "cuda", precision="bf16",
+              data=str(Path(data).resolve()), workdir=workdir, deadline=time.monotonic() + args.budget)
+    t0 = time.monotonic()
+    results = run_checks(ctx, only, args.strict_targets)
+    for name, r in results.items():
+        r["summary"] = summarize(name, r)
+    report = {"mode": "dry-run (cpu, tiny)" if args.dry_run else "cuda", "tolerances": TOL,
+              "seconds": round(time.monotonic() - t0, 1), "budget_seconds": args.budget, "env": environment(),
+              "checks": results, "ok": all(r["ok"] for r in results.values())}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2, default=str))
+    print_table(results)
+    print(f"\n{'all checks passed' if report['ok'] else 'FAILED'} in {report['seconds']} s; wrote {out}")
+    return 0 if report["ok"] else 1
+
+
+def environment() -> dict:
+    import platform
+
+    import torch
+
+    env = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+           "cores": os.cpu_count()}
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name(0)
+    return env
+
+
+if __name__ == "__main__":
+    sys.exit(main())
