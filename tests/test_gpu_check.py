@@ -1,0 +1,103 @@
+"""bench/gpu_check.py and scripts/gpu_check.sh without a GPU: the no-CUDA exit, the time box of a step, the data
+subset of scripts/fetch_gpu_wheels.sh, and the whole check in --dry-run (tiny sizes, device cpu, about 3 min)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+CHECK = ROOT / "bench" / "gpu_check.py"
+DATA = os.environ.get("STREAMING_SSL_DATA")
+needs_data = pytest.mark.skipif(not DATA or not (Path(DATA) / "cifar10.npz").is_file(),
+                                reason="needs the real CIFAR-10: set STREAMING_SSL_DATA to the folder of cifar10.npz")
+no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without CUDA")
+
+
+def load_module():
+    spec = importlib.util.spec_from_file_location("gpu_check", CHECK)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@no_cuda
+def test_script_and_module_exit_2_at_once_without_cuda(tmp_path):
+    site_before = (ROOT / ".gpu" / "site").exists()
+    for cmd in (["bash", "scripts/gpu_check.sh"], [sys.executable, str(CHECK)]):
+        t0 = time.monotonic()
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "PYTHON": sys.executable})
+        assert proc.returncode == 2, (cmd, proc.stdout, proc.stderr)
+        assert "no CUDA device visible" in proc.stderr and "--dry-run" in proc.stderr
+        assert time.monotonic() - t0 < 60  # before any wheel install or check
+    assert (ROOT / ".gpu" / "site").exists() == site_before  # the script stops before installing wheels
+
+
+def test_a_hung_step_is_killed_at_its_timeout(tmp_path):
+    gc = load_module()
+    ctx = gc.Ctx(dry=True, device="cpu", precision="bf16", data=str(tmp_path), workdir=tmp_path,
+                 deadline=time.monotonic() + 60)
+    t0 = time.monotonic()
+    step = gc.run_step("sleeper", ["bash", "-c", "echo started; sleep 30 & wait"], ctx, timeout=1.0)
+    assert step["timed_out"] and step["rc"] != 0 and "started" in step["output"]
+    assert time.monotonic() - t0 < 10  # the group (bash and its sleep child) was killed
+
+
+def test_overall_budget_caps_every_step(tmp_path):
+    gc = load_module()
+    ctx = gc.Ctx(dry=True, device="cpu", precision="bf16", data=str(tmp_path), workdir=tmp_path,
+                 deadline=time.monotonic() + 2)
+    assert 0 < ctx.timeout(100) <= 2 and ctx.timeout(0.5) == 0.5
+
+
+@needs_data
+def test_write_data_keeps_the_first_images_of_every_class(tmp_path):
+    from scenarios.datasets import load_dataset
+
+    dst = tmp_path / "cifar10.npz"
+    proc = subprocess.run([sys.executable, str(CHECK), "--write-data", str(Path(DATA) / "cifar10.npz"), str(dst),
+                           "--train-per-class", "7", "--test-per-class", "3"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    with np.load(Path(DATA) / "cifar10.npz") as src, np.load(dst) as out:
+        assert sorted(out.files) == sorted(src.files)
+        for split, k in (("train", 7), ("test", 3)):
+            y = src[f"y_{split}"]
+            assert np.bincount(out[f"y_{split}"]).tolist() == [k] * 10
+            first = np.sort(np.concatenate([np.flatnonzero(y == c)[:k] for c in range(10)]))
+            np.testing.assert_array_equal(out[f"x_{split}"], src[f"x_{split}"][first])
+    splits = load_dataset("cifar10", str(tmp_path))  # the library reads it as it reads the full file
+    assert len(splits.train) == 70 and len(splits.test) == 30
+
+
+@needs_data
+def test_dry_run_passes_every_check(tmp_path):
+    out = tmp_path / "gpu_check.json"
+    proc = subprocess.run([sys.executable, str(CHECK), "--dry-run", "--out", str(out), "--workdir",
+                           str(tmp_path / "work")], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "STREAMING_SSL_DATA": DATA})
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["ok"] and set(report["checks"]) == {"tests", "e2e", "ddp", "speed"}
+    checks = report["checks"]
+    assert checks["tests"]["counts"]["passed"] >= 6 and not checks["tests"]["counts"].get("failed")
+    e2e = checks["e2e"]
+    assert e2e["steps"]["stopped"]["rc"] == 130 and e2e["steps"]["stopped"]["signalled"]
+    assert e2e["rows_when_stopped"] < 3 and e2e["steps"]["resume"]["rc"] == 0
+    assert set(e2e["diffs_vs_plain"]) >= {"loss_rel", "tcr_rel", "inv_abs"}
+    assert checks["ddp"]["world"] == 1 and checks["ddp"]["diffs_vs_plain"]
+    assert {t["name"] for t in checks["speed"]["targets"]} >= {"ours_over_reference_patches_per_s",
+                                                               "ours_over_model_only"}
+    for name in ("tests", "e2e", "ddp", "speed"):
+        assert f"\n{name:<8} pass" in proc.stdout
