@@ -20,7 +20,8 @@ def env_world() -> tuple[int, int, int]:
 def init_from_env(device_type: str) -> bool:
     """Join the process group torchrun describes (NCCL on CUDA, gloo on CPU). Returns True under DDP."""
     _, local_rank, world = env_world()
-    if world <= 1 or dist.is_initialized():
+    # under torchrun a group is made even for one process (NCCL, SyncBatchNorm and DDP then run as at scale)
+    if (world <= 1 and "TORCHELASTIC_RUN_ID" not in os.environ) or dist.is_initialized():
         return dist.is_initialized()
     if device_type == "cuda":
         torch.cuda.set_device(local_rank)

@@ -403,3 +403,18 @@ def test_overwrite_deletes_only_once_the_inputs_are_good(tmp_path, monkeypatch) 
 
 if __name__ == "__main__":  # a rank of the `spawned` fixture's torchrun launch
     _rank_main(Path(sys.argv[1]))
+
+
+def test_torchrun_with_one_process_makes_a_group(tmp_path) -> None:
+    """torchrun --nproc_per_node 1 joins a (one-process) group, so DDP, SyncBatchNorm and NCCL run as at scale;
+    a plain process does not."""
+    script = tmp_path / "probe_group.py"
+    script.write_text("import sys; sys.path.insert(0, sys.argv[1])\n"
+                      "from streaming_ssl import distributed as d\n"
+                      "print('group', d.init_from_env('cpu'), d.is_dist(), d.world_size())\n")
+    launched = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1",
+                               "--master_port", str(free_ports(1)[0]), str(script), str(ROOT)],
+                              capture_output=True, text=True, timeout=120)
+    assert "group True True 1" in launched.stdout, launched.stderr[-2000:]
+    plain = subprocess.run([sys.executable, str(script), str(ROOT)], capture_output=True, text=True, timeout=120)
+    assert "group False False 1" in plain.stdout, plain.stderr[-2000:]
