@@ -21,12 +21,14 @@ from dataclasses import asdict, dataclass, fields
 class ComputeCounters:
     """Cumulative compute of a run; plugins add to it, checkpoints save it, evaluation rows report it."""
 
+    # cumulative, global (all ranks)
     stream_images: int = 0
     buffer_images: int = 0
     patches_forward: int = 0
     patches_backward: int = 0
     frozen_forwards: int = 0
     extra_forwards: int = 0
+    # a gauge: what the buffer holds now
     buffer_bytes: int = 0
 
     def add_update(self, *, images: int, n_patches: int) -> None:
