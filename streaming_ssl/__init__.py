@@ -19,7 +19,8 @@ _os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 _EXPORTS = {
     # the method
-    "streaming_ssl.strategy": ["EMPSSLStrategy", "NonFiniteLossError", "StreamInputError", "derive_seed"],
+    "streaming_ssl.strategy": ["EMPSSLStrategy", "NonFiniteLossError", "StreamInputError"],
+    "streaming_ssl.seeds": ["derive_seed"],
     "streaming_ssl.models": ["EMPSSLModel", "ResNet18"],
     "streaming_ssl.augment": ["MultiPatchAugment"],
     "streaming_ssl.objective": ["coding_rate", "invariance", "emp_ssl_loss"],

@@ -17,6 +17,7 @@ from tqdm import tqdm
 from streaming_ssl import distributed as ddp
 from streaming_ssl.augment import MultiPatchAugment
 from streaming_ssl.device import autocast
+from streaming_ssl.seeds import derive_seed
 
 
 def _probe_input(augment: MultiPatchAugment, x: torch.Tensor, patches: int, patch_seed: int) -> torch.Tensor:
@@ -55,7 +56,7 @@ def extract_features(model: torch.nn.Module, images, augment: MultiPatchAugment,
         for k in batches:
             idx = torch.arange(k * batch_size, min((k + 1) * batch_size, n))
             x = images[idx].to(device, non_blocking=True)
-            inp = _probe_input(augment, x, patches, seed * 1_000_003 + k)
+            inp = _probe_input(augment, x, patches, derive_seed(seed, "probe patches", k))
             if channels_last:
                 inp = inp.contiguous(memory_format=torch.channels_last)
             with autocast(device, amp_dtype):
@@ -88,7 +89,7 @@ def recalibrate_batchnorm(model: torch.nn.Module, images, augment: MultiPatchAug
              and m.track_running_stats]
     if n_images <= 0 or not norms:
         return 0
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + 7919)
+    gen = torch.Generator().manual_seed(derive_seed(seed, "batchnorm images"))
     order = torch.randperm(len(images), generator=gen)[:n_images].sort().values
     saved = {m: ({k: v.clone() for k, v in m.state_dict().items()}, m.momentum) for m in norms}
     modes = {m: m.training for m in model.modules()}
@@ -103,7 +104,7 @@ def recalibrate_batchnorm(model: torch.nn.Module, images, augment: MultiPatchAug
     try:
         for k in batches:
             x = images[order[k * batch_size:(k + 1) * batch_size]].to(device, non_blocking=True)
-            inp = _probe_input(augment, x, patches, seed + 31 * k + 1)
+            inp = _probe_input(augment, x, patches, derive_seed(seed, "batchnorm patches", k))
             with autocast(device, amp_dtype):
                 model.features(inp)
     finally:

@@ -24,7 +24,6 @@ What plugins may use (the contract the cl/ plugins rely on):
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import os
@@ -42,6 +41,7 @@ from streaming_ssl.augment import MultiPatchAugment
 from streaming_ssl.device import autocast
 from streaming_ssl.lars import cosine_lr, set_lr
 from streaming_ssl.objective import emp_ssl_loss
+from streaming_ssl.seeds import derive_seed
 
 log = logging.getLogger(__name__)
 
@@ -52,12 +52,6 @@ class NonFiniteLossError(RuntimeError):
 
 class StreamInputError(ValueError):
     """A benchmark's samples are not images the strategy can train on; the message says how to fix them."""
-
-
-def derive_seed(*parts) -> int:
-    """A stable 63-bit seed from any parts (ints, strings); the same on every machine and run."""
-    digest = hashlib.sha256(repr(parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
 
 
 class RowBatchLoader:

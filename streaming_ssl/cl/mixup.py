@@ -29,7 +29,7 @@ from avalanche.core import SupervisedPlugin
 from streaming_ssl import distributed as ddp
 from streaming_ssl.cl.common import global_stream_size, to_float
 from streaming_ssl.cl.replay import ReplayBufferPlugin
-from streaming_ssl.strategy import derive_seed
+from streaming_ssl.seeds import derive_seed
 
 
 def mix_images(x_stream: torch.Tensor, x_buffer: torch.Tensor, lam: float) -> torch.Tensor:

@@ -37,7 +37,7 @@ from avalanche.core import SupervisedPlugin
 from streaming_ssl import distributed as ddp
 from streaming_ssl.cl.common import gather_global_batch, global_stream_size, like, to_uint8
 from streaming_ssl.device import autocast
-from streaming_ssl.strategy import derive_seed
+from streaming_ssl.seeds import derive_seed
 
 log = logging.getLogger(__name__)
 
