@@ -17,17 +17,14 @@ import math
 from dataclasses import dataclass, field
 from collections.abc import Iterable, Iterator, Sequence
 
+from typing import TYPE_CHECKING
+
 import torch
-from avalanche.benchmarks.scenarios.online import split_online_stream
-from avalanche.benchmarks.scenarios.dataset_scenario import benchmark_from_datasets
-from avalanche.benchmarks.scenarios.supervised import class_incremental_benchmark
-from avalanche.benchmarks.utils import DataAttribute
-from avalanche.benchmarks.utils.classification_dataset import ClassificationDataset
-from avalanche.benchmarks.utils.flat_data import ConstantSequence
 
 from scenarios.datasets import ImageData
 
-MODES = ("class_incremental", "data_incremental", "online", "offline")
+if TYPE_CHECKING:  # Avalanche is imported where streams are built, so that reading the registry stays cheap
+    from avalanche.benchmarks.utils.classification_dataset import ClassificationDataset
 
 
 class StreamError(ValueError):
@@ -50,6 +47,10 @@ class _Rows(torch.utils.data.Dataset):
 
 def as_avalanche_dataset(data: ImageData) -> ClassificationDataset:
     """Wrap image data as an Avalanche classification dataset with a `row_index` attribute."""
+    from avalanche.benchmarks.utils import DataAttribute
+    from avalanche.benchmarks.utils.classification_dataset import ClassificationDataset
+    from avalanche.benchmarks.utils.flat_data import ConstantSequence
+
     n = len(data)
     return ClassificationDataset(
         [_Rows(data.images, data.targets)],
@@ -178,70 +179,99 @@ class SSLStream:
         return iter(self.experiences)
 
 
-def build_stream(
-    train: ImageData,
-    num_classes: int,
-    *,
-    mode: str,
-    n_experiences: int = 5,
-    classes_per_experience: Sequence[int] | None = None,
-    experience_classes: Sequence[Sequence[int]] | None = None,
-    class_order_seed: int = 0,
-    epochs: int = 1,
-    online_base: str = "class_incremental",
-    online_experience_size: int = 10,
-    access_task_boundaries: bool = False,
-    seed: int = 0,
-) -> SSLStream:
-    """Build the training stream of a run (see the module docstring for the modes)."""
-    if mode not in MODES:
-        raise StreamError(f"unknown stream mode {mode!r}; valid: {', '.join(MODES)}")
+@dataclass
+class StreamOptions:
+    """The settings of build_stream, handed to the mode's builder."""
+
+    n_experiences: int = 5
+    classes_per_experience: Sequence[int] | None = None
+    experience_classes: Sequence[Sequence[int]] | None = None
+    class_order_seed: int = 0
+    epochs: int = 1
+    online_base: str = "class_incremental"
+    online_experience_size: int = 10
+    access_task_boundaries: bool = False
+    seed: int = 0
+
+
+def _offline(train: ImageData, num_classes: int, o: StreamOptions) -> SSLStream:
+    """One experience holding the whole training set, `epochs` passes."""
+    return SSLStream([_single_experience(as_avalanche_dataset(train))], [list(range(num_classes))], [len(train)], [0],
+                     [len(train)], epochs=o.epochs, mode="offline")
+
+
+def _class_incremental(train: ImageData, num_classes: int, o: StreamOptions) -> SSLStream:
+    """Classes in a seeded order, split into experiences (plan_class_split; nothing dropped)."""
+    from avalanche.benchmarks.scenarios.supervised import class_incremental_benchmark
+
+    split = plan_class_split(num_classes, n_experiences=o.n_experiences, classes_per_experience=o.classes_per_experience,
+                             experience_classes=o.experience_classes, seed=o.class_order_seed)
+    bench = class_incremental_benchmark({"train": as_avalanche_dataset(train)},
+                                        class_order=[c for e in split for c in e],
+                                        num_classes_per_exp=[len(e) for e in split])
+    counts = torch.bincount(train.targets, minlength=num_classes)
+    sizes = [int(counts[e].sum()) for e in split]
+    return SSLStream(list(bench.train_stream), split, sizes, list(range(len(split))), sizes, epochs=o.epochs,
+                     mode="class_incremental")
+
+
+def _data_incremental(train: ImageData, num_classes: int, o: StreamOptions) -> SSLStream:
+    """Seeded i.i.d. shards, stratified: each class's rows, shuffled, dealt round-robin, so every shard holds each
+    class within one sample of the others and shard sizes differ by at most one.
+
+    Our own shards: Avalanche 0.6's new_instances_benchmark reseeds the global torch RNG, never shuffles within a
+    class, and can leave experiences empty."""
+    from avalanche.benchmarks.scenarios.dataset_scenario import benchmark_from_datasets
+
+    if not 1 <= o.n_experiences <= len(train):
+        raise StreamError(f"stream.n_experiences must be between 1 and {len(train)}, got {o.n_experiences}")
+    gen = torch.Generator().manual_seed(o.class_order_seed)
+    dealt = torch.cat([rows[torch.randperm(len(rows), generator=gen)]
+                       for rows in (torch.nonzero(train.targets == c).flatten() for c in range(num_classes))])
+    owner = torch.arange(len(dealt)) % o.n_experiences
     dataset = as_avalanche_dataset(train)
-    all_classes = list(range(num_classes))
-    base = online_base if mode == "online" else mode
-    if mode == "offline":
-        return SSLStream([_single_experience(dataset)], [all_classes], [len(train)], [0], [len(train)],
-                         epochs=epochs, mode=mode)
-    if base == "class_incremental":
-        split = plan_class_split(num_classes, n_experiences=n_experiences, classes_per_experience=classes_per_experience,
-                                 experience_classes=experience_classes, seed=class_order_seed)
-        bench = class_incremental_benchmark({"train": dataset}, class_order=[c for e in split for c in e],
-                                            num_classes_per_exp=[len(e) for e in split])
-        parents = list(bench.train_stream)
-        counts = torch.bincount(train.targets, minlength=num_classes)
-        parent_sizes = [int(counts[e].sum()) for e in split]
-        parent_classes = split
-    elif base == "data_incremental":
-        if not 1 <= n_experiences <= len(train):
-            raise StreamError(f"stream.n_experiences must be between 1 and {len(train)}, got {n_experiences}")
-        # Our own seeded i.i.d. shards: Avalanche 0.6's new_instances_benchmark reseeds the global torch
-        # RNG, never shuffles within a class, and can leave experiences empty.
-        # Stratified: each class's rows, shuffled, are dealt round-robin, so every shard holds each class
-        # within one sample of the others and shard sizes differ by at most one.
-        gen = torch.Generator().manual_seed(class_order_seed)
-        dealt = torch.cat([rows[torch.randperm(len(rows), generator=gen)]
-                           for rows in (torch.nonzero(train.targets == c).flatten() for c in range(num_classes))])
-        owner = torch.arange(len(dealt)) % n_experiences
-        shards = [dealt[owner == k] for k in range(n_experiences)]
-        bench = benchmark_from_datasets(train=[dataset.subset(shard.tolist()) for shard in shards])
-        parents = list(bench.train_stream)
-        parent_sizes = [len(e.dataset) for e in parents]
-        parent_classes = [all_classes for _ in parents]
-    else:
-        raise StreamError(f"stream.online_base must be class_incremental or data_incremental, got {online_base!r}")
-    if mode != "online":
-        return SSLStream(parents, parent_classes, parent_sizes, list(range(len(parents))), parent_sizes,
-                         epochs=epochs, mode=mode)
-    k = online_experience_size
+    bench = benchmark_from_datasets(train=[dataset.subset(dealt[owner == k].tolist()) for k in range(o.n_experiences)])
+    parents = list(bench.train_stream)
+    sizes = [len(e.dataset) for e in parents]
+    return SSLStream(parents, [list(range(num_classes)) for _ in parents], sizes, list(range(len(parents))), sizes,
+                     epochs=o.epochs, mode="data_incremental")
+
+
+def _online(train: ImageData, num_classes: int, o: StreamOptions) -> SSLStream:
+    """Each experience of the `online_base` stream cut into mini-experiences of `online_experience_size` samples
+    (Avalanche's split_online_stream); one pass."""
+    from avalanche.benchmarks.scenarios.online import split_online_stream
+
+    if o.online_base not in ONLINE_BASES:
+        raise StreamError(f"stream.online_base must be one of {', '.join(ONLINE_BASES)}, got {o.online_base!r}")
+    base = STREAM_MODES[o.online_base](train, num_classes, o)
+    k = o.online_experience_size
     step_parent, step_sizes = [], []
-    for p, size in enumerate(parent_sizes):
+    for p, size in enumerate(base.parent_sizes):
         full, rest = divmod(size, k)
         step_sizes += [k] * full + ([rest] if rest else [])
         step_parent += [p] * (full + (1 if rest else 0))
-    online = split_online_stream(parents, k, shuffle=True, drop_last=False,
-                                 access_task_boundaries=access_task_boundaries, seed=seed)
-    return SSLStream(online, parent_classes, parent_sizes, step_parent, step_sizes, epochs=1, mode=mode)
+    online = split_online_stream(base.experiences, k, shuffle=True, drop_last=False,
+                                 access_task_boundaries=o.access_task_boundaries, seed=o.seed)
+    return SSLStream(online, base.parent_classes, base.parent_sizes, step_parent, step_sizes, epochs=1, mode="online")
+
+
+# The stream modes: name -> builder(train, num_classes, StreamOptions). Adding a mode touches only this dict
+# (config validation reads its names).
+STREAM_MODES = {"class_incremental": _class_incremental, "data_incremental": _data_incremental, "online": _online,
+                "offline": _offline}
+MODES = tuple(STREAM_MODES)
+ONLINE_BASES = ("class_incremental", "data_incremental")  # the modes an online stream can be cut from
+
+
+def build_stream(train: ImageData, num_classes: int, *, mode: str, **options) -> SSLStream:
+    """Build the training stream of a run: STREAM_MODES[mode] with the StreamOptions fields as keywords."""
+    if mode not in STREAM_MODES:
+        raise StreamError(f"unknown stream mode {mode!r}; valid: {', '.join(MODES)}")
+    return STREAM_MODES[mode](train, num_classes, StreamOptions(**options))
 
 
 def _single_experience(dataset: ClassificationDataset):
+    from avalanche.benchmarks.scenarios.dataset_scenario import benchmark_from_datasets
+
     return next(iter(benchmark_from_datasets(train=[dataset]).train_stream))

@@ -17,9 +17,8 @@ from typing import Any
 import yaml
 
 from scenarios.datasets import DataError, check_dataset_name
+from scenarios.streams import MODES, ONLINE_BASES  # the stream-mode registry (cheap: no Avalanche import)
 
-MODES = ("class_incremental", "data_incremental", "online", "offline")
-ONLINE_BASES = ("class_incremental", "data_incremental")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "bf16", "fp32")
 STEMS = ("auto", "cifar", "tiny", "imagenet")

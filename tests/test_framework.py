@@ -214,3 +214,20 @@ def test_lazy_images_decoded_in_workers_train_like_the_main_process(tmp_path) ->
         assert strategy.global_step == 2
         weights.append(model.state_dict())
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_stream_modes_and_datasets_have_one_home() -> None:
+    """Config validation, the stream builder and the loaders read the same registries."""
+    import dataclasses
+
+    from scenarios.datasets import DATASET_NAMES, DATASETS, ImageData
+    from scenarios.streams import STREAM_MODES, build_stream
+    from streaming_ssl.config import StreamConfig
+
+    mode_field = next(f for f in dataclasses.fields(StreamConfig) if f.name == "mode")
+    assert tuple(mode_field.metadata["choices"]) == tuple(STREAM_MODES)
+    assert DATASET_NAMES == tuple(DATASETS)
+    x, y = _images(n=16)
+    for mode in STREAM_MODES:
+        stream = build_stream(ImageData(x, y), 4, mode=mode, n_experiences=2, online_experience_size=4)
+        assert stream.mode == mode and sum(stream.step_sizes) == 16
