@@ -83,7 +83,8 @@ def minred_keep(features: torch.Tensor, size: int) -> torch.Tensor:
     n = len(features)
     if size >= n:
         return torch.arange(n)
-    f = F.normalize(features.float(), dim=1)
+    # the greedy loop reads the argmax every step: on the host, so a GPU is not synchronised once per drop
+    f = F.normalize(features.detach().float().cpu(), dim=1)
     sim = f @ f.T
     sim = (sim + sim.T) / 2  # exactly symmetric: both members of a pair see the same similarity
     sim.fill_diagonal_(float("-inf"))
