@@ -170,7 +170,10 @@ class ReplayConfig:
 @dataclass
 class DistillConfig:
     enabled: bool = False  # CaSSLe: predict the frozen model's z of the same patches from the current z
-    weight: float = 1.0  # weight of the term weight * mean(1 - cos(predictor(z), z_frozen))
+    # weight of the term weight * mean(1 - cos(predictor(z), z_frozen)). 200 = objective.lam: the term is a cosine
+    # like EMP-SSL's invariance term (lam * mean cos), and CaSSLe gives its distillation the SSL loss's own weight;
+    # at 1.0 it would be 1/200 of the invariance term's pull and change nothing
+    weight: float = 200.0
     # 0: freeze a copy at every experience boundary (online streams: parent boundaries, which needs
     # stream.access_task_boundaries); N > 0: every N updates (the way without boundaries, e.g. offline)
     every: int = 0

@@ -81,7 +81,7 @@ class DistillPlugin(SupervisedPlugin):
             restored frozen copy).
         dim: size of z (model.proj_dim).
         hidden_dim: hidden width of the predictor.
-        weight: w of the term.
+        weight: w of the term (200 = the invariance weight of EMP-SSL's objective, CaSSLe's choice of equal weights).
         every: 0 freezes a copy at the end of every experience (online: of every parent experience, read
             from `strategy.at_boundary`); N > 0 every N updates.
         device: where the predictor lives (the training device).
@@ -89,7 +89,7 @@ class DistillPlugin(SupervisedPlugin):
 
     state_key = "cl.distill"
 
-    def __init__(self, model: torch.nn.Module, *, dim: int, hidden_dim: int = 2048, weight: float = 1.0,
+    def __init__(self, model: torch.nn.Module, *, dim: int, hidden_dim: int = 2048, weight: float = 200.0,
                  every: int = 0, device: torch.device | str = "cpu") -> None:
         super().__init__()
         if every < 0:
