@@ -11,7 +11,7 @@ bench/results/accuracy.md. Rerunning continues an interrupted row from its check
     python bench/accuracy.py --rows split_cifar10 online_cifar10 offline_3epochs
     python bench/accuracy.py --rows offline_1epoch split_cifar10 --bn-recalibrate 10000 --probes whole
     python bench/accuracy.py --rows split_cifar10_replay split_cifar10_distill split_cifar10_mixup \
-        split_cifar10_replay_distill online_cifar10_replay           # continual-learning methods (cl/)
+        split_cifar10_replay_distill split_cifar10_replay_mixup online_cifar10_replay  # cl methods (cl/)
     python bench/accuracy.py --rows split_cifar10 split_cifar10_replay --seed 1  # a second seed: ROW@seed1
 
 The report judges the continual-learning targets on the bag-of-16 probe (mean over seeds): the cheapest split row
@@ -54,6 +54,7 @@ ROWS = {
     "split_cifar10_distill": "configs/accuracy/split_cifar10_distill.yaml",
     "split_cifar10_mixup": "configs/accuracy/split_cifar10_mixup.yaml",
     "split_cifar10_replay_distill": "configs/accuracy/split_cifar10_replay_distill.yaml",
+    "split_cifar10_replay_mixup": "configs/accuracy/split_cifar10_replay_mixup.yaml",
     "online_cifar10_replay": "configs/accuracy/online_cifar10_replay.yaml",
 }
 
@@ -91,6 +92,7 @@ LABELS = {"random_init": "random-init encoder (floor)", "offline_1epoch": "offli
           "split_cifar10_distill": "Split CIFAR-10 + CaSSLe distillation",
           "split_cifar10_mixup": "Split CIFAR-10 + LUMP mixup (buffer 500)",
           "split_cifar10_replay_distill": "Split CIFAR-10 + replay + distillation",
+          "split_cifar10_replay_mixup": "Split CIFAR-10 + replay + mixup",
           "online_cifar10_replay": "online + replay (reservoir 500, 10/update)"}
 
 
@@ -129,7 +131,8 @@ def _seeds(values: list[float]) -> str:
 
 
 # methods of the issue's targets: split rows against the plain split, online rows against the i.i.d. one pass
-SPLIT_METHODS = ("split_cifar10_replay", "split_cifar10_distill", "split_cifar10_mixup", "split_cifar10_replay_distill")
+SPLIT_METHODS = ("split_cifar10_replay", "split_cifar10_distill", "split_cifar10_mixup", "split_cifar10_replay_distill",
+                 "split_cifar10_replay_mixup")
 ONLINE_METHODS = ("online_cifar10", "online_cifar10_replay")
 GAP_SHARE, COMPUTE_RATIO, ONLINE_POINTS = 0.5, 2.0, 3.0
 
