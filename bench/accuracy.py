@@ -305,32 +305,45 @@ def _plot(results: dict, path: Path, bag: str, patches: int) -> None:
 
 
 def _plot_compute(results: dict, path: Path, bag: str, patches: int) -> None:
-    """Final accuracy (whole image and bag) of every trained row against its patch forwards; the random-init floor
-    as a line. Hollow markers: compute estimated from samples seen (rows trained before the counters)."""
+    """Final accuracy of every trained row against its patch forwards, one panel per probe (whole image, bag), each
+    point named; the i.i.d. one pass (dashed), the plain split (dotted) and the random-init floor as lines. Hollow
+    markers: compute estimated from samples seen (rows trained before the counters)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     points = [(n, *patch_compute(results[n])) for n in ordered_keys(results)]
-    points = [(n, fwd, est) for n, fwd, est in points if fwd]
+    points = [(n, fwd / 1e6, est) for n, fwd, est in points if fwd]
     if not points:
         return
-    fig, ax = plt.subplots(figsize=(8.0, 5.0))
-    for key, label, color in (("probe_whole", "whole image", "C0"), (bag, f"bag of {patches} patches", "C1")):
-        for k, (name, fwd, est) in enumerate(points):
+    fig, axes = plt.subplots(1, 2, figsize=(12.0, 5.0))
+    for ax, (key, title, color) in zip(axes, (("probe_whole", "whole image", "C0"),
+                                              (bag, f"bag of {patches} patches", "C1"))):
+        placed: list[tuple[float, float]] = []
+        ys = [v for v in (_acc(results[n].get(key)) for n, _, _ in points) if v == v] or [0.0]
+        step = 0.05 * max(max(ys) - min(ys), 1.0)  # a label's height in accuracy points
+        for name, x, est in sorted(points, key=lambda p: -_acc(results[p[0]].get(key))):
             y = _acc(results[name].get(key))
-            ax.scatter(fwd / 1e6, y, s=40, color=color, facecolors="none" if est else color,
-                       label=label if k == 0 else None)
-            if key == "probe_whole":
-                ax.annotate(name, (fwd / 1e6, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
-    floor = results.get("random_init", {}).get("probe_whole")
-    if floor:
-        ax.axhline(_acc(floor), color="gray", ls=":", lw=1, label="random init (whole image)")
-    ax.set_xlabel("patches forwarded in training (trained encoder + frozen copy + buffer features), millions")
-    ax.set_ylabel("final linear probe accuracy on CIFAR-10 test (%)")
-    ax.set_title("Accuracy against compute (hollow: estimated as samples seen x patches)", fontsize=9)
-    ax.legend(fontsize=8, loc="best")
+            if y != y:
+                continue
+            ax.scatter(x, y, s=40, color=color, facecolors="none" if est else color)
+            text_y = y
+            while any(abs(px - x) < 0.15 and abs(py - text_y) < step for px, py in placed):
+                text_y -= step  # names of nearby points stacked downwards, never on top of each other
+            placed.append((x, text_y))
+            ax.annotate(name.removeprefix("split_cifar10_").replace("split_cifar10", "split (plain)"), (x, y),
+                        xytext=(x + 0.03, text_y), textcoords="data", fontsize=7, va="center")
+        for ref, style, what in (("offline_1epoch", "--", "i.i.d. one pass"), ("split_cifar10", ":", "plain split"),
+                                 ("random_init", "-.", "random init")):
+            if ref in results and (results[ref].get(key) or {}):
+                ax.axhline(_acc(results[ref][key]), color="gray", ls=style, lw=1, label=what)
+        ax.set_title(f"linear probe, {title} (held-out decay)", fontsize=9)
+        ax.set_xlabel("patches forwarded in training (encoder + frozen copy + buffer features), millions", fontsize=8)
+        ax.set_ylabel("final accuracy on CIFAR-10 test (%)")
+        ax.set_xlim(min(p[1] for p in points) - 0.1, max(p[1] for p in points) + 0.6)
+        ax.legend(fontsize=8, loc="lower right")
+    fig.suptitle("Accuracy against compute (hollow: estimated as samples seen x patches)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
