@@ -263,3 +263,15 @@ def test_recipes_exist():
 def test_every_recipe_loads(path):
     cfg = load_config(path)
     assert isinstance(cfg, Config)
+
+
+ACCURACY_ROWS = sorted((Path(__file__).resolve().parents[2] / "configs" / "accuracy").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", ACCURACY_ROWS, ids=[p.name for p in ACCURACY_ROWS])
+def test_every_accuracy_row_loads_and_is_a_row_of_the_bench(path):
+    """Each configs/accuracy/ file is a valid config and a row of bench/accuracy.py (no orphaned recipe)."""
+    cfg = load_config(path)
+    assert cfg.model.width == 0.25 and cfg.augment.n_patches == 20 and cfg.data.dataset == "cifar10"
+    bench = (path.parents[2] / "bench" / "accuracy.py").read_text()
+    assert f'"configs/accuracy/{path.name}"' in bench
