@@ -143,7 +143,7 @@ def target_lines(results: dict, bag: str, patches: int) -> list[str]:
     plain split's patch forwards; (2) an online row within 3 points of the i.i.d. one pass. Names the cheapest row
     (fewest patch forwards) reaching each target, or says plainly that none does."""
     iid, iid_values = seed_mean(results, "offline_1epoch", bag)
-    plain, _ = seed_mean(results, "split_cifar10", bag)
+    plain, plain_values = seed_mean(results, "split_cifar10", bag)
     if iid != iid:
         return ["", "Targets: not judged yet (no i.i.d. one-pass row, offline_1epoch)."]
     lines = ["", f"Targets (bag of {patches}, held-out decay, mean over the seeds measured; i.i.d. one pass "
@@ -152,8 +152,8 @@ def target_lines(results: dict, bag: str, patches: int) -> list[str]:
         gap = iid - plain
         base, _ = patch_compute(results.get("split_cifar10") or {})
         reached = []
-        lines.append(f"- Split: plain {plain:.1f}% ({_seeds(seed_mean(results, 'split_cifar10', bag)[1])}), gap {gap:.1f} pts; the target is >= {GAP_SHARE * gap:.1f} pts back "
-                     f"at <= {COMPUTE_RATIO:g}x the plain split's patch forwards.")
+        lines.append(f"- Split: plain {plain:.1f}% ({_seeds(plain_values)}), gap {gap:.1f} pts; the target is >= "
+                     f"{GAP_SHARE * gap:.1f} pts back at <= {COMPUTE_RATIO:g}x the plain split's patch forwards.")
         for name in SPLIT_METHODS:
             acc, values = seed_mean(results, name, bag)
             fwd, _ = patch_compute(results[name]) if name in results else (None, False)
@@ -167,14 +167,14 @@ def target_lines(results: dict, bag: str, patches: int) -> list[str]:
                          f"{'reaches' if ok else 'misses'} the target")
         lines.append(f"  - Cheapest reaching it: {row_label(min(reached)[1])}." if reached else
                      "  - None of the measured split rows reaches this target.")
-    online = [(patch_compute(results[n])[0] or 0.0, n, seed_mean(results, n, bag)[0]) for n in ONLINE_METHODS
+    online = [(patch_compute(results[n])[0] or 0.0, n, *seed_mean(results, n, bag)) for n in ONLINE_METHODS
               if n in results]
-    online = [(fwd, n, acc) for fwd, n, acc in online if acc == acc]
+    online = [(fwd, n, acc, values) for fwd, n, acc, values in online if acc == acc]
     if online:
         lines.append(f"- Online: within {ONLINE_POINTS:g} pts of the i.i.d. one pass, i.e. >= {iid - ONLINE_POINTS:.1f}%.")
-        lines += [f"  - {row_label(n)}: {acc:.1f}% ({_seeds(seed_mean(results, n, bag)[1])}; {acc - iid:+.1f} pts): "
-                  f"{'reaches' if acc >= iid - ONLINE_POINTS else 'misses'} the target" for _, n, acc in online]
-        hits = sorted((fwd, n) for fwd, n, acc in online if acc >= iid - ONLINE_POINTS)
+        lines += [f"  - {row_label(n)}: {acc:.1f}% ({_seeds(values)}; {acc - iid:+.1f} pts): "
+                  f"{'reaches' if acc >= iid - ONLINE_POINTS else 'misses'} the target" for _, n, acc, values in online]
+        hits = sorted((fwd, n) for fwd, n, acc, _ in online if acc >= iid - ONLINE_POINTS)
         lines.append(f"  - Cheapest reaching it: {row_label(hits[0][1])}." if hits else
                      "  - None of the measured online rows reaches this target.")
     return lines
