@@ -15,7 +15,7 @@ cannot eat the machine's window:
   speed    bench/speed.py --device cuda: reference, ours, model_only, ours_lowmem, ours_compiled at widths
            1/4 and 1, peak CUDA memory per case; its targets are reported (fatal only with --strict-targets)
 
-Writes bench/results/gpu_check.json, prints a table (pass/fail per check), exits 1 if any check fails and
+Writes bench/results/gpu_check.json (a dry run: runs/gpu_check/gpu_check_dry.json), prints a table (pass/fail per check), exits 1 if any check fails and
 2 at once when CUDA is not available (unless --dry-run). `--write-data SRC DST` writes the CIFAR-10 subset
 of scripts/fetch_gpu_wheels.sh.
 
@@ -35,6 +35,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -256,25 +257,32 @@ def check_ddp(ctx: Ctx, plain: dict, step: dict) -> dict:
     problems += [f"torchrun vs plain: {p}" for p in bad]
     log = (run_dir / "train.log").read_text(errors="replace") if (run_dir / "train.log").is_file() else ""
     world = re.search(r"world (\d+)", log)
-    note = ("world 1: streaming_ssl.distributed.init_from_env creates no process group for one process, so this "
-            "run checks the torchrun launch path; NCCL, DDP and SyncBatchNorm are exercised by "
-            "tests/test_cuda.py::test_nccl_syncbn_ddp_world1")
+    # logged while the model is built, before train.log opens: on the console
+    wrapped = re.search(r"DDP over (\w+), world \d+, SyncBatchNorm (on|off)", step["output"])
+    want = ("nccl", "on") if ctx.device == "cuda" else ("gloo", "off")  # PyTorch's SyncBatchNorm is CUDA-only
+    if not wrapped or wrapped.groups() != want:
+        problems.append(f"the torchrun run did not train under DDP over {want[0]} with SyncBatchNorm {want[1]} "
+                        f"(its log: {wrapped.group(0) if wrapped else 'no DDP line'})")
+    note = ("world 1: under torchrun streaming_ssl.distributed.init_from_env joins a process group even for one "
+            "process (NCCL on CUDA), so this run takes the DDP wrapper, SyncBatchNorm and the collectives as at scale")
     return {"ok": not problems, "problems": problems, "diffs_vs_plain": diffs,
-            "world": int(world.group(1)) if world else None, "note": note, "step": public(step)}
+            "world": int(world.group(1)) if world else None, "ddp": wrapped.group(0) if wrapped else None,
+            "note": note, "step": public(step)}
 
 
-def launch_cli_runs(ctx: Ctx) -> dict:
-    """The plain run, the run to be stopped, and the torchrun run, side by side (the GPU has room)."""
+def launch_cli_runs(ctx: Ctx, torchrun: bool = True) -> dict:
+    """The plain run, the run to be stopped, and (for `ddp`) the torchrun run, side by side (the GPU has room)."""
     plain_dir, torchrun_dir = ctx.workdir / "plain", ctx.workdir / "torchrun"
+    for run_dir in (plain_dir, torchrun_dir, ctx.workdir / "resumed"):  # a second try on a warm machine starts clean
+        shutil.rmtree(run_dir, ignore_errors=True)
     backend_env = {} if ctx.device == "cuda" else {"GLOO_SOCKET_IFNAME": "lo"} if Path("/sys/class/net/lo").exists() \
         else {}
-    procs = {
-        "plain": start("e2e_plain", [ctx.python, "run_stream.py", *cli_overrides(ctx, plain_dir)], ctx),
-        "torchrun": start("ddp_torchrun", [ctx.python, "-m", "torch.distributed.run", "--nproc_per_node", "1",
-                                           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-                                           "run_stream.py", *cli_overrides(ctx, torchrun_dir), "model.sync_bn=true"],
-                          ctx, **backend_env),
-    }
+    procs = {"plain": start("e2e_plain", [ctx.python, "run_stream.py", *cli_overrides(ctx, plain_dir)], ctx)}
+    if torchrun:
+        procs["torchrun"] = start("ddp_torchrun", [ctx.python, "-m", "torch.distributed.run", "--nproc_per_node", "1",
+                                                   "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+                                                   "run_stream.py", *cli_overrides(ctx, torchrun_dir),
+                                                   "model.sync_bn=true"], ctx, **backend_env)
     stopped = stop_after_first_checkpoint(ctx, ctx.workdir / "resumed", 150)
     steps = {name: finish(p, ctx.timeout(150)) for name, p in procs.items()}
     plain = steps["plain"]
@@ -282,12 +290,13 @@ def launch_cli_runs(ctx: Ctx) -> dict:
     problems += run_outputs(plain_dir, 3)
     return {"plain": {"step": plain, "rows": read_rows(plain_dir), "progress": last_progress(plain["output"]),
                       "problems": problems, "stopped": stopped},
-            "torchrun": steps["torchrun"]}
+            "torchrun": steps.get("torchrun")}
 
 
 # ------------------------------------------------------------------------------------------ (d) speed
 def check_speed(ctx: Ctx, strict: bool) -> dict:
     out = ctx.workdir / "speed.json"
+    out.unlink(missing_ok=True)  # never read an earlier try's figures
     if ctx.dry:  # in-process tiny sizes on the CPU; no compile (minutes on a CPU)
         args = ["--tiny", "--device", "cpu", "--threads", "1", "--only", ",".join(SPEED_CASES[:-1])]
     else:
@@ -336,7 +345,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--only", default="tests,e2e,ddp,speed", help="comma-separated checks to run")
     p.add_argument("--budget", type=float, default=450, help="seconds for all checks together (the machine is "
                    "lent for 15 minutes, start-up included)")
-    p.add_argument("--out", default=str(RESULT), help="JSON result path")
+    p.add_argument("--out", default=None, help="JSON result path (default: bench/results/gpu_check.json on CUDA; "
+                   "WORKDIR/gpu_check_dry.json in --dry-run, so a dry run never overwrites the GPU's result)")
     p.add_argument("--workdir", default=None, help="run directories and logs (default: runs/gpu_check)")
     p.add_argument("--data", default=None, help="folder of cifar10.npz (default: $STREAMING_SSL_DATA, .gpu/data)")
     p.add_argument("--strict-targets", action="store_true", help="a missed speed/memory target fails the check")
@@ -378,7 +388,7 @@ def run_checks(ctx: Ctx, only: list[str], strict: bool) -> dict:
     if "tests" in only:
         results["tests"] = check_tests(ctx)
     if "e2e" in only or "ddp" in only:
-        runs = launch_cli_runs(ctx)
+        runs = launch_cli_runs(ctx, torchrun="ddp" in only)
         if "e2e" in only:
             results["e2e"] = check_e2e(ctx, runs["plain"])
         if "ddp" in only:
@@ -441,7 +451,7 @@ def main(argv=None) -> int:
     report = {"mode": "dry-run (cpu, tiny)" if args.dry_run else "cuda", "tolerances": TOL,
               "seconds": round(time.monotonic() - t0, 1), "budget_seconds": args.budget, "env": environment(),
               "checks": results, "ok": all(r["ok"] for r in results.values())}
-    out = Path(args.out)
+    out = Path(args.out) if args.out else RESULT if not args.dry_run else workdir / "gpu_check_dry.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2, default=str))
     print_table(results)

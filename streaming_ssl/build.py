@@ -118,11 +118,14 @@ def wrap_for_training(cfg: Config, model: torch.nn.Module, device: torch.device)
     if not ddp.is_dist():
         return model
     train_model = model
-    if cfg.model.sync_bn and device.type == "cuda":
+    sync = cfg.model.sync_bn and device.type == "cuda"
+    if sync:
         train_model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     elif cfg.model.sync_bn:
         log.warning("SyncBatchNorm needs CUDA in PyTorch; on CPU (gloo) each rank normalises with its own "
                     "batch statistics (the objective still sees the global batch)")
+    log.info("DDP over %s, world %d, SyncBatchNorm %s", torch.distributed.get_backend(), ddp.world_size(),
+             "on" if sync else "off")
     return torch.nn.parallel.DistributedDataParallel(
         train_model, device_ids=[device.index] if device.type == "cuda" else None)
 

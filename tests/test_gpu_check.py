@@ -97,7 +97,16 @@ def test_dry_run_passes_every_check(tmp_path):
     assert e2e["rows_when_stopped"] < 3 and e2e["steps"]["resume"]["rc"] == 0
     assert set(e2e["diffs_vs_plain"]) >= {"loss_rel", "tcr_rel", "inv_abs"}
     assert checks["ddp"]["world"] == 1 and checks["ddp"]["diffs_vs_plain"]
+    assert checks["ddp"]["ddp"] == "DDP over gloo, world 1, SyncBatchNorm off"  # torchrun at world 1 still wraps
     assert {t["name"] for t in checks["speed"]["targets"]} >= {"ours_over_reference_patches_per_s",
                                                                "ours_over_model_only"}
     for name in ("tests", "e2e", "ddp", "speed"):
         assert f"\n{name:<8} pass" in proc.stdout
+
+    # a second try in the same folders (a warm GPU machine keeps runs/) starts clean instead of meeting the first
+    # try's run directories
+    proc = subprocess.run([sys.executable, str(CHECK), "--dry-run", "--only", "e2e", "--workdir", str(tmp_path / "work")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "STREAMING_SSL_DATA": DATA})
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert json.loads((tmp_path / "work" / "gpu_check_dry.json").read_text())["checks"]["e2e"]["ok"]

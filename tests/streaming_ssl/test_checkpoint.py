@@ -139,7 +139,8 @@ def test_test_hooks_let_a_killer_sigkill_inside_a_checkpoint_write(tmp_path: Pat
     marker = tmp_path.parent / f"{tmp_path.name}.marker"
     code = ("import sys, torch; from streaming_ssl import checkpoint as c; "
             "c.save_rotating({'format': 1, 'model': {'w': torch.ones(3)}}, sys.argv[1], 6, keep_last=5)")
-    env = {**os.environ, "PYTHONPATH": str(REPO), ckpt.PAUSE_ENV: "60", ckpt.PAUSE_MARKER_ENV: str(marker)}
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "PYTHONPATH": path, ckpt.PAUSE_ENV: "60", ckpt.PAUSE_MARKER_ENV: str(marker)}
     proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], env=env)
     try:
         deadline = time.time() + 60
