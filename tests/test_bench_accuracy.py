@@ -96,7 +96,7 @@ def test_targets_name_the_cheapest_split_row_that_halves_the_gap_within_twice_th
     assert "reaches" in verdict["Split CIFAR-10 + replay (reservoir 500, 100/update)"]
     assert "2.00x" in verdict["Split CIFAR-10 + replay (reservoir 500, 100/update)"]
     assert "62% of the gap" in verdict["Split CIFAR-10 + replay (reservoir 500, 100/update)"]
-    assert "misses" in verdict["Split CIFAR-10 + CaSSLe distillation"]
+    assert "misses" in verdict["Split CIFAR-10 + CaSSLe distillation (weight 200)"]
     assert "misses" in verdict["Split CIFAR-10 + replay + distillation"] and "2.60x" in verdict[
         "Split CIFAR-10 + replay + distillation"]
     assert "  - Cheapest reaching it: Split CIFAR-10 + LUMP mixup (buffer 500)." in lines
