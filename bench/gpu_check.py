@@ -15,8 +15,9 @@ cannot eat the machine's window:
   speed    bench/speed.py --device cuda: reference, ours, model_only, ours_lowmem, ours_compiled at widths
            1/4 and 1, peak CUDA memory per case; its targets are reported (fatal only with --strict-targets)
 
-Writes bench/results/gpu_check.json (a dry run: runs/gpu_check/gpu_check_dry.json), prints a table (pass/fail per check), exits 1 if any check fails and
-2 at once when CUDA is not available (unless --dry-run). `--write-data SRC DST` writes the CIFAR-10 subset
+Writes bench/results/gpu_check.json (a dry run: runs/gpu_check/gpu_check_dry.json), prints a table (pass/fail
+per check), exits 1 if any check fails and 2 at once when CUDA is not available (unless --dry-run). A second
+try in the same checkout starts from clean run directories. `--write-data SRC DST` writes the CIFAR-10 subset
 of scripts/fetch_gpu_wheels.sh.
 
 Tolerances (plain run vs resumed run, and vs torchrun): the runs share seeds, data order and augmentation

@@ -105,8 +105,8 @@ def test_dry_run_passes_every_check(tmp_path):
 
     # a second try in the same folders (a warm GPU machine keeps runs/) starts clean instead of meeting the first
     # try's run directories
-    proc = subprocess.run([sys.executable, str(CHECK), "--dry-run", "--only", "e2e", "--workdir", str(tmp_path / "work")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600,
+    proc = subprocess.run([sys.executable, str(CHECK), "--dry-run", "--only", "e2e", "--workdir",
+                           str(tmp_path / "work")], cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "STREAMING_SSL_DATA": DATA})
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert json.loads((tmp_path / "work" / "gpu_check_dry.json").read_text())["checks"]["e2e"]["ok"]
