@@ -334,8 +334,10 @@ def _plot_compute(results: dict, path: Path, bag: str, patches: int) -> None:
             while any(abs(px - x) < 0.15 and abs(py - text_y) < step for px, py in placed):
                 text_y -= step  # names of nearby points stacked downwards, never on top of each other
             placed.append((x, text_y))
+            moved = text_y != y  # a displaced name gets a leader line to its own point
             ax.annotate(name.removeprefix("split_cifar10_").replace("split_cifar10", "split (plain)"), (x, y),
-                        xytext=(x + 0.03, text_y), textcoords="data", fontsize=7, va="center")
+                        xytext=(x + (0.08 if moved else 0.03), text_y), textcoords="data", fontsize=7, va="center",
+                        arrowprops=dict(arrowstyle="-", lw=0.5, color="gray", shrinkA=0, shrinkB=3) if moved else None)
         for ref, style, what in (("offline_1epoch", "--", "i.i.d. one pass"), ("split_cifar10", ":", "plain split"),
                                  ("random_init", "-.", "random init")):
             if ref in results and (results[ref].get(key) or {}):
