@@ -1,11 +1,13 @@
 """Shared fixtures: tiny copies of the official on-disk layouts of Tiny ImageNet and ImageNet-100.
 
 Both trees are written once per test session into a temporary folder (a few images per class, small
-sizes) and are meant to be read through `scenarios.datasets.load_dataset` / `data.root`.
+sizes) and are meant to be read through `scenarios.datasets.load_dataset` / `data.root`. Also
+`child_env`, the environment of a Python subprocess that imports this checkout (`from tests.conftest import ...`).
 """
 
 from __future__ import annotations
 
+import os
 import pathlib
 
 import pytest
@@ -18,6 +20,15 @@ TINY_VAL_PER_CLASS = 2
 
 IMAGENET_TRAIN_PER_CLASS = 3
 IMAGENET_VAL_PER_CLASS = 1
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def child_env(**extra: str) -> dict:
+    """os.environ for a Python subprocess of the tests: this checkout first on PYTHONPATH, what was there kept (on
+    the GPU machine, .gpu/site with the carried avalanche wheels), then `extra`."""
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path, **extra}
 
 
 def class_image(cls: int, k: int, h: int, w: int, seed: int) -> torch.Tensor:

@@ -38,6 +38,7 @@ import torch
 from streaming_ssl import checkpoint as ckpt
 from streaming_ssl.atomic import list_temp_files
 from streaming_ssl.runlock import holder
+from tests.conftest import child_env
 
 DATA = os.environ.get("STREAMING_SSL_DATA")
 pytestmark = pytest.mark.skipif(not DATA or not (Path(DATA) / "cifar10.npz").is_file(),
@@ -92,8 +93,7 @@ class Zygote:
     """The forking helper process; every reply is awaited with a timeout."""
 
     def __init__(self) -> None:
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
-        self.proc = subprocess.Popen([sys.executable, "-c", ZYGOTE], cwd=REPO, env=env, text=True,
+        self.proc = subprocess.Popen([sys.executable, "-c", ZYGOTE], cwd=REPO, env=child_env(), text=True,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         self.replies: queue.Queue = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()

@@ -16,8 +16,7 @@ import torch
 from streaming_ssl import checkpoint as ckpt
 from streaming_ssl.atomic import (TEMP_GLOB, atomic_write, atomic_write_bytes, atomic_write_text, is_temp_name,
                                   list_temp_files, temp_path)
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.conftest import child_env
 
 
 def _state(step: int) -> dict:
@@ -139,8 +138,7 @@ def test_test_hooks_let_a_killer_sigkill_inside_a_checkpoint_write(tmp_path: Pat
     marker = tmp_path.parent / f"{tmp_path.name}.marker"
     code = ("import sys, torch; from streaming_ssl import checkpoint as c; "
             "c.save_rotating({'format': 1, 'model': {'w': torch.ones(3)}}, sys.argv[1], 6, keep_last=5)")
-    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
-    env = {**os.environ, "PYTHONPATH": path, ckpt.PAUSE_ENV: "60", ckpt.PAUSE_MARKER_ENV: str(marker)}
+    env = child_env(**{ckpt.PAUSE_ENV: "60", ckpt.PAUSE_MARKER_ENV: str(marker)})
     proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], env=env)
     try:
         deadline = time.time() + 60

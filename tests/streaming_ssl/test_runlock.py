@@ -14,8 +14,8 @@ import pytest
 
 from streaming_ssl.atomic import temp_path
 from streaming_ssl.runlock import LOCK_NAME, RunLock, RunLocked, holder, run_files
+from tests.conftest import child_env
 
-REPO = Path(__file__).resolve().parents[2]
 HOLD = """
 import sys, time
 from streaming_ssl.runlock import RunLock
@@ -26,8 +26,8 @@ time.sleep(120)
 
 
 def _start_holder(run_dir: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
-    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(run_dir)], stdout=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(run_dir)], stdout=subprocess.PIPE, text=True,
+                            env=child_env())
     line = proc.stdout.readline()
     if line.strip() != "locked":
         proc.kill()
