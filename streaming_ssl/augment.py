@@ -30,7 +30,11 @@ Implementation notes
   only on the patches that apply it at that step.
 * Grey levels use ITU-R 601-2 luma (0.299, 0.587, 0.114); torchvision's tensor code uses 0.2989 for
   red, a difference below 1e-4 per pixel.
-* All index sets for the masked ops are obtained with one host synchronisation per call.
+* Two ways to apply the ops that act on a random subset of patches (hue, gray, blur, solarize), with
+  the same result. On the CPU (compute-bound) each op runs on its selected patches only; their index
+  sets cost one host synchronisation per call. On an accelerator (CUDA) each op runs on every patch and
+  a mask selects its result (``torch.where``): a few more memory-bound passes, but no host
+  synchronisation, so the host can queue the next update while the device works (``sync_free``).
 """
 
 from __future__ import annotations
@@ -44,6 +48,8 @@ from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
+
+from streaming_ssl.device import no_autocast
 
 logger = logging.getLogger(__name__)
 
@@ -218,7 +224,7 @@ def solarize(x: torch.Tensor) -> torch.Tensor:
 @contextlib.contextmanager
 def _plain_float32(images: torch.Tensor) -> Iterator[None]:
     """No autograd and no autocast (the pipeline works in float32 even inside an autocast region)."""
-    with torch.no_grad(), torch.autocast(device_type=images.device.type, enabled=False):
+    with torch.no_grad(), no_autocast(images.device.type):
         yield
 
 
@@ -270,6 +276,8 @@ class MultiPatchAugment(torch.nn.Module):
         solarize_p: probability of solarizing.
         mean: per-channel mean for the final normalisation.
         std: per-channel std for the final normalisation.
+        sync_free: apply the subset ops by masking instead of indexing, with no host synchronisation
+            (same result). ``None`` (default): on every device but the CPU.
 
     ``mean`` and ``std`` are non-persistent buffers (shape (1, 3, 1, 1)): they follow ``.to(device)``
     and stay out of ``state_dict``. Move the module to the images' device to avoid a copy per call.
@@ -294,6 +302,7 @@ class MultiPatchAugment(torch.nn.Module):
         solarize_p: float = 0.1,
         mean: tuple[float, float, float] = (0.4914, 0.4822, 0.4465),
         std: tuple[float, float, float] = (0.2470, 0.2435, 0.2616),
+        sync_free: bool | None = None,
     ) -> None:
         super().__init__()
         self.n_patches = self._check_n_patches(n_patches)
@@ -321,6 +330,9 @@ class MultiPatchAugment(torch.nn.Module):
             raise ValueError(f"mean must have 3 entries, got {mean!r}")
         if len(std) != 3 or any(not float(s) > 0 for s in std):
             raise ValueError(f"std must have 3 positive entries, got {std!r}")
+        if sync_free not in (None, True, False):
+            raise ValueError(f"sync_free must be None, True or False, got {sync_free!r}")
+        self.sync_free = sync_free
         self.blur_kernel_size = gaussian_kernel_size(out_size)
         self.register_buffer("mean", torch.tensor([float(m) for m in mean]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor([float(s) for s in std]).view(1, 3, 1, 1), persistent=False)
@@ -419,7 +431,7 @@ class MultiPatchAugment(torch.nn.Module):
             f"n_patches={self.n_patches}, out_size={self.out_size}, crop_area={self.crop_area}, "
             f"crop_ratio={self.crop_ratio}, flip_p={self.flip_p}, jitter={self.jitter}, jitter_p={self.jitter_p}, "
             f"gray_p={self.gray_p}, blur_p={self.blur_p}, blur_sigma={self.blur_sigma}, "
-            f"blur_kernel_size={self.blur_kernel_size}, solarize_p={self.solarize_p}"
+            f"blur_kernel_size={self.blur_kernel_size}, solarize_p={self.solarize_p}, sync_free={self.sync_free}"
         )
 
     # ---------------------------------------------------------------------------------------------
@@ -524,6 +536,10 @@ class MultiPatchAugment(torch.nn.Module):
 
     def _apply_photometric(self, out: torch.Tensor, params: dict[str, torch.Tensor]) -> None:
         """Colour jitter, grayscale, blur and solarize, IN PLACE on ``out`` (N, 3, S, S)."""
+        sync_free = self.sync_free if self.sync_free is not None else out.device.type != "cpu"
+        if sync_free:
+            self._apply_photometric_masked(out, params)
+            return
         num = out.shape[0]
         jit_on = params["jitter"]
         order = params["jitter_order"]
@@ -572,3 +588,32 @@ class MultiPatchAugment(torch.nn.Module):
         if sol_idx is not None:
             sol = out.index_select(0, sol_idx)
             out.index_copy_(0, sol_idx, torch.minimum(sol, 1.0 - sol, out=sol))
+
+    def _apply_photometric_masked(self, out: torch.Tensor, params: dict[str, torch.Tensor]) -> None:
+        """:meth:`_apply_photometric` without a host synchronisation: every op on every patch, its result kept
+        where the patch's mask selects it (the same values as the indexed path)."""
+        num = out.shape[0]
+        jit_on = params["jitter"]
+        order = params["jitter_order"]
+        if any(s > 0 for s in self.jitter) and self.jitter_p > 0:
+            factors = torch.stack((params["brightness"], params["contrast"], params["saturation"]), dim=1)
+            no_op = torch.full_like(order[:, 0], _HUE)
+            workspace = out.new_empty(num, 1, out.shape[-2], out.shape[-1])
+            hue_on = self.jitter[_HUE] > 0
+            for k in range(4):
+                op = torch.where(jit_on, order[:, k], no_op)  # patches not jittered: identity
+                factor = factors.gather(1, op.clamp(max=_SATURATION).unsqueeze(1)).squeeze(1)
+                blend_jitter(out, op, factor, workspace)
+                if hue_on:
+                    _where_(jit_on & (order[:, k] == _HUE), adjust_hue(out, params["hue"]), out)
+        if self.gray_p > 0:
+            _where_(params["gray"], rgb_to_gray(out).expand(-1, 3, -1, -1), out)
+        if self.blur_p > 0:
+            _where_(params["blur"], gaussian_blur(out, params["sigma"], self.blur_kernel_size).clamp_(0.0, 1.0), out)
+        if self.solarize_p > 0:
+            _where_(params["solarize"], solarize(out), out)
+
+
+def _where_(mask: torch.Tensor, new: torch.Tensor, out: torch.Tensor) -> None:
+    """out[j] = new[j] where mask[j] (per patch), IN PLACE, without a host synchronisation."""
+    torch.where(mask.view(-1, 1, 1, 1), new, out, out=out)

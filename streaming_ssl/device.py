@@ -45,3 +45,20 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def no_autocast(device_type: str):
+    """Autocast switched off on `device_type` (float32 inside an autocast region); a null context on a device
+    without autocast (such as meta, on which tests trace the training step)."""
+    if not torch.amp.is_autocast_available(device_type):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, enabled=False)
+
+
+def host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor (say, indices drawn by a CPU generator) on `device`, without the host waiting for the device:
+    on CUDA it is copied from pinned memory with non_blocking (a pageable copy synchronises the stream);
+    elsewhere a plain .to(device)."""
+    if device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)

@@ -20,11 +20,9 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from streaming_ssl.device import no_autocast
+
 Gather = Callable[[torch.Tensor], torch.Tensor]
-
-
-def _no_autocast(device_type: str):
-    return torch.autocast(device_type=device_type, enabled=False)
 
 
 def coding_rate(z: torch.Tensor, eps2: float = 0.2) -> torch.Tensor:
@@ -43,7 +41,7 @@ def coding_rate(z: torch.Tensor, eps2: float = 0.2) -> torch.Tensor:
     if z.dim() != 3:
         raise ValueError(f"coding_rate expects (B, d) or (n, B, d) embeddings, got shape {tuple(z.shape)}")
     _, batch, dim = z.shape
-    with _no_autocast(z.device.type):
+    with no_autocast(z.device.type):
         z = z.float()
         scale = dim / (batch * eps2)
         if batch < dim:
@@ -69,7 +67,7 @@ def invariance(z: torch.Tensor) -> torch.Tensor:
     Returns:
         (n,) float32: for each block i, 1/B sum_b cos(z[i, b], zbar[b]).
     """
-    with _no_autocast(z.device.type):
+    with no_autocast(z.device.type):
         z = z.float()
         zbar = z.mean(dim=0, keepdim=True)
         return F.cosine_similarity(z, zbar.expand_as(z), dim=-1).mean(dim=1)

@@ -474,6 +474,7 @@ def test_eval_patches() -> None:
         (dict(blur_sigma=(2.0, 1.0)), "blur_sigma"),
         (dict(mean=(0.5, 0.5)), "mean"),
         (dict(std=(0.5, 0.0, 0.5)), "std"),
+        (dict(sync_free="yes"), "sync_free"),
     ],
 )
 def test_invalid_arguments(kwargs: dict, name: str) -> None:
@@ -513,6 +514,44 @@ def test_cuda_runs_and_is_deterministic() -> None:
     raw = a * aug.std + aug.mean
     assert raw.min() >= -1e-5 and raw.max() <= 1 + 1e-5
     assert aug.whole_image(imgs).device.type == "cuda"
+
+
+# --------------------------------------------------------------------------------------------------
+# the two ways of applying the subset ops: indexed (CPU) and masked (no host synchronisation)
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(blur_p=0.5, solarize_p=0.5),  # every op on about half the patches
+        dict(jitter=(0.4, 0.4, 0.4, 0.0), gray_p=0.0, blur_p=1.0),  # no hue, no gray, blur everywhere
+        dict(jitter_p=1.0, gray_p=1.0, solarize_p=1.0, blur_p=0.0),
+        dict(jitter=(0.0, 0.0, 0.0, 0.0), blur_p=0.3),  # no jitter at all
+    ],
+)
+def test_sync_free_path_equals_indexed_path(kwargs: dict) -> None:
+    """The masked path (every op on every patch, kept where selected) gives the indexed path's patches."""
+    imgs = rand_u8(12, 40, seed=5)
+    indexed = MultiPatchAugment(6, 32, sync_free=False, **kwargs)
+    masked = MultiPatchAugment(6, 32, sync_free=True, **kwargs)
+    ref, params = indexed(imgs, gen(3), return_params=True)
+    out = masked(imgs, gen(3))
+    assert bool(params["jitter"].any()) == (kwargs.get("jitter", (1,)) != (0.0, 0.0, 0.0, 0.0))
+    torch.testing.assert_close(out, ref, rtol=0.0, atol=1e-5)
+    assert not torch.equal(ref, MultiPatchAugment(6, 32, sync_free=True, **OFF)(imgs, gen(3)))  # the ops acted
+
+
+def test_sync_free_reads_nothing_back_on_the_host() -> None:
+    """On the meta device (shapes only, no values) any op whose result depends on values read back on the host
+    fails. The masked path, the default off the CPU, runs there; the indexed path (its counts) does not, which
+    shows that the check can fail."""
+    imgs = torch.empty(4, 3, 40, 40, dtype=torch.uint8, device="meta")
+    aug = MultiPatchAugment(5, 32, blur_p=0.5, solarize_p=0.5).to("meta")
+    out = aug(imgs)
+    assert out.device.type == "meta" and out.shape == (20, 3, 32, 32)
+    with pytest.raises((NotImplementedError, RuntimeError)):
+        MultiPatchAugment(5, 32, sync_free=False)(imgs)
 
 
 def test_autocast_region_keeps_float32() -> None:

@@ -71,3 +71,27 @@ def test_a_replay_plugin_composes() -> None:
     assert {0, 1} & set(second), "no replayed sample of the first experience reached the second"
     assert {2, 3} <= set(second)
     assert all(torch.isfinite(p).all() for p in strategy.model.parameters())
+
+
+def test_the_update_reads_nothing_back_on_the_host() -> None:
+    """The update's maths (augmentation as on a GPU, the encoder, the objective, LARS) runs on the meta device,
+    which has shapes but no values: none of it reads a value back on the host, so on CUDA the host never waits for
+    the device inside an update (tests/test_cuda.py checks the whole strategy there with sync debug mode)."""
+    from streaming_ssl.objective import emp_ssl_loss
+
+    meta = torch.device("meta")
+    model = EMPSSLModel(width=0.125, feature_dim=32, proj_hidden_dim=32, proj_dim=16).to(meta)
+    model = model.to(memory_format=torch.channels_last)
+    opt = LARS(param_groups(model, 1e-4), lr=0.3)
+    augment = MultiPatchAugment(4, 16, blur_p=0.5, solarize_p=0.5).to(meta)
+    for _ in range(2):  # the second step has momentum buffers
+        patches = augment(torch.empty(6, 3, 20, 20, dtype=torch.uint8, device=meta))
+        _, z = model(patches.contiguous(memory_format=torch.channels_last))
+        loss, stats = emp_ssl_loss(z, 4)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    assert loss.device == meta and all(p.grad is not None for p in model.parameters())
+    assert all("momentum_buffer" in opt.state[p] for p in model.parameters())
+    with pytest.raises((NotImplementedError, RuntimeError)):  # a value read back is refused there
+        float(loss)
