@@ -50,18 +50,25 @@ def barrier() -> None:
         dist.barrier()
 
 
-def gather_patch_blocks(blocks: torch.Tensor) -> torch.Tensor:
+def gather_patch_blocks(blocks: torch.Tensor, sizes: list[int] | None = None) -> torch.Tensor:
     """Differentiable all-gather of (n, B_r, d) blocks along the batch dim -> (n, sum_r B_r, d), rank order.
 
     Ranks may hold different B_r (the last batch of an experience): blocks are padded to the largest
     share, gathered, and trimmed. The backward pass sums the gradients of every rank into the local
     slice, so with DDP's gradient averaging N ranks of B/N images give the gradients of one rank of B.
+
+    `sizes` (every rank's B_r, the same list on every rank) spares the exchange of the shares' sizes; without
+    it they are gathered, which reads them back on the host: one synchronisation with the device per call.
     """
     if not is_dist():
         return blocks
     from torch.distributed.nn.functional import all_gather
 
-    sizes = all_gather_cat(torch.tensor([blocks.shape[1]], device=blocks.device)).tolist()
+    if sizes is None:
+        sizes = all_gather_cat(torch.tensor([blocks.shape[1]], device=blocks.device)).tolist()
+    elif len(sizes) != world_size() or sizes[rank()] != blocks.shape[1]:
+        raise ValueError(f"rank {rank()} holds {blocks.shape[1]} images, but the sizes given for the world of "
+                         f"{world_size()} are {sizes}")
     largest = max(sizes)
     if blocks.shape[1] < largest:
         pad = blocks.new_zeros(blocks.shape[0], largest - blocks.shape[1], blocks.shape[2])
@@ -114,6 +121,13 @@ def broadcast_object(obj):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def share_sizes(parts: list[int], world: int | None = None) -> list[int]:
+    """Every rank's number of rows of a batch made of `parts` (global sizes, in order), each part split across
+    the ranks with shard_bounds: what each rank holds, known on every rank without communication."""
+    w = world_size() if world is None else world
+    return [sum(hi - lo for lo, hi in (shard_bounds(n, r, w) for n in parts)) for r in range(w)]
 
 
 def shard_bounds(n: int, rank_: int | None = None, world: int | None = None) -> tuple[int, int]:

@@ -14,7 +14,10 @@ instead, and on CUDA that tensor lives on the GPU as uint8.
 What plugins may use (the contract the cl/ plugins rely on):
     before_forward: `strategy.mb_x` holds this rank's stream images of the update (uint8 or float in
         [0, 1], on the device); a plugin may replace `strategy.mbatch[0]` (e.g. append buffer images) and
-        must then add the global number of appended images to `strategy.mb_added`.
+        must then add the global number of appended images to `strategy.mb_added`. A plugin that splits its
+        appended images across DDP ranks with distributed.shard_bounds also appends that number to
+        `strategy.mb_segments`: every rank then knows every rank's share of the update without asking
+        (no host synchronisation in the objective's all-gather).
     after_forward / before_backward: `strategy.mb_patches` (the augmented patches, patch-major) and
         `strategy.mb_output` (z); a plugin may add a term to `strategy.loss` and its values to
         `strategy.last_stats`.
@@ -24,6 +27,7 @@ What plugins may use (the contract the cl/ plugins rely on):
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -198,6 +202,7 @@ class EMPSSLStrategy(SupervisedTemplate):
         self.last_stats: dict[str, torch.Tensor] = {}
         self.mb_patches: torch.Tensor | None = None
         self.mb_added = 0  # global images plugins appended to this update's batch
+        self.mb_segments: list[int] = []  # the parts of mb_added split across ranks with shard_bounds, in order
         self._nonfinite: torch.Tensor | None = None  # CUDA: non-finite losses since the last check
         self._resident: tuple[int, torch.Tensor, torch.Tensor] | None = None
         self._resume_epoch = 0
@@ -248,7 +253,7 @@ class EMPSSLStrategy(SupervisedTemplate):
 
     # ------------------------------------------------------------------------------------ step
     def _before_forward(self, **kwargs) -> None:
-        self.mb_added = 0
+        self.mb_added, self.mb_segments = 0, []
         super()._before_forward(**kwargs)
 
     def forward(self) -> torch.Tensor:
@@ -262,8 +267,18 @@ class EMPSSLStrategy(SupervisedTemplate):
 
     def criterion(self) -> torch.Tensor:
         loss, self.last_stats = emp_ssl_loss(self.mb_output, self.n_patches, eps2=self.eps2, lam=self.lam,
-                                             gather=ddp.gather_patch_blocks)
+                                             gather=functools.partial(ddp.gather_patch_blocks,
+                                                                      sizes=self.rank_shares()))
         return loss
+
+    def rank_shares(self) -> list[int] | None:
+        """Every rank's images in this update (under DDP), from the global sizes of its parts: the loader's stream
+        batch and each part a plugin appended and registered in `mb_segments`. None when a plugin appended images
+        without registering them (the all-gather then exchanges the sizes)."""
+        stream = getattr(self.dataloader, "last_global_size", 0)
+        if not ddp.is_dist() or not stream or sum(self.mb_segments) != self.mb_added:
+            return None
+        return ddp.share_sizes([stream, *self.mb_segments])
 
     def backward(self) -> None:
         if self.device.type == "cuda":  # no host sync per update: accumulate, check every finite_check_every

@@ -152,9 +152,11 @@ def _train(case: str) -> dict:
         def __init__(self) -> None:
             super().__init__()
             self.images: list[torch.Tensor] = []
+            self.shares: list[tuple[list[int] | None, int]] = []
 
         def after_forward(self, strategy, **kwargs) -> None:
             self.images.append(strategy.mb_x[len(replay.stream_images):].clone())
+            self.shares.append((strategy.rank_shares(), len(strategy.mb_x)))  # (every rank's, this rank's)
 
     appended = Appended()
     groups = param_groups(model, 1e-4) + [g for p in plugins for m in getattr(p, "trainable_modules", [])
@@ -170,7 +172,7 @@ def _train(case: str) -> dict:
                               channels_last=False, plugins=[*plugins, appended])
     strategy.train(list(stream), eval_streams=[])
     out = {"initial": initial, "model": model.state_dict(), "buffer": replay.buffer.contents().clone(),
-           "appended": appended.images, "counters": strategy.counters.state_dict()}
+           "appended": appended.images, "counters": strategy.counters.state_dict(), "shares": appended.shares}
     if case == "all":
         out["predictor"] = {k: v.detach().clone() for k, v in plugins[2].predictor.named_parameters()}
     return out
@@ -237,6 +239,12 @@ def test_ddp_replay_equals_one_process_on_the_global_batch(ddp_runs, case: str) 
     for u, want in enumerate(one["appended"]):
         assert torch.equal(torch.cat([ranks[r]["appended"][u] for r in range(WORLD)]), want), f"update {u}"
         assert [len(ranks[r]["appended"][u]) for r in range(WORLD)] in ([0, 0], [2, 1])
+    # every rank knew every rank's share of each update without asking (the all-gather's sizes: no host sync)
+    for r in range(WORLD):
+        for u, (shares, mine) in enumerate(ranks[r]["shares"]):
+            held = [ranks[q]["shares"][u][1] for q in range(WORLD)]  # what each rank really held
+            assert shares == held and shares[r] == mine, f"rank {r}, update {u}: {shares} vs {held}"
+    assert all(shares is None for shares, _ in one["shares"])  # one process: nothing to gather
     for name, w in one["model"].items():  # and the training itself is that of one process
         torch.testing.assert_close(ranks[0]["model"][name], w, rtol=1e-4, atol=1e-6)
         assert torch.equal(ranks[0]["model"][name], ranks[1]["model"][name])

@@ -19,12 +19,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from avalanche.core import SupervisedPlugin
+
+from scenarios.datasets import ImageData
+from scenarios.streams import build_stream
 from streaming_ssl import distributed as ddp
 from streaming_ssl.augment import MultiPatchAugment
+from streaming_ssl.cl import MixupPlugin, ReplayBufferPlugin
 from streaming_ssl.device import autocast
+from streaming_ssl.lars import LARS, param_groups
 from streaming_ssl.models import EMPSSLModel
 from streaming_ssl.objective import emp_ssl_loss
 from streaming_ssl.probe import extract_features, linear_probe_accuracy
+from streaming_ssl.strategy import EMPSSLStrategy, NonFiniteLossError
 
 DEVICE = os.environ.get("STREAMING_SSL_TEST_DEVICE", "cuda")
 pytestmark = [pytest.mark.cuda,
@@ -152,6 +159,68 @@ def test_features_and_probe_on_device_match_cpu(dev):
     acc_dev, pred_dev = linear_probe_accuracy(dev32[0], train_y, dev32[2], test_y, 4, epochs=5)
     assert float((pred_cpu == pred_dev).float().mean()) >= 0.98
     assert abs(acc_cpu - acc_dev) <= 0.02
+
+
+class _NoSyncWindow(SupervisedPlugin):
+    """Arms torch.cuda.set_sync_debug_mode('error') from the start of every update after the first (its batch
+    already fetched: the loader copies an epoch's order once, before the updates) to the end of the update, so
+    that any host synchronisation inside an update raises. On the CPU (the dry run) it only counts the updates
+    it would have watched: there is no device to wait for."""
+
+    def __init__(self, device: torch.device) -> None:
+        super().__init__()
+        self.cuda, self.armed, self.watched = device.type == "cuda", False, 0
+
+    def before_training_iteration(self, strategy, **kwargs):
+        if strategy.global_step >= 1:  # the first update is the warm-up (cudnn.benchmark, cached constants)
+            self.armed = True
+            if self.cuda:
+                torch.cuda.set_sync_debug_mode("error")
+
+    def after_training_iteration(self, strategy, **kwargs):
+        if self.armed:
+            if self.cuda:
+                torch.cuda.set_sync_debug_mode("default")
+            self.armed, self.watched = False, self.watched + 1
+
+
+@pytest.mark.parametrize("methods", ["plain", "replay+mixup"])
+def test_training_updates_never_wait_for_the_device(dev, methods: str):
+    """No host synchronisation inside an update of EMPSSLStrategy on CUDA (bf16 autocast, data resident on the
+    device, masked augmentation, Gram/Cholesky objective, LARS, cosine schedule, the non-finite check armed;
+    with reservoir replay and LUMP mixup, whose indices drawn on the host go over from pinned memory): the
+    host queues the next update while the device still runs this one. Every update after the first is
+    watched (5 of 6). The finiteness check is the one allowed sync, every finite_check_every updates (here
+    beyond the run); afterwards it still raises on what backward flagged."""
+    torch.backends.cudnn.benchmark = dev.type == "cuda"
+    gen = torch.Generator().manual_seed(0)
+    targets = torch.arange(4).repeat_interleave(24)
+    data = ImageData(torch.randint(0, 256, (len(targets), 3, 32, 32), dtype=torch.uint8, generator=gen), targets)
+    stream = build_stream(data, 4, mode="class_incremental", experience_classes=[[0, 1], [2, 3]])
+    torch.manual_seed(0)
+    model = EMPSSLModel(**MODEL_KW).to(dev).to(memory_format=torch.channels_last)
+    window = _NoSyncWindow(dev)
+    plugins: list = []
+    if methods == "replay+mixup":
+        replay = ReplayBufferPlugin(size=20, batch=8, seed=0, device=dev)
+        plugins = [MixupPlugin(replay, alpha=0.4, seed=0), replay]
+    strategy = EMPSSLStrategy(model=model, optimizer=LARS(param_groups(model, 1e-4), lr=0.3),
+                              augment=MultiPatchAugment(4, 32), batch_size=16, total_updates=stream.n_updates(16),
+                              device=dev, amp_dtype=torch.bfloat16 if dev.type == "cuda" else None,
+                              finite_check_every=1000, plugins=[*plugins, window])
+    try:
+        strategy.train(list(stream), eval_streams=[])
+    finally:
+        if dev.type == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
+        torch.backends.cudnn.benchmark = False
+    assert strategy.global_step == 6 and window.watched == 5
+    if plugins:  # the methods acted: 5 updates replayed 8 buffer images each, and mixed their stream images
+        assert strategy.counters.buffer_images == 5 * 8 + 5 * 16 and len(plugins[1].buffer) == 20
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    strategy._nonfinite = torch.tensor(True, device=dev)  # what backward accumulates after a NaN loss
+    with pytest.raises(NonFiniteLossError):
+        strategy.check_finite()
 
 
 def _free_port() -> int:

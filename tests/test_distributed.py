@@ -13,6 +13,7 @@ Every process uses 1 thread; the launches run concurrently, so the file takes ab
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -112,6 +113,16 @@ def _rank_main(workdir: Path) -> None:
             loss.backward()
             out["grad"][name] = {"share": (lo, hi), "loss": loss.detach(),
                                  "grads": {k: p.grad.detach().clone() for k, p in model.named_parameters()}}
+            # the same with every rank's share given (no exchange of the sizes), as EMPSSLStrategy does
+            sizes = ddp.share_sizes([patches.shape[0] // N_PATCHES])
+            with torch.no_grad():
+                _, z = net(local_share(patches, N_PATCHES, lo, hi))
+                known, _ = emp_ssl_loss(z, N_PATCHES, gather=functools.partial(ddp.gather_patch_blocks, sizes=sizes))
+            out["grad"][name]["loss_sizes_given"] = known.detach()
+            try:  # sizes that do not match this rank's share are refused
+                ddp.gather_patch_blocks(z.view(N_PATCHES, -1, z.shape[1]), sizes=[s + 1 for s in sizes])
+            except ValueError as e:
+                out["grad"][name]["wrong_sizes"] = str(e)
         model = small_model()
         model.load_state_dict(inputs["state"])
         model.train()  # extract_features must switch to eval mode itself and restore this
@@ -187,6 +198,8 @@ def test_ddp_gradients_equal_one_process_on_the_global_batch(spawned, case: str)
         got = spawned["ranks"][r]["grad"][case]
         assert float(got["loss"]) == pytest.approx(float(ref["loss"]), rel=1e-5), f"loss on rank {r}"
         assert got["grads"].keys() == ref["grads"].keys()
+        assert float(got["loss_sizes_given"]) == pytest.approx(float(ref["loss"]), rel=1e-5), f"rank {r}, sizes given"
+        assert f"rank {r} holds {SHARES[case][r][1] - SHARES[case][r][0]} images" in got["wrong_sizes"]
         for name, g_ref in ref["grads"].items():
             g = got["grads"][name]
             err = float((g - g_ref).norm())

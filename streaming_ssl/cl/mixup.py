@@ -29,6 +29,7 @@ from avalanche.core import SupervisedPlugin
 from streaming_ssl import distributed as ddp
 from streaming_ssl.cl.common import global_stream_size, to_float
 from streaming_ssl.cl.replay import ReplayBufferPlugin
+from streaming_ssl.device import host_to_device
 from streaming_ssl.seeds import derive_seed
 
 
@@ -71,7 +72,7 @@ class MixupPlugin(SupervisedPlugin):
         n_global = global_stream_size(strategy, n_local)
         lam, partners = sample_mixup(self.rng, self.alpha, n_global, len(buffer))
         lo, hi = ddp.shard_bounds(n_global)
-        mine = buffer.contents()[torch.as_tensor(partners[lo:hi], device=buffer.device)]
+        mine = buffer.contents()[host_to_device(torch.as_tensor(partners[lo:hi]), buffer.device)]
         mixed = mix_images(x[:n_local], mine.to(x.device), lam)
         strategy.mbatch[0] = torch.cat([mixed, to_float(x[n_local:])]) if len(x) > n_local else mixed
         strategy.counters.buffer_images += n_global

@@ -15,8 +15,8 @@ Policies (what the buffer keeps of the stream):
 The plugin (ReplayBufferPlugin), per update:
   before_training_iteration: remembers this rank's stream images (before any plugin changes the batch).
   before_forward: appends ``batch`` buffer images, drawn without replacement by a seeded generator, to
-      ``strategy.mbatch[0]``; adds their global number to ``strategy.mb_added`` and
-      ``counters.buffer_images``. Their patches go through the same augmentation and objective.
+      ``strategy.mbatch[0]``; adds their global number to ``strategy.mb_added`` (and registers it in
+      ``strategy.mb_segments``) and ``counters.buffer_images``. Their patches go through the same augmentation and objective.
   after_training_iteration: inserts the update's stream images (never their labels) into the buffer, so
       an update never replays its own images; sets ``counters.buffer_bytes``.
 
@@ -36,7 +36,7 @@ from avalanche.core import SupervisedPlugin
 
 from streaming_ssl import distributed as ddp
 from streaming_ssl.cl.common import gather_global_batch, global_stream_size, like, to_uint8
-from streaming_ssl.device import autocast
+from streaming_ssl.device import autocast, host_to_device
 from streaming_ssl.seeds import derive_seed
 
 log = logging.getLogger(__name__)
@@ -143,7 +143,7 @@ class ImageBuffer:
         self._allocate(x)
         slots = reservoir_slots(self.seen, len(x), self.capacity, generator)
         dst, src = last_writers(slots, self.capacity)
-        self.images[dst.to(self.device)] = x[src.to(self.device)]
+        self.images[host_to_device(dst, self.device)] = x[host_to_device(src, self.device)]
         self.seen += len(x)
         self.filled = min(self.capacity, self.seen)
 
@@ -241,10 +241,11 @@ class ReplayBufferPlugin(SupervisedPlugin):
             return
         slots = self.buffer.sample(k, self.sample_gen)
         lo, hi = ddp.shard_bounds(k)
-        mine = self.buffer.contents()[slots[lo:hi].to(self.buffer.device)]
+        mine = self.buffer.contents()[host_to_device(slots[lo:hi], self.buffer.device)]
         x = strategy.mbatch[0]
         strategy.mbatch[0] = torch.cat([x, like(mine, x)])
         strategy.mb_added += k
+        strategy.mb_segments.append(k)  # split with shard_bounds: every rank knows every rank's share
         strategy.counters.buffer_images += k
 
     def after_training_iteration(self, strategy, **kwargs) -> None:
