@@ -13,7 +13,8 @@ cannot eat the machine's window:
            must be complete and agree with the uninterrupted run (tolerances below)
   ddp      the same run under `torchrun --nproc_per_node 1` with model.sync_bn=true, compared with the plain run
   speed    bench/speed.py --device cuda: reference, ours, model_only, ours_lowmem, ours_compiled at widths
-           1/4 and 1, peak CUDA memory per case; its targets are reported (fatal only with --strict-targets)
+           1/4 and 1, peak CUDA memory per case; its targets are reported (fatal only with --strict-targets);
+           then ours_indexed (the augmentation indexing its subsets, one host sync per update) for information
 
 Writes bench/results/gpu_check.json (a dry run: runs/gpu_check/gpu_check_dry.json), prints a table (pass/fail
 per check), exits 1 if any check fails and 2 at once when CUDA is not available (unless --dry-run). A second
@@ -50,6 +51,9 @@ RESULT = ROOT / "bench" / "results" / "gpu_check.json"
 NO_CUDA_EXIT = 2
 TOL = {"loss_rel": 0.01, "tcr_rel": 0.05, "inv_abs": 0.005, "acc_abs": 0.05}
 SPEED_CASES = ("reference", "ours", "model_only", "ours_lowmem", "ours_compiled")
+# measured after those, for information (ours over it: what masking the augmentation's subsets gains on the GPU);
+# a missing result of these does not fail the check
+INFO_CASES = ("ours_indexed",)
 SMOKE = "configs/smoke.yaml"
 # GPU: a few hundred images per class of .gpu/data; 3 experiences (4/3/3 classes) of batch 50: 16 + 12 + 12 updates
 E2E_GPU = ["data.train_per_class=200", "data.test_per_class=50", "train.batch_size=50"]
@@ -322,7 +326,30 @@ def check_speed(ctx: Ctx, strict: bool) -> dict:
         problems += missed
     return {"ok": not problems, "problems": problems, "targets": targets, "targets_missed": missed,
             "peak_cuda_MB": {f"{r['case']}@{r['width']}": r.get("peak_cuda_MB") for r in result["rows"]},
-            "speed_json": str(out), "step": public(step)}
+            "speed_json": str(out), "step": public(step), "info": speed_info(ctx, result)}
+
+
+def speed_info(ctx: Ctx, result: dict) -> dict:
+    """INFO_CASES in a second speed.py run, only in the budget left (never a problem of the check), and `ours`
+    over each of them per width."""
+    if ctx.timeout(150) < 60:
+        return {"skipped": f"{ctx.timeout(150):.0f} s of the budget left"}
+    out = ctx.workdir / "speed_info.json"
+    out.unlink(missing_ok=True)
+    if ctx.dry:
+        args = ["--tiny", "--device", "cpu", "--threads", "1"]
+    else:
+        args = ["--device", "cuda", "--widths", "0.25,1.0", "--repeats", "1", "--allocators", "default",
+                "--timeout", "60"]
+    step = run_step("speed_info", [ctx.python, "bench/speed.py", *args, "--only", ",".join(INFO_CASES), "--out",
+                                   str(out)], ctx, 150)
+    rows = json.loads(out.read_text())["rows"] if out.is_file() else []
+    ours = {r["width"]: r["patches_per_s"] for r in result["rows"] if r["case"] == "ours" and "error" not in r}
+    ratios = {f"ours_over_{r['case']}@{r['width']}": ours[r["width"]] / r["patches_per_s"] for r in rows
+              if "error" not in r and r["width"] in ours and r.get("patches_per_s")}
+    return {"ratios": ratios, "errors": [f"{r['case']} width {r['width']}: {r['error']}" for r in rows if "error" in r],
+            "patches_per_s": {f"{r['case']}@{r['width']}": r.get("patches_per_s") for r in rows},
+            "peak_cuda_MB": {f"{r['case']}@{r['width']}": r.get("peak_cuda_MB") for r in rows}, "step": public(step)}
 
 
 def speed_targets(result: dict) -> list[dict]:
@@ -417,7 +444,9 @@ def summarize(name: str, r: dict) -> str:
     if name in ("e2e", "ddp"):
         return ", ".join(f"{k} {v:.3g}" for k, v in r["diffs_vs_plain"].items())
     if name == "speed":
-        return f"{len(r['peak_cuda_MB'])} cases; targets missed: {len(r['targets_missed'])}"
+        info = ", ".join(f"{k} {v:.3g}" for k, v in r.get("info", {}).get("ratios", {}).items())
+        return f"{len(r['peak_cuda_MB'])} cases; targets missed: {len(r['targets_missed'])}" + (f"; {info}" if info
+                                                                                              else "")
     return ""
 
 

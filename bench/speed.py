@@ -21,6 +21,8 @@ Cases (each at every width in --widths, on the CPU with torch threads = cores, a
               recomputed in backward): the low-memory setting, for the peak-memory comparison with the reference
   ours_compiled  `ours` with train.compile (torch.compile of the training forward); opt-in through --only,
               since compiling takes minutes: its warm-up steps include the compilation
+  ours_indexed  `ours` with augment.sync_free=false: the augmentation's random subsets of patches indexed (one
+              host sync per update) instead of masked; opt-in through --only; on a CPU the same as `ours`
   objective   emp_ssl_loss forward + backward on random unit-norm projections (and the reference loss)
   augment     MultiPatchAugment on one uint8 batch (and the reference PIL chain, serially, one process)
   online      EMPSSLStrategy.train on an online stream (mini-experiences of k samples) vs the same data
@@ -43,7 +45,9 @@ malloc tunables of scripts/run.sh ("tuned"), jemalloc or tcmalloc through LD_PRE
 libjemalloc2, libtcmalloc-minimal4; the reference's forked workers inherit it); cases and allocators
 interleaved, --repeats times; ratios pair the two sides of the same repeat and allocator
 and are reported as median and [min, max]. --tiny runs everything in this process, once, with tiny
-sizes. Times use time.perf_counter; warm-up steps are excluded.
+sizes. Times use time.perf_counter; warm-up steps are excluded. On CUDA the training cases (ours*, model_only)
+synchronise the device only at the two ends of their measured steps, so that the steps pipeline as in training;
+their mean step time is exact, their per-step spread is the host's view.
 """
 
 from __future__ import annotations
@@ -76,7 +80,7 @@ warnings.filterwarnings("ignore", message="no QP solver found")
 TUNABLES = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=68719476736"
 CASES = ("reference", "ours", "model_only", "ours_lean", "ours_lowmem", "objective", "augment", "online", "probe",
          "memory")
-OPT_IN_CASES = ("ours_compiled",)  # run only when named in --only
+OPT_IN_CASES = ("ours_compiled", "ours_indexed")  # run only when named in --only
 ALLOCATORS = ("default", "tuned", "jemalloc", "tcmalloc")
 PRELOAD = {"jemalloc": "libjemalloc.so.2", "tcmalloc": "libtcmalloc_minimal.so.4"}
 RESULT_PREFIX = "SPEED_JSON "
@@ -206,9 +210,14 @@ def with_train(splits, train):
     return dataclasses.replace(splits, train=train)
 
 
-def iter_clock(device):
-    """An Avalanche plugin recording (perf_counter, samples seen) after every update."""
+def iter_clock(device, warmup: int, total: int):
+    """An Avalanche plugin recording (perf_counter, samples seen) after every update of `total`. The device is
+    synchronised only at the two ends of the measured window (after update `warmup` and after the last), so that
+    on CUDA the updates pipeline as in training (the host queues one while the device runs the last): the window's
+    mean step time is exact; its per-step spread is the host's view there. On a CPU every mark is exact."""
     from avalanche.core import SupervisedPlugin
+
+    ends = {max(warmup, 1) - 1, total - 1}
 
     class IterClock(SupervisedPlugin):
         def __init__(self) -> None:
@@ -216,7 +225,8 @@ def iter_clock(device):
             self.marks: list[tuple[float, int]] = []
 
         def after_training_iteration(self, strategy, **kwargs) -> None:
-            sync(device)
+            if len(self.marks) in ends:
+                sync(device)
             self.marks.append((time.perf_counter(), strategy.samples_seen))
 
         def intervals(self, warmup: int) -> list[float]:
@@ -252,7 +262,7 @@ def strategy_step_times(width: float, sizes: Sizes, device, splits, steps: int, 
     train = first_n(splits.train, (sizes.warmup + steps) * sizes.batch)
     stream = build.stream_from_config(cfg, with_train(splits, train))
     model, augment, device, amp, cl = build_parts(cfg, splits)
-    clock = iter_clock(device)
+    clock = iter_clock(device, sizes.warmup, stream.n_updates(sizes.batch))
     strategy = bench_strategy(cfg, model=model, augment=augment, device=device, amp=amp, channels_last=cl,
                               total_updates=stream.n_updates(sizes.batch), plugins=[clock])
     strategy.train(iter(stream), eval_streams=[])
@@ -375,6 +385,11 @@ def case_ours_compiled(width: float, sizes: Sizes, device, splits, ctx: dict) ->
     return step_result(times, sizes, **info)
 
 
+def case_ours_indexed(width: float, sizes: Sizes, device, splits, ctx: dict) -> dict:
+    times, info = strategy_step_times(width, sizes, device, splits, sizes.steps, augment__sync_free=False)
+    return step_result(times, sizes, **info)
+
+
 def case_model_only(width: float, sizes: Sizes, device, splits, ctx: dict) -> dict:
     import torch
 
@@ -402,7 +417,8 @@ def case_model_only(width: float, sizes: Sizes, device, splits, ctx: dict) -> di
         loss.backward()
         set_lr(opt, cosine_lr(step, total, cfg.optim.lr))
         opt.step()
-        sync(device)
+        if step in (sizes.warmup - 1, total - 1):  # the window's ends only, as iter_clock: steps pipeline on CUDA
+            sync(device)
         now = time.perf_counter()
         if step >= sizes.warmup:
             times.append(now - last)
@@ -523,7 +539,7 @@ def _online_side(kind: str, width: float, sizes: Sizes, device, splits, data) ->
                        stream__online_experience_size=k)
     stream = build.stream_from_config(cfg, with_train(splits, data))
     model, augment, device, amp, cl = build_parts(cfg, splits)
-    clock = iter_clock(device)
+    clock = iter_clock(device, sizes.warmup, stream.n_updates(k))
     strategy = bench_strategy(cfg, model=model, augment=augment, device=device, amp=amp, channels_last=cl,
                               total_updates=stream.n_updates(k), plugins=[clock])
     t0 = time.perf_counter()
@@ -647,6 +663,7 @@ def case_memory(width: float, sizes: Sizes, device, splits, ctx: dict) -> dict:
 
 CASE_FUNCS = {"reference": case_reference, "ours": case_ours, "model_only": case_model_only,
               "ours_lean": case_ours_lean, "ours_lowmem": case_ours_lowmem, "ours_compiled": case_ours_compiled,
+              "ours_indexed": case_ours_indexed,
               "objective": case_objective, "augment": case_augment, "online": case_online, "probe": case_probe,
               "memory": case_memory}
 
@@ -682,6 +699,7 @@ def run_case(case: str, width: float, device_name: str, sizes: Sizes, args, repe
 # ------------------------------------------------------------------------------------------ summary
 PRIMARY = {"reference": "patches_per_s", "ours": "patches_per_s", "model_only": "patches_per_s",
            "ours_lean": "patches_per_s", "ours_lowmem": "patches_per_s", "ours_compiled": "patches_per_s",
+           "ours_indexed": "patches_per_s",
            "objective": "seconds_per_call", "augment": "seconds_per_batch", "online": "online_over_one_experience",
            "probe": "eval_over_pass", "memory": "peak_growth_pct"}
 
@@ -749,6 +767,8 @@ def summarize(rows: list[dict]) -> dict:
                                                                  ">="),
             "ours_compiled_over_ours": _ratio(by_case, ("ours_compiled", "patches_per_s"), ("ours", "patches_per_s"),
                                               None, "info"),
+            "ours_over_ours_indexed": _ratio(by_case, ("ours", "patches_per_s"), ("ours_indexed", "patches_per_s"),
+                                             None, "info"),
             "peak_rss_ours_over_reference": _ratio(by_case, ("ours", "peak_rss_MB"), ("reference", "peak_rss_MB"),
                                                    0.5 if width >= 1.0 else None, "<="),
             "peak_rss_ours_lean_over_reference": _ratio(by_case, ("ours_lean", "peak_rss_MB"),

@@ -135,7 +135,8 @@ def build_augment(cfg: Config, splits: DatasetSplits) -> MultiPatchAugment:
     return MultiPatchAugment(a.n_patches, a.size or splits.image_size, crop_area=a.crop_area,
                              crop_ratio=tuple(a.crop_ratio), flip_p=a.flip_p, jitter=tuple(a.jitter),
                              jitter_p=a.jitter_p, gray_p=a.gray_p, blur_p=a.blur_p, blur_sigma=tuple(a.blur_sigma),
-                             solarize_p=a.solarize_p, mean=tuple(splits.mean), std=tuple(splits.std))
+                             solarize_p=a.solarize_p, mean=tuple(splits.mean), std=tuple(splits.std),
+                             sync_free=a.sync_free)
 
 
 def build_optimizer(cfg: Config, model: torch.nn.Module, extra: list[torch.nn.Module] = ()) -> LARS:

@@ -73,6 +73,9 @@ class AugmentConfig:
     blur_p: float = 0.1
     blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])
     solarize_p: float = 0.1
+    # apply the ops that act on random subsets of patches by masking (no host sync) or by indexing (less compute,
+    # one sync per update); None: masking off the CPU (CUDA), indexing on it
+    sync_free: bool | None = None
 
 
 @dataclass
