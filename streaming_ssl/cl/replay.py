@@ -15,8 +15,9 @@ Policies (what the buffer keeps of the stream):
 The plugin (ReplayBufferPlugin), per update:
   before_training_iteration: remembers this rank's stream images (before any plugin changes the batch).
   before_forward: appends ``batch`` buffer images, drawn without replacement by a seeded generator, to
-      ``strategy.mbatch[0]``; adds their global number to ``strategy.mb_added`` (and registers it in
-      ``strategy.mb_segments``) and ``counters.buffer_images``. Their patches go through the same augmentation and objective.
+      ``strategy.mbatch[0]``; adds their global number to ``strategy.mb_added`` (registered in
+      ``strategy.mb_segments``) and ``counters.buffer_images``. Their patches go through the same
+      augmentation and objective.
   after_training_iteration: inserts the update's stream images (never their labels) into the buffer, so
       an update never replays its own images; sets ``counters.buffer_bytes``.
 
