@@ -560,14 +560,8 @@ class MultiPatchAugment(torch.nn.Module):
         hue_counts, mask_counts, any_jitter = counts[:4], counts[4:7], bool(counts[7])
 
         if any_jitter:
-            factors = torch.stack((params["brightness"], params["contrast"], params["saturation"]), dim=1)
             hue_groups = torch.argsort(hue_step, stable=True).split(hue_counts + [num - sum(hue_counts)])
-            no_op = torch.full_like(order[:, 0], _HUE)
-            workspace = out.new_empty(num, 1, out.shape[-2], out.shape[-1])
-            for k in range(4):
-                op = torch.where(jit_on, order[:, k], no_op)  # patches not jittered: identity
-                factor = factors.gather(1, op.clamp(max=_SATURATION).unsqueeze(1)).squeeze(1)
-                blend_jitter(out, op, factor, workspace)
+            for k in self._jitter_blends(out, params):
                 if hue_counts[k]:
                     idx = hue_groups[k]
                     out.index_copy_(0, idx, adjust_hue_(out.index_select(0, idx), params["hue"].index_select(0, idx)))
@@ -589,22 +583,28 @@ class MultiPatchAugment(torch.nn.Module):
             sol = out.index_select(0, sol_idx)
             out.index_copy_(0, sol_idx, torch.minimum(sol, 1.0 - sol, out=sol))
 
+    @staticmethod
+    def _jitter_blends(out: torch.Tensor, params: dict[str, torch.Tensor]) -> Iterator[int]:
+        """The colour jitter's 4 steps on ``out``, IN PLACE: at step k every jittered patch takes the brightness,
+        contrast or saturation blend of its k-th op (hue and patches not jittered: identity); yields k after it,
+        for the caller to apply the hue of the patches whose k-th op is hue."""
+        jit_on, order = params["jitter"], params["jitter_order"]
+        factors = torch.stack((params["brightness"], params["contrast"], params["saturation"]), dim=1)
+        no_op = torch.full_like(order[:, 0], _HUE)
+        workspace = out.new_empty(out.shape[0], 1, out.shape[-2], out.shape[-1])
+        for k in range(4):
+            op = torch.where(jit_on, order[:, k], no_op)  # patches not jittered: identity
+            factor = factors.gather(1, op.clamp(max=_SATURATION).unsqueeze(1)).squeeze(1)
+            blend_jitter(out, op, factor, workspace)
+            yield k
+
     def _apply_photometric_masked(self, out: torch.Tensor, params: dict[str, torch.Tensor]) -> None:
         """:meth:`_apply_photometric` without a host synchronisation: every op on every patch, its result kept
         where the patch's mask selects it (the same values as the indexed path)."""
-        num = out.shape[0]
-        jit_on = params["jitter"]
-        order = params["jitter_order"]
+        jit_on, order = params["jitter"], params["jitter_order"]
         if any(s > 0 for s in self.jitter) and self.jitter_p > 0:
-            factors = torch.stack((params["brightness"], params["contrast"], params["saturation"]), dim=1)
-            no_op = torch.full_like(order[:, 0], _HUE)
-            workspace = out.new_empty(num, 1, out.shape[-2], out.shape[-1])
-            hue_on = self.jitter[_HUE] > 0
-            for k in range(4):
-                op = torch.where(jit_on, order[:, k], no_op)  # patches not jittered: identity
-                factor = factors.gather(1, op.clamp(max=_SATURATION).unsqueeze(1)).squeeze(1)
-                blend_jitter(out, op, factor, workspace)
-                if hue_on:
+            for k in self._jitter_blends(out, params):
+                if self.jitter[_HUE] > 0:
                     _where_(jit_on & (order[:, k] == _HUE), adjust_hue(out, params["hue"]), out)
         if self.gray_p > 0:
             _where_(params["gray"], rgb_to_gray(out).expand(-1, 3, -1, -1), out)
