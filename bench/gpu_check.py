@@ -354,7 +354,7 @@ def speed_info(ctx: Ctx, result: dict) -> dict:
 
 def speed_targets(result: dict) -> list[dict]:
     names = ("ours_over_reference_patches_per_s", "ours_over_model_only", "peak_cuda_ours_lowmem_over_reference",
-             "ours_compiled_over_ours", "peak_cuda_ours_over_reference")
+             "ours_compiled_over_ours", "peak_cuda_ours_over_reference", "lars_loop_over_foreach_step_time")
     out = []
     for group, g in sorted(result["summary"]["by_group"].items()):
         for name in names:

@@ -14,7 +14,8 @@ Cases (each at every width in --widths, on the CPU with torch threads = cores, a
   ours        our end-to-end training step: EMPSSLStrategy.train on an in-memory stream (RowBatchLoader,
               batched MultiPatchAugment, channels_last, Gram/Cholesky objective, LARS, cosine schedule)
   model_only  forward + objective + backward + LARS step on pre-made channels_last patches: the ceiling
-              of `ours` (everything but the input pipeline)
+              of `ours` (everything but the input pipeline); afterwards the LARS step alone, as multi-tensor
+              buckets and as the per-parameter loop (`lars_step_ms`; see streaming_ssl/lars.py)
   ours_lean   `ours` with model.recompute_bn_relu (each block's first BatchNorm+ReLU output rebuilt in
               backward from the convolution output instead of stored): a quarter less activation memory
   ours_lowmem `ours` with model.recompute_stages=2 and model.recompute_bn_relu (stem, stages 1-2
@@ -423,8 +424,29 @@ def case_model_only(width: float, sizes: Sizes, device, splits, ctx: dict) -> di
         if step >= sizes.warmup:
             times.append(now - last)
         last = now
-    return step_result(times, sizes, channels_last=cl, amp_dtype=str(amp), loss_finite=bool(torch.isfinite(loss).item()),
-                       loss="emp_ssl_loss (the real objective); only the input pipeline is missing")
+    finite = bool(torch.isfinite(loss).item())
+    return step_result(times, sizes, channels_last=cl, amp_dtype=str(amp), loss_finite=finite,
+                       loss="emp_ssl_loss (the real objective); only the input pipeline is missing",
+                       **lars_step_times(opt, device))
+
+
+def lars_step_times(opt, device, calls: int = 9) -> dict:
+    """The LARS step alone, on the gradients the last update left, as multi-tensor buckets and as the per-parameter
+    loop (each call synchronised; alternating, so that both see the same machine); `opt` is left as it was."""
+    chosen = opt.foreach
+    times: dict = {True: [], False: []}
+    for i in range(calls + 1):
+        for foreach in (True, False):
+            opt.foreach = foreach
+            sync(device)
+            t0 = time.perf_counter()
+            opt.step()
+            sync(device)
+            if i:  # the first round warms both up
+                times[foreach].append(time.perf_counter() - t0)
+    opt.foreach = chosen
+    fast, loop = statistics.median(times[True]), statistics.median(times[False])
+    return {"lars_step_ms": {"foreach": 1e3 * fast, "loop": 1e3 * loop}, "lars_loop_over_foreach": loop / fast}
 
 
 def _time_calls(fn, calls: int, warmup: int, device) -> list[float]:
@@ -769,6 +791,8 @@ def summarize(rows: list[dict]) -> dict:
                                               None, "info"),
             "ours_over_ours_indexed": _ratio(by_case, ("ours", "patches_per_s"), ("ours_indexed", "patches_per_s"),
                                              None, "info"),
+            "lars_loop_over_foreach_step_time": _ratio(by_case, ("model_only", "lars_loop_over_foreach"), None, None,
+                                                       "info"),
             "peak_rss_ours_over_reference": _ratio(by_case, ("ours", "peak_rss_MB"), ("reference", "peak_rss_MB"),
                                                    0.5 if width >= 1.0 else None, "<="),
             "peak_rss_ours_lean_over_reference": _ratio(by_case, ("ours_lean", "peak_rss_MB"),

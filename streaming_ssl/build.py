@@ -146,7 +146,7 @@ def build_optimizer(cfg: Config, model: torch.nn.Module, extra: list[torch.nn.Mo
     for module in extra:
         groups += param_groups(module, o.weight_decay)
     return LARS(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay,
-                eta=o.eta, clip=o.clip)
+                eta=o.eta, clip=o.clip, foreach=o.foreach)
 
 
 # ------------------------------------------------------------------------------------------ evaluation

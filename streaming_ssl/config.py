@@ -94,6 +94,9 @@ class OptimConfig:
     clip: bool = True  # clip the LARS rate at the base learning rate
     warmup_steps: int = 0
     final_lr: float = 0.0
+    # LARS step in multi-tensor ops (a fixed number of kernel launches) or one parameter at a time; None: the
+    # former on CUDA, the latter elsewhere (faster on a CPU); the same parameters either way
+    foreach: bool | None = None
 
 
 @dataclass

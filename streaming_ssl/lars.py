@@ -6,6 +6,14 @@ One LARS step, for each parameter p with gradient g in a group that is not exclu
     g     = (g + wd * p) * q
 Parameters in an excluded group (biases, norm weights: every 1-D tensor) get neither the scaling nor
 weight decay. Then plain SGD: buf = momentum * buf + g; g = g + momentum * buf (Nesterov); p -= lr * g.
+
+With ``foreach`` a step is a fixed number of multi-tensor ops per (device, dtype) bucket of a group
+(``torch._foreach_*``; the trust ratios of all its parameters in one vector) instead of about ten ops per
+parameter: on a GPU each op is a kernel launch, and ResNet-18 with its projector has 70 parameters, so the
+loop costs the host 650 launches per update, the buckets 29. On a CPU the loop is the faster one (116 vs
+158 ms per step at width 1, one Zen 4 core, medians of 9 alternating steps), so ``foreach=None`` (the
+default) takes the buckets on CUDA and the loop elsewhere, as torch's own optimisers do. On the CPU both
+give bit-identical parameters, and the tests hold them to that.
 """
 
 from __future__ import annotations
@@ -44,12 +52,15 @@ class LARS(torch.optim.Optimizer):
         eta: float = 0.005,
         clip: bool = True,
         eps: float = 1e-8,
+        foreach: bool | None = None,
     ) -> None:
         if lr < 0 or momentum < 0 or weight_decay < 0 or eta <= 0:
             raise ValueError("LARS needs lr >= 0, momentum >= 0, weight_decay >= 0 and eta > 0")
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
                         eta=eta, clip=clip, eps=eps, lars_exclude=False)
         super().__init__(params, defaults)
+        # an attribute, not a group default: the state dict (and so every checkpoint) stays as it was
+        self.foreach = foreach
 
     @torch.no_grad()
     def step(self, closure=None):  # noqa: D102 - see class docstring
@@ -58,31 +69,73 @@ class LARS(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            lr, wd, mom = group["lr"], group["weight_decay"], group["momentum"]
+            buckets: dict[tuple, list[torch.Tensor]] = {}
             for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad
-                if not group["lars_exclude"]:
-                    p_norm = torch.linalg.vector_norm(p)
-                    g_norm = torch.linalg.vector_norm(g)
-                    q = group["eta"] * p_norm / (g_norm + wd * p_norm + group["eps"])
-                    if group["clip"]:
-                        q = torch.clamp(q / lr, max=1.0) if lr > 0 else torch.ones_like(q)
-                    q = torch.where((p_norm > 0) & (g_norm > 0), q, torch.ones_like(q))
-                    g = g.add(p, alpha=wd).mul_(q)
-                elif wd:
-                    g = g.add(p, alpha=wd)
-                if mom:
-                    state = self.state[p]
-                    buf = state.get("momentum_buffer")
-                    if buf is None:
-                        buf = state["momentum_buffer"] = g.clone()
-                    else:
-                        buf.mul_(mom).add_(g)
-                    g = g.add(buf, alpha=mom) if group["nesterov"] else buf
-                p.add_(g, alpha=-lr)
+                if p.grad is not None:
+                    buckets.setdefault((p.device, p.dtype, p.grad.dtype), []).append(p)
+            for (device, _, _), bucket in buckets.items():
+                if self.foreach or (self.foreach is None and device.type == "cuda"):
+                    self._step_bucket(group, bucket)
+                else:
+                    for p in bucket:
+                        self._step_one(group, p)
         return loss
+
+    def _step_one(self, group: dict, p: torch.Tensor) -> None:
+        """The step of one parameter (the loop)."""
+        lr, wd, mom = group["lr"], group["weight_decay"], group["momentum"]
+        g = p.grad
+        if not group["lars_exclude"]:
+            p_norm = torch.linalg.vector_norm(p)
+            g_norm = torch.linalg.vector_norm(g)
+            g = g.add(p, alpha=wd).mul_(self._trust_ratio(group, p_norm, g_norm))
+        elif wd:
+            g = g.add(p, alpha=wd)
+        if mom:
+            state = self.state[p]
+            buf = state.get("momentum_buffer")
+            if buf is None:
+                buf = state["momentum_buffer"] = g.clone()
+            else:
+                buf.mul_(mom).add_(g)
+            g = g.add(buf, alpha=mom) if group["nesterov"] else buf
+        p.add_(g, alpha=-lr)
+
+    def _step_bucket(self, group: dict, params: list[torch.Tensor]) -> None:
+        """The same step for parameters of one device and dtype, in multi-tensor ops."""
+        lr, wd, mom = group["lr"], group["weight_decay"], group["momentum"]
+        grads = [p.grad for p in params]
+        if not group["lars_exclude"]:
+            p_norm = torch.stack(torch._foreach_norm(params))
+            g_norm = torch.stack(torch._foreach_norm(grads))
+            q = self._trust_ratio(group, p_norm, g_norm)
+            grads = torch._foreach_add(grads, params, alpha=wd)
+            torch._foreach_mul_(grads, list(q.unbind(0)))
+        elif wd:
+            grads = torch._foreach_add(grads, params, alpha=wd)
+        # from here on `grads` may still be the .grad tensors themselves: nothing below writes into it
+        if mom:
+            states = [self.state[p] for p in params]
+            held = [i for i, st in enumerate(states) if "momentum_buffer" in st]
+            if held:
+                bufs = [states[i]["momentum_buffer"] for i in held]
+                torch._foreach_mul_(bufs, mom)
+                torch._foreach_add_(bufs, [grads[i] for i in held])
+            for i, st in enumerate(states):
+                if "momentum_buffer" not in st:  # the first step of this parameter
+                    st["momentum_buffer"] = grads[i].clone()
+            bufs = [st["momentum_buffer"] for st in states]
+            grads = torch._foreach_add(grads, bufs, alpha=mom) if group["nesterov"] else bufs
+        torch._foreach_add_(params, grads, alpha=-lr)
+
+    @staticmethod
+    def _trust_ratio(group: dict, p_norm: torch.Tensor, g_norm: torch.Tensor) -> torch.Tensor:
+        """q of the module docstring, elementwise over norms of any shape (one parameter or a bucket)."""
+        lr, wd = group["lr"], group["weight_decay"]
+        q = group["eta"] * p_norm / (g_norm + wd * p_norm + group["eps"])
+        if group["clip"]:
+            q = torch.clamp(q / lr, max=1.0) if lr > 0 else torch.ones_like(q)
+        return torch.where((p_norm > 0) & (g_norm > 0), q, torch.ones_like(q))
 
 
 def cosine_lr(step: int, total_steps: int, base_lr: float, *, warmup_steps: int = 0, final_lr: float = 0.0) -> float:

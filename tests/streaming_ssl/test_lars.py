@@ -278,3 +278,88 @@ def test_cosine_lr_warmup_is_linear_then_cosine():
 def test_cosine_lr_rejects_non_positive_total(total):
     with pytest.raises(ValueError, match="total_steps must be positive"):
         cosine_lr(0, total, 0.3)
+
+
+# ------------------------------------------------------------------------------------- foreach = the loop
+
+class Mixed(nn.Module):
+    """Weights and 1-D parameters in two dtypes (two buckets per group), and one parameter left without grad."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 3)
+        self.b = nn.Conv2d(3, 2, 3).double()
+        self.bn = nn.BatchNorm1d(3)
+        self.unused = nn.Linear(2, 2)  # never gets a gradient
+
+
+def _run_steps(model: nn.Module, foreach: bool, steps: int, **kw) -> list[dict]:
+    """Parameters after each step, with seeded gradients that change from step to step."""
+    opt = LARS(param_groups(model, kw.pop("weight_decay")), foreach=foreach, **kw)
+    out = []
+    for step in range(steps):
+        g = torch.Generator().manual_seed(100 + step)
+        for name, p in model.named_parameters():
+            if not name.startswith("unused"):
+                p.grad = torch.randn(p.shape, generator=g, dtype=p.dtype) * (1e-3 if step == 1 else 1.0)
+        opt.step()
+        out.append({name: p.detach().clone() for name, p in model.named_parameters()})
+    return out
+
+
+@pytest.mark.parametrize("kw", [
+    dict(lr=0.3, momentum=0.9, nesterov=True, weight_decay=1e-4, eta=0.005, clip=True),
+    dict(lr=0.3, momentum=0.9, nesterov=False, weight_decay=0.0, eta=0.02, clip=False),
+    dict(lr=0.1, momentum=0.0, nesterov=False, weight_decay=1e-2, eta=0.005, clip=True),
+    dict(lr=0.0, momentum=0.9, nesterov=True, weight_decay=1e-4, eta=0.005, clip=True),
+], ids=["nesterov-clip", "momentum-noclip-nowd", "no-momentum", "zero-lr"])
+def test_foreach_step_is_bit_identical_to_the_loop(kw):
+    torch.manual_seed(3)
+    model = Mixed()
+    with torch.no_grad():
+        model.a.weight.zero_()  # ||p|| = 0: the unit-rate rule inside a bucket
+    twin = copy.deepcopy(model)
+    fast = _run_steps(model, True, 3, **dict(kw))
+    slow = _run_steps(twin, False, 3, **dict(kw))
+    for step, (f, s) in enumerate(zip(fast, slow)):
+        for name in f:
+            assert torch.equal(f[name], s[name]), (step, name)
+    if kw["lr"] > 0:  # the steps moved the parameters, so equality above means something
+        assert not torch.equal(fast[-1]["b.weight"], fast[0]["b.weight"])
+    assert torch.equal(fast[-1]["unused.weight"], twin.unused.weight)
+
+
+class _OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def ops_per_step(n_layers: int, foreach: bool | None, device: str = "cpu") -> int:
+    """Top-level ops of one steady-state LARS step over n_layers Linear(4, 4) (2 parameters each)."""
+    model = nn.Sequential(*[nn.Linear(4, 4) for _ in range(n_layers)]).to(device)
+    opt = LARS(param_groups(model, 1e-4), lr=0.3, foreach=foreach)
+    counts = []
+    for _ in range(2):  # the first step creates the momentum buffers; count the steady state
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+        with _OpCounter() as counter:
+            opt.step()
+        counts.append(counter.count)
+    return counts[1]
+
+
+def test_foreach_step_launches_a_fixed_number_of_ops():
+    # on a GPU every op is a kernel launch: the step must not cost launches per parameter
+    assert ops_per_step(2, True) == ops_per_step(12, True)
+    # the loop does, so the counter sees what it should
+    assert ops_per_step(12, False) > 5 * ops_per_step(2, True)
+
+
+def test_default_takes_the_loop_on_the_cpu():
+    # the loop is the faster one there (module docstring); tests/test_cuda.py checks the CUDA side
+    assert ops_per_step(12, None) == ops_per_step(12, False)
