@@ -16,8 +16,8 @@ cannot eat the machine's window:
            1/4 and 1, peak CUDA memory per case; its targets are reported (fatal only with --strict-targets);
            then ours_indexed (the augmentation indexing its subsets, one host sync per update) for information
 
-Writes bench/results/gpu_check.json (a dry run: runs/gpu_check/gpu_check_dry.json), prints a table (pass/fail
-per check), exits 1 if any check fails and 2 at once when CUDA is not available (unless --dry-run). A second
+Writes bench/results/gpu_check.json and the same as Markdown tables in gpu_check.md (a dry run:
+runs/gpu_check/gpu_check_dry.{json,md}), prints a table (pass/fail per check), exits 1 if any check fails and 2 at once when CUDA is not available (unless --dry-run). A second
 try in the same checkout starts from clean run directories. `--write-data SRC DST` writes the CIFAR-10 subset
 of scripts/fetch_gpu_wheels.sh.
 
@@ -326,7 +326,15 @@ def check_speed(ctx: Ctx, strict: bool) -> dict:
         problems += missed
     return {"ok": not problems, "problems": problems, "targets": targets, "targets_missed": missed,
             "peak_cuda_MB": {f"{r['case']}@{r['width']}": r.get("peak_cuda_MB") for r in result["rows"]},
+            "cases": [case_row(r) for r in result["rows"]],
             "speed_json": str(out), "step": public(step), "info": speed_info(ctx, result)}
+
+
+def case_row(row: dict) -> dict:
+    """What the report keeps of one speed.py row."""
+    keep = ("case", "width", "patches_per_s", "seconds_per_step", "peak_cuda_MB", "peak_rss_MB", "amp_dtype",
+            "lars_step_ms", "error")
+    return {k: row[k] for k in keep if k in row}
 
 
 def speed_info(ctx: Ctx, result: dict) -> dict:
@@ -412,17 +420,26 @@ def write_cifar_subset(src: str | Path, dst: str | Path, train_per_class: int, t
 
 
 def run_checks(ctx: Ctx, only: list[str], strict: bool) -> dict:
+    """The checks of `only`, each with its wall `seconds` (e2e and ddp run side by side: both get that span)."""
     results: dict = {}
+    t0 = time.monotonic()
     if "tests" in only:
         results["tests"] = check_tests(ctx)
+        results["tests"]["seconds"] = round(time.monotonic() - t0, 1)
     if "e2e" in only or "ddp" in only:
+        t0 = time.monotonic()
         runs = launch_cli_runs(ctx, torchrun="ddp" in only)
         if "e2e" in only:
             results["e2e"] = check_e2e(ctx, runs["plain"])
         if "ddp" in only:
             results["ddp"] = check_ddp(ctx, runs["plain"], runs["torchrun"])
+        for name in ("e2e", "ddp"):
+            if name in results:
+                results[name]["seconds"] = round(time.monotonic() - t0, 1)
     if "speed" in only:
+        t0 = time.monotonic()
         results["speed"] = check_speed(ctx, strict)
+        results["speed"]["seconds"] = round(time.monotonic() - t0, 1)
     return results
 
 
@@ -484,9 +501,44 @@ def main(argv=None) -> int:
     out = Path(args.out) if args.out else RESULT if not args.dry_run else workdir / "gpu_check_dry.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2, default=str))
+    out.with_suffix(".md").write_text(markdown(report))
     print_table(results)
-    print(f"\n{'all checks passed' if report['ok'] else 'FAILED'} in {report['seconds']} s; wrote {out}")
+    print(f"\n{'all checks passed' if report['ok'] else 'FAILED'} in {report['seconds']} s; wrote {out} and "
+          f"{out.with_suffix('.md').name}")
     return 0 if report["ok"] else 1
+
+
+def markdown(report: dict) -> str:
+    """The report as Markdown tables (next to the JSON, as bench/results/gpu_check.md), for bench/README.md."""
+    env = report["env"]
+    where = env.get("gpu") or f"CPU, {env['cores']} cores"
+    lines = [f"# GPU check: {report['mode']}, {'all checks passed' if report['ok'] else 'FAILED'}", "",
+             f"{where}; Python {env['python']}, torch {env['torch']}, CUDA {env['cuda']}; {report['seconds']} s of "
+             f"a {report['budget_seconds']:.0f} s budget.", "", "| check | result | seconds | details |",
+             "| --- | --- | --- | --- |"]
+    for name, r in report["checks"].items():
+        detail = "; ".join(r["problems"]) if r["problems"] else r.get("summary", "")
+        lines.append(f"| {name} | {'pass' if r['ok'] else 'FAIL'} | {r.get('seconds', '')} | {detail} |")
+    speed = report["checks"].get("speed")
+    if speed:
+        memory = "peak CUDA MB" if report["mode"] == "cuda" else "peak RSS MB"
+        lines += ["", f"| case | width | patches/s | s/step | {memory} | autocast |", "| --- | --- | --- | --- | --- | --- |"]
+        for c in speed.get("cases", []):
+            if "error" in c:
+                lines.append(f"| {c['case']} | {c['width']} | error: {c['error']} | | | |")
+                continue
+            mem = c.get("peak_cuda_MB") if report["mode"] == "cuda" else c.get("peak_rss_MB")
+            lines.append(f"| {c['case']} | {c['width']} | {c['patches_per_s']:.0f} | {c['seconds_per_step']:.4f} | "
+                         f"{'' if mem is None else f'{mem:.0f}'} | {c.get('amp_dtype', '')} |")
+        lines += ["", "| group | ratio | median | target | met |", "| --- | --- | --- | --- | --- |"]
+        for t in speed["targets"]:
+            target = f"{t['op']} {t['target']}" if t.get("target") is not None else ""
+            met = {True: "yes", False: "**no**", None: "(information)"}[t["met"]]
+            group = t["group"].replace("|", ", ")  # cpu|width=0.25|default: no table cells inside a cell
+            lines.append(f"| {group} | {t['name']} | {t['median']:.3g} | {target} | {met} |")
+        for name, value in speed.get("info", {}).get("ratios", {}).items():
+            lines.append(f"| | {name} | {value:.3g} | | (information) |")
+    return "\n".join(lines) + "\n"
 
 
 def environment() -> dict:

@@ -102,6 +102,16 @@ def test_dry_run_passes_every_check(tmp_path):
                                                                "ours_over_model_only"}
     for name in ("tests", "e2e", "ddp", "speed"):
         assert f"\n{name:<8} pass" in proc.stdout
+    # the same report as Markdown next to the JSON: every check, every speed case measured, every target
+    md = out.with_suffix(".md").read_text()
+    for name in ("tests", "e2e", "ddp", "speed"):
+        assert f"| {name} | pass |" in md
+    cases = checks["speed"]["cases"]
+    assert {c["case"] for c in cases} == {"reference", "ours", "model_only", "ours_lowmem"}
+    for c in cases:
+        assert f"| {c['case']} | {c['width']} | {c['patches_per_s']:.0f} |" in md
+    for t in checks["speed"]["targets"]:
+        assert f"| {t['name']} | {t['median']:.3g} |" in md
 
     # a second try in the same folders (a warm GPU machine keeps runs/) starts clean instead of meeting the first
     # try's run directories
