@@ -17,9 +17,9 @@ cannot eat the machine's window:
            then ours_indexed (the augmentation indexing its subsets, one host sync per update) for information
 
 Writes bench/results/gpu_check.json and the same as Markdown tables in gpu_check.md (a dry run:
-runs/gpu_check/gpu_check_dry.{json,md}), prints a table (pass/fail per check), exits 1 if any check fails and 2 at once when CUDA is not available (unless --dry-run). A second
-try in the same checkout starts from clean run directories. `--write-data SRC DST` writes the CIFAR-10 subset
-of scripts/fetch_gpu_wheels.sh.
+runs/gpu_check/gpu_check_dry.{json,md}), prints a table (pass/fail per check), exits 1 if any check fails
+and 2 at once when CUDA is not available (unless --dry-run). A second try in the same checkout starts from
+clean run directories. `--write-data SRC DST` writes the CIFAR-10 subset of scripts/fetch_gpu_wheels.sh.
 
 Tolerances (plain run vs resumed run, and vs torchrun): the runs share seeds, data order and augmentation
 seeds, but bf16 autocast (8-bit mantissa: 2^-8 = 0.4% rounding) with cudnn.benchmark (each process may pick
@@ -522,7 +522,8 @@ def markdown(report: dict) -> str:
     speed = report["checks"].get("speed")
     if speed:
         memory = "peak CUDA MB" if report["mode"] == "cuda" else "peak RSS MB"
-        lines += ["", f"| case | width | patches/s | s/step | {memory} | autocast |", "| --- | --- | --- | --- | --- | --- |"]
+        lines += ["", f"| case | width | patches/s | s/step | {memory} | autocast |",
+                  "| --- | --- | --- | --- | --- | --- |"]
         for c in speed.get("cases", []):
             if "error" in c:
                 lines.append(f"| {c['case']} | {c['width']} | error: {c['error']} | | | |")

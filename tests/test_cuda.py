@@ -166,7 +166,7 @@ def test_features_and_probe_on_device_match_cpu(dev):
 def test_lars_default_step_on_device_matches_the_loop(dev):
     """LARS's default on the device (on CUDA its multi-tensor buckets, elsewhere the loop) gives the parameters of
     its per-parameter loop over 3 steps of the small model (fp32: 1e-5 relative; the fused norms may sum in
-    another order), and on CUDA it launches as many ops for 24 parameters as for 4."""
+    another order), and on CUDA it dispatches as many ops for 24 parameters as for 4."""
     torch.manual_seed(0)
     before = EMPSSLModel(**MODEL_KW)
     models = [copy.deepcopy(before).to(dev) for _ in range(2)]
