@@ -14,7 +14,8 @@ cannot eat the machine's window:
   ddp      the same run under `torchrun --nproc_per_node 1` with model.sync_bn=true, compared with the plain run
   speed    bench/speed.py --device cuda: reference, ours, model_only, ours_lowmem, ours_compiled at widths
            1/4 and 1, peak CUDA memory per case; its targets are reported (fatal only with --strict-targets);
-           then ours_indexed (the augmentation indexing its subsets, one host sync per update) for information
+           then, for information, ours_compiled_augment (augment.compile: the augmentation through torch.compile)
+           and ours_indexed (the augmentation indexing its subsets, one host sync per update)
 
 Writes bench/results/gpu_check.json and the same as Markdown tables in gpu_check.md (a dry run:
 runs/gpu_check/gpu_check_dry.{json,md}), prints a table (pass/fail per check), exits 1 if any check fails
@@ -51,9 +52,9 @@ RESULT = ROOT / "bench" / "results" / "gpu_check.json"
 NO_CUDA_EXIT = 2
 TOL = {"loss_rel": 0.01, "tcr_rel": 0.05, "inv_abs": 0.005, "acc_abs": 0.05}
 SPEED_CASES = ("reference", "ours", "model_only", "ours_lowmem", "ours_compiled")
-# measured after those, for information (ours over it: what masking the augmentation's subsets gains on the GPU);
-# a missing result of these does not fail the check
-INFO_CASES = ("ours_indexed",)
+# measured after those, for information (ours over each: what compiling the augmentation costs, and what masking its
+# subsets gains, on the GPU); a missing result of these does not fail the check. The dry run leaves out the compiled.
+INFO_CASES = ("ours_compiled_augment", "ours_indexed")
 SMOKE = "configs/smoke.yaml"
 # GPU: a few hundred images per class of .gpu/data; 3 experiences (4/3/3 classes) of batch 50: 16 + 12 + 12 updates
 E2E_GPU = ["data.train_per_class=200", "data.test_per_class=50", "train.batch_size=50"]
@@ -344,12 +345,13 @@ def speed_info(ctx: Ctx, result: dict) -> dict:
         return {"skipped": f"{ctx.timeout(150):.0f} s of the budget left"}
     out = ctx.workdir / "speed_info.json"
     out.unlink(missing_ok=True)
+    cases = [c for c in INFO_CASES if not (ctx.dry and "compiled" in c)]
     if ctx.dry:
         args = ["--tiny", "--device", "cpu", "--threads", "1"]
     else:
         args = ["--device", "cuda", "--widths", "0.25,1.0", "--repeats", "1", "--allocators", "default",
                 "--timeout", "60"]
-    step = run_step("speed_info", [ctx.python, "bench/speed.py", *args, "--only", ",".join(INFO_CASES), "--out",
+    step = run_step("speed_info", [ctx.python, "bench/speed.py", *args, "--only", ",".join(cases), "--out",
                                    str(out)], ctx, 150)
     rows = json.loads(out.read_text())["rows"] if out.is_file() else []
     ours = {r["width"]: r["patches_per_s"] for r in result["rows"] if r["case"] == "ours" and "error" not in r}

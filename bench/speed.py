@@ -22,6 +22,8 @@ Cases (each at every width in --widths, on the CPU with torch threads = cores, a
               recomputed in backward): the low-memory setting, for the peak-memory comparison with the reference
   ours_compiled  `ours` with train.compile (torch.compile of the training forward); opt-in through --only,
               since compiling takes minutes: its warm-up steps include the compilation
+  ours_compiled_augment  `ours` with augment.compile (torch.compile of the augmentation after its random draw: a few
+              fused kernels instead of a few hundred small ops per update); opt-in through --only
   ours_indexed  `ours` with augment.sync_free=false: the augmentation's random subsets of patches indexed (one
               host sync per update) instead of masked; opt-in through --only; on a CPU the same as `ours`
   objective   emp_ssl_loss forward + backward on random unit-norm projections (and the reference loss)
@@ -81,7 +83,7 @@ warnings.filterwarnings("ignore", message="no QP solver found")
 TUNABLES = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=68719476736"
 CASES = ("reference", "ours", "model_only", "ours_lean", "ours_lowmem", "objective", "augment", "online", "probe",
          "memory")
-OPT_IN_CASES = ("ours_compiled", "ours_indexed")  # run only when named in --only
+OPT_IN_CASES = ("ours_compiled", "ours_compiled_augment", "ours_indexed")  # run only when named in --only
 ALLOCATORS = ("default", "tuned", "jemalloc", "tcmalloc")
 PRELOAD = {"jemalloc": "libjemalloc.so.2", "tcmalloc": "libtcmalloc_minimal.so.4"}
 RESULT_PREFIX = "SPEED_JSON "
@@ -269,6 +271,7 @@ def strategy_step_times(width: float, sizes: Sizes, device, splits, steps: int, 
     strategy.train(iter(stream), eval_streams=[])
     info = {"channels_last": cl, "amp_dtype": str(amp), "recompute_stages": cfg.model.recompute_stages,
             "recompute_bn_relu": cfg.model.recompute_bn_relu, "compiled": cfg.train.compile,
+            "augment_compiled": cfg.augment.compile, "augment_sync_free": strategy.augment.sync_free,
             "loss_finite": bool(math.isfinite(float(strategy.loss.detach().reshape(-1)[0])))}
     return clock.intervals(sizes.warmup), info
 
@@ -383,6 +386,11 @@ def case_ours_lowmem(width: float, sizes: Sizes, device, splits, ctx: dict) -> d
 
 def case_ours_compiled(width: float, sizes: Sizes, device, splits, ctx: dict) -> dict:
     times, info = strategy_step_times(width, sizes, device, splits, sizes.steps, train__compile=True)
+    return step_result(times, sizes, **info)
+
+
+def case_ours_compiled_augment(width: float, sizes: Sizes, device, splits, ctx: dict) -> dict:
+    times, info = strategy_step_times(width, sizes, device, splits, sizes.steps, augment__compile=True)
     return step_result(times, sizes, **info)
 
 
@@ -685,7 +693,7 @@ def case_memory(width: float, sizes: Sizes, device, splits, ctx: dict) -> dict:
 
 CASE_FUNCS = {"reference": case_reference, "ours": case_ours, "model_only": case_model_only,
               "ours_lean": case_ours_lean, "ours_lowmem": case_ours_lowmem, "ours_compiled": case_ours_compiled,
-              "ours_indexed": case_ours_indexed,
+              "ours_compiled_augment": case_ours_compiled_augment, "ours_indexed": case_ours_indexed,
               "objective": case_objective, "augment": case_augment, "online": case_online, "probe": case_probe,
               "memory": case_memory}
 
@@ -721,7 +729,7 @@ def run_case(case: str, width: float, device_name: str, sizes: Sizes, args, repe
 # ------------------------------------------------------------------------------------------ summary
 PRIMARY = {"reference": "patches_per_s", "ours": "patches_per_s", "model_only": "patches_per_s",
            "ours_lean": "patches_per_s", "ours_lowmem": "patches_per_s", "ours_compiled": "patches_per_s",
-           "ours_indexed": "patches_per_s",
+           "ours_compiled_augment": "patches_per_s", "ours_indexed": "patches_per_s",
            "objective": "seconds_per_call", "augment": "seconds_per_batch", "online": "online_over_one_experience",
            "probe": "eval_over_pass", "memory": "peak_growth_pct"}
 
@@ -789,6 +797,8 @@ def summarize(rows: list[dict]) -> dict:
                                                                  ">="),
             "ours_compiled_over_ours": _ratio(by_case, ("ours_compiled", "patches_per_s"), ("ours", "patches_per_s"),
                                               None, "info"),
+            "ours_compiled_augment_over_ours": _ratio(by_case, ("ours_compiled_augment", "patches_per_s"),
+                                                      ("ours", "patches_per_s"), None, "info"),
             "ours_over_ours_indexed": _ratio(by_case, ("ours", "patches_per_s"), ("ours_indexed", "patches_per_s"),
                                              None, "info"),
             "lars_loop_over_foreach_step_time": _ratio(by_case, ("model_only", "lars_loop_over_foreach"), None, None,

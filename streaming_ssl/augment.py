@@ -35,6 +35,10 @@ Implementation notes
   sets cost one host synchronisation per call. On an accelerator (CUDA) each op runs on every patch and
   a mask selects its result (``torch.where``): a few more memory-bound passes, but no host
   synchronisation, so the host can queue the next update while the device works (``sync_free``).
+* ``compiled=True`` runs everything after the random draw (a pure function of the images and the uniforms, masked
+  path) through ``torch.compile``: on a GPU, the few hundred small kernels of one call become a few fused ones
+  (the host launches fewer). The random draw stays eager, so the patches are those of the eager pipeline up to
+  float32 rounding of the fused arithmetic (about 1e-5) and the generator advances the same way.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ import functools
 import logging
 import math
 import operator
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -156,15 +160,19 @@ def adjust_hue_(x: torch.Tensor, hue: torch.Tensor) -> torch.Tensor:
 
 def _hue_waves(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Centre, sign and offset (each (1, 3, 1, 1)) of the trapezoid waves f_c(h) = sign |h - centre| + offset."""
+    if torch.compiler.is_compiling():  # constants of the compiled graph (the compiler does not trace the cache)
+        return _hue_wave_values(x.device, x.dtype)
     return _hue_wave_constants(x.device, x.dtype)
 
 
-@functools.lru_cache(maxsize=16)
-def _hue_wave_constants(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    # cached so that the host -> device copy happens once per device, not once per call
+def _hue_wave_values(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     vals = torch.tensor([[3.0, 2.0, 4.0], [-1.0, 1.0, 1.0], [2.0, -1.0, -1.0]], device=device, dtype=dtype)
     c, s, o = vals.view(3, 1, 3, 1, 1).unbind(0)
     return c, s, o
+
+
+# cached so that the host -> device copy happens once per device, not once per call
+_hue_wave_constants = functools.lru_cache(maxsize=16)(_hue_wave_values)
 
 
 def adjust_hue(x: torch.Tensor, hue: torch.Tensor) -> torch.Tensor:
@@ -278,6 +286,9 @@ class MultiPatchAugment(torch.nn.Module):
         std: per-channel std for the final normalisation.
         sync_free: apply the subset ops by masking instead of indexing, with no host synchronisation
             (same result). ``None`` (default): on every device but the CPU.
+        compiled: run :meth:`forward`'s work after the random draw through ``torch.compile`` (masked path, on
+            every device; compiles at the first call and at a new batch shape). Meant for GPUs, where it saves
+            kernel launches; ``sync_free=False`` cannot be combined with it.
 
     ``mean`` and ``std`` are non-persistent buffers (shape (1, 3, 1, 1)): they follow ``.to(device)``
     and stay out of ``state_dict``. Move the module to the images' device to avoid a copy per call.
@@ -303,6 +314,7 @@ class MultiPatchAugment(torch.nn.Module):
         mean: tuple[float, float, float] = (0.4914, 0.4822, 0.4465),
         std: tuple[float, float, float] = (0.2470, 0.2435, 0.2616),
         sync_free: bool | None = None,
+        compiled: bool = False,
     ) -> None:
         super().__init__()
         self.n_patches = self._check_n_patches(n_patches)
@@ -333,6 +345,12 @@ class MultiPatchAugment(torch.nn.Module):
         if sync_free not in (None, True, False):
             raise ValueError(f"sync_free must be None, True or False, got {sync_free!r}")
         self.sync_free = sync_free
+        if compiled not in (True, False):
+            raise ValueError(f"compiled must be True or False, got {compiled!r}")
+        if compiled and sync_free is False:
+            raise ValueError("compiled=True compiles the masked path, so it cannot be combined with sync_free=False; "
+                             "set sync_free=None (or True), or compiled=False")
+        self.compiled = bool(compiled)
         self.blur_kernel_size = gaussian_kernel_size(out_size)
         self.register_buffer("mean", torch.tensor([float(m) for m in mean]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor([float(s) for s in std]).view(1, 3, 1, 1), persistent=False)
@@ -370,16 +388,40 @@ class MultiPatchAugment(torch.nn.Module):
             which acts only where ``blur`` is True.
         """
         n = self.n_patches if n_patches is None else self._check_n_patches(n_patches)
+        self._check_images(images)
+        with _plain_float32(images):
+            u = self._uniforms(images, n, generator)
+            if self.compiled:
+                out, params = _compiled_patches()(self, images, u, n)
+            else:
+                out, params = self.patches_from_uniforms(images, u, n)
+        if return_params:
+            return out, params
+        return out
+
+    def patches_from_uniforms(
+        self, images: torch.Tensor, u: torch.Tensor, n: int
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """:meth:`forward`'s work after the random draw, eager: a pure function of the images and the uniforms.
+
+        Args:
+            images: uint8 (B, 3, H, W), or float in [0, 1].
+            u: float32 (n*B, 17) uniforms in [0, 1), one row per patch (patch-major), on the images' device.
+            n: patches per image.
+
+        Returns:
+            The patches and the per-patch parameters, as :meth:`forward` with ``return_params``.
+        """
+        if u.shape != (n * images.shape[0], _N_UNIFORMS) or u.device != images.device:
+            raise ValueError(f"u must be ({n} * {images.shape[0]}, {_N_UNIFORMS}) uniforms on {images.device} (n "
+                             f"patches of each image), got {tuple(u.shape)} on {u.device}")
         with _plain_float32(images):
             x = self._to_float(images)
-            u = self._uniforms(x, n, generator)
             params = self._sample(u, x.shape[-2], x.shape[-1])
             out = self._crop_resize(x, n, params["crop_box"], params["flip"])
             self._apply_photometric(out, params)
             self._normalize_(out)
-        if return_params:
-            return out, params
-        return out
+        return out, params
 
     def whole_image(self, images: torch.Tensor) -> torch.Tensor:
         """The whole images, resized (bilinear, antialiased) to ``out_size`` if needed, normalised.
@@ -431,7 +473,8 @@ class MultiPatchAugment(torch.nn.Module):
             f"n_patches={self.n_patches}, out_size={self.out_size}, crop_area={self.crop_area}, "
             f"crop_ratio={self.crop_ratio}, flip_p={self.flip_p}, jitter={self.jitter}, jitter_p={self.jitter_p}, "
             f"gray_p={self.gray_p}, blur_p={self.blur_p}, blur_sigma={self.blur_sigma}, "
-            f"blur_kernel_size={self.blur_kernel_size}, solarize_p={self.solarize_p}, sync_free={self.sync_free}"
+            f"blur_kernel_size={self.blur_kernel_size}, solarize_p={self.solarize_p}, sync_free={self.sync_free}, "
+            f"compiled={self.compiled}"
         )
 
     # ---------------------------------------------------------------------------------------------
@@ -443,17 +486,21 @@ class MultiPatchAugment(torch.nn.Module):
         return _check_int("n_patches", n_patches, 1)
 
     @staticmethod
-    def _to_float(images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) uint8 or float -> float32 in [0, 1] (never modifies ``images``)."""
+    def _check_images(images: torch.Tensor) -> None:
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"images must have shape (B, 3, H, W), got {tuple(images.shape)}")
         if images.shape[0] == 0:
             raise ValueError("images must hold at least one image")
+        if images.dtype != torch.uint8 and not images.is_floating_point():
+            raise TypeError(f"images must be uint8 or floating point, got {images.dtype}")
+
+    @classmethod
+    def _to_float(cls, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) uint8 or float -> float32 in [0, 1] (never modifies ``images``)."""
+        cls._check_images(images)
         if images.dtype == torch.uint8:
             return images.to(torch.float32).div_(255.0)
-        if images.is_floating_point():
-            return images.to(torch.float32)
-        raise TypeError(f"images must be uint8 or floating point, got {images.dtype}")
+        return images.to(torch.float32)
 
     def _stats(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.mean.to(device=x.device, dtype=x.dtype), self.std.to(device=x.device, dtype=x.dtype)
@@ -529,14 +576,17 @@ class MultiPatchAugment(torch.nn.Module):
         gy = gy.view(n, bsz, s, 1).transpose(0, 1).expand(bsz, n, s, s)
         grid = torch.stack((gx, gy), dim=-1).view(bsz, n * s, s, 2)
         y = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)  # (B,3,n*S,S)
-        out = torch.empty(n * bsz, 3, s, s, device=x.device, dtype=torch.float32)
         # patch-major copy, fused with a clamp against bilinear rounding slightly above 1
-        torch.clamp(y.view(bsz, 3, n, s, s).permute(2, 0, 1, 3, 4), 0.0, 1.0, out=out.view(n, bsz, 3, s, s))
+        patch_major = y.view(bsz, 3, n, s, s).permute(2, 0, 1, 3, 4)
+        if torch.compiler.is_compiling():  # the compiler fuses this itself (and cannot write into a view with out=)
+            return patch_major.clamp(0.0, 1.0).reshape(n * bsz, 3, s, s)
+        out = torch.empty(n * bsz, 3, s, s, device=x.device, dtype=torch.float32)
+        torch.clamp(patch_major, 0.0, 1.0, out=out.view(n, bsz, 3, s, s))
         return out
 
     def _apply_photometric(self, out: torch.Tensor, params: dict[str, torch.Tensor]) -> None:
         """Colour jitter, grayscale, blur and solarize, IN PLACE on ``out`` (N, 3, S, S)."""
-        sync_free = self.sync_free if self.sync_free is not None else out.device.type != "cpu"
+        sync_free = self.sync_free if self.sync_free is not None else (self.compiled or out.device.type != "cpu")
         if sync_free:
             self._apply_photometric_masked(out, params)
             return
@@ -612,6 +662,17 @@ class MultiPatchAugment(torch.nn.Module):
             _where_(params["blur"], gaussian_blur(out, params["sigma"], self.blur_kernel_size).clamp_(0.0, 1.0), out)
         if self.solarize_p > 0:
             _where_(params["solarize"], solarize(out), out)
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_patches() -> Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+    """MultiPatchAugment.patches_from_uniforms through torch.compile (one compiled function for every instance; its
+    guards tell instances, devices and shapes apart), made at the first use so that importing compiles nothing."""
+    return torch.compile(_patches_from_uniforms)
+
+
+def _patches_from_uniforms(aug: MultiPatchAugment, images: torch.Tensor, u: torch.Tensor, n: int):
+    return aug.patches_from_uniforms(images, u, n)
 
 
 def _where_(mask: torch.Tensor, new: torch.Tensor, out: torch.Tensor) -> None:

@@ -136,7 +136,7 @@ def build_augment(cfg: Config, splits: DatasetSplits) -> MultiPatchAugment:
                              crop_ratio=tuple(a.crop_ratio), flip_p=a.flip_p, jitter=tuple(a.jitter),
                              jitter_p=a.jitter_p, gray_p=a.gray_p, blur_p=a.blur_p, blur_sigma=tuple(a.blur_sigma),
                              solarize_p=a.solarize_p, mean=tuple(splits.mean), std=tuple(splits.std),
-                             sync_free=a.sync_free)
+                             sync_free=a.sync_free, compiled=a.compile)
 
 
 def build_optimizer(cfg: Config, model: torch.nn.Module, extra: list[torch.nn.Module] = ()) -> LARS:

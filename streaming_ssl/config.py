@@ -76,6 +76,10 @@ class AugmentConfig:
     # apply the ops that act on random subsets of patches by masking (no host sync) or by indexing (less compute,
     # one sync per update); None: masking off the CPU (CUDA), indexing on it
     sync_free: bool | None = None
+    # torch.compile the augmentation after its random draw (masked path; the same patches up to float32 rounding):
+    # fewer, fused kernels per update. Compiles at the first update (about 15 s on 2 CPU cores) and at a new batch
+    # size. Meant for GPUs; measure with bench/speed.py --only ours,ours_compiled_augment. Not with sync_free=false.
+    compile: bool = False
 
 
 @dataclass
@@ -382,6 +386,9 @@ def validate(cfg: Config) -> None:
     _check(len(a.blur_sigma) == 2 and 0 < a.blur_sigma[0] <= a.blur_sigma[1], "augment.blur_sigma",
            f"must be [low, high] with 0 < low <= high, got {a.blur_sigma}")
     _check(a.size is None or a.size >= 8, "augment.size", f"must be >= 8 pixels, got {a.size}")
+    _check(not (a.compile and a.sync_free is False), "augment.compile",
+           "compiles the masked path, so it cannot be combined with augment.sync_free=false; "
+           "set augment.sync_free=null or augment.compile=false")
     _check(o.eps2 > 0, "objective.eps2", f"must be > 0, got {o.eps2}")
     _check(o.lam >= 0, "objective.lam", f"must be >= 0, got {o.lam}")
     _check(op.lr >= 0, "optim.lr", f"must be >= 0, got {op.lr}")

@@ -138,6 +138,8 @@ def _train(cfg: Config, *, resume: bool, overwrite: bool, lock: RunLock | None) 
                  ddp.world_size(), allocator.in_effect(dict(os.environ)))
         if cfg.train.compile:
             log.info("train.compile: the training forward is compiled at the first update (and at a new batch size)")
+        if cfg.augment.compile:
+            log.info("augment.compile: the augmentation is compiled at the first update (and at a new batch size)")
         _fit(run, state)
     finally:
         build.close_loggers(run.loggers)

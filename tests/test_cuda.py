@@ -24,6 +24,7 @@ from avalanche.core import SupervisedPlugin
 
 from scenarios.datasets import ImageData
 from scenarios.streams import build_stream
+from streaming_ssl import augment as augment_module
 from streaming_ssl import distributed as ddp
 from streaming_ssl.augment import MultiPatchAugment
 from streaming_ssl.cl import MixupPlugin, ReplayBufferPlugin
@@ -58,26 +59,34 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float().cpu() - b.float().cpu()).norm() / b.float().cpu().norm().clamp_min(1e-12))
 
 
-def augment_with_uniforms(aug: MultiPatchAugment, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """MultiPatchAugment.forward with given per-patch uniforms instead of a generator draw (the same steps)."""
-    xf = aug._to_float(x)
-    params = aug._sample(u.to(x.device), xf.shape[-2], xf.shape[-1])
-    out = aug._crop_resize(xf, u.shape[0] // x.shape[0], params["crop_box"], params["flip"])
-    aug._apply_photometric(out, params)
-    aug._normalize_(out)
-    return out
-
-
 def test_augment_same_uniforms_same_patches(dev):
     """Every op (crop-resize, flip, jitter in its random order, gray, blur, solarize, normalise) on the device
     equals the CPU for the same uniforms. Tolerance 1e-4 of the normalised range: float32 kernels only."""
     aug = MultiPatchAugment(6, 32, blur_p=0.5, solarize_p=0.5)
     x = images(16)
-    u = aug._uniforms(x.float(), 6, torch.Generator().manual_seed(1))
-    ref = augment_with_uniforms(aug, x, u)
-    got = augment_with_uniforms(aug.to(dev), x.to(dev), u)
+    u = aug._uniforms(x, 6, torch.Generator().manual_seed(1))
+    ref, _ = aug.patches_from_uniforms(x, u, 6)
+    got, _ = aug.to(dev).patches_from_uniforms(x.to(dev), u.to(dev), 6)
     assert got.device.type == dev.type and got.shape == ref.shape == (96, 3, 32, 32)
     torch.testing.assert_close(got.cpu(), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_compiled_augment_on_device_matches_cpu(dev):
+    """augment.compile on the device (its fused kernels: Triton on CUDA) against the eager CPU pipeline for the same
+    uniforms, and the parameters exactly. Same tolerance as above."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    kwargs = dict(blur_p=0.5, solarize_p=0.5, gray_p=0.5)
+    x = images(16, seed=2)
+    u = MultiPatchAugment._uniforms(x, 6, torch.Generator().manual_seed(2))
+    ref, ref_params = MultiPatchAugment(6, 32, **kwargs).patches_from_uniforms(x, u, 6)
+    aug = MultiPatchAugment(6, 32, compiled=True, **kwargs).to(dev)
+    got, params = augment_module._compiled_patches()(aug, x.to(dev), u.to(dev), 6)
+    assert got.device.type == dev.type and got.shape == ref.shape == (96, 3, 32, 32)
+    torch.testing.assert_close(got.cpu(), ref, rtol=1e-4, atol=1e-4)
+    assert all(torch.equal(params[k].cpu(), ref_params[k]) for k in ref_params)
+    assert torch._dynamo.eval_frame._debug_get_cache_entry_list(augment_module._patches_from_uniforms)  # compiled
 
 
 def test_augment_generator_on_device_is_distributed_as_configured(dev):

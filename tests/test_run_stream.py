@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+import streaming_ssl.augment as augment_module
 import streaming_ssl.cli.evaluate as evaluate
 import streaming_ssl.cli.train as run_stream
 from streaming_ssl import build
@@ -183,18 +184,22 @@ def test_recompute_bn_relu_trains_the_same_stream(split_run: Path, data_root: Pa
 
 
 def test_compiled_training_runs_the_stream(split_run: Path, data_root: Path, tmp_path: Path) -> None:
-    """train.compile=true trains the stream through torch.compile (graphs are captured) and checkpoints the plain
-    model. Its numerics are checked in test_models.py (20 updates amplify rounding, so runs are not compared)."""
+    """train.compile=true and augment.compile=true train the stream through torch.compile (graphs are captured) and
+    checkpoint the plain model. Their numerics are checked in test_models.py and test_augment.py (20 updates amplify
+    rounding, so runs are not compared)."""
     import torch._dynamo
 
     torch._dynamo.reset()
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     run_dir = tmp_path / "compiled"
     rc = run_stream.main(["--config", "configs/smoke.yaml", f"run.out_dir={run_dir}", f"data.root={data_root}",
-                          "train.compile=true"])
+                          "train.compile=true", "augment.compile=true"])
     assert rc == 0
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs
-    assert "train.compile" in (run_dir / "train.log").read_text()
+    # the augmentation ran compiled: dynamo holds a compiled entry for its frame (none after the reset above)
+    assert torch._dynamo.eval_frame._debug_get_cache_entry_list(augment_module._patches_from_uniforms)
+    log_text = (run_dir / "train.log").read_text()
+    assert "train.compile" in log_text and "augment.compile" in log_text
     e, c = _rows(split_run), _rows(run_dir)
     assert [r["updates"] for r in c] == [r["updates"] for r in e]
     assert all(0 <= r["probe/acc_all"] <= 1 for r in c)

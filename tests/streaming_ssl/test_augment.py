@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import streaming_ssl.augment as augment_module
 from streaming_ssl.augment import (
     MultiPatchAugment,
     adjust_hue,
@@ -475,6 +476,8 @@ def test_eval_patches() -> None:
         (dict(mean=(0.5, 0.5)), "mean"),
         (dict(std=(0.5, 0.0, 0.5)), "std"),
         (dict(sync_free="yes"), "sync_free"),
+        (dict(compiled="yes"), "compiled"),
+        (dict(compiled=True, sync_free=False), "compiled=True .* cannot be combined with sync_free=False"),
     ],
 )
 def test_invalid_arguments(kwargs: dict, name: str) -> None:
@@ -552,6 +555,33 @@ def test_sync_free_reads_nothing_back_on_the_host() -> None:
     assert out.device.type == "meta" and out.shape == (20, 3, 32, 32)
     with pytest.raises((NotImplementedError, RuntimeError)):
         MultiPatchAugment(5, 32, sync_free=False)(imgs)
+
+
+def test_compiled_augmentation_equals_eager() -> None:
+    """compiled=True (torch.compile after the random draw) gives the eager patches up to float32 rounding of the fused
+    arithmetic, the very same parameters, and leaves the generator where eager leaves it (the draw is eager). Every
+    op acts on about half the patches, so a compiled graph that dropped or reordered one would differ by far more
+    than the tolerance; uint8 and float images both go through it."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    kwargs = dict(jitter_p=0.6, gray_p=0.5, blur_p=0.5, solarize_p=0.5)
+    eager = MultiPatchAugment(3, 16, sync_free=False, **kwargs)
+    compiled = MultiPatchAugment(3, 16, compiled=True, **kwargs)
+    assert "compiled=True" in repr(compiled)
+    imgs = rand_u8(8, 20, seed=21)
+    for x in (imgs, imgs.float() / 255):
+        g_eager, g_compiled = gen(4), gen(4)
+        ref, ref_params = eager(x, g_eager, return_params=True)
+        out, params = compiled(x, g_compiled, return_params=True)
+        assert out.shape == ref.shape == (24, 3, 16, 16) and out.dtype == torch.float32 and out.is_contiguous()
+        torch.testing.assert_close(out, ref, rtol=0.0, atol=2e-5)
+        assert params.keys() == ref_params.keys() and all(torch.equal(params[k], ref_params[k]) for k in params)
+        assert torch.equal(g_eager.get_state(), g_compiled.get_state())
+    assert not torch.equal(ref, MultiPatchAugment(3, 16, **OFF)(imgs.float() / 255, gen(4)))  # the ops acted
+    assert torch._dynamo.eval_frame._debug_get_cache_entry_list(augment_module._patches_from_uniforms)  # it compiled
+    with pytest.raises(ValueError, match=r"u must be \(3 \* 8, 17\) uniforms"):
+        compiled.patches_from_uniforms(imgs, torch.rand(8, 17), 3)
 
 
 def test_autocast_region_keeps_float32() -> None:

@@ -197,6 +197,8 @@ def test_unknown_choices(override, match):
     (["train.compile=true", "model.recompute_bn_relu=true"],
      r"train\.compile: cannot be combined with model\.recompute_bn_relu .*set model\.recompute_bn_relu=false"),
     (["data.train_per_class=0"], r"data\.train_per_class: must be >= 1 or null"),
+    (["augment.compile=true", "augment.sync_free=false"],
+     r"augment\.compile: .*cannot be combined with augment\.sync_free=false; set augment\.sync_free=null"),
 ])
 def test_out_of_range_values(overrides, match):
     with pytest.raises(ConfigError, match=match):
