@@ -52,7 +52,7 @@ RESULT = ROOT / "bench" / "results" / "gpu_check.json"
 NO_CUDA_EXIT = 2
 TOL = {"loss_rel": 0.01, "tcr_rel": 0.05, "inv_abs": 0.005, "acc_abs": 0.05}
 SPEED_CASES = ("reference", "ours", "model_only", "ours_lowmem", "ours_compiled")
-# measured after those, for information (ours over each: what compiling the augmentation costs, and what masking its
+# measured after those, for information (ours over each: what compiling the augmentation gains, and what masking its
 # subsets gains, on the GPU); a missing result of these does not fail the check. The dry run leaves out the compiled.
 INFO_CASES = ("ours_compiled_augment", "ours_indexed")
 SMOKE = "configs/smoke.yaml"
