@@ -911,6 +911,9 @@ def parse_args(argv=None):
     p.add_argument("--ref-workers", type=int, help="DataLoader workers of the reference (default: cores)")
     p.add_argument("--data", help="data root (default: $STREAMING_SSL_DATA)")
     p.add_argument("--timeout", type=float, default=None, help="seconds allowed per case subprocess")
+    p.add_argument("--order", choices=("width", "case"), default="width",
+                   help="width: every case at one width, then the next width; case: every width of a case, then the "
+                        "next case (the cases listed last are the ones a time limit cuts; bench/gpu_check.py)")
     # worker mode (one case, one JSON line on stdout)
     p.add_argument("--case", choices=CASES + OPT_IN_CASES, help=argparse.SUPPRESS)
     p.add_argument("--width", type=float, help=argparse.SUPPRESS)
@@ -1025,6 +1028,24 @@ def subprocess_row(case: str, width: float, device: str, allocator: str, rep: in
             "error": f"no result (exit {proc.returncode})", "stderr_tail": proc.stderr[-3000:]}
 
 
+def make_plan(cases: list[str], widths: list[float], devices: list[str], allocators: list[str], repeats: int,
+              order: str = "width") -> list[tuple[int, str, float, str, str]]:
+    """(repeat, device, width, case, allocator) in the order they run: repeats outermost, then devices; inside,
+    width-major (every case at one width, then the next width) or case-major (every width of one case, then the
+    next case, so that the cases listed last are the ones a time limit cuts). Allocators alternate their order
+    from one repeat to the next."""
+    if order not in ("width", "case"):
+        raise ValueError(f"order must be 'width' or 'case', got {order!r}")
+    plan = []
+    for rep in range(repeats):
+        allocs = allocators if rep % 2 == 0 else allocators[::-1]
+        for dev in devices:
+            pairs = ([(w, c) for w in widths for c in cases] if order == "width" else
+                     [(w, c) for c in cases for w in widths])
+            plan += [(rep, dev, w, c, a) for w, c in pairs for a in allocs]
+    return plan
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.case:
@@ -1053,13 +1074,7 @@ def main(argv=None) -> int:
         for a in allocators:
             if a in PRELOAD:
                 preload_path(a)  # fail now, not after an hour
-    plan = []
-    for rep in range(repeats):
-        order = allocators if rep % 2 == 0 else allocators[::-1]
-        for dev in devices:
-            for width in widths:
-                for case in cases:
-                    plan += [(rep, dev, width, case, alloc) for alloc in order]
+    plan = make_plan(cases, widths, devices, allocators, repeats, args.order)
     t_start = time.perf_counter()
     for i, (rep, dev, width, case, alloc) in enumerate(plan, 1):
         t0 = time.perf_counter()

@@ -127,3 +127,20 @@ def test_unknown_allocator_is_refused_before_any_work():
     proc = _run(["--allocators", "default,mimalloc", "--out", os.devnull], timeout=120)
     assert proc.returncode != 0 and "unknown allocator(s) ['mimalloc']" in proc.stderr
     assert "jemalloc" in proc.stderr and "[1/" not in proc.stderr
+
+
+def test_case_major_order_puts_the_last_case_last_at_every_width():
+    """--order case (the GPU check's): every width of a case before the next case, so a time limit cuts only the
+    cases listed last; the default stays width-major; allocators alternate per repeat either way."""
+    code = ("import json, sys; sys.path.insert(0, 'bench'); import speed; "
+            "print(json.dumps([speed.make_plan(['a', 'b'], [0.25, 1.0], ['cuda'], ['x', 'y'], 2, o) "
+            "for o in ('case', 'width')]))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=str(ROOT), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    by_case, by_width = json.loads(proc.stdout.splitlines()[-1])
+    first = [(w, c, a) for r, _, w, c, a in by_case if r == 0]
+    assert first == [(0.25, "a", "x"), (0.25, "a", "y"), (1.0, "a", "x"), (1.0, "a", "y"),
+                     (0.25, "b", "x"), (0.25, "b", "y"), (1.0, "b", "x"), (1.0, "b", "y")]
+    assert [(w, c) for r, _, w, c, _ in by_width if r == 0][::2] == [(0.25, "a"), (0.25, "b"), (1.0, "a"), (1.0, "b")]
+    assert [a for r, *_, a in by_case if r == 1][:2] == ["y", "x"]  # second repeat: allocators reversed
+    assert sorted(map(tuple, by_case)) == sorted(map(tuple, by_width))  # the same runs, only reordered
