@@ -104,6 +104,16 @@ def test_sigkill_with_replay_distill_and_mixup_then_resume_is_exact(tmp_path: Pa
     assert set(a["plugins"]) == {"cl.replay", "cl.distill", "cl.mixup"}
     assert a["plugins"]["cl.replay"]["buffer"]["seen"] == 200
 
+    # bench/buffer_classes.py reads the label-free buffer's classes back: every image is a training image
+    out = tmp_path / "buffer_classes.json"
+    res = subprocess.run([sys.executable, str(ROOT / "bench" / "buffer_classes.py"), str(full), "--data", str(DATA),
+                          "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    buffers = json.loads(out.read_text())["runs"][str(full)]["buffers"]
+    hist = buffers["cl.replay/buffer/images"]
+    assert hist["images"] == 50 and hist["unmatched"] == 0 and sum(hist["per_class"]) == 50
+    assert hist["classes_at_least_10pct_of_uniform"] >= 2 and hist["largest_share"] < 1
+
 
 # ------------------------------------------------------------------------------------------ DDP
 WORLD = 2
