@@ -46,26 +46,54 @@ class ProbeRequest:
     bn_recalibrate: int | None = None
 
 
+@dataclass
+class CheckpointModel:
+    """A checkpoint's model rebuilt by its own config (load_checkpoint_model)."""
+
+    path: Path
+    state: dict
+    cfg: object  # streaming_ssl.config.Config, with the data root and device asked for
+    train_splits: object  # scenarios.datasets.DatasetSplits of the run's dataset (whole, no per-class slice)
+    model: torch.nn.Module  # on `device`, in train mode
+    augment: object  # streaming_ssl.augment.MultiPatchAugment on `device`
+    device: torch.device
+    amp_dtype: torch.dtype | None
+
+
+def load_checkpoint_model(checkpoint: str | Path, *, data_root: str | None = None, device: str | None = None,
+                          random_init: bool = False) -> CheckpointModel:
+    """The model and augmentation of a checkpoint file or run directory (its newest checkpoint).
+
+    The checkpoint's config builds them; its weights are loaded (weights_only) unless `random_init`, which keeps
+    the seeded initialisation of the same architecture (the floor). `data_root` and `device` override the
+    config's (None: the config's).
+    """
+    path, state = ckpt.load_latest(checkpoint)
+    cfg = config_from_dict(state["config"])
+    cfg.data.root = data_root or cfg.data.root
+    cfg.train.device = device or cfg.train.device
+    dev = resolve_device(cfg.train.device)
+    amp_dtype = resolve_precision(cfg.train.precision, dev)
+    torch.manual_seed(cfg.train.seed)
+    train_splits = build.load_splits(cfg)
+    model = build.build_model(cfg, build.model_stem(cfg, train_splits))
+    if not random_init:
+        ckpt.check_model_matches(state, model, str(path))
+        model.load_state_dict(state["model"])
+    model.to(dev)
+    augment = build.build_augment(cfg, train_splits).to(dev)
+    return CheckpointModel(path, state, cfg, train_splits, model, augment, dev, amp_dtype)
+
+
 def probe_checkpoint(req: ProbeRequest) -> dict:
     """Probe every requested dataset with the checkpoint's encoder; one result entry per dataset."""
     if req.bn_recalibrate is not None and req.bn_recalibrate < 0:
         raise ConfigError(f"--bn-recalibrate takes a number of images >= 0 (e.g. 10000), got {req.bn_recalibrate}")
-    path, state = ckpt.load_latest(req.checkpoint)
-    cfg = config_from_dict(state["config"])
+    run = load_checkpoint_model(req.checkpoint, data_root=req.data_root, device=req.device,
+                                random_init=req.random_init)
+    path, state, cfg, train_splits = run.path, run.state, run.cfg, run.train_splits
     n_recal = cfg.eval.bn_recalibrate if req.bn_recalibrate is None else req.bn_recalibrate
-    cfg.data.root = req.data_root or cfg.data.root
-    cfg.train.device = req.device or cfg.train.device
     cfg.eval.probe_epochs = req.probe_epochs or cfg.eval.probe_epochs
-    device = resolve_device(cfg.train.device)
-    amp_dtype = resolve_precision(cfg.train.precision, device)
-    torch.manual_seed(cfg.train.seed)
-    train_splits = build.load_splits(cfg)
-    model = build.build_model(cfg, build.model_stem(cfg, train_splits))
-    if not req.random_init:
-        ckpt.check_model_matches(state, model, str(path))
-        model.load_state_dict(state["model"])
-    model.to(device)
-    augment = build.build_augment(cfg, train_splits).to(device)
     patches = cfg.eval.patches if req.patches is None else req.patches
     result = {"checkpoint": str(path), "updates": int(state["position"]["global_step"]),
               "samples_seen": int(state["position"]["samples_seen"]), "patches": patches,
@@ -73,7 +101,7 @@ def probe_checkpoint(req: ProbeRequest) -> dict:
     if n_recal:
         result["bn_recalibrate"] = n_recal
     names = ([] if not req.in_domain else (req.datasets or [cfg.data.dataset])) + list(req.transfer)
-    prober = _Prober(cfg, req, model, augment, device, amp_dtype, patches, n_recal, path, result)
+    prober = _Prober(cfg, req, run.model, run.augment, run.device, run.amp_dtype, patches, n_recal, path, result)
     for name in names:
         splits = train_splits if name == cfg.data.dataset else build.load_splits(
             cfg, name, image_size=train_splits.image_size if is_generic(name) else None)
