@@ -114,6 +114,28 @@ def test_sigkill_with_replay_distill_and_mixup_then_resume_is_exact(tmp_path: Pa
     assert hist["images"] == 50 and hist["unmatched"] == 0 and sum(hist["per_class"]) == 50
     assert hist["classes_at_least_10pct_of_uniform"] >= 2 and hist["largest_share"] < 1
 
+    # bench/minred_buffer.py on the same checkpoint (its model rebuilt by load_checkpoint_model; the optimizer state
+    # holds the distillation predictor's groups too): every analysis runs and adds up
+    out = tmp_path / "minred_buffer.json"
+    res = subprocess.run([sys.executable, str(ROOT / "bench" / "minred_buffer.py"), str(full), "--data", str(DATA),
+                          "--per-class", "6", "--keep", "30", "--draws", "1", "--simulate", "--out", str(out)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    r = json.loads(out.read_text())["runs"][str(full)]
+    assert r["pool"] == 60 and r["current_experience"] == 2 and r["updates"] == 10
+    for w in ("z", "h"):
+        e = r["features"][w]
+        assert sum(e["kept_per_class"]) == 30 == sum(e["kept_per_experience"])
+        assert all(-1 <= s <= 1 for s in e["nn_similarity_per_class"])
+        m = r["one_update"]["mean"][w]
+        assert 0 <= m["drop_agreement_after_update"] <= 1 and 0 <= m["drop_agreement_float32"] <= 1
+        assert m["before"]["fresh_dropped"] + m["before"]["replayed_dropped"] <= 10
+    assert all(torch.isfinite(torch.tensor(r["one_update"]["losses"])))
+    sim = r["stream_fixed_features"]
+    assert sim["size"] == 50 and sim["batch"] == 20
+    for key in ("reservoir", "random", "minred_z", "minred_h"):
+        assert [sum(h) for h in sim[key]] == [50, 50, 50], key
+
 
 # ------------------------------------------------------------------------------------------ DDP
 WORLD = 2
