@@ -8,7 +8,9 @@ of the training set. Not a test.
 For each run directory (its latest checkpoint) or checkpoint file: every buffer in its plugins' state (uint8
 images, never labels), each image matched byte for byte to the training images of the dataset (it is one of
 them: buffers only ever hold stream images), and the class histogram, the largest class share and the number of
-classes with at least 10% of a uniform share. Writes bench/results/buffer_classes.json and prints a table.
+classes with at least 10% of a uniform share; when the run's stream is split by class, also the images from each
+experience's classes and the share from the experience the checkpoint is in (bench/minred_buffer.py reads the
+split from the checkpoint's config). Writes bench/results/buffer_classes.json and prints a table.
 """
 
 from __future__ import annotations
@@ -25,8 +27,11 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
+from bench.minred_buffer import current_experience, experience_split  # noqa: E402
 from scenarios.datasets import load_dataset  # noqa: E402
 from streaming_ssl import checkpoint as ckpt  # noqa: E402
+from streaming_ssl.build import per_class_subset  # noqa: E402
+from streaming_ssl.config import config_from_dict  # noqa: E402
 
 
 def image_buffers(state, path: str = "") -> list[tuple[str, torch.Tensor]]:
@@ -68,17 +73,28 @@ def main(argv=None) -> int:
         path = ckpt.resolve(run)
         state = ckpt.load(path)
         buffers = image_buffers(state.get("plugins", {}))
-        result["runs"][str(run)] = {"checkpoint": str(path), "updates": state.get("position"),
-                                    "buffers": {key: class_histogram(images, index, n_classes)
-                                                for key, images in buffers}}
+        entry = {"checkpoint": str(path), "updates": state.get("position"),
+                 "buffers": {key: class_histogram(images, index, n_classes) for key, images in buffers}}
+        cfg = config_from_dict(state["config"])
+        split = experience_split(cfg, n_classes)
+        if split is not None and cfg.data.dataset == args.dataset:
+            targets = per_class_subset(splits.train, cfg.data.train_per_class).targets
+            cur = current_experience(split, targets, int(state["position"]["samples_seen"]), cfg.stream.epochs)
+            entry.update(experience_classes=split, current_experience=cur)
+            for h in entry["buffers"].values():
+                h["per_experience"] = [sum(h["per_class"][c] for c in e) for e in split]
+                if cur is not None and h["images"]:
+                    h["share_current_experience"] = h["per_experience"][cur] / h["images"]
+        result["runs"][str(run)] = entry
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     names = " ".join(f"{n[:5]:>5}" for n in splits.class_names)
-    print(f"{'run / buffer':60} {names}  largest share")
+    print(f"{'run / buffer':60} {names}  largest share  current experience's share")
     for run, r in result["runs"].items():
         for key, h in r["buffers"].items():
             counts = " ".join(f"{c:5d}" for c in h["per_class"])
-            print(f"{(run + ' ' + key)[-60:]:60} {counts}  {h['largest_share']:.2f}")
+            cur = h.get("share_current_experience")
+            print(f"{(run + ' ' + key)[-60:]:60} {counts}  {h['largest_share']:.2f}  {'-' if cur is None else f'{cur:.2f}'}")
     print(f"wrote {args.out}")
     return 0
 

@@ -366,8 +366,10 @@ def plot(results: dict, path: Path) -> None:
             for k, classes in enumerate(split):
                 ax.text(k, float(bottom[k]) * 1.01, f"{float(hists[k, classes].sum() / bottom[k]):.0%}",
                         ha="center", va="bottom", fontsize=7)
-            label = key.replace("_partly_random", f" + {sim.get(key.replace('_partly_random', '_random_share'), 0):.0%} "
-                                "random")
+            label = key
+            if key.endswith("_partly_random"):
+                share = sim[key.replace("_partly_random", "_random_share")]
+                label = key.replace("_partly_random", f" + {share:.0%} random")
             ax.set_title(f"{label}\n{Path(name).name[:28]}", fontsize=8)
             ax.set_xticks(range(len(split)), [f"e{k}" for k in range(len(split))], fontsize=7)
     axes[0][0].set_ylabel("buffer images")

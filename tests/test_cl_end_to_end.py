@@ -113,6 +113,8 @@ def test_sigkill_with_replay_distill_and_mixup_then_resume_is_exact(tmp_path: Pa
     hist = buffers["cl.replay/buffer/images"]
     assert hist["images"] == 50 and hist["unmatched"] == 0 and sum(hist["per_class"]) == 50
     assert hist["classes_at_least_10pct_of_uniform"] >= 2 and hist["largest_share"] < 1
+    assert sum(hist["per_experience"]) == 50 and len(hist["per_experience"]) == 3  # the split of the run's config
+    assert hist["share_current_experience"] == hist["per_experience"][2] / 50
 
     # bench/minred_buffer.py on the same checkpoint (its model rebuilt by load_checkpoint_model; the optimizer state
     # holds the distillation predictor's groups too): every analysis runs and adds up
@@ -135,6 +137,7 @@ def test_sigkill_with_replay_distill_and_mixup_then_resume_is_exact(tmp_path: Pa
     assert sim["size"] == 50 and sim["batch"] == 20
     for key in ("reservoir", "random", "minred_z", "minred_h"):
         assert [sum(h) for h in sim[key]] == [50, 50, 50], key
+    assert out.with_suffix(".png").stat().st_size > 0
 
 
 # ------------------------------------------------------------------------------------------ DDP
