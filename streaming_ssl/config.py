@@ -175,6 +175,11 @@ class ReplayConfig:
     size: int = 500  # images the buffer holds (uint8, in memory, on the training device; never labels)
     batch: int = 100  # buffer images appended to each update (global batch); 0: buffer only feeds cl.mixup
     minred_features: str = field(default="z", metadata=_choices("z", "h"))  # what MinRed compares
+    # when MinRed's features are computed. all: every candidate's by the current model at every update (buffer +
+    # batch forwards); stored: each image's when offered, refreshed when replayed (MinRed's own bookkeeping;
+    # 2 x batch forwards). See streaming_ssl/cl/replay.py and bench/minred_buffer.py
+    minred_refresh: str = field(default="all", metadata=_choices("all", "stored"))
+    minred_ema: float = 0.5  # stored: a replayed image's feature <- ema * stored + (1 - ema) * new
 
 
 @dataclass
@@ -445,6 +450,10 @@ def _validate_cl(cl: ClConfig, s: StreamConfig) -> None:
     _check(r.policy == "none" or r.batch > 0 or x.enabled, "cl.replay.batch",
            f"is 0 with cl.replay.policy={r.policy}: the buffer would be filled and never used; set cl.replay.batch "
            "to the buffer images per update (e.g. 100), or cl.mixup.enabled=true to use it for mixup only")
+    _check(r.minred_refresh == "all" or r.policy == "minred", "cl.replay.minred_refresh",
+           f"is {r.minred_refresh!r}, which only MinRed uses, but cl.replay.policy={r.policy}: set "
+           "cl.replay.policy=minred, or leave cl.replay.minred_refresh at 'all'")
+    _check(0 <= r.minred_ema < 1, "cl.replay.minred_ema", f"must be in [0, 1), got {r.minred_ema}")
     _check(d.weight > 0 or not d.enabled, "cl.distill.weight", f"must be > 0 with cl.distill.enabled, got {d.weight}")
     _check(d.every >= 0, "cl.distill.every", f"must be >= 0 (0: at experience boundaries), got {d.every}")
     _check(d.hidden_dim >= 1, "cl.distill.hidden_dim", f"must be >= 1, got {d.hidden_dim}")

@@ -177,7 +177,8 @@ def _train(case: str) -> dict:
     torch.manual_seed(0)
     model = TinyNoBN()
     initial = {k: v.clone() for k, v in model.state_dict().items()}
-    replay = ReplayBufferPlugin(policy="minred" if case == "minred" else "reservoir", seed=5, **REPLAY)
+    replay = ReplayBufferPlugin(policy="reservoir" if case in ("reservoir", "all") else "minred",
+                                minred_refresh="stored" if case == "minred_stored" else "all", seed=5, **REPLAY)
     plugins: list = [replay]
     if case == "all":
         plugins = [MixupPlugin(replay, alpha=0.4, seed=5), replay,
@@ -224,7 +225,7 @@ def _rank_main(workdir: Path) -> None:
     torch.set_num_threads(1)
     assert ddp.init_from_env("cpu") and dist.get_backend() == "gloo"
     try:
-        out = {case: _train(case) for case in ("reservoir", "minred", "all")}
+        out = {case: _train(case) for case in ("reservoir", "minred", "minred_stored", "all")}
         torch.save(out, workdir / f"rank{ddp.rank()}.pt")
     finally:
         dist.destroy_process_group()
@@ -247,7 +248,7 @@ def ddp_runs(tmp_path_factory) -> dict:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        single = {case: _train(case) for case in ("reservoir", "minred")}
+        single = {case: _train(case) for case in ("reservoir", "minred", "minred_stored")}
         rc = proc.wait(timeout=TIMEOUT)
     except subprocess.TimeoutExpired:
         pytest.fail(f"the 2-rank launch did not finish within {TIMEOUT} s")
@@ -261,7 +262,7 @@ def ddp_runs(tmp_path_factory) -> dict:
     return {"single": single, "ranks": ranks}
 
 
-@pytest.mark.parametrize("case", ["reservoir", "minred"])
+@pytest.mark.parametrize("case", ["reservoir", "minred", "minred_stored"])
 def test_ddp_replay_equals_one_process_on_the_global_batch(ddp_runs, case: str) -> None:
     one, ranks = ddp_runs["single"][case], [r[case] for r in ddp_runs["ranks"]]
     assert len(one["buffer"]) == REPLAY["size"]

@@ -46,7 +46,8 @@ def build_cl_plugins(cfg, *, model: torch.nn.Module, train_size: int, device: to
             raise ConfigError(f"cl.replay.size: a buffer of {r.size} images is larger than the {train_size} training "
                               f"images of this run; set cl.replay.size <= {train_size}")
         replay = ReplayBufferPlugin(size=r.size, batch=r.batch, policy=r.policy, minred_features=r.minred_features,
-                                    seed=cfg.train.seed, device=device)
+                                    minred_refresh=r.minred_refresh, minred_ema=r.minred_ema, seed=cfg.train.seed,
+                                    device=device)
     if x.enabled:
         if replay is None:
             raise ConfigError("cl.mixup.enabled needs a buffer: set cl.replay.policy=reservoir (or minred)")

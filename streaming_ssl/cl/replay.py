@@ -9,8 +9,15 @@ Policies (what the buffer keeps of the stream):
   ECCV 2022): when the buffer and the new images exceed the size, the most redundant images are dropped
   one at a time until `size` remain: the pair (i, j) with the highest cosine similarity of their features
   is found and, of the two, the one more similar to the rest (its second-nearest neighbour) goes.
-  Features are the current model's z (or h) of the whole images, in eval mode under inference_mode;
-  these forwards count as ``extra_forwards``.
+  Features are the model's z (or h) of the whole images, in eval mode under inference_mode; these forwards
+  count as ``extra_forwards``. ``minred_refresh`` says when they are computed:
+  ``all`` (default): every candidate's, by the current model, at every update once the buffer is full
+  (buffer + batch forwards per update). The choice then follows a model that changes every update: in
+  bench/minred_buffer.py one update changes 15% of the images MinRed drops, and its buffer on a
+  class-incremental stream ends up holding mostly the newest classes.
+  ``stored``: the bookkeeping of MinRed's and of the CMP authors' code: each buffer image keeps the
+  feature it had when offered, refreshed when it is replayed (after that update, by the updated model:
+  stored <- ema * stored + (1 - ema) * new, unit-normalised), so 2 x batch forwards per update.
 
 The plugin (ReplayBufferPlugin), per update:
   before_training_iteration: remembers this rank's stream images (before any plugin changes the batch).
@@ -43,6 +50,7 @@ from streaming_ssl.seeds import derive_seed
 log = logging.getLogger(__name__)
 
 POLICIES = ("reservoir", "minred")
+MINRED_REFRESH = ("all", "stored")
 
 
 # ------------------------------------------------------------------------------------------ pure maths
@@ -209,6 +217,8 @@ class ReplayBufferPlugin(SupervisedPlugin):
             without replaying it (LUMP mixup only).
         policy: "reservoir" or "minred".
         minred_features: "z" or "h", the features MinRed compares.
+        minred_refresh: "all" or "stored" (the module docstring): when MinRed's features are computed.
+        minred_ema: with "stored", the weight of the stored feature when a replayed image's is refreshed.
         seed: seeds the buffer's generators (identical on every rank).
         device: where the buffer's images live (the training device).
     """
@@ -216,14 +226,25 @@ class ReplayBufferPlugin(SupervisedPlugin):
     state_key = "cl.replay"
 
     def __init__(self, *, size: int, batch: int, policy: str = "reservoir", minred_features: str = "z",
-                 seed: int = 0, device: torch.device | str = "cpu") -> None:
+                 minred_refresh: str = "all", minred_ema: float = 0.5, seed: int = 0,
+                 device: torch.device | str = "cpu") -> None:
         super().__init__()
         if policy not in POLICIES:
             raise ValueError(f"unknown replay policy {policy!r}; valid: {', '.join(POLICIES)}")
+        if minred_refresh not in MINRED_REFRESH:
+            raise ValueError(f"unknown minred_refresh {minred_refresh!r}; valid: {', '.join(MINRED_REFRESH)}")
+        if not 0 <= minred_ema < 1:
+            raise ValueError(f"minred_ema must be in [0, 1), got {minred_ema}")
         if batch < 0:
             raise ValueError(f"the replay batch must be >= 0, got {batch}")
         self.buffer = ImageBuffer(size, device)
         self.batch, self.policy, self.minred_features = int(batch), policy, minred_features
+        self.stored = policy == "minred" and minred_refresh == "stored"
+        self.minred_refresh, self.minred_ema = minred_refresh, float(minred_ema)
+        # "stored": (filled, d) unit float32 features on the host, one per buffer slot; kept by rank 0 only, which
+        # makes every MinRed decision (other ranks hold None)
+        self.features: torch.Tensor | None = None
+        self._replayed: torch.Tensor | None = None  # slots replayed in the update in progress ("stored")
         self.insert_gen = torch.Generator().manual_seed(derive_seed(seed, "replay", "insert"))
         self.sample_gen = torch.Generator().manual_seed(derive_seed(seed, "replay", "sample"))
         self._stream: torch.Tensor | None = None
@@ -241,6 +262,8 @@ class ReplayBufferPlugin(SupervisedPlugin):
         if k == 0:
             return
         slots = self.buffer.sample(k, self.sample_gen)
+        if self.stored:
+            self._replayed = slots
         lo, hi = ddp.shard_bounds(k)
         mine = self.buffer.contents()[host_to_device(slots[lo:hi], self.buffer.device)]
         x = strategy.mbatch[0]
@@ -251,8 +274,11 @@ class ReplayBufferPlugin(SupervisedPlugin):
 
     def after_training_iteration(self, strategy, **kwargs) -> None:
         stream, self._stream = self._stream, None
+        replayed, self._replayed = self._replayed, None
         if stream is None:
             return
+        if replayed is not None:
+            self.refresh(replayed, strategy)
         self.insert(gather_global_batch(stream, global_stream_size(strategy, len(stream))), strategy)
         strategy.counters.buffer_bytes = self.buffer.nbytes
 
@@ -262,6 +288,9 @@ class ReplayBufferPlugin(SupervisedPlugin):
             self.buffer.add_reservoir(images, self.insert_gen)
             return
         cand = self.buffer.candidates(images)
+        if self.stored:
+            self._insert_stored(cand, len(images), strategy)
+            return
         if len(cand) <= self.buffer.capacity:
             self.buffer.set_contents(cand, len(images))
             return
@@ -274,14 +303,57 @@ class ReplayBufferPlugin(SupervisedPlugin):
         strategy.counters.extra_forwards += len(cand)
         self.buffer.set_contents(cand[torch.tensor(keep, device=cand.device)], len(images))
 
+    def _features(self, images: torch.Tensor, strategy) -> torch.Tensor:
+        """Unit-normalised float32 features of whole images on the host, by the strategy's current model."""
+        feats = model_features(strategy.core_model, images, strategy.augment, which=self.minred_features,
+                               amp_dtype=strategy.amp_dtype)
+        return F.normalize(feats.cpu(), dim=1)
+
+    def _insert_stored(self, cand: torch.Tensor, n_new: int, strategy) -> None:
+        """MinRed over the stored features and those of the `n_new` offered images (the last candidates),
+        computed now, once."""
+        keep = None
+        if ddp.is_main():
+            new = self._features(cand[len(cand) - n_new:], strategy)
+            feats = new if self.features is None else torch.cat([self.features, new])
+            keep = (minred_keep(feats, self.buffer.capacity) if len(cand) > self.buffer.capacity
+                    else torch.arange(len(cand))).tolist()
+            self.features = feats[keep]
+        keep = ddp.broadcast_object(keep)
+        strategy.counters.extra_forwards += n_new
+        self.buffer.set_contents(cand[torch.tensor(keep, device=cand.device)], n_new)
+
+    def refresh(self, slots: torch.Tensor, strategy) -> None:
+        """"stored": the features of the buffer images in `slots` (replayed by this update), refreshed by the
+        updated model: ema * stored + (1 - ema) * new, unit-normalised."""
+        if ddp.is_main():
+            new = self._features(self.buffer.contents()[host_to_device(slots, self.buffer.device)], strategy)
+            self.features[slots] = F.normalize(self.minred_ema * self.features[slots] + (1 - self.minred_ema) * new,
+                                               dim=1)
+        strategy.counters.extra_forwards += len(slots)
+
     def state_dict(self) -> dict:
-        return {"buffer": self.buffer.state_dict(), "insert_gen": self.insert_gen.get_state(),
-                "sample_gen": self.sample_gen.get_state(), "policy": self.policy}
+        state = {"buffer": self.buffer.state_dict(), "insert_gen": self.insert_gen.get_state(),
+                 "sample_gen": self.sample_gen.get_state(), "policy": self.policy}
+        if self.stored:
+            state["features"] = None if self.features is None else self.features.clone()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         if state["policy"] != self.policy:
             raise ValueError(f"the checkpoint's replay buffer was filled by {state['policy']!r}, this run uses "
                              f"{self.policy!r}: resume with the run's saved config (cl.replay.policy)")
+        if ("features" in state) != self.stored:
+            was, now = ("stored", "all") if "features" in state else ("all", "stored")
+            raise ValueError(f"the checkpoint's MinRed buffer was kept with minred_refresh={was!r}, this run uses "
+                             f"{now!r}: resume with the run's saved config (cl.replay.minred_refresh)")
+        if self.stored:
+            feats, n = state["features"], len(state["buffer"]["images"])
+            if (0 if feats is None else len(feats)) != n:
+                raise ValueError(f"the checkpoint's MinRed buffer holds {n} images but "
+                                 f"{0 if feats is None else len(feats)} stored features: the checkpoint is damaged; "
+                                 "resume from an earlier ckpt_*.pt of the run")
+            self.features = None if feats is None else feats.clone()
         self.buffer.load_state_dict(state["buffer"])
         self.insert_gen.set_state(state["insert_gen"])
         self.sample_gen.set_state(state["sample_gen"])

@@ -45,6 +45,10 @@ def test_all_three_compose_in_a_fixed_order() -> None:
     (["cl.distill.enabled=true", "cl.distill.weight=0"], "cl.distill.weight", "> 0"),
     (["cl.distill.every=-2"], "cl.distill.every", ">= 0"),
     (["cl.replay.minred_features=x"], "cl.replay.minred_features", "z"),
+    (["cl.replay.policy=reservoir", "cl.replay.minred_refresh=stored"], "cl.replay.minred_refresh",
+     "cl.replay.policy=minred"),
+    (["cl.replay.minred_refresh=some"], "cl.replay.minred_refresh", "stored"),
+    (["cl.replay.policy=minred", "cl.replay.minred_ema=1"], "cl.replay.minred_ema", "[0, 1)"),
     (["cl.replay.polcy=reservoir"], "cl.replay.polcy", "cl.replay.policy"),
 ])
 def test_bad_combinations_are_refused_at_load(overrides: list[str], key: str, fix: str) -> None:

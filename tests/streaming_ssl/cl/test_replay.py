@@ -124,3 +124,68 @@ def test_minred_run_keeps_a_full_buffer_of_stream_images() -> None:
     # candidates forwarded when the buffer overflowed: 8 + 8 at the 2nd update, then 10 + 8 at each later one
     assert strategy.counters.extra_forwards == 2 * BATCH + 4 * (10 + BATCH)
     assert strategy.model.training  # the feature forwards restored the training mode
+
+
+def _frozen(model: torch.nn.Module) -> torch.nn.Module:
+    """BatchNorm statistics that training does not move (with lr=0, the model's features never change)."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):  # 2-d in the encoder, 1-d in the heads
+            m.momentum = 0.0
+    return model
+
+
+def test_minred_stored_features_choose_as_recomputed_ones_while_the_model_is_fixed() -> None:
+    from tests.streaming_ssl.cl.tiny import tiny_model
+
+    runs = {}
+    for refresh in ("all", "stored"):
+        replay = ReplayBufferPlugin(size=10, batch=4, policy="minred", minred_refresh=refresh, seed=3)
+        torch.manual_seed(0)  # the same weights in both runs
+        stream, strategy, _ = build_strategy([replay], model=_frozen(tiny_model()), lr=0.0)
+        strategy.train(list(stream), eval_streams=[])
+        runs[refresh] = (replay, strategy)
+    (all_, s_all), (stored, s_stored) = runs["all"], runs["stored"]
+    assert torch.equal(stored.buffer.contents(), all_.buffer.contents())  # the same choices ...
+    # ... for 8 offered per update (6 updates) + 4 replayed in each of the last 5, instead of every candidate
+    assert s_stored.counters.extra_forwards == 6 * BATCH + 5 * 4 < s_all.counters.extra_forwards == 88
+    # the stored features are those of the held images (refreshing with the same model changes nothing)
+    torch.testing.assert_close(stored.features, stored._features(stored.buffer.contents(), s_stored), atol=1e-5,
+                               rtol=0)
+    assert all_.features is None and "features" not in all_.state_dict()
+
+
+def test_minred_stored_refresh_moves_only_the_replayed_features_by_the_ema() -> None:
+    replay = ReplayBufferPlugin(size=10, batch=4, policy="minred", minred_refresh="stored", minred_ema=0.25, seed=3)
+    stream, strategy, _ = build_strategy([replay])
+    strategy.train(list(stream), eval_streams=[])  # a model that learned: stored features are now stale
+    before = replay.features.clone()
+    current = replay._features(replay.buffer.contents(), strategy)
+    assert (before - current).norm(dim=1).max() > 1e-3
+    slots = torch.tensor([1, 4, 7])
+    forwards = strategy.counters.extra_forwards
+    replay.refresh(slots, strategy)
+    want = torch.nn.functional.normalize(0.25 * before[slots] + 0.75 * current[slots], dim=1)
+    torch.testing.assert_close(replay.features[slots], want, atol=1e-6, rtol=0)
+    others = torch.tensor([i for i in range(10) if i not in slots.tolist()])
+    assert torch.equal(replay.features[others], before[others])
+    assert strategy.counters.extra_forwards == forwards + 3
+
+
+def test_minred_stored_state_round_trips_and_refuses_the_other_mode_or_a_damaged_state() -> None:
+    replay = ReplayBufferPlugin(size=10, batch=4, policy="minred", minred_refresh="stored", seed=3)
+    stream, strategy, _ = build_strategy([replay])
+    strategy.train(list(stream), eval_streams=[])
+    state = replay.state_dict()
+    assert state["features"].shape == (10, replay.features.shape[1]) and state["features"].dtype == torch.float32
+    again = ReplayBufferPlugin(size=10, batch=4, policy="minred", minred_refresh="stored", seed=3)
+    again.load_state_dict(state)
+    assert torch.equal(again.features, replay.features)
+    assert torch.equal(again.buffer.contents(), replay.buffer.contents())
+    with pytest.raises(ValueError, match="cl.replay.minred_refresh"):
+        ReplayBufferPlugin(size=10, batch=4, policy="minred", seed=3).load_state_dict(state)
+    with pytest.raises(ValueError, match="cl.replay.minred_refresh"):
+        again.load_state_dict(ReplayBufferPlugin(size=10, batch=4, policy="minred", seed=3).state_dict())
+    with pytest.raises(ValueError, match="earlier ckpt"):
+        again.load_state_dict({**state, "features": state["features"][:7]})
+    with pytest.raises(ValueError, match="minred_ema"):
+        ReplayBufferPlugin(size=10, batch=4, policy="minred", minred_refresh="stored", minred_ema=1.0)
