@@ -60,6 +60,7 @@ ROWS = {
     "online_cifar10_b20": "configs/accuracy/online_cifar10_b20.yaml",  # control of online replay's batch of 20
     "online_cifar10_minred": "configs/accuracy/online_cifar10_minred.yaml",  # online replay with MinRed's buffer
     "online_cifar10_minred_h": "configs/accuracy/online_cifar10_minred_h.yaml",  # MinRed comparing h, not z
+    "online_cifar10_minred_stored": "configs/accuracy/online_cifar10_minred_stored.yaml",  # MinRed's bookkeeping
 }
 
 
@@ -101,7 +102,8 @@ LABELS = {"random_init": "random-init encoder (floor)", "offline_1epoch": "offli
           "online_cifar10_replay": "online + replay (reservoir 500, 10/update)",
           "online_cifar10_b20": "online, mini-experiences of 20 (batch 20)",
           "online_cifar10_minred": "online + replay (MinRed 500, 10/update)",
-          "online_cifar10_minred_h": "online + replay (MinRed on h, 500, 10/update)"}
+          "online_cifar10_minred_h": "online + replay (MinRed on h, 500, 10/update)",
+          "online_cifar10_minred_stored": "online + replay (MinRed, stored features, 500, 10/update)"}
 
 
 SEED_MARK = "@seed"  # results key of a row trained with another seed: "split_cifar10@seed1"
@@ -142,7 +144,7 @@ def _seeds(values: list[float]) -> str:
 SPLIT_METHODS = ("split_cifar10_replay", "split_cifar10_distill", "split_cifar10_distill_w20", "split_cifar10_mixup",
                  "split_cifar10_replay_distill", "split_cifar10_replay_mixup")
 ONLINE_METHODS = ("online_cifar10", "online_cifar10_replay", "online_cifar10_b20", "online_cifar10_minred",
-                  "online_cifar10_minred_h")
+                  "online_cifar10_minred_h", "online_cifar10_minred_stored")
 GAP_SHARE, COMPUTE_RATIO, ONLINE_POINTS = 0.5, 2.0, 3.0
 
 
