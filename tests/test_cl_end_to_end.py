@@ -39,9 +39,9 @@ RUN_ARGS = ["train.deterministic=true", "train.threads=1", "data.train_per_class
             "run.plot=false", *CL_ARGS]
 
 
-def _cmd(run_dir: Path) -> list[str]:
+def _cmd(run_dir: Path, extra: tuple[str, ...] = ()) -> list[str]:
     return [sys.executable, str(ROOT / "run_stream.py"), "--config", str(ROOT / "configs/smoke.yaml"),
-            f"run.out_dir={run_dir}", f"data.root={Path(DATA or '.').resolve()}", *RUN_ARGS]
+            f"run.out_dir={run_dir}", f"data.root={Path(DATA or '.').resolve()}", *RUN_ARGS, *extra]
 
 
 def _rows(run_dir: Path) -> list[dict]:
@@ -65,14 +65,15 @@ def _assert_equal(a, b, where: str = "") -> None:
         assert a == b, where
 
 
-@needs_data
-def test_sigkill_with_replay_distill_and_mixup_then_resume_is_exact(tmp_path: Path) -> None:
+def _kill_and_resume(tmp_path: Path, extra: tuple[str, ...] = ()) -> tuple[Path, dict]:
+    """A full run and one SIGKILLed after its 6th update's checkpoint then resumed: (the full run's directory,
+    the killed run's checkpoint state before resuming); asserts the two end bitwise equal."""
     from streaming_ssl import checkpoint as ckpt
 
     full, killed = tmp_path / "full", tmp_path / "killed"
     quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.PIPE}
-    ref = subprocess.Popen(_cmd(full), cwd=ROOT, **quiet)
-    proc = subprocess.Popen(_cmd(killed), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ref = subprocess.Popen(_cmd(full, extra), cwd=ROOT, **quiet)
+    proc = subprocess.Popen(_cmd(killed, extra), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + TIMEOUT
     try:
         while time.time() < deadline and not (killed / "ckpt_000000006.pt").exists():
@@ -103,6 +104,19 @@ def test_sigkill_with_replay_distill_and_mixup_then_resume_is_exact(tmp_path: Pa
         _assert_equal(a[key], b[key], key)
     assert set(a["plugins"]) == {"cl.replay", "cl.distill", "cl.mixup"}
     assert a["plugins"]["cl.replay"]["buffer"]["seen"] == 200
+    return full, state
+
+
+@needs_data
+def test_sigkill_with_minred_stored_features_then_resume_is_exact(tmp_path: Path) -> None:
+    _, state = _kill_and_resume(tmp_path, ("cl.replay.policy=minred", "cl.replay.minred_refresh=stored"))
+    replay = state["plugins"]["cl.replay"]
+    assert len(replay["features"]) == len(replay["buffer"]["images"]) > 0  # resumed with the stored features
+
+
+@needs_data
+def test_sigkill_with_replay_distill_and_mixup_then_resume_is_exact(tmp_path: Path) -> None:
+    full, _ = _kill_and_resume(tmp_path)
 
     # bench/buffer_classes.py reads the label-free buffer's classes back: every image is a training image
     out = tmp_path / "buffer_classes.json"
