@@ -262,7 +262,8 @@ def stream_with_fixed_features(run, train, split: list[list[int]], *, size: int,
 
 
 def analyse(checkpoint: str, *, per_class: int, keep: int, which: list[str], seed: int, data: str | None,
-            device: str, draws: int = 0, simulate: dict | None = None, random_init: bool = False) -> dict:
+            device: str, draws: int = 0, simulate: dict | None = None, sim_features: list[str] | None = None,
+            random_init: bool = False) -> dict:
     """The three analyses of one checkpoint (the module docstring). `simulate`: None, or {"size", "batch", and
     "split" for a run whose stream is not split by class (the stream of another run)}; the run's own split, buffer
     size and batch win when it has them."""
@@ -309,7 +310,8 @@ def analyse(checkpoint: str, *, per_class: int, keep: int, which: list[str], see
         # the share of MinRed's drops one update changes (analysis 2), as a per-drop chance of a random one
         shares = {w: 1 - m["drop_agreement_after_update"] for w, m in out.get("one_update", {}).get("mean", {}).items()}
         out["stream_fixed_features"] = stream_with_fixed_features(run, train, sim_split, size=size, batch=batch,
-                                                                  which=which, seed=seed, random_shares=shares)
+                                                                  which=sim_features or which, seed=seed,
+                                                                  random_shares=shares)
     return out
 
 
@@ -366,11 +368,12 @@ def plot(results: dict, path: Path) -> None:
             for k, classes in enumerate(split):
                 ax.text(k, float(bottom[k]) * 1.01, f"{float(hists[k, classes].sum() / bottom[k]):.0%}",
                         ha="center", va="bottom", fontsize=7)
+            ax.set_ylim(0, float(bottom.max()) * 1.12)
             label = key
             if key.endswith("_partly_random"):
                 share = sim[key.replace("_partly_random", "_random_share")]
                 label = key.replace("_partly_random", f" + {share:.0%} random")
-            ax.set_title(f"{label}\n{Path(name).name[:28]}", fontsize=8)
+            ax.set_title(f"{label}\n{Path(name).name[:28]}", fontsize=8, pad=4)
             ax.set_xticks(range(len(split)), [f"e{k}" for k in range(len(split))], fontsize=7)
     axes[0][0].set_ylabel("buffer images")
     fig.legend(loc="lower center", ncol=10, fontsize=7, frameon=False)
@@ -389,6 +392,8 @@ def main(argv=None) -> int:
     p.add_argument("--features", nargs="+", choices=("z", "h"), default=["z", "h"])
     p.add_argument("--draws", type=int, default=4, help="one-update experiments per checkpoint (0: none)")
     p.add_argument("--simulate", action="store_true", help="also the stream with fixed features (analysis 3)")
+    p.add_argument("--sim-features", nargs="+", choices=("z", "h"), default=None,
+                   help="the features analysis 3 simulates MinRed with (default: --features)")
     p.add_argument("--random-init", action="store_true", help="also the first run's architecture, untrained")
     p.add_argument("--seed", type=int, default=0, help="seeds the pool (the same for every checkpoint)")
     p.add_argument("--data", default=None, help="data root (default: the runs' config / $STREAMING_SSL_DATA)")
@@ -406,7 +411,7 @@ def main(argv=None) -> int:
     simulate = {"size": 500, "batch": 10} if args.simulate else None
     results = {}
     for r in args.runs:  # a run without a class split simulates the stream of the first run before it that has one
-        results[str(r)] = analyse(r, draws=args.draws, simulate=simulate, **kw)
+        results[str(r)] = analyse(r, draws=args.draws, simulate=simulate, sim_features=args.sim_features, **kw)
         if simulate is not None and "split" not in simulate and "experience_classes" in results[str(r)]:
             sim = results[str(r)].get("stream_fixed_features", {})
             simulate.update(split=results[str(r)]["experience_classes"], size=sim.get("size", 500),
