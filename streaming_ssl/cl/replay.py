@@ -17,7 +17,8 @@ Policies (what the buffer keeps of the stream):
   class-incremental stream ends up holding mostly the newest classes.
   ``stored``: the bookkeeping of MinRed's and of the CMP authors' code: each buffer image keeps the
   feature it had when offered, refreshed when it is replayed (after that update, by the updated model:
-  stored <- ema * stored + (1 - ema) * new, unit-normalised), so 2 x batch forwards per update.
+  stored <- ema * stored + (1 - ema) * new, unit-normalised), so 2 x batch forwards per update. On the
+  same stream its buffer is as recent (stale features of old images beside fresh ones of new images).
 
 The plugin (ReplayBufferPlugin), per update:
   before_training_iteration: remembers this rank's stream images (before any plugin changes the batch).
