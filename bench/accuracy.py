@@ -456,15 +456,11 @@ def main() -> int:
 
 
 def machine() -> str:
-    """CPU model, core count, and the precision `train.precision=auto` gives on it (rows compare only within one)."""
-    import platform
+    """CPU model and generation, cores, ISA, and the precision `train.precision=auto` gives on it (rows compare
+    only within one)."""
+    from streaming_ssl.device import cpu_kind
 
-    import torch
-
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else "?"
-    bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    return f"{model}, {os.cpu_count()} cores, {'AVX512-BF16: bf16' if bf16 else 'no native bf16: fp32'}"
+    return cpu_kind()
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import statistics
 import sys
@@ -33,6 +32,7 @@ import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from streaming_ssl.augment import MultiPatchAugment  # noqa: E402
+from streaming_ssl.device import cpu_kind  # noqa: E402
 
 
 class OpCounter(TorchDispatchMode):
@@ -84,16 +84,6 @@ def time_calls(augs: dict, x: torch.Tensor, rounds: int) -> dict:
             for name, t in times.items()}
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
@@ -111,7 +101,7 @@ def main(argv=None) -> int:
              ("compiled", dict(compiled=True)))}
     result = {
         "device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "cpu": cpu_name(),
+        "cpu": cpu_kind(),
         "bf16_cpu": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
         "cuda": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "images": args.batch, "patches_per_image": args.patches, "size": args.size,

@@ -949,12 +949,8 @@ def devices_from(args) -> list[str]:
 def meta(args, sizes: Sizes, mode: str) -> dict:
     import torch
 
-    cpu = ""
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    from streaming_ssl.device import cpu_kind, cpu_supports_bf16
+
     try:
         import psutil  # noqa: F401
 
@@ -962,7 +958,7 @@ def meta(args, sizes: Sizes, mode: str) -> dict:
     except ImportError:
         has_psutil = False
     return {"mode": mode, "argv": sys.argv[1:], "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "python": platform.python_version(), "torch": torch.__version__, "cpu": cpu, "cores": os.cpu_count(),
+            "python": platform.python_version(), "torch": torch.__version__, "cpu": cpu_kind(), "cores": os.cpu_count(),
             "threads": args.threads or os.cpu_count(), "tunables": TUNABLES, "psutil": has_psutil,
             "loadavg_start": os.getloadavg(), "sizes": dataclasses.asdict(sizes),
             "notes": {
@@ -971,7 +967,9 @@ def meta(args, sizes: Sizes, mode: str) -> dict:
                                    "so the comparison isolates the pipeline (PIL augmentation in DataLoader workers, "
                                    "d x d logdet objective, SGD wrapped by LARS)",
                 "model_only": "forward + emp_ssl_loss + backward + LARS step on pre-made channels_last patches",
-                "precision": "fp32 on CPUs without native bf16 (this one); bf16 autocast on CUDA / AVX512-BF16 CPUs",
+                "precision": "reference: fp32, as the authors' code; ours, model_only: bf16 autocast on CUDA and on CPUs "
+                             "with native bf16 (this CPU: " + ("bf16" if cpu_supports_bf16() else "fp32") + "), "
+                             "else fp32; each row's amp_dtype says which",
                 "kornia": "augment case: kornia.augmentation doing the reference chain, when kornia is installed",
                 "ratios": "each ratio pairs both sides from the same repeat and allocator; median and [min, max]",
             }}

@@ -29,6 +29,37 @@ def cpu_supports_bf16() -> bool:
         return False
 
 
+# the instruction sets that decide the CPU's training speed, in the order a reader compares machines by
+_CPU_ISA = (("avx2", "AVX2"), ("avx512f", "AVX512"), ("avx512_bf16", "AVX512-BF16"), ("amx_bf16", "AMX-BF16"))
+
+
+def cpu_kind(cpuinfo: str | None = None) -> str:
+    """The CPU as figures must name it: model name, x86 family/model (a bare 'Intel Xeon Processor' says neither
+    generation), the ISA that sets the speed, and the precision `train.precision=auto` gives (torch decides native
+    bf16). `cpuinfo`: /proc/cpuinfo's text (read when None; any of its fields may be missing, as on ARM)."""
+    import os
+    import platform
+
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as fh:
+                cpuinfo = fh.read()
+        except OSError:
+            cpuinfo = ""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() not in fields:  # the first processor's fields
+            fields[key.strip()] = value.strip()
+    name = fields.get("model name") or platform.processor() or platform.machine() or "unknown CPU"
+    if "cpu family" in fields and "model" in fields:
+        name += f" (family {fields['cpu family']} model {fields['model']})"
+    flags = set(fields.get("flags", "").split())
+    isa = "/".join(label for flag, label in _CPU_ISA if flag in flags) or "no AVX2"
+    precision = "bf16" if cpu_supports_bf16() else "fp32"
+    return f"{name}, {os.cpu_count()} cores, {isa}: {precision}"
+
+
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype, or None for float32. 'auto' picks bf16 on CUDA and on CPUs with native bf16."""
     if precision == "fp32":

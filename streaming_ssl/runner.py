@@ -20,6 +20,7 @@ from streaming_ssl import checkpoint as ckpt
 from streaming_ssl import distributed as ddp
 from streaming_ssl.atomic import atomic_write_text, remove_stale_temp_files
 from streaming_ssl.config import Config, config_from_dict, save_config
+from streaming_ssl.device import cpu_kind
 from streaming_ssl.runlock import RunLock, run_files
 
 log = logging.getLogger(__name__)
@@ -136,6 +137,8 @@ def _train(cfg: Config, *, resume: bool, overwrite: bool, lock: RunLock | None) 
     try:
         log.info("run %s on %s (precision %s, world %d, allocator %s)", run_dir, device, amp_dtype or "fp32",
                  ddp.world_size(), allocator.in_effect(dict(os.environ)))
+        if device.type == "cpu":  # speed and bf16 figures compare only within one CPU kind: say which
+            log.info("CPU: %s", cpu_kind())
         if cfg.train.compile:
             log.info("train.compile: the training forward is compiled at the first update (and at a new batch size)")
         if cfg.augment.compile:
