@@ -26,6 +26,8 @@ Cases (each at every width in --widths, on the CPU with torch threads = cores, a
               fused kernels instead of a few hundred small ops per update); opt-in through --only
   ours_indexed  `ours` with augment.sync_free=false: the augmentation's random subsets of patches indexed (one
               host sync per update) instead of masked; opt-in through --only; on a CPU the same as `ours`
+  ours_fp32   `ours` with train.precision=fp32: what bf16 autocast buys where `auto` picks it (CUDA, CPUs with
+              native bf16); opt-in through --only; on a CPU without native bf16 the same as `ours`
   objective   emp_ssl_loss forward + backward on random unit-norm projections (and the reference loss)
   augment     MultiPatchAugment on one uint8 batch (and the reference PIL chain, serially, one process)
   online      EMPSSLStrategy.train on an online stream (mini-experiences of k samples) vs the same data
@@ -83,7 +85,7 @@ warnings.filterwarnings("ignore", message="no QP solver found")
 TUNABLES = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=68719476736"
 CASES = ("reference", "ours", "model_only", "ours_lean", "ours_lowmem", "objective", "augment", "online", "probe",
          "memory")
-OPT_IN_CASES = ("ours_compiled", "ours_compiled_augment", "ours_indexed")  # run only when named in --only
+OPT_IN_CASES = ("ours_compiled", "ours_compiled_augment", "ours_indexed", "ours_fp32")  # run only when named in --only
 ALLOCATORS = ("default", "tuned", "jemalloc", "tcmalloc")
 PRELOAD = {"jemalloc": "libjemalloc.so.2", "tcmalloc": "libtcmalloc_minimal.so.4"}
 RESULT_PREFIX = "SPEED_JSON "
@@ -399,6 +401,11 @@ def case_ours_indexed(width: float, sizes: Sizes, device, splits, ctx: dict) -> 
     return step_result(times, sizes, **info)
 
 
+def case_ours_fp32(width: float, sizes: Sizes, device, splits, ctx: dict) -> dict:
+    times, info = strategy_step_times(width, sizes, device, splits, sizes.steps, train__precision="fp32")
+    return step_result(times, sizes, **info)
+
+
 def case_model_only(width: float, sizes: Sizes, device, splits, ctx: dict) -> dict:
     import torch
 
@@ -694,6 +701,7 @@ def case_memory(width: float, sizes: Sizes, device, splits, ctx: dict) -> dict:
 CASE_FUNCS = {"reference": case_reference, "ours": case_ours, "model_only": case_model_only,
               "ours_lean": case_ours_lean, "ours_lowmem": case_ours_lowmem, "ours_compiled": case_ours_compiled,
               "ours_compiled_augment": case_ours_compiled_augment, "ours_indexed": case_ours_indexed,
+              "ours_fp32": case_ours_fp32,
               "objective": case_objective, "augment": case_augment, "online": case_online, "probe": case_probe,
               "memory": case_memory}
 
@@ -729,7 +737,7 @@ def run_case(case: str, width: float, device_name: str, sizes: Sizes, args, repe
 # ------------------------------------------------------------------------------------------ summary
 PRIMARY = {"reference": "patches_per_s", "ours": "patches_per_s", "model_only": "patches_per_s",
            "ours_lean": "patches_per_s", "ours_lowmem": "patches_per_s", "ours_compiled": "patches_per_s",
-           "ours_compiled_augment": "patches_per_s", "ours_indexed": "patches_per_s",
+           "ours_compiled_augment": "patches_per_s", "ours_indexed": "patches_per_s", "ours_fp32": "patches_per_s",
            "objective": "seconds_per_call", "augment": "seconds_per_batch", "online": "online_over_one_experience",
            "probe": "eval_over_pass", "memory": "peak_growth_pct"}
 
@@ -801,6 +809,8 @@ def summarize(rows: list[dict]) -> dict:
                                                       ("ours", "patches_per_s"), None, "info"),
             "ours_over_ours_indexed": _ratio(by_case, ("ours", "patches_per_s"), ("ours_indexed", "patches_per_s"),
                                              None, "info"),
+            "ours_over_ours_fp32": _ratio(by_case, ("ours", "patches_per_s"), ("ours_fp32", "patches_per_s"),
+                                          None, "info"),
             "lars_loop_over_foreach_step_time": _ratio(by_case, ("model_only", "lars_loop_over_foreach"), None, None,
                                                        "info"),
             "peak_rss_ours_over_reference": _ratio(by_case, ("ours", "peak_rss_MB"), ("reference", "peak_rss_MB"),

@@ -144,3 +144,20 @@ def test_case_major_order_puts_the_last_case_last_at_every_width():
     assert [(w, c) for r, _, w, c, _ in by_width if r == 0][::2] == [(0.25, "a"), (0.25, "b"), (1.0, "a"), (1.0, "b")]
     assert [a for r, *_, a in by_case if r == 1][:2] == ["y", "x"]  # second repeat: allocators reversed
     assert sorted(map(tuple, by_case)) == sorted(map(tuple, by_width))  # the same runs, only reordered
+
+
+def test_the_fp32_case_turns_autocast_off_and_ours_follows_the_cpu(tmp_path):
+    """ours_fp32 (opt-in) is `ours` with train.precision=fp32, so `ours_over_ours_fp32` is what bf16 buys: ours
+    takes bf16 exactly where the CPU has it natively, ours_fp32 never."""
+    from streaming_ssl.device import cpu_supports_bf16
+
+    out = tmp_path / "speed.json"
+    proc = _run(["--tiny", "--only", "ours,ours_fp32", "--out", str(out), "--device", "cpu", "--threads", "1"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    rows = {r["case"]: r for r in result["rows"]}
+    assert sorted(rows) == ["ours", "ours_fp32"] and all("error" not in r for r in rows.values())
+    assert rows["ours"]["amp_dtype"] == ("torch.bfloat16" if cpu_supports_bf16() else "None")
+    assert rows["ours_fp32"]["amp_dtype"] == "None" and _positive(rows["ours_fp32"]["patches_per_s"])
+    ratio = result["summary"]["by_group"]["cpu|width=0.125|inherited"]["ratios"]["ours_over_ours_fp32"]
+    assert _positive(ratio["median"]) and ratio["n"] == 1
