@@ -32,7 +32,7 @@ import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from streaming_ssl.augment import MultiPatchAugment  # noqa: E402
-from streaming_ssl.device import cpu_kind  # noqa: E402
+from streaming_ssl.device import cpu_kind, cpu_supports_bf16  # noqa: E402
 
 
 class OpCounter(TorchDispatchMode):
@@ -102,7 +102,7 @@ def main(argv=None) -> int:
     result = {
         "device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
         "cpu": cpu_kind(),
-        "bf16_cpu": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+        "bf16_cpu": cpu_supports_bf16(),
         "cuda": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "images": args.batch, "patches_per_image": args.patches, "size": args.size,
         "eager_ops_per_call": {name: count_ops(augs[name], x) for name in ("eager_masked", "eager_indexed")},

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import platform
 
 import torch
 
@@ -37,9 +39,6 @@ def cpu_kind(cpuinfo: str | None = None) -> str:
     """The CPU as figures must name it: model name, x86 family/model (a bare 'Intel Xeon Processor' says neither
     generation), the ISA that sets the speed, and the precision `train.precision=auto` gives (torch decides native
     bf16). `cpuinfo`: /proc/cpuinfo's text (read when None; any of its fields may be missing, as on ARM)."""
-    import os
-    import platform
-
     if cpuinfo is None:
         try:
             with open("/proc/cpuinfo") as fh:
