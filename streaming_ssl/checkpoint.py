@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 PAUSE_ENV = "STREAMING_SSL_TEST_CKPT_PAUSE"
 PAUSE_MARKER_ENV = "STREAMING_SSL_TEST_CKPT_MARKER"
+PAUSE_RELEASE_ENV = "STREAMING_SSL_TEST_CKPT_RELEASE"
 _NAME = re.compile(r"ckpt_(\d{9})\.pt")
 
 
@@ -69,24 +70,52 @@ def atomic_save(obj: dict, path: str | Path) -> None:
     Test hooks (for chaos tests that SIGKILL a run inside a checkpoint write; unset in normal use):
       STREAMING_SSL_TEST_CKPT_MARKER=<file>: after the temporary file is written and fsynced, append the
         line "writing <path>" to <file> (so the killer knows the process is inside a write);
-      STREAMING_SSL_TEST_CKPT_PAUSE=<seconds>: then sleep that long before the rename.
+      STREAMING_SSL_TEST_CKPT_PAUSE=<seconds>: then sleep that long before the rename;
+      STREAMING_SSL_TEST_CKPT_RELEASE=<file> (with the marker): end that pause as soon as <file> holds at least
+        as many lines as the marker file (the test released this write), or a line "all" (and every later one).
     """
     atomic_write(path, lambda fh: torch.save(obj, fh), before_rename=lambda _tmp: _test_pause(Path(path)))
 
 
 def _test_pause(path: Path) -> None:
-    """The STREAMING_SSL_TEST_CKPT_MARKER / _PAUSE hooks of atomic_save."""
+    """The STREAMING_SSL_TEST_CKPT_MARKER / _PAUSE / _RELEASE hooks of atomic_save."""
     marker = os.environ.get(PAUSE_MARKER_ENV)
     pause = os.environ.get(PAUSE_ENV)
+    release = os.environ.get(PAUSE_RELEASE_ENV)
+    if release and not marker:
+        raise ValueError(f"{PAUSE_RELEASE_ENV} needs {PAUSE_MARKER_ENV}: set both or unset {PAUSE_RELEASE_ENV}")
+    write = 0
     if marker:
         with open(marker, "a") as fh:
             fh.write(f"writing {path}\n")
+        write = _count_lines(marker)
     if pause:
         try:
             seconds = float(pause)
         except ValueError:
             raise ValueError(f"{PAUSE_ENV}={pause!r} is not a number of seconds; set it to e.g. 5 or unset it") from None
-        time.sleep(seconds)
+        end = time.monotonic() + seconds
+        while (left := end - time.monotonic()) > 0:
+            if release and _released(release, write):
+                break
+            time.sleep(min(left, 0.02) if release else left)
+
+
+def _count_lines(path: str) -> int:
+    try:
+        with open(path) as fh:
+            return sum(1 for _ in fh)
+    except FileNotFoundError:
+        return 0
+
+
+def _released(release: str, write: int) -> bool:
+    try:
+        with open(release) as fh:
+            lines = fh.read().splitlines()
+    except FileNotFoundError:
+        return False
+    return len(lines) >= write or "all" in lines
 
 
 def _read(path: Path) -> dict:

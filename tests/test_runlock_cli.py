@@ -1,7 +1,8 @@
 """One writer per run directory, through the real training CLI (issue 19).
 
 A real `python run_stream.py` run holds RUN/.lock and is held still inside a checkpoint write by the test
-hook STREAMING_SSL_TEST_CKPT_PAUSE (STREAMING_SSL_TEST_CKPT_MARKER says when it is there). While it waits:
+hook STREAMING_SSL_TEST_CKPT_PAUSE (STREAMING_SSL_TEST_CKPT_MARKER says when it is there, and the test lets it
+go on through STREAMING_SSL_TEST_CKPT_RELEASE as soon as its checks are done). While it waits:
 a new run into RUN, `--resume RUN` and `--overwrite` into RUN each exit 2 with one error line naming the
 holder's PID and host and "nothing was changed", and every file of RUN stays byte-for-byte the same;
 `evaluate.py --checkpoint RUN` reads the previous complete checkpoint. The holder then finishes normally.
@@ -33,7 +34,7 @@ pytestmark = pytest.mark.skipif(not DATA or not (Path(DATA) / "cifar10.npz").is_
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["data.train_per_class=10", "data.test_per_class=5", "stream.n_experiences=2", "eval.probe_epochs=2",
         "eval.knn_k=3", "run.tensorboard=false", "run.plot=false", "train.threads=1"]
-PAUSE_S = 15  # how long the holder waits inside each checkpoint write: the checks below must fit in it
+PAUSE_S = 60  # the longest the holder waits inside a checkpoint write (released earlier): the checks must fit in it
 STARTUP_S = 240  # a cold start (torch + avalanche imports, data) on a loaded 2-core machine
 
 
@@ -42,11 +43,21 @@ def _train_args(run_dir: Path) -> list[str]:
             f"data.root={Path(DATA).resolve()}", *TINY]
 
 
-def _start(run_dir: Path, marker: Path, log: Path) -> subprocess.Popen:
-    env = {**os.environ, ckpt.PAUSE_ENV: str(PAUSE_S), ckpt.PAUSE_MARKER_ENV: str(marker)}
+def _start(run_dir: Path, marker: Path, release: Path, log: Path) -> subprocess.Popen:
+    env = {**os.environ, ckpt.PAUSE_ENV: str(PAUSE_S), ckpt.PAUSE_MARKER_ENV: str(marker),
+           ckpt.PAUSE_RELEASE_ENV: str(release)}
     with log.open("w") as fh:
         return subprocess.Popen([sys.executable, str(REPO / "run_stream.py"), *_train_args(run_dir)], cwd=REPO,
                                 env=env, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+
+def _release(release: Path, write: int | str) -> None:
+    """Let the run go on from its paused checkpoint write number `write` (and any before it), or "all"."""
+    with release.open("a") as fh:
+        if write == "all":
+            fh.write("all\n")
+        else:
+            fh.write("".join(f"released {k}\n" for k in range(len(_marker_lines(release)) + 1, write + 1)))
 
 
 def _marker_lines(marker: Path) -> list[str]:
@@ -118,9 +129,11 @@ def _check_evaluate_reads_previous_checkpoint(run: Path, marker: Path, proc, eva
 def test_live_run_refuses_second_writers_and_a_killed_one_does_not_block(tmp_path: Path, caplog, capsys) -> None:
     run, victim = tmp_path / "run", tmp_path / "victim"
     marker, victim_marker = tmp_path / "marker", tmp_path / "victim_marker"
+    release, victim_release = tmp_path / "release", tmp_path / "victim_release"
     log, victim_log = tmp_path / "run.log", tmp_path / "victim.log"
-    proc = _start(run, marker, log)
-    victim_proc = _start(victim, victim_marker, victim_log)  # starts up in parallel: one cold start of waiting
+    _release(victim_release, 1)  # the victim pauses only inside its second write, where it is killed
+    proc = _start(run, marker, release, log)
+    victim_proc = _start(victim, victim_marker, victim_release, victim_log)  # in parallel: one cold start of waiting
     try:
         import streaming_ssl.cli.evaluate as evaluate
         import streaming_ssl.cli.train as run_stream
@@ -148,6 +161,7 @@ def test_live_run_refuses_second_writers_and_a_killed_one_does_not_block(tmp_pat
             assert (run / LOCK_NAME).read_bytes() == lock_before, f"{name} changed the holder's lock record"
         assert time.time() - t0 < PAUSE_S, "the checks took longer than the holder's pause: raise PAUSE_S"
         assert len(_marker_lines(marker)) == 1 and proc.poll() is None  # the holder was still paused throughout
+        _release(release, 1)
 
         # --- next, in whichever order they come: the holder paused inside its second write (evaluate reads
         # the first, complete checkpoint and succeeds); the victim paused inside its second write (SIGKILLed)
@@ -161,6 +175,7 @@ def test_live_run_refuses_second_writers_and_a_killed_one_does_not_block(tmp_pat
                 assert victim_proc.wait(timeout=60) == -signal.SIGKILL
             if not evaluated and len(_marker_lines(marker)) >= 2:
                 _check_evaluate_reads_previous_checkpoint(run, marker, proc, evaluate, capsys)
+                _release(release, "all")
                 evaluated = True
             assert evaluated or proc.poll() is None, log.read_text()[-3000:]
             assert saved is not None or victim_proc.poll() is None, victim_log.read_text()[-3000:]

@@ -164,3 +164,45 @@ def test_a_bad_pause_value_is_named_and_leaves_nothing(tmp_path: Path, monkeypat
     with pytest.raises(ValueError, match=ckpt.PAUSE_ENV):
         ckpt.atomic_save(_state(1), tmp_path / "ckpt_000000001.pt")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_released_write_ends_its_pause_and_each_write_waits_for_its_own_release(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    marker, release = tmp_path / "marker", tmp_path / "release"
+    monkeypatch.setenv(ckpt.PAUSE_ENV, "60")
+    monkeypatch.setenv(ckpt.PAUSE_MARKER_ENV, str(marker))
+    monkeypatch.setenv(ckpt.PAUSE_RELEASE_ENV, str(release))
+    release.write_text("released 1\n")  # the first write is released before it starts: no 60 s pause
+    t0 = time.monotonic()
+    ckpt.atomic_save(_state(1), tmp_path / "ckpt_000000001.pt")
+    assert time.monotonic() - t0 < 30
+    assert ckpt.load(tmp_path / "ckpt_000000001.pt")["step"] == 1
+    # the second write waits (its temporary file written, the target not yet there) until a second line comes
+    writer = threading.Thread(target=ckpt.atomic_save, args=(_state(2), tmp_path / "ckpt_000000002.pt"))
+    writer.start()
+    try:
+        deadline = time.time() + 60
+        while len(marker.read_text().splitlines()) < 2 and time.time() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)
+        assert writer.is_alive() and not (tmp_path / "ckpt_000000002.pt").exists()
+        assert len(list_temp_files(tmp_path)) == 1
+    finally:
+        with release.open("a") as fh:
+            fh.write("released 2\n")
+        writer.join(timeout=60)
+    assert not writer.is_alive() and ckpt.load(tmp_path / "ckpt_000000002.pt")["step"] == 2
+    with release.open("a") as fh:  # "all": this and every later write go on without a pause
+        fh.write("all\n")
+    t0 = time.monotonic()
+    for step in (3, 4, 5):
+        ckpt.atomic_save(_state(step), tmp_path / f"ckpt_00000000{step}.pt")
+    assert time.monotonic() - t0 < 30
+    assert list_temp_files(tmp_path) == []
+
+
+def test_a_release_file_without_a_marker_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(ckpt.PAUSE_RELEASE_ENV, str(tmp_path / "release"))
+    with pytest.raises(ValueError, match=ckpt.PAUSE_MARKER_ENV):
+        ckpt.atomic_save(_state(1), tmp_path / "ckpt_000000001.pt")
+    assert list(tmp_path.iterdir()) == []
