@@ -2,7 +2,8 @@
 
 Both trees are written once per test session into a temporary folder (a few images per class, small
 sizes) and are meant to be read through `scenarios.datasets.load_dataset` / `data.root`. Also
-`child_env`, the environment of a Python subprocess that imports this checkout (`from tests.conftest import ...`).
+`child_env`, the environment of a Python subprocess that imports this checkout (`from tests.conftest import ...`),
+and `zygote`, the session's helper that forks training processes with the heavy modules imported (tests/zygote.py).
 """
 
 from __future__ import annotations
@@ -109,3 +110,16 @@ def imagenet100_root(tmp_path_factory) -> pathlib.Path:
     root = tmp_path_factory.mktemp("in100_root")
     make_imagenet100(root)
     return root
+
+
+@pytest.fixture(scope="session")
+def zygote():
+    """One forking helper for the whole session (tests/zygote.py): each training process it forks starts with
+    torch and avalanche imported."""
+    from tests.zygote import Zygote
+
+    z = Zygote(child_env())
+    try:
+        yield z
+    finally:
+        z.close()

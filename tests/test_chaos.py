@@ -11,23 +11,19 @@ The kill points follow a seeded schedule of four kinds, each at least twice:
 The points reached are printed (pytest -s) and put in every assertion message.
 
 Each session is the real training CLI (streaming_ssl.cli.train.main, i.e. run_stream.py without its
-allocator re-exec) in its own process, forked from one helper process that imported torch and avalanche
-once: a cold start costs ~15 s on a loaded 2-core machine, a fork ~0 s, and the SIGKILL, the flock
-release by the kernel and the files left behind are those of a real process. test_resume.py and
-test_runlock_cli.py cover the same CLI started as `python run_stream.py`.
+allocator re-exec) in its own process, forked from the session's helper process that imported torch and
+avalanche once (tests/zygote.py): a cold start costs ~15 s on a loaded 2-core machine, a fork ~0 s, and the
+SIGKILL, the flock release by the kernel and the files left behind are those of a real process.
+test_resume.py and test_runlock_cli.py cover the same CLI started as `python run_stream.py`.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import queue
 import random
 import re
 import signal
-import subprocess
-import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +34,7 @@ import torch
 from streaming_ssl import checkpoint as ckpt
 from streaming_ssl.atomic import list_temp_files
 from streaming_ssl.runlock import holder
-from tests.conftest import child_env
+from tests.zygote import Zygote
 
 DATA = os.environ.get("STREAMING_SSL_DATA")
 pytestmark = pytest.mark.skipif(not DATA or not (Path(DATA) / "cifar10.npz").is_file(),
@@ -55,107 +51,6 @@ MODES = {
 KILLS = 8
 SESSION_S = 180  # the longest a session may take to reach its kill point or to finish (loaded machine)
 PAUSE_S = 1.0  # how long a checkpoint write waits before its rename in sessions killed inside a write
-
-# The helper: imports the heavy modules once, then forks one training process per request.
-# Requests on stdin (one JSON per line): {"op": "run", "argv", "env", "log"} -> {"pid"};
-# {"op": "wait", "pid"} -> {"pid", "status"} (exit code, or -signal).
-ZYGOTE = r"""
-import json, os, sys, traceback
-import scenarios.datasets, scenarios.streams
-import streaming_ssl.build, streaming_ssl.cli.train, streaming_ssl.plugins, streaming_ssl.runner
-print(json.dumps({"ready": os.getpid()}), flush=True)
-for line in sys.stdin:
-    req = json.loads(line)
-    if req["op"] == "run":
-        pid = os.fork()
-        if pid == 0:
-            rc = 99
-            try:
-                os.environ.update(req["env"])
-                fd = os.open(req["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-                os.dup2(fd, 1)
-                os.dup2(fd, 2)
-                rc = streaming_ssl.cli.train.main(req["argv"])
-            except BaseException:
-                traceback.print_exc()
-            finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(rc)
-        print(json.dumps({"pid": pid}), flush=True)
-    elif req["op"] == "wait":
-        _, status = os.waitpid(req["pid"], 0)
-        print(json.dumps({"pid": req["pid"], "status": os.waitstatus_to_exitcode(status)}), flush=True)
-"""
-
-
-class Zygote:
-    """The forking helper process; every reply is awaited with a timeout."""
-
-    def __init__(self) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-c", ZYGOTE], cwd=REPO, env=child_env(), text=True,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        self.replies: queue.Queue = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
-        self.children: set[int] = set()  # forked and not yet reaped
-        self._reply(SESSION_S)
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            self.replies.put(json.loads(line))
-        self.replies.put(None)
-
-    def _reply(self, timeout: float) -> dict:
-        try:
-            reply = self.replies.get(timeout=timeout)
-        except queue.Empty:
-            raise AssertionError(f"the helper process did not answer within {timeout} s") from None
-        assert reply is not None, "the helper process died"
-        return reply
-
-    def _send(self, req: dict) -> None:
-        self.proc.stdin.write(json.dumps(req) + "\n")
-        self.proc.stdin.flush()
-
-    def start(self, argv: list[str], log: Path, env: dict | None = None) -> int:
-        self._send({"op": "run", "argv": argv, "env": env or {}, "log": str(log)})
-        pid = self._reply(60)["pid"]
-        self.children.add(pid)
-        return pid
-
-    def wait(self, pid: int, timeout: float = SESSION_S) -> int:
-        """Exit code of a child (-9: SIGKILL); kills it if it has not ended within timeout."""
-        self._send({"op": "wait", "pid": pid})
-        try:
-            reply = self._reply(timeout)
-        except AssertionError:
-            self.kill(pid)
-            raise
-        self.children.discard(pid)
-        return reply["status"]
-
-    def kill(self, pid: int) -> None:
-        if pid in self.children:  # not reaped yet, so the PID cannot have been reused
-            os.kill(pid, signal.SIGKILL)
-
-    def close(self) -> None:
-        for pid in list(self.children):
-            self.kill(pid)
-        try:
-            self.proc.stdin.close()
-            self.proc.wait(timeout=60)
-        except (OSError, subprocess.TimeoutExpired):
-            self.proc.kill()
-            self.proc.wait(timeout=60)
-
-
-@pytest.fixture(scope="module")
-def zygote():
-    z = Zygote()
-    try:
-        yield z
-    finally:
-        z.close()
 
 
 def _argv(run_dir: Path, mode: str) -> list[str]:
@@ -219,7 +114,7 @@ class Session:
             found = cond()
             if found:
                 return found
-            if not os.path.exists(f"/proc/{self.pid}") or _zombie(self.pid):
+            if not self.zygote.running(self.pid):
                 return None
             time.sleep(poll)
         raise AssertionError(f"no '{what}' within {SESSION_S} s:\n{_text(self.log)[-3000:]}")
@@ -228,15 +123,8 @@ class Session:
         self.zygote.kill(self.pid)
 
     def wait(self) -> int:
-        self.status = self.zygote.wait(self.pid)
+        self.status = self.zygote.wait(self.pid, SESSION_S)
         return self.status
-
-
-def _zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except (OSError, IndexError):
-        return True
 
 
 def _strike(session: Session, kill: Kill) -> bool:
@@ -319,7 +207,7 @@ def _chaos(zygote: Zygote, tmp_path: Path, mode: str, seed: int) -> None:
         final = Session(zygote, ["--resume", str(run_dir)], run_dir, tmp_path / "final.log", None)
         assert final.wait() == 0, f"{_text(final.log)[-3000:]}\n{report()}"
         assert "resumed at update" in _text(final.log), report()
-        assert zygote.wait(reference) == 0, _text(tmp_path / "full.log")[-3000:]
+        assert zygote.wait(reference, SESSION_S) == 0, _text(tmp_path / "full.log")[-3000:]
     finally:
         print(report(), flush=True)
 

@@ -65,36 +65,35 @@ def _assert_equal(a, b, where: str = "") -> None:
         assert a == b, where
 
 
-def _kill_and_resume(tmp_path: Path, extra: tuple[str, ...] = ()) -> tuple[Path, dict]:
+def _kill_and_resume(zygote, tmp_path: Path, extra: tuple[str, ...] = ()) -> tuple[Path, dict]:
     """A full run and one SIGKILLed after its 6th update's checkpoint then resumed: (the full run's directory,
-    the killed run's checkpoint state before resuming); asserts the two end bitwise equal."""
+    the killed run's checkpoint state before resuming); asserts the two end bitwise equal. The three are training
+    processes forked by the session's helper (tests/zygote.py: the CLI without a cold start of its imports)."""
     from streaming_ssl import checkpoint as ckpt
 
     full, killed = tmp_path / "full", tmp_path / "killed"
-    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.PIPE}
-    ref = subprocess.Popen(_cmd(full, extra), cwd=ROOT, **quiet)
-    proc = subprocess.Popen(_cmd(killed, extra), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    logs = {name: tmp_path / f"{name}.log" for name in ("full", "killed", "resume")}
+    ref = zygote.start(_cmd(full, extra)[2:], logs["full"])
+    pid = zygote.start(_cmd(killed, extra)[2:], logs["killed"])
     deadline = time.time() + TIMEOUT
     try:
         while time.time() < deadline and not (killed / "ckpt_000000006.pt").exists():
-            assert proc.poll() is None, "the run ended before it could be killed"
+            assert zygote.running(pid), "the run ended before it could be killed:\n" + logs["killed"].read_text()[-3000:]
             time.sleep(0.01)
-        proc.send_signal(signal.SIGKILL)
     finally:
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    _, err = ref.communicate(timeout=TIMEOUT)
-    assert ref.returncode == 0, err.decode(errors="replace")[-3000:]
+        zygote.kill(pid)
+    assert zygote.wait(pid, TIMEOUT) == -signal.SIGKILL
+    assert zygote.wait(ref, TIMEOUT) == 0, logs["full"].read_text(errors="replace")[-3000:]
     state = ckpt.load(ckpt.latest(killed))
     pos = state["position"]
     assert 6 <= pos["global_step"] < 10, "killed too late: the run had finished"
     assert state["plugins"]["cl.distill"]["frozen"] is not None  # resumed with a frozen copy ...
     assert 0 < len(state["plugins"]["cl.replay"]["buffer"]["images"]) <= 50  # ... and a buffer
 
-    res = subprocess.run([sys.executable, str(ROOT / "run_stream.py"), "--resume", str(killed)], cwd=ROOT,
-                         capture_output=True, text=True, timeout=TIMEOUT)
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert f"resumed at update {pos['global_step']}" in res.stderr
+    rc = zygote.run(["--resume", str(killed)], logs["resume"], TIMEOUT)
+    err = logs["resume"].read_text(errors="replace")
+    assert rc == 0, err[-3000:]
+    assert f"resumed at update {pos['global_step']}" in err
 
     rows = _rows(full)
     assert _rows(killed) == rows and len(rows) == 3
@@ -108,15 +107,15 @@ def _kill_and_resume(tmp_path: Path, extra: tuple[str, ...] = ()) -> tuple[Path,
 
 
 @needs_data
-def test_sigkill_with_minred_stored_features_then_resume_is_exact(tmp_path: Path) -> None:
-    _, state = _kill_and_resume(tmp_path, ("cl.replay.policy=minred", "cl.replay.minred_refresh=stored"))
+def test_sigkill_with_minred_stored_features_then_resume_is_exact(zygote, tmp_path: Path) -> None:
+    _, state = _kill_and_resume(zygote, tmp_path, ("cl.replay.policy=minred", "cl.replay.minred_refresh=stored"))
     replay = state["plugins"]["cl.replay"]
     assert len(replay["features"]) == len(replay["buffer"]["images"]) > 0  # resumed with the stored features
 
 
 @needs_data
-def test_sigkill_with_replay_distill_and_mixup_then_resume_is_exact(tmp_path: Path) -> None:
-    full, _ = _kill_and_resume(tmp_path)
+def test_sigkill_with_replay_distill_and_mixup_then_resume_is_exact(zygote, tmp_path: Path) -> None:
+    full, _ = _kill_and_resume(zygote, tmp_path)
 
     # bench/buffer_classes.py reads the label-free buffer's classes back: every image is a training image
     out = tmp_path / "buffer_classes.json"

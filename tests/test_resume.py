@@ -35,10 +35,10 @@ def _rows(run_dir: Path) -> list[dict]:
 
 def test_sigkill_mid_experience_then_resume_is_exact(tmp_path: Path) -> None:
     full, killed = tmp_path / "full", tmp_path / "killed"
-    subprocess.run(_cmd(full), check=True, cwd=REPO, capture_output=True)
-
+    # the uninterrupted run starts alongside the one to be killed: one cold start of waiting, not two
+    ref = subprocess.Popen(_cmd(full), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     proc = subprocess.Popen(_cmd(killed), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
+    deadline = time.time() + 240
     try:
         while time.time() < deadline and not (killed / "ckpt_000000003.pt").exists():
             assert proc.poll() is None, "the run ended before it could be killed"
@@ -47,6 +47,8 @@ def test_sigkill_mid_experience_then_resume_is_exact(tmp_path: Path) -> None:
     finally:
         proc.wait()
     assert proc.returncode == -signal.SIGKILL
+    _, err = ref.communicate(timeout=240)
+    assert ref.returncode == 0, err.decode(errors="replace")[-3000:]
     state = ckpt.load(ckpt.latest(killed))
     pos = state["position"]
     assert pos["global_step"] < 20, "killed too late: the run had finished"
@@ -64,10 +66,13 @@ def test_sigkill_mid_experience_then_resume_is_exact(tmp_path: Path) -> None:
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
-def test_resume_refuses_a_different_config(tmp_path: Path) -> None:
-    run_dir = tmp_path / "run"
-    subprocess.run(_cmd(run_dir, "stream.n_experiences=2", "data.train_per_class=10", "data.test_per_class=5"),
-                   check=True, cwd=REPO, capture_output=True)
+def test_resume_refuses_a_different_config(zygote, tmp_path: Path) -> None:
+    run_dir, log = tmp_path / "run", tmp_path / "run.log"
+    # the run to refuse is forked with the imports done (tests/zygote.py); the refusal is a cold `python run_stream.py`
+    rc = zygote.run(_cmd(run_dir, "stream.n_experiences=2", "data.train_per_class=10", "data.test_per_class=5")[2:],
+                    log, 240)
+    assert rc == 0, log.read_text(errors="replace")[-3000:]
+
     def stamps() -> dict:  # the run's files; .lock is the single-writer lock's record (taken, then released)
         return {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir() if p.name != ".lock"}
 
