@@ -33,8 +33,10 @@ def _run(args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def tiny_result(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("speed") / "speed.json"
-    # one thread: on a shared, loaded machine two OpenMP threads can stall on each other for seconds per step
-    proc = _run(["--tiny", "--out", str(out), "--device", "cpu", "--threads", "1"])
+    # one thread: on a shared, loaded machine two OpenMP threads can stall on each other for seconds per step;
+    # every default case and the opt-in ours_fp32 (one start of speed.py for all)
+    proc = _run(["--tiny", "--only", ",".join(CASES + ("ours_fp32",)), "--out", str(out), "--device", "cpu",
+                 "--threads", "1"])
     assert proc.returncode == 0, f"speed.py --tiny failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
     assert "ours_over_reference_patches_per_s" in proc.stdout  # the table was printed
     return json.loads(out.read_text())
@@ -42,7 +44,7 @@ def tiny_result(tmp_path_factory) -> dict:
 
 def test_every_case_ran_without_error(tiny_result):
     rows = tiny_result["rows"]
-    assert sorted(r["case"] for r in rows) == sorted(CASES)
+    assert sorted(r["case"] for r in rows) == sorted(CASES + ("ours_fp32",))
     for r in rows:
         assert "error" not in r, f"{r['case']}: {r.get('error')}\n{r.get('traceback')}"
         assert r["width"] == 0.125 and r["device"] == "cpu" and r["threads"] == 1
@@ -146,17 +148,14 @@ def test_case_major_order_puts_the_last_case_last_at_every_width():
     assert sorted(map(tuple, by_case)) == sorted(map(tuple, by_width))  # the same runs, only reordered
 
 
-def test_the_fp32_case_turns_autocast_off_and_ours_follows_the_cpu(tmp_path):
+def test_the_fp32_case_turns_autocast_off_and_ours_follows_the_cpu(tiny_result):
     """ours_fp32 (opt-in) is `ours` with train.precision=fp32, so `ours_over_ours_fp32` is what bf16 buys: ours
     takes bf16 exactly where the CPU has it natively, ours_fp32 never."""
     from streaming_ssl.device import cpu_supports_bf16
 
-    out = tmp_path / "speed.json"
-    proc = _run(["--tiny", "--only", "ours,ours_fp32", "--out", str(out), "--device", "cpu", "--threads", "1"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(out.read_text())
+    result = tiny_result
     rows = {r["case"]: r for r in result["rows"]}
-    assert sorted(rows) == ["ours", "ours_fp32"] and all("error" not in r for r in rows.values())
+    assert all("error" not in rows[c] for c in ("ours", "ours_fp32"))
     assert rows["ours"]["amp_dtype"] == ("torch.bfloat16" if cpu_supports_bf16() else "None")
     assert rows["ours_fp32"]["amp_dtype"] == "None" and _positive(rows["ours_fp32"]["patches_per_s"])
     ratio = result["summary"]["by_group"]["cpu|width=0.125|inherited"]["ratios"]["ours_over_ours_fp32"]
