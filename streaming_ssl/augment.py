@@ -289,6 +289,8 @@ class MultiPatchAugment(torch.nn.Module):
         compiled: run :meth:`forward`'s work after the random draw through ``torch.compile`` (masked path, on
             every device; compiles at the first call and at a new batch shape). Meant for GPUs, where it saves
             kernel launches; ``sync_free=False`` cannot be combined with it.
+        compile_backend: the ``torch.compile`` backend of ``compiled`` ("inductor": fused kernels; "aot_eager" or
+            "eager": the same captured graph without code generation).
 
     ``mean`` and ``std`` are non-persistent buffers (shape (1, 3, 1, 1)): they follow ``.to(device)``
     and stay out of ``state_dict``. Move the module to the images' device to avoid a copy per call.
@@ -315,6 +317,7 @@ class MultiPatchAugment(torch.nn.Module):
         std: tuple[float, float, float] = (0.2470, 0.2435, 0.2616),
         sync_free: bool | None = None,
         compiled: bool = False,
+        compile_backend: str = "inductor",
     ) -> None:
         super().__init__()
         self.n_patches = self._check_n_patches(n_patches)
@@ -351,6 +354,13 @@ class MultiPatchAugment(torch.nn.Module):
             raise ValueError("compiled=True compiles the masked path, so it cannot be combined with sync_free=False; "
                              "set sync_free=None (or True), or compiled=False")
         self.compiled = bool(compiled)
+        if compiled:
+            from torch._dynamo import list_backends
+
+            if compile_backend not in list_backends(exclude_tags=()):
+                raise ValueError(f"compile_backend {compile_backend!r} is not a torch.compile backend; valid: "
+                                 f"{', '.join(list_backends(exclude_tags=()))}")
+        self.compile_backend = compile_backend
         self.blur_kernel_size = gaussian_kernel_size(out_size)
         self.register_buffer("mean", torch.tensor([float(m) for m in mean]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor([float(s) for s in std]).view(1, 3, 1, 1), persistent=False)
@@ -392,7 +402,7 @@ class MultiPatchAugment(torch.nn.Module):
         with _plain_float32(images):
             u = self._uniforms(images, n, generator)
             if self.compiled:
-                out, params = _compiled_patches()(self, images, u, n)
+                out, params = _compiled_patches(self.compile_backend)(self, images, u, n)
             else:
                 out, params = self.patches_from_uniforms(images, u, n)
         if return_params:
@@ -474,7 +484,7 @@ class MultiPatchAugment(torch.nn.Module):
             f"crop_ratio={self.crop_ratio}, flip_p={self.flip_p}, jitter={self.jitter}, jitter_p={self.jitter_p}, "
             f"gray_p={self.gray_p}, blur_p={self.blur_p}, blur_sigma={self.blur_sigma}, "
             f"blur_kernel_size={self.blur_kernel_size}, solarize_p={self.solarize_p}, sync_free={self.sync_free}, "
-            f"compiled={self.compiled}"
+            f"compiled={self.compiled}" + (f", compile_backend={self.compile_backend!r}" if self.compiled else "")
         )
 
     # ---------------------------------------------------------------------------------------------
@@ -664,11 +674,12 @@ class MultiPatchAugment(torch.nn.Module):
             _where_(params["solarize"], solarize(out), out)
 
 
-@functools.lru_cache(maxsize=1)
-def _compiled_patches() -> Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]:
-    """MultiPatchAugment.patches_from_uniforms through torch.compile (one compiled function for every instance; its
-    guards tell instances, devices and shapes apart), made at the first use so that importing compiles nothing."""
-    return torch.compile(_patches_from_uniforms)
+@functools.cache
+def _compiled_patches(backend: str = "inductor") -> Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+    """MultiPatchAugment.patches_from_uniforms through torch.compile (one compiled function per backend for every
+    instance; its guards tell instances, devices and shapes apart), made at the first use so that importing compiles
+    nothing."""
+    return torch.compile(_patches_from_uniforms, backend=backend)
 
 
 def _patches_from_uniforms(aug: MultiPatchAugment, images: torch.Tensor, u: torch.Tensor, n: int):

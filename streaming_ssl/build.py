@@ -136,7 +136,7 @@ def build_augment(cfg: Config, splits: DatasetSplits) -> MultiPatchAugment:
                              crop_ratio=tuple(a.crop_ratio), flip_p=a.flip_p, jitter=tuple(a.jitter),
                              jitter_p=a.jitter_p, gray_p=a.gray_p, blur_p=a.blur_p, blur_sigma=tuple(a.blur_sigma),
                              solarize_p=a.solarize_p, mean=tuple(splits.mean), std=tuple(splits.std),
-                             sync_free=a.sync_free, compiled=a.compile)
+                             sync_free=a.sync_free, compiled=a.compile, compile_backend=cfg.train.compile_backend)
 
 
 def build_optimizer(cfg: Config, model: torch.nn.Module, extra: list[torch.nn.Module] = ()) -> LARS:
@@ -266,7 +266,7 @@ def build_run(cfg: Config, run_dir: Path, *, device: torch.device, amp_dtype: to
                               total_updates=total_updates, device=device, amp_dtype=amp_dtype,
                               channels_last=channels_last, plugins=plugins, evaluator=evaluation)
     if cfg.train.compile:  # compiles lazily, at the first update (and at a new batch size)
-        train_model.compile()
+        train_model.compile(backend=cfg.train.compile_backend)
     return Run(cfg=cfg, run_dir=run_dir, splits=splits, stream=stream, model=model, strategy=strategy, metric=metric,
                checkpoint=checkpoint, stop=stop, progress=progress, loggers=loggers, device=device,
                amp_dtype=amp_dtype)

@@ -152,6 +152,10 @@ class TrainConfig:
     # on 2 CPU cores), and so does the first batch of another size. Not with model.recompute_stages > 0. No faster
     # on an AVX2 CPU (README, Speed): meant for GPUs, measure with bench/speed.py --only ours,ours_compiled.
     compile: bool = False
+    # the torch.compile backend of train.compile and augment.compile: inductor generates fused kernels (what can pay);
+    # aot_eager and eager run the same captured graphs with no code generation: to tell a fault of the compiler from
+    # one of ours, or to check a compiled config in seconds instead of minutes
+    compile_backend: str = "inductor"
     log_every: int = 20  # updates between progress/loss logs
 
 
@@ -377,6 +381,13 @@ def _check_dataset(name: str, key: str) -> None:
         raise ConfigError(str(err)) from None
 
 
+def compile_backends() -> list[str]:
+    """The names torch.compile takes as backend (torch's own test-only ones left out); imports torch."""
+    import torch._dynamo
+
+    return [b for b in torch._dynamo.list_backends(exclude_tags=()) if "TESTING" not in b]
+
+
 def validate(cfg: Config) -> None:
     """Range and consistency checks that types alone cannot express."""
     a, o, s, t, e, m, op = cfg.augment, cfg.objective, cfg.stream, cfg.train, cfg.eval, cfg.model, cfg.optim
@@ -413,6 +424,10 @@ def validate(cfg: Config) -> None:
     _check(not (t.compile and m.recompute_bn_relu), "train.compile",
            "cannot be combined with model.recompute_bn_relu (a hand-written backward the compiler does not fuse); "
            "set model.recompute_bn_relu=false or train.compile=false")
+    if t.compile or a.compile:
+        backends = compile_backends()
+        _check(t.compile_backend in backends, "train.compile_backend",
+               f"{t.compile_backend!r} is not a torch.compile backend; valid: {', '.join(backends)}")
     _check(t.batch_size >= 2, "train.batch_size", f"must be >= 2 (the coding rate needs a batch), got {t.batch_size}")
     _check(t.threads is None or t.threads >= 1, "train.threads", f"must be >= 1, got {t.threads}")
     _check(t.log_every >= 1, "train.log_every", f"must be >= 1, got {t.log_every}")

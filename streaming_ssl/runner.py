@@ -140,9 +140,11 @@ def _train(cfg: Config, *, resume: bool, overwrite: bool, lock: RunLock | None) 
         if device.type == "cpu":  # speed and bf16 figures compare only within one CPU kind: say which
             log.info("CPU: %s", cpu_kind())
         if cfg.train.compile:
-            log.info("train.compile: the training forward is compiled at the first update (and at a new batch size)")
+            log.info("train.compile: the training forward is compiled (%s) at the first update (and at a new batch "
+                     "size)", cfg.train.compile_backend)
         if cfg.augment.compile:
-            log.info("augment.compile: the augmentation is compiled at the first update (and at a new batch size)")
+            log.info("augment.compile: the augmentation is compiled (%s) at the first update (and at a new batch "
+                     "size)", cfg.train.compile_backend)
         _fit(run, state)
     finally:
         build.close_loggers(run.loggers)

@@ -582,6 +582,9 @@ def test_compiled_augmentation_equals_eager() -> None:
     assert torch._dynamo.eval_frame._debug_get_cache_entry_list(augment_module._patches_from_uniforms)  # it compiled
     with pytest.raises(ValueError, match=r"u must be \(3 \* 8, 17\) uniforms"):
         compiled.patches_from_uniforms(imgs, torch.rand(8, 17), 3)
+    assert "compile_backend='inductor'" in repr(compiled) and "compile_backend" not in repr(eager)
+    with pytest.raises(ValueError, match=r"compile_backend 'inductr' is not a torch\.compile backend; valid: .*inductor"):
+        MultiPatchAugment(3, 16, compiled=True, compile_backend="inductr")
 
 
 def test_autocast_region_keeps_float32() -> None:

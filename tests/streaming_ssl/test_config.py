@@ -199,6 +199,9 @@ def test_unknown_choices(override, match):
     (["data.train_per_class=0"], r"data\.train_per_class: must be >= 1 or null"),
     (["augment.compile=true", "augment.sync_free=false"],
      r"augment\.compile: .*cannot be combined with augment\.sync_free=false; set augment\.sync_free=null"),
+    (["train.compile=true", "train.compile_backend=inductr"],
+     r"train\.compile_backend: 'inductr' is not a torch\.compile backend; valid: .*aot_eager.*inductor"),
+    (["augment.compile=true", "train.compile_backend=inductr"], r"train\.compile_backend: 'inductr' is not"),
 ])
 def test_out_of_range_values(overrides, match):
     with pytest.raises(ConfigError, match=match):
@@ -277,3 +280,9 @@ def test_every_accuracy_row_loads_and_is_a_row_of_the_bench(path):
     assert cfg.model.width == 0.25 and cfg.augment.n_patches == 20 and cfg.data.dataset == "cifar10"
     bench = (path.parents[2] / "bench" / "accuracy.py").read_text()
     assert f'"configs/accuracy/{path.name}"' in bench
+
+
+def test_compile_backend_is_checked_only_where_something_compiles():
+    assert load_config(None, ["train.compile_backend=inductr"]).train.compile_backend == "inductr"  # nothing compiles
+    cfg = load_config(None, ["train.compile=true", "augment.compile=true", "train.compile_backend=aot_eager"])
+    assert cfg.train.compile_backend == "aot_eager"
