@@ -243,19 +243,24 @@ def test_disk_full_during_a_run_names_the_fix(tmp_path: Path, monkeypatch, caplo
     assert ckpt.load(ckpt.latest(tmp_path / "out"))["position"]["global_step"] == 1
 
 
-def test_ctrl_c_saves_and_exits_cleanly(tmp_path: Path) -> None:
-    run_dir = tmp_path / "out"
-    cmd = [sys.executable, str(REPO / "run_stream.py"), "--config", str(REPO / "configs/smoke.yaml"),
-           f"run.out_dir={run_dir}", f"data.root={Path(DATA).resolve()}", "run.checkpoint_every=2",
-           "run.tensorboard=false", "eval.probe_epochs=2"]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+def test_ctrl_c_saves_and_exits_cleanly(zygote, tmp_path: Path) -> None:
+    """SIGINT (Ctrl-C) to a training process (forked with the imports done, tests/zygote.py): it finishes the
+    update, saves, names the --resume command and exits 130, leaving no temporary file."""
+    run_dir, log = tmp_path / "out", tmp_path / "run.log"
+    argv = ["--config", str(REPO / "configs/smoke.yaml"), f"run.out_dir={run_dir}", f"data.root={Path(DATA).resolve()}",
+            "run.checkpoint_every=2", "run.tensorboard=false", "eval.probe_epochs=2"]
+    pid = zygote.start(argv, log)
     deadline = time.time() + 120
-    while time.time() < deadline and not (run_dir / "ckpt_000000002.pt").exists():
-        assert proc.poll() is None
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err[-2000:]
+    try:
+        while time.time() < deadline and not (run_dir / "ckpt_000000002.pt").exists():
+            assert zygote.running(pid), log.read_text(errors="replace")[-2000:]
+            time.sleep(0.01)
+        os.kill(pid, signal.SIGINT)
+        rc = zygote.wait(pid, 120)
+    finally:
+        zygote.kill(pid)
+    err = log.read_text(errors="replace")
+    assert rc == 130, err[-2000:]
     assert "continue with: python run_stream.py --resume" in err
     state = ckpt.load(ckpt.latest(run_dir))
     assert 2 <= state["position"]["global_step"] < 20

@@ -33,10 +33,11 @@ def _rows(run_dir: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]
 
 
-def test_sigkill_mid_experience_then_resume_is_exact(tmp_path: Path) -> None:
+def test_sigkill_mid_experience_then_resume_is_exact(zygote, tmp_path: Path) -> None:
     full, killed = tmp_path / "full", tmp_path / "killed"
-    # the uninterrupted run starts alongside the one to be killed: one cold start of waiting, not two
-    ref = subprocess.Popen(_cmd(full), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # the killed run and its resume are `python run_stream.py` as a user starts it; the uninterrupted run to compare
+    # with is forked with the imports done (tests/zygote.py) and runs alongside
+    ref = zygote.start(_cmd(full)[2:], tmp_path / "full.log")
     proc = subprocess.Popen(_cmd(killed), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     try:
@@ -47,8 +48,7 @@ def test_sigkill_mid_experience_then_resume_is_exact(tmp_path: Path) -> None:
     finally:
         proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    _, err = ref.communicate(timeout=240)
-    assert ref.returncode == 0, err.decode(errors="replace")[-3000:]
+    assert zygote.wait(ref, 240) == 0, (tmp_path / "full.log").read_text(errors="replace")[-3000:]
     state = ckpt.load(ckpt.latest(killed))
     pos = state["position"]
     assert pos["global_step"] < 20, "killed too late: the run had finished"
@@ -68,7 +68,7 @@ def test_sigkill_mid_experience_then_resume_is_exact(tmp_path: Path) -> None:
 
 def test_resume_refuses_a_different_config(zygote, tmp_path: Path) -> None:
     run_dir, log = tmp_path / "run", tmp_path / "run.log"
-    # the run to refuse is forked with the imports done (tests/zygote.py); the refusal is a cold `python run_stream.py`
+    # the run and the refused resume: training processes forked with the imports done (tests/zygote.py)
     rc = zygote.run(_cmd(run_dir, "stream.n_experiences=2", "data.train_per_class=10", "data.test_per_class=5")[2:],
                     log, 240)
     assert rc == 0, log.read_text(errors="replace")[-3000:]
@@ -77,8 +77,8 @@ def test_resume_refuses_a_different_config(zygote, tmp_path: Path) -> None:
         return {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir() if p.name != ".lock"}
 
     before = stamps()
-    res = subprocess.run([sys.executable, str(REPO / "run_stream.py"), "--resume", str(run_dir), "optim.lr=0.1"],
-                         cwd=REPO, capture_output=True, text=True)
-    assert res.returncode == 2
-    assert "different config" in res.stderr and "optim.lr" in res.stderr
+    refused = tmp_path / "refused.log"
+    assert zygote.run(["--resume", str(run_dir), "optim.lr=0.1"], refused, 240) == 2
+    err = refused.read_text(errors="replace")
+    assert "different config" in err and "optim.lr" in err
     assert stamps() == before

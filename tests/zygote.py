@@ -2,10 +2,12 @@
 per request: `streaming_ssl.cli.train.main(argv)`, i.e. run_stream.py without its allocator re-exec.
 
 A cold `python run_stream.py` spends 10-15 s of a tiny test run importing (torch, torchvision, avalanche and its
-requirements) on a loaded 2-core machine; a fork costs ~0 s. The child is still a process of its own: SIGKILL,
-the kernel's release of its flock, its exit code and the files it leaves are a real process's. Tests that must
-cover the CLI exactly as a user starts it (test_resume.py, test_runlock_cli.py, test_bad_inputs.py) still start
-`python run_stream.py`; the others take the session's `zygote` fixture (tests/conftest.py).
+requirements) on a loaded 2-core machine; a fork costs ~0 s. The child is still a process of its own: signals,
+the kernel's release of its flock, its exit code and the files it leaves are a real process's. The CLI exactly as a
+user starts it (`python run_stream.py`, re-executed with the allocator setting) stays covered where that start is
+the point: the killed run and its resume in test_resume.py, the runs of test_runlock_cli.py, the GPU check's dry
+run (SIGTERM) in test_gpu_check.py, the allocator refusals in test_bad_inputs.py. The other tests that need a
+training process of their own take the session's `zygote` fixture (tests/conftest.py).
 """
 
 from __future__ import annotations
