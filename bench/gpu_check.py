@@ -58,9 +58,10 @@ INFO_CASES = ("ours_compiled_augment", "ours_indexed")
 SMOKE = "configs/smoke.yaml"
 # GPU: a few hundred images per class of .gpu/data; 3 experiences (4/3/3 classes) of batch 50: 16 + 12 + 12 updates
 E2E_GPU = ["data.train_per_class=200", "data.test_per_class=50", "train.batch_size=50"]
-# dry run: configs/smoke.yaml's sizes, one CPU thread per run (three runs share the cores: with torch's default of a
-# thread per core each, their OpenMP threads wait on one another and the step takes twice as long)
-E2E_DRY = ["train.threads=1"]
+# dry run: configs/smoke.yaml at half its images (4 + 3 + 3 updates, still a checkpoint before the stop), one CPU
+# thread per run (three runs share the cores: with torch's default of a thread per core each, their OpenMP threads
+# wait on one another and the step takes twice as long)
+E2E_DRY = ["data.train_per_class=20", "data.test_per_class=10", "eval.probe_epochs=3", "train.threads=1"]
 CHECKPOINT_EVERY = {"gpu": 5, "dry": 3}
 
 
