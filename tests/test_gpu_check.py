@@ -1,5 +1,5 @@
 """bench/gpu_check.py and scripts/gpu_check.sh without a GPU: the no-CUDA exit, the time box of a step, the data
-subset of scripts/fetch_gpu_wheels.sh, and the whole check in --dry-run (tiny sizes, device cpu, about 3 min)."""
+subset of scripts/fetch_gpu_wheels.sh, and the whole check in --dry-run (tiny sizes, device cpu, about 2 min here)."""
 
 from __future__ import annotations
 
