@@ -53,7 +53,7 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from streaming_ssl.device import no_autocast
+from streaming_ssl.device import compile_backends, no_autocast
 
 logger = logging.getLogger(__name__)
 
@@ -354,12 +354,9 @@ class MultiPatchAugment(torch.nn.Module):
             raise ValueError("compiled=True compiles the masked path, so it cannot be combined with sync_free=False; "
                              "set sync_free=None (or True), or compiled=False")
         self.compiled = bool(compiled)
-        if compiled:
-            from torch._dynamo import list_backends
-
-            if compile_backend not in list_backends(exclude_tags=()):
-                raise ValueError(f"compile_backend {compile_backend!r} is not a torch.compile backend; valid: "
-                                 f"{', '.join(list_backends(exclude_tags=()))}")
+        if compiled and compile_backend not in compile_backends():
+            raise ValueError(f"compile_backend {compile_backend!r} is not a torch.compile backend; valid: "
+                             f"{', '.join(compile_backends())}")
         self.compile_backend = compile_backend
         self.blur_kernel_size = gaussian_kernel_size(out_size)
         self.register_buffer("mean", torch.tensor([float(m) for m in mean]).view(1, 3, 1, 1), persistent=False)

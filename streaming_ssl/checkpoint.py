@@ -88,7 +88,7 @@ def _test_pause(path: Path) -> None:
     if marker:
         with open(marker, "a") as fh:
             fh.write(f"writing {path}\n")
-        write = _count_lines(marker)
+        write = len(_lines(marker))
     if pause:
         try:
             seconds = float(pause)
@@ -96,26 +96,17 @@ def _test_pause(path: Path) -> None:
             raise ValueError(f"{PAUSE_ENV}={pause!r} is not a number of seconds; set it to e.g. 5 or unset it") from None
         end = time.monotonic() + seconds
         while (left := end - time.monotonic()) > 0:
-            if release and _released(release, write):
+            if release and (len(released := _lines(release)) >= write or "all" in released):
                 break
             time.sleep(min(left, 0.02) if release else left)
 
 
-def _count_lines(path: str) -> int:
+def _lines(path: str) -> list[str]:
     try:
         with open(path) as fh:
-            return sum(1 for _ in fh)
+            return fh.read().splitlines()
     except FileNotFoundError:
-        return 0
-
-
-def _released(release: str, write: int) -> bool:
-    try:
-        with open(release) as fh:
-            lines = fh.read().splitlines()
-    except FileNotFoundError:
-        return False
-    return len(lines) >= write or "all" in lines
+        return []
 
 
 def _read(path: Path) -> dict:

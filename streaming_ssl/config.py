@@ -381,13 +381,6 @@ def _check_dataset(name: str, key: str) -> None:
         raise ConfigError(str(err)) from None
 
 
-def compile_backends() -> list[str]:
-    """The names torch.compile takes as backend (torch's own test-only ones left out); imports torch."""
-    import torch._dynamo
-
-    return [b for b in torch._dynamo.list_backends(exclude_tags=()) if "TESTING" not in b]
-
-
 def validate(cfg: Config) -> None:
     """Range and consistency checks that types alone cannot express."""
     a, o, s, t, e, m, op = cfg.augment, cfg.objective, cfg.stream, cfg.train, cfg.eval, cfg.model, cfg.optim
@@ -424,7 +417,9 @@ def validate(cfg: Config) -> None:
     _check(not (t.compile and m.recompute_bn_relu), "train.compile",
            "cannot be combined with model.recompute_bn_relu (a hand-written backward the compiler does not fuse); "
            "set model.recompute_bn_relu=false or train.compile=false")
-    if t.compile or a.compile:
+    if t.compile or a.compile:  # torch is imported only here: the config stays cheap to load otherwise
+        from streaming_ssl.device import compile_backends
+
         backends = compile_backends()
         _check(t.compile_backend in backends, "train.compile_backend",
                f"{t.compile_backend!r} is not a torch.compile backend; valid: {', '.join(backends)}")

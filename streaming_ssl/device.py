@@ -59,6 +59,13 @@ def cpu_kind(cpuinfo: str | None = None) -> str:
     return f"{name}, {os.cpu_count()} cores, {isa}: {precision}"
 
 
+def compile_backends() -> list[str]:
+    """The names torch.compile takes as backend (torch's own test-only ones left out)."""
+    from torch._dynamo import list_backends
+
+    return [b for b in list_backends(exclude_tags=()) if "TESTING" not in b]
+
+
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype, or None for float32. 'auto' picks bf16 on CUDA and on CPUs with native bf16."""
     if precision == "fp32":
