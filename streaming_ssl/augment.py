@@ -379,8 +379,8 @@ class MultiPatchAugment(torch.nn.Module):
 
         Args:
             images: uint8 (B, 3, H, W), or float in [0, 1].
-            generator: source of all randomness; must live on ``images.device``. ``None`` uses the
-                global RNG of that device.
+            generator: source of all randomness, on ``images.device`` (on another device the uniforms are
+                drawn there and copied over). ``None`` uses the global RNG of that device.
             n_patches: patches per image; defaults to ``self.n_patches``.
             return_params: also return the per-patch parameters.
 
@@ -461,7 +461,8 @@ class MultiPatchAugment(torch.nn.Module):
         Args:
             images: uint8 (B, 3, H, W), or float in [0, 1].
             n_patches: patches per image (>= 1).
-            generator: source of randomness, on ``images.device``.
+            generator: source of randomness, on any device: the uniforms are drawn there and copied to
+                ``images.device``, so a CPU generator gives the same crops on every device.
 
         Returns:
             Contiguous float32 (n*B, 3, out_size, out_size), patch-major.
@@ -518,8 +519,11 @@ class MultiPatchAugment(torch.nn.Module):
 
     @staticmethod
     def _uniforms(x: torch.Tensor, n: int, generator: torch.Generator | None) -> torch.Tensor:
-        """All per-patch uniforms of one call, (n*B, _N_UNIFORMS), drawn in one RNG call."""
-        return torch.rand(n * x.shape[0], _N_UNIFORMS, generator=generator, device=x.device, dtype=torch.float32)
+        """All per-patch uniforms of one call, (n*B, _N_UNIFORMS), drawn in one RNG call on the generator's device
+        (x's without one) and put on x's device."""
+        where = x.device if generator is None else generator.device
+        u = torch.rand(n * x.shape[0], _N_UNIFORMS, generator=generator, device=where, dtype=torch.float32)
+        return u.to(x.device)
 
     def _sample(self, u: torch.Tensor, height: int, width: int) -> dict[str, torch.Tensor]:
         """Per-patch parameters from the uniforms ``u`` (n*B, _N_UNIFORMS)."""

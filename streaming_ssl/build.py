@@ -46,7 +46,9 @@ def setup_runtime(cfg: Config) -> tuple[torch.device, torch.dtype | None]:
     device = resolve_device(t.device, local_rank)
     ddp.init_from_env(device.type)
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest convolution kernels once
+        # fixed shapes: pick the fastest convolution kernels once. Not when deterministic: the pick is timed, so a
+        # resumed process may choose other kernels than the run it continues, and sum in another order.
+        torch.backends.cudnn.benchmark = not t.deterministic
     torch.manual_seed(t.seed)
     random.seed(t.seed)
     np.random.seed(t.seed % 2**32)

@@ -50,6 +50,12 @@ def barrier() -> None:
         dist.barrier()
 
 
+def leave() -> None:
+    """Leave the process group (NCCL warns at exit about one never destroyed)."""
+    if is_dist():
+        dist.destroy_process_group()
+
+
 def gather_patch_blocks(blocks: torch.Tensor, sizes: list[int] | None = None) -> torch.Tensor:
     """Differentiable all-gather of (n, B_r, d) blocks along the batch dim -> (n, sum_r B_r, d), rank order.
 
@@ -106,12 +112,18 @@ def all_gather_object(obj) -> list:
 
 
 def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
-    """Non-differentiable gather of equal-length first dims, concatenated in rank order."""
+    """Non-differentiable gather of equal-length first dims, concatenated in rank order, on t's device.
+
+    NCCL only moves CUDA tensors, so under NCCL a tensor held elsewhere (probe features on the CPU) goes over
+    through this rank's GPU and comes back."""
     if not is_dist():
         return t
+    home = t.device
+    if dist.get_backend() == "nccl" and home.type != "cuda":
+        t = t.to(torch.device("cuda", torch.cuda.current_device()))
     out = [torch.empty_like(t) for _ in range(world_size())]
     dist.all_gather(out, t.contiguous())
-    return torch.cat(out)
+    return torch.cat(out).to(home)
 
 
 def broadcast_object(obj):

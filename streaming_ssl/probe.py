@@ -22,10 +22,11 @@ from streaming_ssl.seeds import derive_seed
 
 def _probe_input(augment: MultiPatchAugment, x: torch.Tensor, patches: int, patch_seed: int) -> torch.Tensor:
     """What a probe reads of a batch: the whole images (patches=0) or `patches` plain patches each, drawn from a
-    generator seeded with `patch_seed` on the batch's device."""
+    CPU generator seeded with `patch_seed`: the same crops on every device (CPU and CUDA generators give
+    different numbers for one seed), so a checkpoint's bag features do not depend on where it is probed."""
     if not patches:
         return augment.whole_image(x)
-    return augment.eval_patches(x, patches, torch.Generator(device=x.device).manual_seed(patch_seed))
+    return augment.eval_patches(x, patches, torch.Generator().manual_seed(patch_seed))
 
 
 @torch.inference_mode()
