@@ -9,6 +9,8 @@ import platform
 
 import torch
 
+from streaming_ssl.config import ConfigError
+
 log = logging.getLogger(__name__)
 
 
@@ -18,7 +20,7 @@ def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("train.device is 'cuda' but no CUDA device is visible; use train.device=cpu or auto")
+            raise ConfigError("train.device is 'cuda' but no CUDA device is visible; use train.device=cpu or auto")
         return torch.device("cuda", local_rank)
     return torch.device(name)
 

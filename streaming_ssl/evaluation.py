@@ -161,6 +161,8 @@ class ProbeMetric(PluginMetric):
         self.last_row = None
         if not getattr(strategy, "eval_due", True):
             return None
+        if hasattr(strategy, "check_finite"):  # on CUDA a loss is checked every N updates: never probe a diverged
+            strategy.check_finite()           # model (one host sync per evaluation)
         n_seen = getattr(strategy, "eval_seen", strategy.stream_step)
         row = {"experience": strategy.stream_step - 1, "parent_experience": n_seen - 1,
                "samples_seen": strategy.samples_seen, "updates": strategy.global_step}

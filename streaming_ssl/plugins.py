@@ -156,6 +156,7 @@ class CheckpointPlugin(SupervisedPlugin):
         return {"format": ckpt.FORMAT_VERSION, "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "position": strategy.position(), "rng": ckpt.rng_state(),
                 "aug_generator": ddp.all_gather_object(strategy.aug_generator.get_state().cpu()),
+                "aug_device": strategy.aug_generator.device.type,
                 "evaluator": self.evaluator.state_dict(), "counters": strategy.counters.state_dict(),
                 "plugins": {p.state_key: p.state_dict() for p in strategy.plugins if hasattr(p, "state_key")},
                 "metrics_rows": len(read_rows(self.metrics_path)) if ddp.is_main() else 0,
@@ -195,6 +196,14 @@ class CheckpointPlugin(SupervisedPlugin):
             raise ckpt.CheckpointError(
                 f"the run was saved by {len(aug_states)} process(es) but resumes with {ddp.world_size()}; resume "
                 "with the same number of processes (torchrun --nproc_per_node)")
+        here = strategy.aug_generator.device.type
+        there = state.get("aug_device") or here  # checkpoints before the key: told apart by the state's size
+        if there != here or aug_states[ddp.rank()].numel() != strategy.aug_generator.get_state().numel():
+            raise ckpt.CheckpointError(
+                f"the run was trained on {'another device' if there == here else there} and resumes on {here}: the "
+                "augmentation's random stream (CPU and CUDA generators differ) continues exactly only on the kind of "
+                "device the run started on; resume it on such a machine (a CPU run on a GPU machine: "
+                "CUDA_VISIBLE_DEVICES= python run_stream.py --resume RUN), or start a new run")
         strategy.aug_generator.set_state(aug_states[ddp.rank()])
         if ddp.is_main():  # drop rows written after the checkpoint (they will be computed again)
             rows = self.metrics_path.read_text().splitlines(keepends=True) if self.metrics_path.exists() else []

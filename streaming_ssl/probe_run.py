@@ -65,13 +65,13 @@ def load_checkpoint_model(checkpoint: str | Path, *, data_root: str | None = Non
     """The model and augmentation of a checkpoint file or run directory (its newest checkpoint).
 
     The checkpoint's config builds them; its weights are loaded (weights_only) unless `random_init`, which keeps
-    the seeded initialisation of the same architecture (the floor). `data_root` and `device` override the
-    config's (None: the config's).
+    the seeded initialisation of the same architecture (the floor). `data_root` overrides the config's (None: the
+    config's); `device` is where it runs (None: CUDA when visible, else the CPU, wherever the run trained).
     """
     path, state = ckpt.load_latest(checkpoint)
     cfg = config_from_dict(state["config"])
     cfg.data.root = data_root or cfg.data.root
-    cfg.train.device = device or cfg.train.device
+    cfg.train.device = device or "auto"
     dev = resolve_device(cfg.train.device)
     amp_dtype = resolve_precision(cfg.train.precision, dev)
     torch.manual_seed(cfg.train.seed)
@@ -118,7 +118,8 @@ class _Prober:
         self.device, self.amp_dtype, self.patches, self.n_recal = device, amp_dtype, patches, n_recal
         self.stored = {k: v.clone() for k, v in model.state_dict().items()} if n_recal else None
         self.key = {"checkpoint": str(path.resolve()), "updates": result["updates"],
-                    "random_init": result["random_init"], "patches": patches, "seed": cfg.train.seed}
+                    "random_init": result["random_init"], "patches": patches, "seed": cfg.train.seed,
+                    "precision": str(amp_dtype or "fp32")}  # bf16 features differ from fp32 ones by a few %
         if n_recal:
             self.key["bn_recalibrate"] = n_recal
 

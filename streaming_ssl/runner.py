@@ -103,11 +103,14 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict
     handlers_before = list(logging.getLogger().handlers)
     run_dir = Path(cfg.run.out_dir)
     lock = RunLock(run_dir) if ddp.env_world()[0] == 0 else None
+    joins_group = not ddp.is_dist()  # a group the caller made stays the caller's
     try:
         if lock is not None and run_dir.is_dir():
             lock.acquire()
         return _train(cfg, resume=resume, overwrite=overwrite, lock=lock)
     finally:  # a run's log file must not collect what later runs in this process log
+        if joins_group:
+            ddp.leave()
         if lock is not None:
             lock.release()
         for handler in logging.getLogger().handlers:

@@ -154,6 +154,9 @@ CASES = {
     "checkpoint of another width": (lambda t, g: run_stream.main(["--resume", str(_other_width_run(t, g))]),
                                     r"does not fit this model \(first shape mismatch"),
 }
+if not torch.cuda.is_available():
+    CASES["CUDA asked for, none visible"] = (lambda t, g: _runs(t, "train.device=cuda"),
+                                             r"train.device is 'cuda' but no CUDA device is visible; use train.device=cpu")
 
 
 def _truncated_ckpt(tmp: Path, good: Path) -> Path:

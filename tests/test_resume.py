@@ -66,7 +66,9 @@ def test_sigkill_mid_experience_then_resume_is_exact(zygote, tmp_path: Path) -> 
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
-def test_resume_refuses_a_different_config(zygote, tmp_path: Path) -> None:
+def test_resume_refuses_a_different_config_or_device(zygote, tmp_path: Path) -> None:
+    """--resume with other settings, or on another kind of device than the checkpoint's augmentation generator
+    (CPU and CUDA generators have different states), is refused with the fix, and the run's files stay."""
     run_dir, log = tmp_path / "run", tmp_path / "run.log"
     # the run and the refused resume: training processes forked with the imports done (tests/zygote.py)
     rc = zygote.run(_cmd(run_dir, "stream.n_experiences=2", "data.train_per_class=10", "data.test_per_class=5")[2:],
@@ -82,3 +84,24 @@ def test_resume_refuses_a_different_config(zygote, tmp_path: Path) -> None:
     err = refused.read_text(errors="replace")
     assert "different config" in err and "optim.lr" in err
     assert stamps() == before
+
+    def contents() -> dict:  # resume writes config.yaml again (the same) and logs what it refused in train.log
+        return {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file() and p.name not in (".lock",
+                                                                                                   "train.log")}
+
+    # the latest checkpoint as a CUDA run writes it (a 16-byte Philox state), with and without the device named
+    latest = ckpt.latest(run_dir)
+    state = ckpt.load(latest)
+    assert state["aug_device"] == "cpu" and state["aug_generator"][0].numel() > 16
+    for named, expected in (("cuda", "trained on cuda and resumes on cpu"),
+                            (None, "trained on another device and resumes on cpu")):
+        state["aug_generator"] = [torch.zeros(16, dtype=torch.uint8)]
+        state.pop("aug_device", None)
+        if named:
+            state["aug_device"] = named
+        ckpt.atomic_save(state, latest)
+        before = contents()
+        assert zygote.run(["--resume", str(run_dir)], refused, 240) == 2
+        err = refused.read_text(errors="replace")
+        assert expected in err and "CUDA_VISIBLE_DEVICES= python run_stream.py --resume" in err, err[-2000:]
+        assert contents() == before

@@ -14,7 +14,7 @@ from scenarios.streams import build_stream
 from streaming_ssl.augment import MultiPatchAugment
 from streaming_ssl.lars import LARS, cosine_lr, param_groups
 from streaming_ssl.models import EMPSSLModel
-from streaming_ssl.strategy import EMPSSLStrategy
+from streaming_ssl.strategy import EMPSSLStrategy, NonFiniteLossError
 
 
 class Recorder(SupervisedPlugin):
@@ -95,3 +95,28 @@ def test_the_update_reads_nothing_back_on_the_host() -> None:
     assert all("momentum_buffer" in opt.state[p] for p in model.parameters())
     with pytest.raises((NotImplementedError, RuntimeError)):  # a value read back is refused there
         float(loss)
+
+
+def test_a_non_finite_loss_pending_on_the_device_stops_the_run_before_an_evaluation() -> None:
+    """On CUDA the loss is checked only every finite_check_every updates (no host sync per update): a non-finite
+    loss still pending there is raised when an evaluation is due, before the probes read the diverged model, so
+    its row is never logged. A finite one lets the evaluation run."""
+    from streaming_ssl.evaluation import ProbeMetric, ProbeSet, StreamEvaluator
+
+    _, strategy, _ = _setup([])
+    gen = torch.Generator().manual_seed(1)
+    imgs = torch.randint(0, 256, (12, 3, 16, 16), dtype=torch.uint8, generator=gen)
+    labels = torch.arange(12) % 2
+    probes = ProbeSet("tiny", imgs, labels, imgs, labels, 2)
+    evaluator = StreamEvaluator(in_domain=probes, transfer=[], parent_classes=[[0, 1]], augment=strategy.augment,
+                                device=torch.device("cpu"), channels_last=False, batch_size=6, knn_k=3,
+                                probe_kwargs={"epochs": 2})
+    metric = ProbeMetric(evaluator, strategy.model)
+    strategy.stream_step = 1
+    strategy._nonfinite = torch.tensor(True)  # what backward accumulates on CUDA after a NaN loss
+    with pytest.raises(NonFiniteLossError, match="non-finite loss"):
+        metric.after_training_exp(strategy)
+    assert metric.last_row is None and evaluator.history == []
+    strategy._nonfinite = torch.tensor(False)
+    metric.after_training_exp(strategy)
+    assert metric.last_row is not None and "probe/acc_all" in metric.last_row and len(evaluator.history) == 1
