@@ -5,7 +5,8 @@
     python bench/gpu_check.py --dry-run                # here: every check on tiny sizes, device cpu
 
 Checks, each step a subprocess with its own timeout inside one overall budget (default 450 s), so a hang
-cannot eat the machine's window:
+cannot eat the machine's window; tests, e2e and ddp run side by side (none of them times anything), then speed
+alone:
   tests    pytest -m cuda tests/test_cuda.py: augmentation, bf16 model, objective, features and probe on CUDA
            against the CPU, NCCL + SyncBatchNorm at world 1 (none may skip on a GPU)
   e2e      Split CIFAR-10 through the real CLI (run_stream.py, configs/smoke.yaml, bf16 on CUDA) writing all
@@ -142,10 +143,17 @@ def free_port() -> int:
 
 
 # ------------------------------------------------------------------------------------------ (a) tests
-def check_tests(ctx: Ctx) -> dict:
-    env = {"STREAMING_SSL_TEST_DEVICE": ctx.device}
-    step = run_step("tests", [ctx.python, "-m", "pytest", "-m", "cuda", "tests/test_cuda.py", "-rs",
-                              "-p", "no:cacheprovider"], ctx, 150, **env)
+TESTS_TIMEOUT = 150
+
+
+def start_tests(ctx: Ctx) -> Proc:
+    """The CUDA tests, started alongside the CLI runs: neither measures time, and the GPU has room for both."""
+    return start("tests", [ctx.python, "-m", "pytest", "-m", "cuda", "tests/test_cuda.py", "-rs", "-p",
+                           "no:cacheprovider"], ctx, STREAMING_SSL_TEST_DEVICE=ctx.device)
+
+
+def check_tests(ctx: Ctx, proc: Proc) -> dict:
+    step = finish(proc, ctx.timeout(TESTS_TIMEOUT - (time.monotonic() - proc.started)))
     counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|error)", step["output"])}
     problems = []
     if step["rc"] != 0 or step["timed_out"]:
@@ -321,7 +329,9 @@ def check_speed(ctx: Ctx, strict: bool) -> dict:
     wanted = {(c, w) for c in (SPEED_CASES[:-1] if ctx.dry else SPEED_CASES) for w in ([0.125] if ctx.dry else
                                                                                          [0.25, 1.0])}
     have = {(r["case"], r["width"]) for r in result["rows"] if "error" not in r}
-    problems += [f"{c} width {w}: no result" for c, w in sorted(wanted - have)]
+    missing = ("not measured: the time ran out (the speed step's limit or the check's budget)" if step["timed_out"]
+               else "no result")
+    problems += [f"{c} width {w}: {missing}" for c, w in sorted(wanted - have)]
     if not ctx.dry:
         problems += [f"{r['case']} width {r['width']}: no peak_cuda_MB" for r in result["rows"]
                      if "error" not in r and r.get("peak_cuda_MB") is None]
@@ -338,8 +348,8 @@ def check_speed(ctx: Ctx, strict: bool) -> dict:
 
 def case_row(row: dict) -> dict:
     """What the report keeps of one speed.py row."""
-    keep = ("case", "width", "patches_per_s", "seconds_per_step", "peak_cuda_MB", "peak_rss_MB", "amp_dtype",
-            "lars_step_ms", "error")
+    keep = ("case", "width", "patches_per_s", "seconds_per_step", "peak_cuda_MB", "peak_cuda_steady_MB", "peak_rss_MB",
+            "amp_dtype", "lars_step_ms", "error")
     return {k: row[k] for k in keep if k in row}
 
 
@@ -369,6 +379,7 @@ def speed_info(ctx: Ctx, result: dict) -> dict:
 
 def speed_targets(result: dict) -> list[dict]:
     names = ("ours_over_reference_patches_per_s", "ours_over_model_only", "peak_cuda_ours_lowmem_over_reference",
+             "peak_cuda_steady_ours_lowmem_over_reference",
              "ours_compiled_over_ours", "peak_cuda_ours_over_reference", "lars_loop_over_foreach_step_time")
     out = []
     for group, g in sorted(result["summary"]["by_group"].items()):
@@ -427,12 +438,10 @@ def write_cifar_subset(src: str | Path, dst: str | Path, train_per_class: int, t
 
 
 def run_checks(ctx: Ctx, only: list[str], strict: bool) -> dict:
-    """The checks of `only`, each with its wall `seconds` (e2e and ddp run side by side: both get that span)."""
+    """The checks of `only`, each with its wall `seconds`. The tests, e2e and ddp run side by side (e2e and ddp
+    both get their common span); speed runs alone."""
     results: dict = {}
-    t0 = time.monotonic()
-    if "tests" in only:
-        results["tests"] = check_tests(ctx)
-        results["tests"]["seconds"] = round(time.monotonic() - t0, 1)
+    tests = start_tests(ctx) if "tests" in only else None
     if "e2e" in only or "ddp" in only:
         t0 = time.monotonic()
         runs = launch_cli_runs(ctx, torchrun="ddp" in only)
@@ -443,11 +452,14 @@ def run_checks(ctx: Ctx, only: list[str], strict: bool) -> dict:
         for name in ("e2e", "ddp"):
             if name in results:
                 results[name]["seconds"] = round(time.monotonic() - t0, 1)
-    if "speed" in only:
+    if tests is not None:
+        results["tests"] = check_tests(ctx, tests)
+        results["tests"]["seconds"] = results["tests"]["step"]["seconds"]
+    if "speed" in only:  # alone on the device
         t0 = time.monotonic()
         results["speed"] = check_speed(ctx, strict)
         results["speed"]["seconds"] = round(time.monotonic() - t0, 1)
-    return results
+    return {name: results[name] for name in ("tests", "e2e", "ddp", "speed") if name in results}
 
 
 def print_table(results: dict, file=sys.stdout) -> None:
@@ -520,7 +532,8 @@ def markdown(report: dict) -> str:
     env = report["env"]
     where = env.get("gpu") or f"CPU, {env['cores']} cores"
     lines = [f"# GPU check: {report['mode']}, {'all checks passed' if report['ok'] else 'FAILED'}", "",
-             f"{where}; Python {env['python']}, torch {env['torch']}, CUDA {env['cuda']}; {report['seconds']} s of "
+             f"{where}; Python {env['python']}, torch {env['torch']}, CUDA {env['cuda']}, Triton "
+             f"{'yes' if env.get('triton') else 'no'}; {report['seconds']} s of "
              f"a {report['budget_seconds']:.0f} s budget.", "", "| check | result | seconds | details |",
              "| --- | --- | --- | --- |"]
     for name, r in report["checks"].items():
@@ -528,7 +541,7 @@ def markdown(report: dict) -> str:
         lines.append(f"| {name} | {'pass' if r['ok'] else 'FAIL'} | {r.get('seconds', '')} | {detail} |")
     speed = report["checks"].get("speed")
     if speed:
-        memory = "peak CUDA MB" if report["mode"] == "cuda" else "peak RSS MB"
+        memory = "peak CUDA MB (measured steps)" if report["mode"] == "cuda" else "peak RSS MB"
         lines += ["", f"| case | width | patches/s | s/step | {memory} | autocast |",
                   "| --- | --- | --- | --- | --- | --- |"]
         for c in speed.get("cases", []):
@@ -536,8 +549,11 @@ def markdown(report: dict) -> str:
                 lines.append(f"| {c['case']} | {c['width']} | error: {c['error']} | | | |")
                 continue
             mem = c.get("peak_cuda_MB") if report["mode"] == "cuda" else c.get("peak_rss_MB")
+            mem = "" if mem is None else f"{mem:.0f}"
+            if c.get("peak_cuda_steady_MB") is not None:
+                mem += f" ({c['peak_cuda_steady_MB']:.0f})"
             lines.append(f"| {c['case']} | {c['width']} | {c['patches_per_s']:.0f} | {c['seconds_per_step']:.4f} | "
-                         f"{'' if mem is None else f'{mem:.0f}'} | {c.get('amp_dtype', '')} |")
+                         f"{mem} | {c.get('amp_dtype', '')} |")
         lines += ["", "| group | ratio | median | target | met |", "| --- | --- | --- | --- | --- |"]
         for t in speed["targets"]:
             target = f"{t['op']} {t['target']}" if t.get("target") is not None else ""
@@ -555,9 +571,15 @@ def environment() -> dict:
     import torch
 
     env = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-           "cores": os.cpu_count()}
+           "cores": os.cpu_count(), "c_compiler": shutil.which("cc") or shutil.which("gcc")}
+    try:  # what torch.compile needs on CUDA: without Triton every compiled case fails for this reason alone
+        from torch.utils._triton import has_triton
+        env["triton"] = bool(has_triton())
+    except ImportError:
+        env["triton"] = None
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name(0)
+        env["cudnn"] = torch.backends.cudnn.version()
     return env
 
 

@@ -40,8 +40,9 @@ Cases (each at every width in --widths, on the CPU with torch threads = cores, a
 Every case builds its parts through the library builders of streaming_ssl/build.py from a Config
 (bench_config: model, augmentation, LARS optimizer, stream, evaluator, strategy), as a run does; only the
 reference keeps the authors' pipeline of reference_pipeline.py. On CUDA (--device cuda) each row also has
-peak_cuda_MB (torch.cuda.max_memory_allocated of the case; full mode: a fresh process per case), and the
-reference gets min(cores, 16) DataLoader workers, as the authors' main.py.
+peak_cuda_MB (torch.cuda.max_memory_allocated of the case; full mode: a fresh process per case) and
+peak_cuda_steady_MB (the same over the measured steps only, after the warm-up: without cudnn.benchmark's trial
+workspaces), and the reference gets min(cores, 16) DataLoader workers, as the authors' main.py.
 
 Training cases also record the peak resident memory of their process (VmHWM; the reference's DataLoader
 workers separately). Full mode runs every (case, width) in a fresh subprocess (`--case X --width W`
@@ -134,6 +135,19 @@ def sync(device) -> None:
 
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+_CUDA_WARMUP_PEAK = {"bytes": 0}  # the case's peak up to the end of its warm-up (see end_of_warmup)
+
+
+def end_of_warmup(device) -> None:
+    """On CUDA, keep the peak allocated so far (model, first steps, cudnn.benchmark's trial workspaces) and restart
+    the count, so that run_case reports the whole case's peak and the steady state's peak apart."""
+    import torch
+
+    if device.type == "cuda":
+        _CUDA_WARMUP_PEAK["bytes"] = max(_CUDA_WARMUP_PEAK["bytes"], torch.cuda.max_memory_allocated(device))
+        torch.cuda.reset_peak_memory_stats(device)
 
 
 def stats(values: list[float]) -> dict:
@@ -233,6 +247,8 @@ def iter_clock(device, warmup: int, total: int):
             if len(self.marks) in ends:
                 sync(device)
             self.marks.append((time.perf_counter(), strategy.samples_seen))
+            if len(self.marks) == max(warmup, 1):
+                end_of_warmup(device)
 
         def intervals(self, warmup: int) -> list[float]:
             t = [m[0] for m in self.marks]
@@ -361,6 +377,8 @@ def case_reference(width: float, sizes: Sizes, device, splits, ctx: dict) -> dic
         now = time.perf_counter()
         if step >= sizes.warmup:
             times.append(now - last)
+        elif step == sizes.warmup - 1:
+            end_of_warmup(device)
         last = now
     workers_peak = workers_peak_rss_MB(batches)
     del batches
@@ -438,6 +456,8 @@ def case_model_only(width: float, sizes: Sizes, device, splits, ctx: dict) -> di
         now = time.perf_counter()
         if step >= sizes.warmup:
             times.append(now - last)
+        elif step == sizes.warmup - 1:
+            end_of_warmup(device)
         last = now
     finite = bool(torch.isfinite(loss).item())
     return step_result(times, sizes, channels_last=cl, amp_dtype=str(amp), loss_finite=finite,
@@ -720,6 +740,7 @@ def run_case(case: str, width: float, device_name: str, sizes: Sizes, args, repe
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+    _CUDA_WARMUP_PEAK["bytes"] = 0
     t0 = time.perf_counter()
     try:
         row.update(CASE_FUNCS[case](width, sizes, device, splits, {"repeat_index": repeat_index}))
@@ -728,7 +749,10 @@ def run_case(case: str, width: float, device_name: str, sizes: Sizes, args, repe
         row["traceback"] = traceback.format_exc(limit=8)
     row["case_wall_seconds"] = time.perf_counter() - t0
     if device.type == "cuda":  # tensors of this case only (a fresh process per case in full mode)
-        row["peak_cuda_MB"] = torch.cuda.max_memory_allocated(device) / 2**20
+        since = torch.cuda.max_memory_allocated(device)  # since the warm-up's end, where the case marks one
+        row["peak_cuda_MB"] = max(since, _CUDA_WARMUP_PEAK["bytes"]) / 2**20
+        if _CUDA_WARMUP_PEAK["bytes"]:  # the measured steps alone: what training needs once kernels are chosen
+            row["peak_cuda_steady_MB"] = since / 2**20
         row["peak_cuda_reserved_MB"] = torch.cuda.max_memory_reserved(device) / 2**20
     row["loadavg_end"] = os.getloadavg()[0]
     return row
@@ -826,6 +850,8 @@ def summarize(rows: list[dict]) -> dict:
             "peak_cuda_ours_lowmem_over_reference": _ratio(by_case, ("ours_lowmem", "peak_cuda_MB"),
                                                            ("reference", "peak_cuda_MB"),
                                                            0.5 if width >= 1.0 else None, "<="),
+            "peak_cuda_steady_ours_lowmem_over_reference": _ratio(by_case, ("ours_lowmem", "peak_cuda_steady_MB"),
+                                                                  ("reference", "peak_cuda_steady_MB"), None, "info"),
             "objective_share_of_step": _ratio(by_case, ("objective", "seconds_per_call"), ("ours", "seconds_per_step"),
                                               0.02, "<="),
             "augment_share_of_step": _ratio(by_case, ("augment", "seconds_per_batch"), ("ours", "seconds_per_step"),
