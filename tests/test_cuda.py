@@ -282,6 +282,34 @@ def test_runtime_benchmarks_convolutions_unless_deterministic(dev, deterministic
         torch.use_deterministic_algorithms(old[1])
 
 
+def test_lazy_folder_decoded_in_workers_into_pinned_memory_trains_like_the_main_process(dev, tmp_path):
+    """ImageNet-100's path on the device: images decoded in DataLoader workers into pinned memory (on CUDA), copied
+    without blocking while the device trains, give the weights of decoding in the main process (fp32; to 1e-5: two
+    CUDA runs may sum in another order, a wrong or reordered batch moves the weights by percents)."""
+    from torchvision.io import encode_png, write_file
+
+    from scenarios.datasets import LazyImageFolder
+
+    x = images(24, seed=5)[:, :, :20, :24]  # not square: decoding resizes and crops to 16 x 16
+    paths = []
+    for i, img in enumerate(x):
+        paths.append(tmp_path / f"{i}.png")
+        write_file(str(paths[-1]), encode_png(img))
+    data = ImageData(LazyImageFolder(paths, 16), torch.arange(24) % 4)
+    weights = []
+    for workers in (0, 2):
+        torch.manual_seed(0)
+        model = EMPSSLModel(**{**MODEL_KW, "width": 0.125}).to(dev)
+        strategy = EMPSSLStrategy(model=model, optimizer=LARS(param_groups(model, 1e-4), lr=0.1),
+                                  augment=MultiPatchAugment(2, 16), batch_size=8, total_updates=3, device=dev,
+                                  channels_last=False, loader_workers=workers)
+        strategy.train(list(build_stream(data, 4, mode="offline"))[0], eval_streams=[])
+        assert strategy.global_step == 3
+        weights.append({k: v.float().cpu() for k, v in model.state_dict().items()})
+    for k in weights[0]:
+        torch.testing.assert_close(weights[1][k], weights[0][k], rtol=1e-5, atol=1e-6)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
