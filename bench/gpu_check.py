@@ -84,8 +84,10 @@ class Ctx:
 
     def env(self, **extra) -> dict:
         path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+        # the GPU machine has JAX, which avalanche's qpsolvers imports: should anything start a JAX backend, it must
+        # not take 75% of the GPU's memory first
         return {**os.environ, "PYTHONPATH": path, "STREAMING_SSL_DATA": self.data, "PYTHONUNBUFFERED": "1",
-                **extra}
+                "XLA_PYTHON_CLIENT_PREALLOCATE": "false", **extra}
 
 
 # ------------------------------------------------------------------------------------------ subprocesses

@@ -17,9 +17,10 @@ if [ -z "$PY312" ]; then  # python3.12 on the PATH (a pyenv shim may exist witho
 fi
 [ -n "$PY312" ] || { echo "gpu_rehearsal: no working python3.12 found: install one, or set PYTHON312" >&2; exit 1; }
 VENV=.gpu/rehearsal
-# the GPU machine's packages (issue 17), and nothing else
+# the GPU machine's packages (issue 17; and JAX, which its image also holds and avalanche's qpsolvers imports
+# when present), and nothing else
 GPU_PACKAGES="torch==2.11.0 torchvision==0.26.0 numpy scipy scikit-learn matplotlib tensorboard tqdm pyyaml
-torchmetrics psutil pytest"
+torchmetrics psutil pytest jax==0.11.2"
 if [ ! -x "$VENV/bin/python" ]; then
     "$PY312" -m venv "$VENV.tmp"
     "$VENV.tmp/bin/python" -m pip install --quiet $GPU_PACKAGES
