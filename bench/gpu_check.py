@@ -573,7 +573,9 @@ def environment() -> dict:
     import torch
 
     env = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-           "cores": os.cpu_count(), "c_compiler": shutil.which("cc") or shutil.which("gcc")}
+           "cores": os.cpu_count(), "c_compiler": shutil.which("cc") or shutil.which("gcc"),
+           # DataLoader workers hand batches over through it (the reference's 16 PIL workers: about 0.8 GB in flight)
+           "dev_shm_MB": shutil.disk_usage("/dev/shm").total // 2**20 if os.path.isdir("/dev/shm") else None}
     try:  # what torch.compile needs on CUDA: without Triton every compiled case fails for this reason alone
         from torch.utils._triton import has_triton
         env["triton"] = bool(has_triton())
