@@ -5,8 +5,8 @@
     python bench/gpu_check.py --dry-run                # here: every check on tiny sizes, device cpu
 
 Checks, each step a subprocess with its own timeout inside one overall budget (default 450 s), so a hang
-cannot eat the machine's window; tests, e2e and ddp run side by side (none of them times anything), then speed
-alone:
+cannot eat the machine's window; tests, e2e, ddp and a warm-up of speed's compiled case (filling inductor's
+caches) run side by side (none of them times anything), then speed alone:
   tests    pytest -m cuda tests/test_cuda.py: augmentation, bf16 model, objective, features and probe on CUDA
            against the CPU, NCCL + SyncBatchNorm at world 1 (none may skip on a GPU)
   e2e      Split CIFAR-10 through the real CLI (run_stream.py, configs/smoke.yaml, bf16 on CUDA) writing all
@@ -44,6 +44,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,6 +98,7 @@ class Proc:
     popen: subprocess.Popen
     log: Path
     started: float
+    ended: list = field(default_factory=list)  # when it exited (a watcher thread notes it: steps run side by side)
 
 
 def start(name: str, cmd: list[str], ctx: Ctx, **env) -> Proc:
@@ -105,7 +107,9 @@ def start(name: str, cmd: list[str], ctx: Ctx, **env) -> Proc:
     with open(log, "wb") as fh:
         popen = subprocess.Popen(cmd, cwd=ROOT, env=ctx.env(**env), stdout=fh, stderr=subprocess.STDOUT,
                                  start_new_session=True)
-    return Proc(name, popen, log, time.monotonic())
+    proc = Proc(name, popen, log, time.monotonic())
+    threading.Thread(target=lambda: (popen.wait(), proc.ended.append(time.monotonic())), daemon=True).start()
+    return proc
 
 
 def finish(proc: Proc, timeout: float) -> dict:
@@ -118,7 +122,8 @@ def finish(proc: Proc, timeout: float) -> dict:
         kill_group(proc.popen)
         rc = proc.popen.wait()
     text = proc.log.read_text(errors="replace")
-    return {"cmd": " ".join(proc.popen.args), "rc": rc, "seconds": round(time.monotonic() - proc.started, 2),
+    ended = proc.ended[0] if proc.ended else time.monotonic()
+    return {"cmd": " ".join(proc.popen.args), "rc": rc, "seconds": round(ended - proc.started, 2),
             "timed_out": timed_out, "log": str(proc.log), "tail": text[-2500:], "output": text}
 
 
@@ -314,6 +319,29 @@ def launch_cli_runs(ctx: Ctx, torchrun: bool = True) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ (d) speed
+def start_warmups(ctx: Ctx) -> list[Proc]:
+    """The compiling speed case at both widths, run once beside the tests and CLI runs (their timings thrown away):
+    its graphs and Triton kernels land in inductor's on-disk caches, so that the measured case loads them instead of
+    compiling inside the speed step's time. Two CPU threads and four compile workers each, to leave the cores to the
+    CLI runs. The dry run warms `ours` at the tiny size instead (a CPU compile takes minutes): the same plumbing."""
+    if ctx.dry:
+        plan, args = [("ours", 0.125)], ["--tiny", "--run-device", "cpu", "--threads", "1"]
+    else:
+        plan, args = [("ours_compiled", w) for w in (0.25, 1.0)], ["--run-device", "cuda", "--threads", "2"]
+    return [start(f"warm_{case}_{width}", [ctx.python, "bench/speed.py", "--case", case, "--width", str(width),
+                                           *args], ctx, TORCHINDUCTOR_COMPILE_THREADS="4") for case, width in plan]
+
+
+def finish_warmups(ctx: Ctx, procs: list[Proc]) -> dict:
+    """Give the warm-ups up to WARMUP_GRACE s more (nothing else runs now), then stop any left: speed is timed."""
+    end = time.monotonic() + ctx.timeout(WARMUP_GRACE)
+    steps = {p.name: public(finish(p, end - time.monotonic())) for p in procs}
+    return {name: {k: v for k, v in step.items() if k != "tail" or step["rc"]} for name, step in steps.items()}
+
+
+WARMUP_GRACE = 45
+
+
 def check_speed(ctx: Ctx, strict: bool) -> dict:
     out = ctx.workdir / "speed.json"
     out.unlink(missing_ok=True)  # never read an earlier try's figures
@@ -440,10 +468,11 @@ def write_cifar_subset(src: str | Path, dst: str | Path, train_per_class: int, t
 
 
 def run_checks(ctx: Ctx, only: list[str], strict: bool) -> dict:
-    """The checks of `only`, each with its wall `seconds`. The tests, e2e and ddp run side by side (e2e and ddp
-    both get their common span); speed runs alone."""
+    """The checks of `only`, each with its wall `seconds`. The tests, e2e, ddp and speed's compile warm-ups run side
+    by side (e2e and ddp both get their common span); speed runs alone."""
     results: dict = {}
     tests = start_tests(ctx) if "tests" in only else None
+    warmups = start_warmups(ctx) if "speed" in only else []
     if "e2e" in only or "ddp" in only:
         t0 = time.monotonic()
         runs = launch_cli_runs(ctx, torchrun="ddp" in only)
@@ -458,9 +487,11 @@ def run_checks(ctx: Ctx, only: list[str], strict: bool) -> dict:
         results["tests"] = check_tests(ctx, tests)
         results["tests"]["seconds"] = results["tests"]["step"]["seconds"]
     if "speed" in only:  # alone on the device
+        warmed = finish_warmups(ctx, warmups)
         t0 = time.monotonic()
         results["speed"] = check_speed(ctx, strict)
         results["speed"]["seconds"] = round(time.monotonic() - t0, 1)
+        results["speed"]["warmups"] = warmed
     return {name: results[name] for name in ("tests", "e2e", "ddp", "speed") if name in results}
 
 
@@ -512,12 +543,18 @@ def main(argv=None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     ctx = Ctx(dry=args.dry_run, device="cpu" if args.dry_run else "cuda", precision="bf16",
               data=str(Path(data).resolve()), workdir=workdir, deadline=time.monotonic() + args.budget)
+    env = environment()
+    missing = [what for what, ok in (("Triton", env["triton"]), ("a C compiler", env["c_compiler"]),
+                                     ("Python.h", env["python_h"])) if not ok]
+    if missing and not args.dry_run:  # said first, so a compile failure further down is not a mystery
+        print(f"gpu_check: no {', no '.join(missing)} here: torch.compile on CUDA (Triton builds its launcher with "
+              "them) will fail, and with it the compiled test and speed cases", file=sys.stderr)
     t0 = time.monotonic()
     results = run_checks(ctx, only, args.strict_targets)
     for name, r in results.items():
         r["summary"] = summarize(name, r)
     report = {"mode": "dry-run (cpu, tiny)" if args.dry_run else "cuda", "tolerances": TOL,
-              "seconds": round(time.monotonic() - t0, 1), "budget_seconds": args.budget, "env": environment(),
+              "seconds": round(time.monotonic() - t0, 1), "budget_seconds": args.budget, "env": env,
               "checks": results, "ok": all(r["ok"] for r in results.values())}
     out = Path(args.out) if args.out else RESULT if not args.dry_run else workdir / "gpu_check_dry.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -543,7 +580,7 @@ def markdown(report: dict) -> str:
         lines.append(f"| {name} | {'pass' if r['ok'] else 'FAIL'} | {r.get('seconds', '')} | {detail} |")
     speed = report["checks"].get("speed")
     if speed:
-        memory = "peak CUDA MB (measured steps)" if report["mode"] == "cuda" else "peak RSS MB"
+        memory = "peak CUDA MB: case (measured steps)" if report["mode"] == "cuda" else "peak RSS MB"
         lines += ["", f"| case | width | patches/s | s/step | {memory} | autocast |",
                   "| --- | --- | --- | --- | --- | --- |"]
         for c in speed.get("cases", []):
@@ -569,11 +606,13 @@ def markdown(report: dict) -> str:
 
 def environment() -> dict:
     import platform
+    import sysconfig
 
     import torch
 
     env = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-           "cores": os.cpu_count(), "c_compiler": shutil.which("cc") or shutil.which("gcc"),
+           "cores": os.cpu_count(), "c_compiler": shutil.which("gcc") or shutil.which("clang") or shutil.which("cc"),
+           "python_h": (Path(sysconfig.get_paths()["include"]) / "Python.h").is_file(),
            # DataLoader workers hand batches over through it (the reference's 16 PIL workers: about 0.8 GB in flight)
            "dev_shm_MB": shutil.disk_usage("/dev/shm").total // 2**20 if os.path.isdir("/dev/shm") else None}
     try:  # what torch.compile needs on CUDA: without Triton every compiled case fails for this reason alone

@@ -29,6 +29,8 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     else  # no pip: a wheel is a zip of its site-packages files
         "$PY" -c 'import sys, zipfile; [zipfile.ZipFile(w).extractall(".gpu/site") for w in sys.argv[1:]]' "${wheels[@]}"
     fi
+    # avalanche-lib's wheel also installs top-level tests/ and examples/ packages: ours must be the only `tests`
+    rm -rf .gpu/site/tests .gpu/site/examples
     echo "$want" > "$stamp"
 fi
 export PYTHONPATH="$PWD/.gpu/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"

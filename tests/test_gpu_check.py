@@ -105,6 +105,8 @@ def test_dry_run_passes_every_check(tmp_path):
     assert set(e2e["diffs_vs_plain"]) >= {"loss_rel", "tcr_rel", "inv_abs"}
     assert checks["ddp"]["world"] == 1 and checks["ddp"]["diffs_vs_plain"]
     assert checks["ddp"]["ddp"] == "DDP over gloo, world 1, SyncBatchNorm off"  # torchrun at world 1 still wraps
+    # the compile warm-up ran beside the CLI runs (on the CPU: `ours` at the tiny size) and was done before speed
+    assert [w["rc"] for w in checks["speed"]["warmups"].values()] == [0]
     assert {t["name"] for t in checks["speed"]["targets"]} >= {"ours_over_reference_patches_per_s",
                                                                "ours_over_model_only"}
     for name in ("tests", "e2e", "ddp", "speed"):
