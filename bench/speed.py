@@ -1036,6 +1036,14 @@ def preload_path(allocator: str) -> str:
     raise SystemExit(f"--allocators {allocator}: {name} not found; install it (Debian: apt-get install {package})")
 
 
+def _result_row(stdout: str) -> dict | None:
+    """The row a worker printed (its last RESULT_PREFIX line), or None."""
+    for line in reversed(stdout.splitlines()):
+        if line.startswith(RESULT_PREFIX):
+            return json.loads(line[len(RESULT_PREFIX):])
+    return None
+
+
 def subprocess_row(case: str, width: float, device: str, allocator: str, rep: int, args) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--case", case, "--width", str(width), "--run-device", device,
            "--repeat-index", str(rep), "--allocator-label", allocator]
@@ -1052,12 +1060,16 @@ def subprocess_row(case: str, width: float, device: str, allocator: str, rep: in
         env["LD_PRELOAD"] = preload_path(allocator)
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout, cwd=str(ROOT))
-    except subprocess.TimeoutExpired:
+    except subprocess.TimeoutExpired as exc:  # a worker may hang on its way out after printing its row
+        out = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else exc.stdout or ""
+        row = _result_row(out)
+        if row is not None:
+            return {**row, "note": f"the worker printed this row, then hung until killed at {args.timeout} s"}
         return {"case": case, "width": width, "device": device, "allocator": allocator, "repeat": rep,
                 "error": f"timed out after {args.timeout} s"}
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith(RESULT_PREFIX):
-            return json.loads(line[len(RESULT_PREFIX):])
+    row = _result_row(proc.stdout)
+    if row is not None:
+        return row
     return {"case": case, "width": width, "device": device, "allocator": allocator, "repeat": rep,
             "error": f"no result (exit {proc.returncode})", "stderr_tail": proc.stderr[-3000:]}
 

@@ -160,3 +160,26 @@ def test_the_fp32_case_turns_autocast_off_and_ours_follows_the_cpu(tiny_result):
     assert rows["ours_fp32"]["amp_dtype"] == "None" and _positive(rows["ours_fp32"]["patches_per_s"])
     ratio = result["summary"]["by_group"]["cpu|width=0.125|inherited"]["ratios"]["ours_over_ours_fp32"]
     assert _positive(ratio["median"]) and ratio["n"] == 1
+
+
+def test_a_worker_that_hangs_after_printing_its_row_keeps_the_row(tmp_path):
+    """A worker killed at --timeout keeps the row it printed before hanging (say, in a compile pool's or a loader's
+    shutdown); one that printed nothing is a timeout error. The workers here are real processes that hang."""
+    row = {"case": "ours", "width": 0.25, "patches_per_s": 5.0}
+    hangers = {}
+    for name, text in (("printed", f"echo 'SPEED_JSON {json.dumps(row)}'\n"), ("silent", "")):
+        hangers[name] = tmp_path / f"{name}.sh"
+        hangers[name].write_text(f"#!/bin/sh\n{text}exec sleep 60\n")
+        hangers[name].chmod(0o755)
+    code = ("import argparse, json, sys; sys.path.insert(0, 'bench'); import speed; out = []\n"
+            f"for hanger in {[str(p) for p in hangers.values()]!r}:\n"
+            "    sys.executable = hanger\n"
+            "    args = argparse.Namespace(steps=None, warmup=None, batch=None, patches=None, ref_workers=None,"
+            " threads=None, data=None, timeout=2)\n"
+            "    out.append(speed.subprocess_row('ours', 0.25, 'cuda', 'default', 0, args))\n"
+            "print(json.dumps(out))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=str(ROOT), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    printed, silent = json.loads(proc.stdout.splitlines()[-1])
+    assert printed["patches_per_s"] == 5.0 and "hung until killed at 2 s" in printed["note"] and "error" not in printed
+    assert silent["error"] == "timed out after 2 s" and silent["case"] == "ours"
