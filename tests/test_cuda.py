@@ -230,8 +230,8 @@ def test_training_updates_never_wait_for_the_device(dev, methods: str):
     device, masked augmentation, Gram/Cholesky objective, LARS, cosine schedule, the non-finite check armed;
     with reservoir replay and LUMP mixup, whose indices drawn on the host go over from pinned memory): the
     host queues the next update while the device still runs this one. Every update after the first two (the
-    batch shapes' warm-up) is watched (4 of 6). The finiteness check is the one allowed sync, every finite_check_every updates (here
-    beyond the run); afterwards it still raises on what backward flagged."""
+    batch shapes' warm-up) is watched (4 of 6). The finiteness check is the one allowed sync, every
+    finite_check_every updates (here beyond the run); afterwards it still raises on what backward flagged."""
     torch.backends.cudnn.benchmark = dev.type == "cuda"
     gen = torch.Generator().manual_seed(0)
     targets = torch.arange(4).repeat_interleave(24)

@@ -39,7 +39,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--test-per-class", type=int, default=None, help="score on the first N test images per class")
     p.add_argument("--probe-epochs", type=int, default=None, help="linear-probe epochs (default: the config's)")
     p.add_argument("--data-root", help="data folder (default: the config's data.root or $STREAMING_SSL_DATA)")
-    p.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"], help="where features are computed (default: auto, CUDA when visible, wherever the run trained)")
+    p.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"],
+                   help="where features are computed (default: auto, CUDA when visible, wherever the run trained)")
     p.add_argument("--random-init", action="store_true",
                    help="ignore the weights: probe a randomly initialised encoder of the same architecture (the floor)")
     p.add_argument("--probe-select", action="store_true",
