@@ -472,7 +472,7 @@ def run_checks(ctx: Ctx, only: list[str], strict: bool) -> dict:
     by side (e2e and ddp both get their common span); speed runs alone."""
     results: dict = {}
     tests = start_tests(ctx) if "tests" in only else None
-    warmups = start_warmups(ctx) if "speed" in only else []
+    warmups = start_warmups(ctx) if "speed" in only and {"tests", "e2e", "ddp"} & set(only) else []
     if "e2e" in only or "ddp" in only:
         t0 = time.monotonic()
         runs = launch_cli_runs(ctx, torchrun="ddp" in only)
