@@ -319,6 +319,9 @@ def launch_cli_runs(ctx: Ctx, torchrun: bool = True) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ (d) speed
+WARMUP_GRACE = 45  # s the compile warm-ups may still run after the first phase, before speed stops them
+
+
 def start_warmups(ctx: Ctx) -> list[Proc]:
     """The compiling speed case at both widths, run once beside the tests and CLI runs (their timings thrown away):
     its graphs and Triton kernels land in inductor's on-disk caches, so that the measured case loads them instead of
@@ -337,9 +340,6 @@ def finish_warmups(ctx: Ctx, procs: list[Proc]) -> dict:
     end = time.monotonic() + ctx.timeout(WARMUP_GRACE)
     steps = {p.name: public(finish(p, end - time.monotonic())) for p in procs}
     return {name: {k: v for k, v in step.items() if k != "tail" or step["rc"]} for name, step in steps.items()}
-
-
-WARMUP_GRACE = 45
 
 
 def check_speed(ctx: Ctx, strict: bool) -> dict:
