@@ -15,6 +15,7 @@ import copy
 import math
 import os
 import socket
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -27,13 +28,13 @@ from scenarios.streams import build_stream
 from streaming_ssl import augment as augment_module
 from streaming_ssl import distributed as ddp
 from streaming_ssl.augment import MultiPatchAugment
-from streaming_ssl.cl import MixupPlugin, ReplayBufferPlugin
+from streaming_ssl.cl import DistillPlugin, MixupPlugin, ReplayBufferPlugin
 from streaming_ssl.cl.common import gather_global_batch
 from streaming_ssl.device import autocast
 from streaming_ssl.lars import LARS, param_groups
 from streaming_ssl.models import EMPSSLModel
 from streaming_ssl.objective import emp_ssl_loss
-from streaming_ssl.probe import extract_features, linear_probe_accuracy
+from streaming_ssl.probe import extract_features, linear_probe_accuracy, recalibrate_batchnorm
 from streaming_ssl.strategy import EMPSSLStrategy, NonFiniteLossError
 from tests.streaming_ssl.test_lars import ops_per_step
 
@@ -224,6 +225,28 @@ class _NoSyncWindow(SupervisedPlugin):
             self.armed, self.watched = False, self.watched + 1
 
 
+def _train_small_stream(dev: torch.device, methods: Callable[[EMPSSLModel], list], *extra: SupervisedPlugin,
+                        seed: int = 0, **strategy_kw) -> tuple[EMPSSLModel, list, EMPSSLStrategy]:
+    """EMPSSLStrategy trained on the device (bf16 autocast on CUDA) over a class-incremental stream of 96 random
+    images in 2 experiences, batch 16 (6 updates), with the plugins `methods(model)` makes (their trainable modules
+    in the optimizer) and the `extra` plugins. Returns the model, the methods' plugins and the strategy."""
+    gen = torch.Generator().manual_seed(0)
+    targets = torch.arange(4).repeat_interleave(24)
+    data = ImageData(torch.randint(0, 256, (len(targets), 3, 32, 32), dtype=torch.uint8, generator=gen), targets)
+    stream = build_stream(data, 4, mode="class_incremental", experience_classes=[[0, 1], [2, 3]])
+    torch.manual_seed(seed)
+    model = EMPSSLModel(**MODEL_KW).to(dev).to(memory_format=torch.channels_last)
+    plugins = methods(model)
+    groups = param_groups(model, 1e-4) + [g for p in plugins for m in getattr(p, "trainable_modules", [])
+                                          for g in param_groups(m, 1e-4)]
+    strategy = EMPSSLStrategy(model=model, optimizer=LARS(groups, lr=0.3), augment=MultiPatchAugment(4, 32),
+                              batch_size=16, total_updates=stream.n_updates(16), device=dev,
+                              amp_dtype=torch.bfloat16 if dev.type == "cuda" else None, plugins=[*plugins, *extra],
+                              **strategy_kw)
+    strategy.train(list(stream), eval_streams=[])
+    return model, plugins, strategy
+
+
 @pytest.mark.parametrize("methods", ["plain", "replay+mixup"])
 def test_training_updates_never_wait_for_the_device(dev, methods: str):
     """No host synchronisation inside an update of EMPSSLStrategy on CUDA (bf16 autocast, data resident on the
@@ -233,23 +256,16 @@ def test_training_updates_never_wait_for_the_device(dev, methods: str):
     batch shapes' warm-up) is watched (4 of 6). The finiteness check is the one allowed sync, every
     finite_check_every updates (here beyond the run); afterwards it still raises on what backward flagged."""
     torch.backends.cudnn.benchmark = dev.type == "cuda"
-    gen = torch.Generator().manual_seed(0)
-    targets = torch.arange(4).repeat_interleave(24)
-    data = ImageData(torch.randint(0, 256, (len(targets), 3, 32, 32), dtype=torch.uint8, generator=gen), targets)
-    stream = build_stream(data, 4, mode="class_incremental", experience_classes=[[0, 1], [2, 3]])
-    torch.manual_seed(0)
-    model = EMPSSLModel(**MODEL_KW).to(dev).to(memory_format=torch.channels_last)
     window = _NoSyncWindow(dev)
-    plugins: list = []
-    if methods == "replay+mixup":
+
+    def make(model: EMPSSLModel) -> list:
+        if methods == "plain":
+            return []
         replay = ReplayBufferPlugin(size=20, batch=8, seed=0, device=dev)
-        plugins = [MixupPlugin(replay, alpha=0.4, seed=0), replay]
-    strategy = EMPSSLStrategy(model=model, optimizer=LARS(param_groups(model, 1e-4), lr=0.3),
-                              augment=MultiPatchAugment(4, 32), batch_size=16, total_updates=stream.n_updates(16),
-                              device=dev, amp_dtype=torch.bfloat16 if dev.type == "cuda" else None,
-                              finite_check_every=1000, plugins=[*plugins, window])
+        return [MixupPlugin(replay, alpha=0.4, seed=0), replay]
+
     try:
-        strategy.train(list(stream), eval_streams=[])
+        model, plugins, strategy = _train_small_stream(dev, make, window, finite_check_every=1000)
     finally:
         if dev.type == "cuda":
             torch.cuda.set_sync_debug_mode("default")
@@ -261,6 +277,59 @@ def test_training_updates_never_wait_for_the_device(dev, methods: str):
     strategy._nonfinite = torch.tensor(True, device=dev)  # what backward accumulates after a NaN loss
     with pytest.raises(NonFiniteLossError):
         strategy.check_finite()
+
+
+def _flat_tensors(state: dict, prefix: str) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in state.items():
+        if isinstance(value, dict):
+            out.update(_flat_tensors(value, f"{prefix}/{key}"))
+        elif isinstance(value, torch.Tensor):
+            out[f"{prefix}/{key}"] = value.detach().cpu()
+    return out
+
+
+def _methods_run(dev: torch.device, seed: int) -> dict[str, torch.Tensor]:
+    """The small stream with MinRed replay, LUMP mixup and CaSSLe distillation (a frozen copy every 2 updates), then
+    the probe's features (BatchNorm recalibrated; whole images and bags of 4 patches). Returns every tensor of the
+    model's and the methods' states and the features, on the CPU."""
+    def make(model: EMPSSLModel) -> list:
+        replay = ReplayBufferPlugin(size=20, batch=8, policy="minred", seed=0, device=dev)
+        return [MixupPlugin(replay, alpha=0.4, seed=0), replay,
+                DistillPlugin(model, dim=MODEL_KW["proj_dim"], hidden_dim=64, every=2, device=dev)]
+
+    model, plugins, strategy = _train_small_stream(dev, make, seed=seed)
+    counters = strategy.counters  # the methods acted: 5 updates replayed and mixed, 2 with a frozen copy
+    assert strategy.global_step == 6 and counters.buffer_images == 5 * 8 + 5 * 16 and len(plugins[1].buffer) == 20
+    assert counters.frozen_forwards > 0 and plugins[2].frozen is not None
+    out = _flat_tensors(model.state_dict(), "model")
+    for plugin in plugins:
+        out.update(_flat_tensors(plugin.state_dict(), plugin.state_key))
+    probe_x, aug = images(64, seed=6), MultiPatchAugment(4, 32).to(dev)
+    amp = torch.bfloat16 if dev.type == "cuda" else None
+    recalibrate_batchnorm(model, probe_x, aug, n_images=64, device=dev, batch_size=32, amp_dtype=amp, seed=1)
+    for patches in (0, 4):
+        out[f"features/{patches}"] = extract_features(model, probe_x, aug, device=dev, batch_size=32, patches=patches,
+                                                      amp_dtype=amp, seed=1)
+    return out
+
+
+def test_every_method_trains_deterministically_on_the_device(dev, monkeypatch):
+    """train.deterministic on the device: under torch.use_deterministic_algorithms, strict as setup_runtime sets it
+    (an op with no deterministic kernel on CUDA raises), the strategy with MinRed replay, LUMP mixup and CaSSLe
+    distillation trains (bf16 on CUDA), and two runs from one seed end bitwise equal: weights, BatchNorm
+    statistics, the predictor, the frozen copy, the buffer and its generators, and the probe's features after
+    BatchNorm recalibration. A run from another seed differs, so the equality is not vacuous."""
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # as setup_runtime sets it (cuBLAS's fixed workspace)
+    old = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        first, again, other = (_methods_run(dev, seed) for seed in (0, 0, 1))
+    finally:
+        torch.use_deterministic_algorithms(old)
+    assert first.keys() == again.keys() == other.keys()
+    assert [k for k in first if not torch.equal(first[k], again[k])] == []
+    assert not torch.equal(first["features/0"], other["features/0"])
 
 
 @pytest.mark.parametrize("deterministic", [False, True])
