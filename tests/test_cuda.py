@@ -226,7 +226,7 @@ class _NoSyncWindow(SupervisedPlugin):
 
 
 def _train_small_stream(dev: torch.device, methods: Callable[[EMPSSLModel], list], *extra: SupervisedPlugin,
-                        seed: int = 0, **strategy_kw) -> tuple[EMPSSLModel, list, EMPSSLStrategy]:
+                        **strategy_kw) -> tuple[EMPSSLModel, list, EMPSSLStrategy]:
     """EMPSSLStrategy trained on the device (bf16 autocast on CUDA) over a class-incremental stream of 96 random
     images in 2 experiences, batch 16 (6 updates), with the plugins `methods(model)` makes (their trainable modules
     in the optimizer) and the `extra` plugins. Returns the model, the methods' plugins and the strategy."""
@@ -234,7 +234,7 @@ def _train_small_stream(dev: torch.device, methods: Callable[[EMPSSLModel], list
     targets = torch.arange(4).repeat_interleave(24)
     data = ImageData(torch.randint(0, 256, (len(targets), 3, 32, 32), dtype=torch.uint8, generator=gen), targets)
     stream = build_stream(data, 4, mode="class_incremental", experience_classes=[[0, 1], [2, 3]])
-    torch.manual_seed(seed)
+    torch.manual_seed(0)
     model = EMPSSLModel(**MODEL_KW).to(dev).to(memory_format=torch.channels_last)
     plugins = methods(model)
     groups = param_groups(model, 1e-4) + [g for p in plugins for m in getattr(p, "trainable_modules", [])
@@ -279,32 +279,33 @@ def test_training_updates_never_wait_for_the_device(dev, methods: str):
         strategy.check_finite()
 
 
-def _flat_tensors(state: dict, prefix: str) -> dict[str, torch.Tensor]:
+def _flat_state(state: dict, prefix: str) -> dict:
+    """The leaves of a nested state dict by path, tensors moved to the CPU."""
     out = {}
     for key, value in state.items():
         if isinstance(value, dict):
-            out.update(_flat_tensors(value, f"{prefix}/{key}"))
-        elif isinstance(value, torch.Tensor):
-            out[f"{prefix}/{key}"] = value.detach().cpu()
+            out.update(_flat_state(value, f"{prefix}/{key}"))
+        else:
+            out[f"{prefix}/{key}"] = value.detach().cpu() if isinstance(value, torch.Tensor) else value
     return out
 
 
-def _methods_run(dev: torch.device, seed: int) -> dict[str, torch.Tensor]:
+def _methods_run(dev: torch.device) -> dict:
     """The small stream with MinRed replay, LUMP mixup and CaSSLe distillation (a frozen copy every 2 updates), then
-    the probe's features (BatchNorm recalibrated; whole images and bags of 4 patches). Returns every tensor of the
-    model's and the methods' states and the features, on the CPU."""
+    the probe's features (BatchNorm recalibrated; whole images and bags of 4 patches). Returns every leaf of the
+    model's and the methods' states, and the features, by path."""
     def make(model: EMPSSLModel) -> list:
         replay = ReplayBufferPlugin(size=20, batch=8, policy="minred", seed=0, device=dev)
         return [MixupPlugin(replay, alpha=0.4, seed=0), replay,
                 DistillPlugin(model, dim=MODEL_KW["proj_dim"], hidden_dim=64, every=2, device=dev)]
 
-    model, plugins, strategy = _train_small_stream(dev, make, seed=seed)
-    counters = strategy.counters  # the methods acted: 5 updates replayed and mixed, 2 with a frozen copy
+    model, plugins, strategy = _train_small_stream(dev, make)
+    counters = strategy.counters  # the methods acted: 5 updates replayed and mixed, 4 distilled (copies at 2, 4)
     assert strategy.global_step == 6 and counters.buffer_images == 5 * 8 + 5 * 16 and len(plugins[1].buffer) == 20
     assert counters.frozen_forwards > 0 and plugins[2].frozen is not None
-    out = _flat_tensors(model.state_dict(), "model")
+    out = _flat_state(model.state_dict(), "model")
     for plugin in plugins:
-        out.update(_flat_tensors(plugin.state_dict(), plugin.state_key))
+        out.update(_flat_state(plugin.state_dict(), plugin.state_key))
     probe_x, aug = images(64, seed=6), MultiPatchAugment(4, 32).to(dev)
     amp = torch.bfloat16 if dev.type == "cuda" else None
     recalibrate_batchnorm(model, probe_x, aug, n_images=64, device=dev, batch_size=32, amp_dtype=amp, seed=1)
@@ -319,17 +320,19 @@ def test_every_method_trains_deterministically_on_the_device(dev, monkeypatch):
     (an op with no deterministic kernel on CUDA raises), the strategy with MinRed replay, LUMP mixup and CaSSLe
     distillation trains (bf16 on CUDA), and two runs from one seed end bitwise equal: weights, BatchNorm
     statistics, the predictor, the frozen copy, the buffer and its generators, and the probe's features after
-    BatchNorm recalibration. A run from another seed differs, so the equality is not vacuous."""
+    BatchNorm recalibration (a generator seeded from the clock in the replay plugin fails this test)."""
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # as setup_runtime sets it (cuBLAS's fixed workspace)
     old = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
-        first, again, other = (_methods_run(dev, seed) for seed in (0, 0, 1))
+        first, again = _methods_run(dev), _methods_run(dev)
     finally:
         torch.use_deterministic_algorithms(old)
-    assert first.keys() == again.keys() == other.keys()
-    assert [k for k in first if not torch.equal(first[k], again[k])] == []
-    assert not torch.equal(first["features/0"], other["features/0"])
+    assert first.keys() == again.keys()
+    assert {k.split("/")[0] for k in first} == {"model", "cl.mixup", "cl.replay", "cl.distill", "features"}
+    differ = [k for k, v in first.items() if not (torch.equal(v, again[k]) if isinstance(v, torch.Tensor)
+                                                  else v == again[k])]
+    assert differ == []
 
 
 @pytest.mark.parametrize("deterministic", [False, True])
