@@ -1,9 +1,7 @@
 """The method's pieces on CUDA against the CPU (marker `cuda`; bench/gpu_check.py runs them on the GPU machine).
 
 Skipped without CUDA. STREAMING_SSL_TEST_DEVICE=cpu runs the same assertions with the CPU as the "device"
-(bench/gpu_check.py --dry-run), which tests these tests here. STREAMING_SSL_TEST_COMPILE_BACKEND (default
-inductor) is the torch.compile backend of the compiled augmentation test: the suite's dry run sets aot_eager, since
-tests/streaming_ssl/test_augment.py already compiles the augmentation with inductor on the CPU.
+(bench/gpu_check.py --dry-run), which tests these tests here.
 
 Generators: CPU (Mersenne twister) and CUDA (Philox) generators give different numbers for the same seed,
 so the augmentation is compared exactly only with the same uniforms (drawn once on the CPU and used on
@@ -41,7 +39,6 @@ from streaming_ssl.strategy import EMPSSLStrategy, NonFiniteLossError
 from tests.streaming_ssl.test_lars import ops_per_step
 
 DEVICE = os.environ.get("STREAMING_SSL_TEST_DEVICE", "cuda")
-COMPILE_BACKEND = os.environ.get("STREAMING_SSL_TEST_COMPILE_BACKEND", "inductor")
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(), reason="needs a CUDA device")]
 MODEL_KW = {"width": 0.25, "feature_dim": 256, "proj_hidden_dim": 256, "proj_dim": 128}
@@ -86,8 +83,8 @@ def test_compiled_augment_on_device_matches_cpu(dev):
     x = images(16, seed=2)
     u = MultiPatchAugment._uniforms(x, 6, torch.Generator().manual_seed(2))
     ref, ref_params = MultiPatchAugment(6, 32, **kwargs).patches_from_uniforms(x, u, 6)
-    aug = MultiPatchAugment(6, 32, compiled=True, compile_backend=COMPILE_BACKEND, **kwargs).to(dev)
-    got, params = augment_module._compiled_patches(COMPILE_BACKEND)(aug, x.to(dev), u.to(dev), 6)
+    aug = MultiPatchAugment(6, 32, compiled=True, **kwargs).to(dev)
+    got, params = augment_module._compiled_patches()(aug, x.to(dev), u.to(dev), 6)
     assert got.device.type == dev.type and got.shape == ref.shape == (96, 3, 32, 32)
     torch.testing.assert_close(got.cpu(), ref, rtol=1e-4, atol=1e-4)
     # the parameters to float rounding: Triton fuses a + (b - a) * u into one FMA, which eager kernels round twice

@@ -93,10 +93,7 @@ def test_dry_run_passes_every_check(tmp_path):
     (work / "speed.json").write_text('{"rows": [], "summary": {"by_group": {}}}')
     proc = subprocess.run([sys.executable, str(CHECK), "--dry-run", "--out", str(out), "--workdir", str(work)],
                           cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "STREAMING_SSL_DATA": DATA,
-                               # test_augment compiles the augmentation with inductor on the CPU already: here the
-                               # CUDA test's logic goes through dynamo and AOT autograd only (40 s less on 2 cores)
-                               "STREAMING_SSL_TEST_COMPILE_BACKEND": "aot_eager"})
+                          env={**os.environ, "STREAMING_SSL_DATA": DATA})
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     report = json.loads(out.read_text())
     assert report["ok"] and set(report["checks"]) == {"tests", "e2e", "ddp", "speed"}
