@@ -11,7 +11,9 @@ caches) run side by side (none of them times anything), then speed alone:
            against the CPU, NCCL + SyncBatchNorm at world 1 (none may skip on a GPU)
   e2e      Split CIFAR-10 through the real CLI (run_stream.py, configs/smoke.yaml, bf16 on CUDA) writing all
            outputs; a second run stopped by SIGTERM inside its first checkpoint, then --resume: its metrics rows
-           must be complete and agree with the uninterrupted run (tolerances below)
+           must be complete and agree with the uninterrupted run (tolerances below); beside the resume,
+           evaluate.py probes the uninterrupted run's checkpoint on the device, and its linear probe must give the
+           run's own last probe/acc_all (within the accuracy tolerance)
   ddp      the same run under `torchrun --nproc_per_node 1` with model.sync_bn=true, compared with the plain run
   speed    bench/speed.py --device cuda: reference, ours, model_only, ours_lowmem, ours_compiled at widths
            1/4 and 1, peak CUDA memory per case; its targets are reported (fatal only with --strict-targets);
@@ -262,15 +264,50 @@ def check_e2e(ctx: Ctx, plain: dict) -> dict:
     n_exp = 3
     if rows_at_stop >= n_exp:
         problems.append("the stopped run had already finished every experience")
-    resume = run_step("e2e_resume", [ctx.python, "run_stream.py", "--resume", str(resumed_dir)], ctx, 120)
+    resuming = start("e2e_resume", [ctx.python, "run_stream.py", "--resume", str(resumed_dir)], ctx)
+    evaluating = start_evaluate(ctx)  # beside the resume: neither measures time
+    resume = finish(resuming, ctx.timeout(120))
     if resume["rc"] != 0:
         problems.append(f"--resume: exit {resume['rc']}" + (" (timed out)" if resume["timed_out"] else ""))
     problems += [f"resumed run: {p}" for p in run_outputs(resumed_dir, n_exp)]
     diffs, bad = compare_runs(plain["rows"], plain["progress"], read_rows(resumed_dir),
                               last_progress(resume["output"]))
     problems += [f"resumed vs plain: {p}" for p in bad]
+    evaluated = check_evaluate(ctx, evaluating, plain["rows"])
+    evaluate_step = evaluated.pop("step")
+    problems += [f"evaluate.py: {p}" for p in evaluated.pop("problems")]
     return {"ok": not problems, "problems": problems, "rows_when_stopped": rows_at_stop, "diffs_vs_plain": diffs,
-            "steps": {"plain": public(plain["step"]), "stopped": public(stopped), "resume": public(resume)}}
+            "evaluate": evaluated, "steps": {"plain": public(plain["step"]), "stopped": public(stopped),
+                                             "resume": public(resume), "evaluate": evaluate_step}}
+
+
+def start_evaluate(ctx: Ctx) -> Proc:
+    """evaluate.py on the uninterrupted run's latest checkpoint (on the device: `--device` auto), probing the
+    images the run's own evaluations used."""
+    sizes = dict(o.split("=", 1) for o in (E2E_DRY if ctx.dry else E2E_GPU))
+    (ctx.workdir / "evaluate.json").unlink(missing_ok=True)  # a first try's
+    return start("e2e_evaluate", [ctx.python, "evaluate.py", "--checkpoint", str(ctx.workdir / "plain"),
+                                  "--train-per-class", sizes["data.train_per_class"],
+                                  "--test-per-class", sizes["data.test_per_class"],
+                                  "--out", str(ctx.workdir / "evaluate.json")], ctx)
+
+
+def check_evaluate(ctx: Ctx, proc: Proc, run_rows: list[dict]) -> dict:
+    """evaluate.py's linear probe against the run's own last probe/acc_all (the same checkpoint, images, seeds)."""
+    out = ctx.workdir / "evaluate.json"
+    step = public(finish(proc, ctx.timeout(90)))
+    if step["rc"] != 0 or not out.is_file():
+        return {"problems": [f"exit {step['rc']}" + (" (timed out)" if step["timed_out"] else "")], "step": step}
+    result = json.loads(out.read_text())
+    dataset = next(k for k, v in result.items() if isinstance(v, dict) and "linear" in v)
+    linear, run_acc = result[dataset]["linear"], (run_rows[-1].get("probe/acc_all") if run_rows else None)
+    if run_acc is None:
+        return {"problems": ["the run has no probe/acc_all to compare with"], "linear": linear, "step": step}
+    diff = abs(linear - run_acc)
+    problems = [f"linear {linear:.4f} vs the run's last probe/acc_all {run_acc:.4f}: differs by {diff:.4g} > "
+                f"{TOL['acc_abs']}"] if diff > TOL["acc_abs"] else []
+    return {"problems": problems, "dataset": dataset, "linear": linear, "run_probe_acc_all": run_acc,
+            "diff": diff, "step": step}
 
 
 def check_ddp(ctx: Ctx, plain: dict, step: dict) -> dict:
@@ -511,7 +548,9 @@ def summarize(name: str, r: dict) -> str:
     if name == "tests":
         return ", ".join(f"{n} {k}" for k, n in r["counts"].items())
     if name in ("e2e", "ddp"):
-        return ", ".join(f"{k} {v:.3g}" for k, v in r["diffs_vs_plain"].items())
+        evaluated = r.get("evaluate", {})
+        return ", ".join([f"{k} {v:.3g}" for k, v in r["diffs_vs_plain"].items()]
+                         + ([f"evaluate.py vs the run {evaluated['diff']:.3g}"] if "diff" in evaluated else []))
     if name == "speed":
         info = ", ".join(f"{k} {v:.3g}" for k, v in r.get("info", {}).get("ratios", {}).items())
         return f"{len(r['peak_cuda_MB'])} cases; targets missed: {len(r['targets_missed'])}" + (f"; {info}" if info

@@ -103,6 +103,9 @@ def test_dry_run_passes_every_check(tmp_path):
     assert e2e["steps"]["stopped"]["rc"] == 130 and e2e["steps"]["stopped"]["signalled"]
     assert e2e["rows_when_stopped"] < 3 and e2e["steps"]["resume"]["rc"] == 0
     assert set(e2e["diffs_vs_plain"]) >= {"loss_rel", "tcr_rel", "inv_abs"}
+    # evaluate.py probed the uninterrupted run's checkpoint beside the resume and gave the run's own last probe
+    assert e2e["steps"]["evaluate"]["rc"] == 0 and e2e["evaluate"]["dataset"] == "cifar10"
+    assert e2e["evaluate"]["diff"] <= report["tolerances"]["acc_abs"] and 0 < e2e["evaluate"]["linear"] <= 1
     assert checks["ddp"]["world"] == 1 and checks["ddp"]["diffs_vs_plain"]
     assert checks["ddp"]["ddp"] == "DDP over gloo, world 1, SyncBatchNorm off"  # torchrun at world 1 still wraps
     # the compile warm-up ran beside the CLI runs (on the CPU: `ours` at the tiny size) and was done before speed
