@@ -333,6 +333,8 @@ def test_every_method_trains_deterministically_on_the_device(dev, monkeypatch):
         torch.backends.cudnn.benchmark = old[1]
     assert first.keys() == again.keys()
     assert {k.split("/")[0] for k in first} == {"model", "cl.mixup", "cl.replay", "cl.distill", "features"}
+    # finite (the mode fills uninitialised memory with NaN: a read of it would show here, not as a mere difference)
+    assert [k for k, v in first.items() if isinstance(v, torch.Tensor) and not bool(torch.isfinite(v).all())] == []
     differ = [k for k, v in first.items() if not (torch.equal(v, again[k]) if isinstance(v, torch.Tensor)
                                                   else v == again[k])]
     assert differ == []
