@@ -94,12 +94,16 @@ def test_compiled_augment_on_device_matches_cpu(dev):
 
 
 def test_augment_generator_on_device_is_distributed_as_configured(dev):
-    """The device generator path (what training uses): shapes, finite values, and the frequency of each random
-    choice within 5 binomial standard deviations of its probability (4000 patches)."""
+    """The device generator path (what training uses): shapes, finite values in the normalised range of [0, 1]
+    pixels, the same patches again for the same seed, and the frequency of each random choice within 5 binomial
+    standard deviations of its probability (4000 patches); whole images stay on the device."""
     aug = MultiPatchAugment(20, 32).to(dev)
-    gen = torch.Generator(device=dev).manual_seed(0)
-    out, params = aug(images(200).to(dev), gen, return_params=True)
+    out, params = aug(images(200).to(dev), torch.Generator(device=dev).manual_seed(0), return_params=True)
     assert out.shape == (4000, 3, 32, 32) and out.dtype == torch.float32 and bool(torch.isfinite(out).all())
+    assert torch.equal(aug(images(200).to(dev), torch.Generator(device=dev).manual_seed(0)), out)
+    raw = out * aug.std + aug.mean
+    assert float(raw.min()) >= -1e-5 and float(raw.max()) <= 1 + 1e-5
+    assert aug.whole_image(images(4).to(dev)).device.type == dev.type
     n = out.shape[0]
     for key, p in (("flip", 0.5), ("jitter", 0.8), ("gray", 0.2), ("blur", 0.1), ("solarize", 0.1)):
         freq = float(params[key].float().mean())
