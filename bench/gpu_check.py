@@ -416,7 +416,7 @@ def check_speed(ctx: Ctx, strict: bool) -> dict:
 def case_row(row: dict) -> dict:
     """What the report keeps of one speed.py row."""
     keep = ("case", "width", "patches_per_s", "seconds_per_step", "peak_cuda_MB", "peak_cuda_steady_MB", "peak_rss_MB",
-            "amp_dtype", "lars_step_ms", "error")
+            "amp_dtype", "lars_step_ms", "dataloader_workers", "workers_note", "error")
     return {k: row[k] for k in keep if k in row}
 
 
@@ -553,8 +553,9 @@ def summarize(name: str, r: dict) -> str:
                          + ([f"evaluate.py vs the run {evaluated['diff']:.3g}"] if "diff" in evaluated else []))
     if name == "speed":
         info = ", ".join(f"{k} {v:.3g}" for k, v in r.get("info", {}).get("ratios", {}).items())
-        return f"{len(r['peak_cuda_MB'])} cases; targets missed: {len(r['targets_missed'])}" + (f"; {info}" if info
-                                                                                              else "")
+        notes = "".join(f"; {c['case']}@{c['width']}: {c['workers_note']}" for c in r.get("cases", []) if "workers_note" in c)
+        return (f"{len(r['peak_cuda_MB'])} cases; targets missed: {len(r['targets_missed'])}" + (f"; {info}" if info
+                                                                                               else "") + notes)
     return ""
 
 

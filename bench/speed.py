@@ -42,7 +42,8 @@ Every case builds its parts through the library builders of streaming_ssl/build.
 reference keeps the authors' pipeline of reference_pipeline.py. On CUDA (--device cuda) each row also has
 peak_cuda_MB (torch.cuda.max_memory_allocated of the case; full mode: a fresh process per case) and
 peak_cuda_steady_MB (the same over the measured steps only, after the warm-up: without cudnn.benchmark's trial
-workspaces), and the reference gets min(cores, 16) DataLoader workers, as the authors' main.py.
+workspaces), and the reference gets min(cores, 16) DataLoader workers, as the authors' main.py (anywhere fewer
+if /dev/shm cannot hold their batches: the row then has dataloader_workers_wanted, shm_free_MB and workers_note).
 
 Training cases also record the peak resident memory of their process (VmHWM; the reference's DataLoader
 workers separately). Full mode runs every (case, width) in a fresh subprocess (`--case X --width W`
@@ -65,6 +66,7 @@ import logging
 import math
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -224,6 +226,25 @@ def reference_workers(device) -> int:
     return min(cores, 16) if torch_device(device).type == "cuda" else cores
 
 
+def shm_free_bytes() -> int | None:
+    """Free bytes of /dev/shm, through which DataLoader workers hand their batches over; None without it."""
+    try:
+        return shutil.disk_usage("/dev/shm").free
+    except OSError:
+        return None
+
+
+def workers_within_shm(wanted: int, batch_bytes: int, free: int | None, prefetch: int = 2) -> int:
+    """The most DataLoader workers, up to `wanted`, whose batches in flight fit in `free` bytes of /dev/shm: a
+    worker collates its batches into shared memory and keeps up to `prefetch` of them waiting there, so with a
+    factor 2 of margin (the batches the main process still holds) a worker needs 2 * prefetch * batch_bytes. A
+    container's 64 MB /dev/shm holds no worker of 24.6 MB batches (100 images x 20 patches x 3 x 32 x 32 float32):
+    0, the main process loads them, instead of a bus error in a worker. `free` None (no /dev/shm): `wanted`."""
+    if free is None:
+        return wanted
+    return max(0, min(wanted, free // (2 * prefetch * max(batch_bytes, 1))))
+
+
 def with_train(splits, train):
     """The splits with another training subset (for build.stream_from_config)."""
     return dataclasses.replace(splits, train=train)
@@ -361,7 +382,15 @@ def case_reference(width: float, sizes: Sizes, device, splits, ctx: dict) -> dic
     images = train.images.permute(0, 2, 3, 1).contiguous().numpy()  # PIL wants HWC
     dataset = ref.MultiPatchPILDataset(images, train.targets.numpy(), sizes.patches,
                                        transform=ref.patch_transform(splits.image_size, splits.mean, splits.std))
-    workers = sizes.ref_workers or reference_workers(device)
+    wanted = sizes.ref_workers or reference_workers(device)
+    free = shm_free_bytes()
+    workers = workers_within_shm(wanted, sizes.batch * sizes.patches * 3 * splits.image_size ** 2 * 4, free)
+    shm_note = {}
+    if workers < wanted:
+        shm_note = {"dataloader_workers_wanted": wanted, "shm_free_MB": round(free / 2**20),
+                    "workers_note": f"/dev/shm has {free / 2**20:.0f} MB free: {workers} DataLoader workers instead of "
+                            f"{wanted}, so the reference is slower here than with room for all"}
+        log.warning("reference: %s", shm_note["workers_note"])
     loader = ref.make_loader(dataset, sizes.batch, workers=workers, seed=0)
     model, _, device, _, _ = build_parts(bench_config(width, sizes, device), splits, channels_last=False)
     opt = ref.make_optimizer(model, lr=0.3)
@@ -384,7 +413,7 @@ def case_reference(width: float, sizes: Sizes, device, splits, ctx: dict) -> dic
     del batches
     return step_result(times, sizes, dataloader_workers=workers, workers_peak_rss_MB=workers_peak,
                        channels_last=False, amp_dtype="None (fp32)",
-                       loss_finite=bool(torch.isfinite(loss).item()))
+                       loss_finite=bool(torch.isfinite(loss).item()), **shm_note)
 
 
 def case_ours(width: float, sizes: Sizes, device, splits, ctx: dict) -> dict:

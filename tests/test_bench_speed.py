@@ -183,3 +183,26 @@ def test_a_worker_that_hangs_after_printing_its_row_keeps_the_row(tmp_path):
     printed, silent = json.loads(proc.stdout.splitlines()[-1])
     assert printed["patches_per_s"] == 5.0 and "hung until killed at 2 s" in printed["note"] and "error" not in printed
     assert silent["error"] == "timed out after 2 s" and silent["case"] == "ours"
+
+
+def test_reference_workers_fit_in_dev_shm(tmp_path):
+    """DataLoader workers collate into /dev/shm: the reference gets no more workers than it holds (a worker needs
+    2 x prefetch batches there), down to 0 (the main process loads) for a container's 64 MB, instead of a bus
+    error in a worker; the row says so. With room, or without /dev/shm, as many as wanted."""
+    batch = 100 * 20 * 3 * 32 * 32 * 4  # the full-size reference batch: 24.6 MB of float32 patches
+    out = tmp_path / "speed.json"
+    code = ("import json, sys; sys.path.insert(0, 'bench'); import speed\n"
+            f"fits = [speed.workers_within_shm(16, {batch}, f) for f in (64 * 2**20, 2**30, 64 * 2**30, None)]\n"
+            "speed.shm_free_bytes = lambda: 0  # a /dev/shm with no room at all\n"
+            f"rc = speed.main(['--tiny', '--only', 'reference', '--ref-workers', '2', '--device', 'cpu', '--threads', "
+            f"'1', '--out', {str(out)!r}])\n"
+            "print(json.dumps([rc, fits]))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=str(ROOT), capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "STREAMING_SSL_DATA": DATA})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rc, fits = json.loads(proc.stdout.splitlines()[-1])
+    assert rc == 0 and fits == [0, 10, 16, 16]
+    row = next(r for r in json.loads(out.read_text())["rows"] if r["case"] == "reference")
+    assert "error" not in row and _positive(row["patches_per_s"])
+    assert row["dataloader_workers"] == 0 and row["dataloader_workers_wanted"] == 2 and row["shm_free_MB"] == 0
+    assert "0 DataLoader workers instead of 2" in row["workers_note"]
