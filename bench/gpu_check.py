@@ -553,9 +553,9 @@ def summarize(name: str, r: dict) -> str:
                          + ([f"evaluate.py vs the run {evaluated['diff']:.3g}"] if "diff" in evaluated else []))
     if name == "speed":
         info = ", ".join(f"{k} {v:.3g}" for k, v in r.get("info", {}).get("ratios", {}).items())
-        notes = "".join(f"; {c['case']}@{c['width']}: {c['workers_note']}" for c in r.get("cases", []) if "workers_note" in c)
-        return (f"{len(r['peak_cuda_MB'])} cases; targets missed: {len(r['targets_missed'])}" + (f"; {info}" if info
-                                                                                               else "") + notes)
+        notes = [f"{c['case']}@{c['width']}: {c['workers_note']}" for c in r.get("cases", []) if "workers_note" in c]
+        return "; ".join([f"{len(r['peak_cuda_MB'])} cases", f"targets missed: {len(r['targets_missed'])}",
+                          *([info] if info else []), *notes])
     return ""
 
 
