@@ -45,7 +45,7 @@ _EXPORTS = {
     "scenarios.datasets": ["load_dataset", "dataset_spec", "DatasetSplits", "ImageData"],
     "streaming_ssl.config": ["Config", "load_config", "ConfigError"],
     "streaming_ssl.build": ["build_run"],
-    "streaming_ssl.runner": ["train"],
+    "streaming_ssl.runner": ["train", "RunError", "OutOfMemory"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 

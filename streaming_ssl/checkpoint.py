@@ -175,6 +175,14 @@ def latest(run_dir: str | Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
+def step_of(path: str | Path) -> int:
+    """The update a ckpt_<9 digits>.pt was saved after."""
+    match = _NAME.fullmatch(Path(path).name)
+    if match is None:
+        raise CheckpointError(f"{str(path)!r} is not named ckpt_<9 digits>.pt")
+    return int(match.group(1))
+
+
 def resolve(path: str | Path) -> Path:
     """A checkpoint file, or the latest checkpoint of a run directory (load_latest also survives rotation)."""
     path = Path(path)

@@ -18,9 +18,11 @@ import yaml
 
 from streaming_ssl import checkpoint as ckpt
 from streaming_ssl import distributed as ddp
+from streaming_ssl import oom
 from streaming_ssl.atomic import atomic_write_text, remove_stale_temp_files
 from streaming_ssl.config import Config, config_from_dict, save_config
 from streaming_ssl.device import cpu_kind
+from streaming_ssl.oom import RESUMABLE
 from streaming_ssl.runlock import RunLock, run_files
 
 log = logging.getLogger(__name__)
@@ -28,6 +30,11 @@ log = logging.getLogger(__name__)
 
 class RunError(RuntimeError):
     """A problem with the run directory or the command line; the message says what to do."""
+
+
+class OutOfMemory(RunError):
+    """The device ran out of memory; the message says where, the settings that lower the peak, and the --resume
+    command that continues the run with them (oom.py)."""
 
 
 def dict_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
@@ -50,10 +57,15 @@ def prepare_run_dir(cfg: Config, *, resume: bool = False, overwrite: bool = Fals
         if not saved_cfg_path.is_file():
             raise RunError(f"cannot resume {str(run_dir)!r}: it holds no config.yaml (not a run directory)")
         saved = config_from_dict(yaml.safe_load(saved_cfg_path.read_text()))
-        if saved.to_dict() != cfg.to_dict():
-            diffs = dict_diff(saved.to_dict(), cfg.to_dict())
+        diffs = dict_diff(saved.to_dict(), cfg.to_dict())
+        changed = [d for d in diffs if d.split(":")[0] in RESUMABLE]
+        diffs = [d for d in diffs if d not in changed]
+        if diffs:
             raise RunError(f"cannot resume {str(run_dir)!r} with a different config ({'; '.join(diffs[:5])}); "
-                           "resume without --config/overrides, or start a new run with another run.out_dir")
+                           "resume without --config/overrides (only "
+                           f"{', '.join(RESUMABLE)} may change), or start a new run with another run.out_dir")
+        for diff in changed:
+            log.info("resuming with %s (%s)", diff, RESUMABLE[diff.split(":")[0]])
         path = ckpt.latest(run_dir)
         if path is None:
             log.warning("no checkpoint in %s yet: starting the run from the beginning", run_dir)
@@ -160,6 +172,20 @@ def _train(cfg: Config, *, resume: bool, overwrite: bool, lock: RunLock | None) 
     return rows[-1] if rows else {}
 
 
+def out_of_memory_message(run, err: BaseException) -> str:
+    """oom.out_of_memory_message for the run's strategy position, newest checkpoint and settings."""
+    cfg, strategy = run.cfg, run.strategy
+    evaluating = oom.during_evaluation(err)
+    newest = ckpt.latest(run.run_dir)
+    return oom.out_of_memory_message(
+        err, evaluating=evaluating, device=oom.device_memory(run.device), update=strategy.global_step,
+        experience=strategy.stream_step - 1 if evaluating else strategy.stream_step, run_dir=run.run_dir,
+        checkpoint_update=None if newest is None else ckpt.step_of(newest), batch_size=cfg.train.batch_size,
+        n_patches=cfg.augment.n_patches, replay_batch=cfg.cl.replay.batch if cfg.cl.replay.policy != "none" else 0,
+        recompute_stages=cfg.model.recompute_stages, recompute_bn_relu=cfg.model.recompute_bn_relu,
+        eval_batch_size=cfg.eval.batch_size, eval_patches=cfg.eval.patches)
+
+
 def _fit(run, state: dict | None) -> None:
     """Restore (if resuming) and train the strategy over the rest of the stream."""
     from streaming_ssl.plugins import Interrupted
@@ -176,6 +202,10 @@ def _fit(run, state: dict | None) -> None:
         log.warning("stopped by signal at update %d; continue with: python run_stream.py --resume %s",
                     strategy.global_step, run.run_dir)
         raise
+    except RuntimeError as err:  # torch.OutOfMemoryError is one
+        if not oom.is_out_of_memory(err):
+            raise
+        raise OutOfMemory(out_of_memory_message(run, err)) from err
     finally:
         run.progress.close()
         run.stop.close()

@@ -26,6 +26,7 @@ from avalanche.core import SupervisedPlugin
 from scenarios.datasets import ImageData
 from scenarios.streams import build_stream
 from streaming_ssl import augment as augment_module
+from streaming_ssl import checkpoint as ckpt
 from streaming_ssl import distributed as ddp
 from streaming_ssl.augment import MultiPatchAugment
 from streaming_ssl.cl import DistillPlugin, MixupPlugin, ReplayBufferPlugin
@@ -379,6 +380,63 @@ def test_lazy_folder_decoded_in_workers_into_pinned_memory_trains_like_the_main_
         weights.append({k: v.float().cpu() for k, v in model.state_dict().items()})
     for k in weights[0]:
         torch.testing.assert_close(weights[1][k], weights[0][k], rtol=1e-5, atol=1e-6)
+
+
+def test_out_of_memory_on_the_device_names_the_fix_and_the_run_resumes_with_it(dev, tmp_path, monkeypatch, caplog):
+    """A real CUDA out-of-memory error in a training update (the process held to its memory plus 32 MiB with
+    set_per_process_memory_fraction; an update needs more than a hundred): run_stream.py exits 2 with a message that
+    names the device, its memory, PyTorch's own words and the memory savers, and writes no checkpoint; resumed
+    with the savers it names and the memory back, the run trains the whole stream. In the CPU dry run, PyTorch's
+    error is raised at the first backward instead (the CPU has no such limit)."""
+    import numpy as np
+
+    import streaming_ssl.cli.train as run_stream
+
+    rng = np.random.default_rng(0)
+    npz = tmp_path / "tiny.npz"
+    np.savez(npz, x_train=rng.integers(0, 256, (200, 32, 32, 3), dtype=np.uint8), y_train=np.arange(200) % 10,
+             x_test=rng.integers(0, 256, (50, 32, 32, 3), dtype=np.uint8), y_test=np.arange(50) % 10)
+    run_dir = tmp_path / "run"
+    n_patches = 32 if dev.type == "cuda" else 4  # 1600 patches of 32 x 32 an update on CUDA; the CPU run kept small
+    argv = ["--config", "configs/smoke.yaml", f"data.dataset=npz:{npz}", "data.train_per_class=null",
+            "data.test_per_class=null", "stream.n_experiences=2", f"train.device={dev.type}", "train.batch_size=50",
+            f"augment.n_patches={n_patches}", "eval.probe_epochs=2", "run.tensorboard=false", "run.plot=false",
+            f"run.out_dir={run_dir}"]
+    benchmark = torch.backends.cudnn.benchmark  # setup_runtime turns it on
+    try:
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+            total = torch.cuda.get_device_properties(dev).total_memory
+            torch.cuda.set_per_process_memory_fraction((torch.cuda.memory_reserved(dev) + 32 * 2 ** 20) / total, dev)
+        else:
+            def backward(self, *args, **kwargs):
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB (raised on the CPU)")
+            monkeypatch.setattr(torch.Tensor, "backward", backward)
+        with caplog.at_level("ERROR"):
+            assert run_stream.main(argv) == 2
+    finally:
+        if dev.type == "cuda":
+            torch.cuda.set_per_process_memory_fraction(1.0, dev)
+            torch.cuda.empty_cache()
+        monkeypatch.undo()
+        torch.backends.cudnn.benchmark = benchmark
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1, errors
+    err = errors[0]
+    assert err.startswith(f"OutOfMemory: out of memory on {dev.type}") and "out of memory. Tried to allocate" in err
+    if dev.type == "cuda":
+        assert torch.cuda.get_device_name(dev) in err and " GiB, this process's peak " in err
+    assert "in training update 0 (experience 0)" in err
+    assert f"train.batch_size=50 x augment.n_patches={n_patches}" in err
+    assert "no checkpoint was written yet" in err and ckpt.list_checkpoints(run_dir) == []
+    savers = ["model.recompute_stages=2", "model.recompute_bn_relu=true"]
+    assert err.endswith(f"python run_stream.py --resume {run_dir} {' '.join(savers)}")
+    try:
+        assert run_stream.main(["--resume", str(run_dir), *savers]) == 0
+    finally:
+        torch.backends.cudnn.benchmark = benchmark
+    state = ckpt.load(ckpt.latest(run_dir))
+    assert state["position"]["global_step"] == 4 and state["config"]["model"]["recompute_stages"] == 2
 
 
 def _free_port() -> int:

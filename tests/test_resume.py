@@ -105,3 +105,48 @@ def test_resume_refuses_a_different_config_or_device(zygote, tmp_path: Path) -> 
         err = refused.read_text(errors="replace")
         assert expected in err and "CUDA_VISIBLE_DEVICES= python run_stream.py --resume" in err, err[-2000:]
         assert contents() == before
+
+
+# PyTorch's out-of-memory error, raised at the third training update's backward as the allocator would raise it
+OOM_AT_THIRD_BACKWARD = """
+import torch
+_backward, _calls = torch.Tensor.backward, [0]
+def backward(self, *args, **kwargs):
+    _calls[0] += 1
+    if _calls[0] == 3:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.50 GiB (raised by the test)")
+    return _backward(self, *args, **kwargs)
+torch.Tensor.backward = backward
+"""
+
+
+def test_out_of_memory_names_the_fix_keeps_the_checkpoint_and_resumes_with_it(zygote, tmp_path: Path) -> None:
+    """Out of memory in a training update: exit 2 with a message that says where, names the memory savers and the
+    --resume command; the checkpoint before it is intact and nothing after it is written; resumed with the savers
+    (a change --resume accepts: memory only), the run ends exactly as an uninterrupted run without them."""
+    full, run_dir = tmp_path / "full", tmp_path / "run"
+    tiny = ["stream.n_experiences=2", "data.train_per_class=10", "data.test_per_class=5", "run.checkpoint_every=2"]
+    ref = zygote.start(_cmd(full, *tiny)[2:], tmp_path / "full.log")
+    log = tmp_path / "oom.log"
+    assert zygote.wait(zygote.start(_cmd(run_dir, *tiny)[2:], log, prelude=OOM_AT_THIRD_BACKWARD), 240) == 2
+    err = log.read_text(errors="replace")
+    assert "OutOfMemory: out of memory on cpu in training update 2 (experience 0): CUDA out of memory. Tried to " \
+           "allocate 1.50 GiB" in err, err[-3000:]
+    assert "train.batch_size=20 x augment.n_patches=4 = 80 patches. The memory savers" in err
+    assert "the checkpoint of update 2 is intact" in err
+    savers = ["model.recompute_stages=2", "model.recompute_bn_relu=true"]
+    assert f"python run_stream.py --resume {run_dir} {' '.join(savers)}" in err
+    assert [p.name for p in ckpt.list_checkpoints(run_dir)] == ["ckpt_000000002.pt"]
+    assert not (run_dir / "metrics.jsonl").exists() or not _rows(run_dir)
+
+    resumed = tmp_path / "resumed.log"
+    assert zygote.run(["--resume", str(run_dir), *savers], resumed, 240) == 0, resumed.read_text()[-3000:]
+    out = resumed.read_text(errors="replace")
+    assert "resumed at update 2" in out and "resuming with model.recompute_stages: run has 0, now 2" in out
+    assert "model:\n" in (run_dir / "config.yaml").read_text() and "recompute_stages: 2" in \
+        (run_dir / "config.yaml").read_text()  # a later --resume keeps them
+    assert zygote.wait(ref, 240) == 0, (tmp_path / "full.log").read_text(errors="replace")[-3000:]
+    assert _rows(run_dir) == _rows(full)
+    a, b = ckpt.load(ckpt.latest(full)), ckpt.load(ckpt.latest(run_dir))
+    assert a["position"] == b["position"] and a["model"].keys() == b["model"].keys()
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])

@@ -23,7 +23,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-# Requests on stdin (one JSON per line): {"op": "run", "argv", "env", "log"} -> {"pid"};
+# Requests on stdin (one JSON per line): {"op": "run", "argv", "env", "log", "prelude"} -> {"pid"} (prelude: Python
+# source the child runs before main, e.g. to raise an error a test needs at a given point);
 # {"op": "wait", "pid"} -> {"pid", "status"} (exit code, or -signal).
 SOURCE = r"""
 import json, os, sys, traceback
@@ -38,6 +39,7 @@ for line in sys.stdin:
             rc = 99
             try:
                 os.environ.update(req["env"])
+                exec(req.get("prelude") or "", {"__name__": "prelude"})
                 fd = os.open(req["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
                 os.dup2(fd, 1)
                 os.dup2(fd, 2)
@@ -83,10 +85,11 @@ class Zygote:
         self.proc.stdin.write(json.dumps(req) + "\n")
         self.proc.stdin.flush()
 
-    def start(self, argv: list[str], log: Path, env: dict | None = None) -> int:
+    def start(self, argv: list[str], log: Path, env: dict | None = None, prelude: str = "") -> int:
         """Fork a training process on `argv` (run_stream.py's arguments), its stdout and stderr appended to
-        `log`, `env` added to its environment; returns its PID."""
-        self._send({"op": "run", "argv": [str(a) for a in argv], "env": env or {}, "log": str(log)})
+        `log`, `env` added to its environment, `prelude` (Python source) run in it first; returns its PID."""
+        self._send({"op": "run", "argv": [str(a) for a in argv], "env": env or {}, "log": str(log),
+                    "prelude": prelude})
         pid = self._reply(60)["pid"]
         self.children.add(pid)
         return pid
