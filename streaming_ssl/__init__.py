@@ -28,7 +28,8 @@ _EXPORTS = {
     # probes and evaluation
     "streaming_ssl.probe": ["extract_features", "linear_probe_accuracy", "train_linear_probe", "knn_predict",
                             "select_weight_decay", "recalibrate_batchnorm"],
-    "streaming_ssl.probe_run": ["load_checkpoint_model", "CheckpointModel", "probe_checkpoint", "ProbeRequest"],
+    "streaming_ssl.probe_run": ["load_checkpoint_model", "CheckpointModel", "probe_checkpoint", "ProbeRequest",
+                                 "ProbeOutOfMemory"],
     "streaming_ssl.evaluation": ["StreamEvaluator", "ProbeSet", "ProbeMetric", "JSONLLogger",
                                  "ScalarTensorboardLogger", "forgetting", "plot_run", "read_rows"],
     # run machinery

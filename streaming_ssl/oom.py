@@ -107,3 +107,13 @@ def out_of_memory_message(err: BaseException, *, evaluating: bool, device: str, 
             f"of the stem and stages 1-2; README \"Memory\"): {RESUMABLE['model.recompute_stages']}. "
             f"{method} Nothing of this update was saved; {kept}. Continue with:\n  {resume_command(run_dir, savers)}")
 
+
+def probe_out_of_memory_message(err: BaseException, *, device: str, checkpoint: str, batch_size: int,
+                                patches: int) -> str:
+    """evaluate.py's: what ran out while probing a checkpoint, and the --batch-size that holds less."""
+    held = f"{batch_size} images" + (f" x {patches} patches" if patches else "")
+    depends = ("with --patches the patches drawn depend on it (seeded per batch)" if patches
+               else "whole-image features do not depend on it")
+    return (f"out of memory on {device} while probing {checkpoint}: {_first_line(err)}. The feature extraction holds "
+            f"{held} at once (--batch-size; default: the run's eval.batch_size): lower it, e.g. --batch-size "
+            f"{max(1, batch_size // 4)} ({depends}). Nothing was written.")

@@ -16,6 +16,7 @@ import torch
 from scenarios.sources import is_generic
 from streaming_ssl import build
 from streaming_ssl import checkpoint as ckpt
+from streaming_ssl import oom
 from streaming_ssl.config import ConfigError, config_from_dict
 from streaming_ssl.device import resolve_device, resolve_precision
 from streaming_ssl.features_cache import cached_features
@@ -23,6 +24,10 @@ from streaming_ssl.probe import (extract_features, knn_predict, linear_probe_acc
                                  select_weight_decay)
 
 log = logging.getLogger(__name__)
+
+
+class ProbeOutOfMemory(RuntimeError):
+    """The device ran out of memory while probing; the message names the --batch-size that holds less."""
 
 
 @dataclass
@@ -44,6 +49,7 @@ class ProbeRequest:
     probe_select: bool = False
     features_cache: str | None = None
     bn_recalibrate: int | None = None
+    batch_size: int | None = None  # images per feature-extraction batch
 
 
 @dataclass
@@ -92,7 +98,10 @@ def probe_checkpoint(req: ProbeRequest) -> dict:
     run = load_checkpoint_model(req.checkpoint, data_root=req.data_root, device=req.device,
                                 random_init=req.random_init)
     path, state, cfg, train_splits = run.path, run.state, run.cfg, run.train_splits
+    if req.batch_size is not None and req.batch_size < 1:
+        raise ConfigError(f"--batch-size takes a number of images >= 1 (e.g. 64), got {req.batch_size}")
     n_recal = cfg.eval.bn_recalibrate if req.bn_recalibrate is None else req.bn_recalibrate
+    cfg.eval.batch_size = req.batch_size or cfg.eval.batch_size
     cfg.eval.probe_epochs = req.probe_epochs or cfg.eval.probe_epochs
     patches = cfg.eval.patches if req.patches is None else req.patches
     result = {"checkpoint": str(path), "updates": int(state["position"]["global_step"]),
@@ -102,10 +111,17 @@ def probe_checkpoint(req: ProbeRequest) -> dict:
         result["bn_recalibrate"] = n_recal
     names = ([] if not req.in_domain else (req.datasets or [cfg.data.dataset])) + list(req.transfer)
     prober = _Prober(cfg, req, run.model, run.augment, run.device, run.amp_dtype, patches, n_recal, path, result)
-    for name in names:
-        splits = train_splits if name == cfg.data.dataset else build.load_splits(
-            cfg, name, image_size=train_splits.image_size if is_generic(name) else None)
-        result[splits.name] = prober.probe(name, splits)
+    try:
+        for name in names:
+            splits = train_splits if name == cfg.data.dataset else build.load_splits(
+                cfg, name, image_size=train_splits.image_size if is_generic(name) else None)
+            result[splits.name] = prober.probe(name, splits)
+    except RuntimeError as err:  # torch.OutOfMemoryError is one
+        if not oom.is_out_of_memory(err):
+            raise
+        raise ProbeOutOfMemory(oom.probe_out_of_memory_message(
+            err, device=oom.device_memory(run.device), checkpoint=str(path), batch_size=cfg.eval.batch_size,
+            patches=patches)) from err
     return result
 
 
@@ -122,6 +138,8 @@ class _Prober:
                     "precision": str(amp_dtype or "fp32")}  # bf16 features differ from fp32 ones by a few %
         if n_recal:
             self.key["bn_recalibrate"] = n_recal
+        if patches or n_recal:  # their patches and images are drawn per batch
+            self.key["batch_size"] = cfg.eval.batch_size
 
     def _features_of(self, name: str, splits):
         pending = {"recalibrate": bool(self.n_recal)}

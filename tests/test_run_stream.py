@@ -99,6 +99,38 @@ def test_last_probe_beats_random_init(split_run: Path, data_root: Path, capsys) 
     assert again == pytest.approx(last, abs=1e-6)
 
 
+def test_evaluate_batch_size_and_out_of_memory(split_run: Path, data_root: Path, tmp_path: Path, monkeypatch,
+                                               caplog, capsys) -> None:
+    """--batch-size sets the feature-extraction batch (every convolution's input holds at most that many images);
+    out of memory while probing (PyTorch's error, raised at the first convolution) exits 2 with the --batch-size
+    to use, and writes nothing."""
+    base = ["--checkpoint", str(split_run), "--data-root", str(data_root), "--train-per-class", "10",
+            "--test-per-class", "5", "--probe-epochs", "2"]
+    conv2d, sizes = torch.nn.functional.conv2d, []
+
+    def counting(x, *args, **kwargs):
+        sizes.append(x.shape[0])
+        return conv2d(x, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "conv2d", counting)
+    assert evaluate.main(base + ["--batch-size", "7"]) == 0
+    assert max(sizes) == 7 and json.loads(capsys.readouterr().out.strip().splitlines()[-1])["cifar10"]
+    assert evaluate.main(base + ["--batch-size", "0"]) == 2
+
+    def greedy(x, *args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB (raised by the test)")
+
+    monkeypatch.setattr(torch.nn.functional, "conv2d", greedy)
+    out = tmp_path / "result.json"
+    with caplog.at_level("ERROR"):
+        assert evaluate.main(base + ["--patches", "4", "--out", str(out)]) == 2
+    err = caplog.records[-1].getMessage()
+    assert err.startswith(f"ProbeOutOfMemory: out of memory on cpu while probing {ckpt.latest(split_run)}: CUDA "
+                          "out of memory. Tried to allocate 3.00 GiB")
+    assert "holds 256 images x 4 patches at once" in err and "--batch-size 64 (with --patches" in err
+    assert not out.exists()
+
+
 def test_evaluate_features_cache_and_selected_probe(split_run: Path, data_root: Path, tmp_path: Path,
                                                    capsys) -> None:
     """--features-cache reuses features only for the same key; --probe-select adds a held-out-chosen probe."""

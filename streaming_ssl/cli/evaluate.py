@@ -48,12 +48,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(stratified, seeded) and refit on all of them; reported next to the default probe")
     p.add_argument("--features-cache", metavar="DIR",
                    help="keep extracted features in DIR and reuse them when checkpoint, dataset, patches, seed and "
-                        "image subset match (bag-of-features extraction is the expensive part of a probe)")
+                        "image subset match, and with patches or --bn-recalibrate the batch size (bag-of-features "
+                        "extraction is the expensive part of a probe)")
     p.add_argument("--bn-recalibrate", type=int, default=None, metavar="N",
                    help="before extracting features, re-estimate the BatchNorm running statistics on N random "
                         "unlabelled training images of the probed dataset, in the form the probe reads (whole "
                         "images or plain patches); the stored ones are those of the last training batches "
                         "(default: the checkpoint config's eval.bn_recalibrate, 0 = off)")
+    p.add_argument("--batch-size", type=int, default=None, metavar="N",
+                   help="images per feature-extraction batch (default: the checkpoint config's eval.batch_size); "
+                        "lower it where the device runs out of memory. Whole-image features do not depend on it; "
+                        "with --patches or --bn-recalibrate the patches and images drawn do (seeded per batch)")
     p.add_argument("--out", help="also write the JSON result to this file")
     return p.parse_args(argv)
 
@@ -66,7 +71,8 @@ def request_from_args(args: argparse.Namespace):
                         knn=args.knn, train_per_class=args.train_per_class, test_per_class=args.test_per_class,
                         probe_epochs=args.probe_epochs, data_root=args.data_root, device=args.device,
                         random_init=args.random_init, probe_select=args.probe_select,
-                        features_cache=args.features_cache, bn_recalibrate=args.bn_recalibrate)
+                        features_cache=args.features_cache, bn_recalibrate=args.bn_recalibrate,
+                        batch_size=args.batch_size)
 
 
 def describe(name: str, entry: dict, result: dict) -> str:
@@ -85,13 +91,13 @@ def main(argv=None) -> int:
     from streaming_ssl.atomic import atomic_write_text
     from streaming_ssl.checkpoint import CheckpointError
     from streaming_ssl.config import ConfigError
-    from streaming_ssl.probe_run import probe_checkpoint
+    from streaming_ssl.probe_run import ProbeOutOfMemory, probe_checkpoint
 
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
         result = probe_checkpoint(request_from_args(args))
-    except (DataError, CheckpointError, ConfigError) as err:
+    except (DataError, CheckpointError, ConfigError, ProbeOutOfMemory) as err:
         log.error("%s: %s", type(err).__name__, err)
         return 2
     for name, entry in result.items():
