@@ -143,7 +143,8 @@ class EvalConfig:
 class TrainConfig:
     batch_size: int = 100  # images per update (global batch under DDP)
     device: str = field(default="auto", metadata=_choices(*DEVICES))
-    precision: str = field(default="auto", metadata=_choices(*PRECISIONS))  # auto: bf16 on CUDA and AVX512-BF16 CPUs
+    # auto: bf16 where it is native (GPUs of compute capability 8.0+, AVX512-BF16 CPUs), else float32
+    precision: str = field(default="auto", metadata=_choices(*PRECISIONS))
     channels_last: bool = True
     seed: int = 0
     threads: int | None = None  # CPU threads (None: torch default)

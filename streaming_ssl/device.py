@@ -68,14 +68,28 @@ def compile_backends() -> list[str]:
     return [b for b in list_backends(exclude_tags=()) if "TESTING" not in b]
 
 
+def cuda_supports_bf16(device: torch.device) -> bool:
+    """True when the GPU has bf16 tensor cores: compute capability 8.0 or later (A100, H100, L4, RTX 30xx and
+    after), or ROCm (as PyTorch reports it). `torch.cuda.is_bf16_supported()` also says yes on a V100 or T4 (7.x),
+    where bf16 is emulated without tensor cores."""
+    if torch.version.hip:
+        return True
+    return torch.cuda.get_device_properties(device).major >= 8
+
+
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for float32. 'auto' picks bf16 on CUDA and on CPUs with native bf16."""
+    """The autocast dtype, or None for float32. 'auto' picks bf16 where it is native: GPUs of compute capability
+    8.0 and later, and CPUs with AVX512-BF16 or AMX; float32 elsewhere ('bf16' forces it)."""
     if precision == "fp32":
         return None
     if precision == "bf16":
         return torch.bfloat16
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+        if cuda_supports_bf16(device):
+            return torch.bfloat16
+        log.info("precision auto: %s (compute capability %d.%d) has no native bf16: training in float32",
+                 torch.cuda.get_device_name(device), *torch.cuda.get_device_capability(device))
+        return None
     return torch.bfloat16 if cpu_supports_bf16() else None
 
 

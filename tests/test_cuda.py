@@ -31,7 +31,7 @@ from streaming_ssl import distributed as ddp
 from streaming_ssl.augment import MultiPatchAugment
 from streaming_ssl.cl import DistillPlugin, MixupPlugin, ReplayBufferPlugin
 from streaming_ssl.cl.common import gather_global_batch
-from streaming_ssl.device import autocast
+from streaming_ssl.device import autocast, cpu_supports_bf16, resolve_precision
 from streaming_ssl.lars import LARS, param_groups
 from streaming_ssl.models import EMPSSLModel
 from streaming_ssl.objective import emp_ssl_loss
@@ -137,6 +137,11 @@ def test_model_bf16_autocast_matches_fp32(dev):
     assert rel_err(h16, h32) < 0.08 and rel_err(z16, z32) < 0.10
     assert abs(l16 - l32) < 0.005 * abs(l32)
     assert float(F.cosine_similarity(g16, g32, dim=0)) >= 0.85
+    # what precision auto trains in here: bf16 on a GPU with bf16 tensor cores (8.0+; the H200 is 9.0), as on a CPU
+    # with native bf16; float32 elsewhere
+    native = torch.cuda.get_device_capability(dev)[0] >= 8 if dev.type == "cuda" else cpu_supports_bf16()
+    assert resolve_precision("auto", torch.device(dev.type, 0) if dev.type == "cuda" else dev) is (
+        torch.bfloat16 if native else None)
 
 
 def test_objective_on_device_matches_cpu(dev):

@@ -1,8 +1,12 @@
-"""cpu_kind: the name every figure carries, read from /proc/cpuinfo's text."""
+"""cpu_kind: the name every figure carries, read from /proc/cpuinfo's text; the precision `auto` resolves to."""
 
 import os
+import types
 
-from streaming_ssl.device import cpu_kind, cpu_supports_bf16
+import pytest
+import torch
+
+from streaming_ssl.device import cpu_kind, cpu_supports_bf16, resolve_precision
 
 PRECISION = "bf16" if cpu_supports_bf16() else "fp32"  # torch decides, whatever the flags say
 
@@ -43,3 +47,21 @@ def test_an_arm_cpuinfo_without_model_name_or_flags_still_names_something() -> N
 def test_this_machine_reads_its_own_cpuinfo() -> None:
     kind = cpu_kind()
     assert kind.endswith(f": {PRECISION}") and f"{os.cpu_count()} cores" in kind
+
+
+@pytest.mark.parametrize("major, minor, expected", [(7, 0, None), (7, 5, None), (8, 0, torch.bfloat16),
+                                                    (9, 0, torch.bfloat16)])
+def test_auto_precision_on_cuda_is_bf16_only_with_bf16_tensor_cores(monkeypatch, caplog, major, minor, expected):
+    """A V100 (7.0) or T4 (7.5) trains in float32 under precision auto, since PyTorch's is_bf16_supported() also
+    counts its emulated bf16; an A100 (8.0) or H100 (9.0) in bf16. The GPU is described to torch's queries here
+    (this machine has none); tests/test_cuda.py checks a real one."""
+    props = types.SimpleNamespace(major=major, minor=minor)
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: props)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (major, minor))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "a GPU")
+    cuda = torch.device("cuda", 0)
+    with caplog.at_level("INFO"):
+        assert resolve_precision("auto", cuda) is expected
+    assert ("no native bf16: training in float32" in caplog.text) == (expected is None)
+    assert resolve_precision("bf16", cuda) is torch.bfloat16 and resolve_precision("fp32", cuda) is None
