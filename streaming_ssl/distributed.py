@@ -126,6 +126,18 @@ def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     return torch.cat(out).to(home)
 
 
+def any_rank_flag(flag: bool, device: torch.device) -> torch.Tensor:
+    """1 (int32, one element) on every rank if `flag` is set on any rank, else 0; not read back here, so on CUDA the
+    host does not wait (the caller reads it when it chooses). Under NCCL it lives on `device` (this rank's GPU),
+    under gloo on the CPU; outside DDP it is the flag itself."""
+    if is_dist() and dist.get_backend() != "nccl":
+        device = torch.device("cpu")
+    out = torch.full((1,), int(flag), dtype=torch.int32, device=device)  # a fill: no copy from the host
+    if is_dist():
+        dist.all_reduce(out, op=dist.ReduceOp.MAX)
+    return out
+
+
 def broadcast_object(obj):
     """Rank 0's object on every rank."""
     if not is_dist():

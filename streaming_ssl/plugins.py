@@ -215,39 +215,69 @@ class CheckpointPlugin(SupervisedPlugin):
 class GracefulStop(SupervisedPlugin):
     """SIGINT/SIGTERM: finish the current update, save (through `checkpoint`), raise Interrupted.
 
+    Under DDP every rank stops after the same update, whichever ranks the signal reached and whenever: a rank
+    that stopped alone would leave the others waiting in the next collective, and the checkpoint is written
+    collectively. After each update the ranks all-reduce whether any of them was signalled. Over gloo (CPU)
+    the result is read at once; on CUDA it is read `lag` updates later, so that the host never waits for the
+    update it just launched (the stop comes at most `lag` updates late). At the end of an experience it is
+    read at once (the evaluation has synchronised anyway).
+
     A second signal leaves at once (KeyboardInterrupt). Handlers are installed for the training and
     restored after it (call `close()` in a `finally` too: an exception skips after_training).
     """
 
     runs_after_evaluator = True
 
-    def __init__(self, checkpoint: CheckpointPlugin | None = None) -> None:
+    def __init__(self, checkpoint: CheckpointPlugin | None = None, lag: int = 2) -> None:
         super().__init__()
         self.checkpoint = checkpoint
+        self.lag = int(lag)
         self.signal: int | None = None
         self._old: dict = {}
+        self._pending: list = []  # CUDA under DDP: (event, pinned host copy) of flags not read yet, oldest first
 
     def _on_signal(self, signum, frame) -> None:
         if self.signal is not None:
             raise KeyboardInterrupt
         self.signal = signum
-        log.warning("signal %d: finishing the current update, saving a checkpoint, then stopping", signum)
+        log.warning("signal %d: finishing the current update, saving a checkpoint, then stopping%s", signum,
+                    " (all ranks after the same update)" if ddp.is_dist() else "")
 
     def before_training(self, strategy, **kwargs) -> None:
         self._old = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        self._pending = []
 
-    def _maybe_stop(self, strategy) -> None:
-        if self.signal is None:
+    def _stop_now(self, strategy, at_once: bool) -> bool:
+        """Whether every rank stops here (the same answer on every rank)."""
+        if not ddp.is_dist():
+            return self.signal is not None
+        flag = ddp.any_rank_flag(self.signal is not None, strategy.device)
+        if flag.device.type != "cuda" or at_once:
+            self._pending = []
+            return bool(flag.item())
+        host = torch.empty(1, dtype=flag.dtype, pin_memory=True).copy_(flag, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._pending.append((event, host))
+        if len(self._pending) <= self.lag:
+            return False
+        event, host = self._pending.pop(0)
+        event.synchronize()  # the update `lag` before this one: the device still has the later ones queued
+        return bool(host.item())
+
+    def _maybe_stop(self, strategy, at_once: bool) -> None:
+        if not self._stop_now(strategy, at_once):
             return
         if self.checkpoint is not None and self.checkpoint.last_saved != (strategy.global_step, strategy.stream_step):
             self.checkpoint.save(strategy)
-        raise Interrupted(f"stopped by signal {self.signal} at update {strategy.global_step}")
+        cause = f"signal {self.signal}" if self.signal is not None else "a signal to another rank"
+        raise Interrupted(f"stopped by {cause} at update {strategy.global_step}")
 
     def after_training_iteration(self, strategy, **kwargs) -> None:
-        self._maybe_stop(strategy)
+        self._maybe_stop(strategy, at_once=False)
 
     def after_training_exp(self, strategy, **kwargs) -> None:
-        self._maybe_stop(strategy)
+        self._maybe_stop(strategy, at_once=True)
 
     def after_training(self, strategy, **kwargs) -> None:
         self.close()

@@ -199,8 +199,10 @@ def _fit(run, state: dict | None) -> None:
         if strategy.stream_step < len(run.stream):
             strategy.train(itertools.islice(iter(run.stream), strategy.stream_step, None), eval_streams=[])
     except Interrupted:
-        log.warning("stopped by signal at update %d; continue with: python run_stream.py --resume %s",
-                    strategy.global_step, run.run_dir)
+        if ddp.is_main():
+            launch = "the same torchrun command with run_stream.py" if ddp.is_dist() else "python run_stream.py"
+            log.warning("stopped by signal at update %d; continue with: %s --resume %s", strategy.global_step,
+                        launch, run.run_dir)
         raise
     except RuntimeError as err:  # torch.OutOfMemoryError is one
         if not oom.is_out_of_memory(err):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import signal
 import socket
 from collections.abc import Callable
 
@@ -492,3 +493,39 @@ def test_nccl_syncbn_ddp_world1(dev):
             assert rel_err(grads[name].grad, p.grad) < 1e-3, name
     finally:
         dist.destroy_process_group()
+
+
+class _SignalAt(SupervisedPlugin):
+    """Sends this process SIGTERM at the end of update `step` (1-based), as a scheduler or Ctrl-C would."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__()
+        self.step = step
+
+    def after_training_iteration(self, strategy, **kwargs):
+        if strategy.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_a_signal_in_a_process_group_stops_after_the_agreed_update(dev):
+    """GracefulStop in a process group (NCCL on CUDA, gloo in the dry run), where every rank must stop after the
+    same update: the ranks all-reduce whether any was signalled after each update; over gloo the flag is read at
+    once (SIGTERM at update 4, the first of the second experience, stops after update 4), on CUDA `lag` updates
+    later from pinned memory, so that the host never waits for the update it just launched (lag 1: after update
+    5; a flag never read would stop at the experience's end, after update 6, where it is read at once)."""
+    import torch.distributed as dist
+
+    from streaming_ssl.plugins import GracefulStop, Interrupted
+
+    stop = GracefulStop(lag=1)
+    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo",
+                            init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    old = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(Interrupted, match="stopped by signal 15 at update (\\d)") as info:
+            _train_small_stream(dev, lambda model: [], _SignalAt(4), stop)
+    finally:
+        stop.close()
+        dist.destroy_process_group()
+    assert signal.getsignal(signal.SIGTERM) is old  # the handler is put back
+    assert str(info.value).endswith(f"at update {4 + (stop.lag if dev.type == 'cuda' else 0)}")

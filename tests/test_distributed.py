@@ -5,7 +5,8 @@
   global batch (also for uneven shares), and that sharded feature extraction equals one process's;
 * `torchrun --nproc_per_node 2` and a 2-"node" static launch (two torchrun agents on 127.0.0.1) of
   run_stream.py on a slice of the real CIFAR-10 write what a 1-process run writes (rank 0 only), and the
-  logged evaluations are those of the checkpointed model.
+  logged evaluations are those of the checkpointed model;
+* a torchrun launch whose rank 1 alone gets SIGTERM stops every rank after the same update and resumes exactly.
 
 Every process uses 1 thread; the launches run concurrently, so the file takes about a minute on 2 cores
 (most of it is interpreter start-up: importing torch/avalanche in 8 processes).
@@ -390,6 +391,69 @@ def test_two_node_static_launch_on_loopback(stream_runs) -> None:
     assert sorted(p.name for p in run_dir.iterdir()) == sorted(p.name for p in single.iterdir())  # rank 0 only
     assert (run_dir / "train.log").read_text().count("(precision fp32, world 2, allocator tuned)") == 1
     _check_checkpoints(run_dir, rows, world=2, reevaluate=())
+
+
+def _rank_pids(launcher: int) -> dict[int, int]:
+    """{rank: pid} of the workers a torchrun launcher process started (read from /proc)."""
+    out = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            env = (stat.parent / "environ").read_bytes().split(b"\0") if ppid == launcher else []
+        except (OSError, ValueError, IndexError):
+            continue
+        ranks = [int(e[5:]) for e in env if e.startswith(b"RANK=")]
+        if ranks:
+            out[ranks[0]] = int(stat.parent.name)
+    return out
+
+
+@needs_data
+def test_a_signal_to_one_rank_stops_every_rank_after_the_same_update_and_resumes_exactly(stream_runs,
+                                                                                         tmp_path) -> None:
+    """SIGTERM that reaches only rank 1 (ranks see a signal at different updates; a rank that stopped alone left
+    the other in its next collective for good): both ranks stop after the same update, a checkpoint of it is
+    written, and `torchrun ... --resume` continues to the very rows and weights of the uninterrupted two-process
+    run of stream_runs."""
+    from streaming_ssl import checkpoint as ckpt
+
+    run_dir, log = tmp_path / "run", tmp_path / "stop.log"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1"]
+    cmd = [*launch, "--master_port", str(free_ports(1)[0]), "run_stream.py", "--config", "configs/smoke.yaml",
+           f"run.out_dir={run_dir}", *STREAM_OVERRIDES, "run.checkpoint_every=1"]
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=launch_env(), stdout=fh, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    procs = {"stop": proc}
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not (run_dir / "ckpt_000000002.pt").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
+            time.sleep(0.01)
+        os.kill(_rank_pids(proc.pid)[1], signal.SIGTERM)
+        assert proc.wait(timeout=120) != 0  # the workers exit 130 (interrupted); torchrun reports them
+    finally:
+        _kill(procs)
+    text = log.read_text(errors="replace")
+    assert text.count("exitcode  : 130") == 2, text[-3000:]
+    stopped = ckpt.load(ckpt.latest(run_dir))["position"]["global_step"]
+    assert 2 <= stopped < 6, "stopped after the last update: nothing left to resume"
+    assert f"stopped by signal at update {stopped}; continue with: the same torchrun command with run_stream.py " \
+           f"--resume {run_dir}" in text
+
+    resume = subprocess.run([*launch, "--master_port", str(free_ports(1)[0]), "run_stream.py", "--resume",
+                             str(run_dir)], cwd=ROOT, env=launch_env(), capture_output=True, text=True,
+                            timeout=TIMEOUT)
+    assert resume.returncode == 0, resume.stderr[-3000:]
+    assert f"resumed at update {stopped}" in resume.stderr
+
+    def without_time(rows):
+        return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]
+
+    full = stream_runs["dirs"]["two_procs"]
+    assert without_time(_rows(run_dir)) == without_time(_rows(full))
+    a, b = ckpt.load(ckpt.latest(full))["model"], ckpt.load(ckpt.latest(run_dir))["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 # ------------------------------------------------------------------------------------------ run directory
