@@ -6,7 +6,8 @@
 * `torchrun --nproc_per_node 2` and a 2-"node" static launch (two torchrun agents on 127.0.0.1) of
   run_stream.py on a slice of the real CIFAR-10 write what a 1-process run writes (rank 0 only), and the
   logged evaluations are those of the checkpointed model;
-* a torchrun launch whose rank 1 alone gets SIGTERM stops every rank after the same update and resumes exactly.
+* in the spawned launch, run_stream.py's training whose rank 1 alone gets SIGTERM stops every rank after the same
+  update, and resumes to exactly what the uninterrupted torchrun launch writes.
 
 Every process uses 1 thread; the launches run concurrently, so the file takes about a minute on 2 cores
 (most of it is interpreter start-up: importing torch/avalanche in 8 processes).
@@ -17,6 +18,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -94,6 +96,11 @@ def _rank_main(workdir: Path) -> None:
     from streaming_ssl.objective import emp_ssl_loss
     from streaming_ssl.probe import extract_features
 
+    # avalanche (imported by the training below) makes a logger at import time, which it refuses in a non-main rank
+    # once a group exists: import it first, as run_stream.py does
+    import streaming_ssl.plugins  # noqa: F401
+    import streaming_ssl.runner  # noqa: F401
+
     torch.set_num_threads(1)
     assert ddp.init_from_env("cpu") and dist.get_backend() == "gloo"
     rank, world = ddp.rank(), ddp.world_size()
@@ -134,9 +141,42 @@ def _rank_main(workdir: Path) -> None:
                                                    batch_size=FEATURE_BATCH, patches=EVAL_PATCHES,
                                                    channels_last=True, seed=3)
         out["still_training"] = model.training
+        if DATA and (Path(DATA) / "cifar10.npz").is_file():
+            out["stop"] = _stop_and_resume(workdir / "stopped", rank)
         torch.save(out, workdir / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+def _stop_and_resume(run_dir: Path, rank: int) -> dict:
+    """run_stream.py's training (runner.train) of the tiny stream in this rank of the group; SIGTERM reaches rank 1
+    alone, once the checkpoint of update 2 exists; then every rank resumes the run (run_stream.py --resume)."""
+    import threading
+
+    from streaming_ssl import checkpoint as ckpt
+    from streaming_ssl import distributed as ddp
+    from streaming_ssl.config import load_config
+    from streaming_ssl.plugins import Interrupted
+    from streaming_ssl.runner import train
+
+    cfg = load_config(ROOT / "configs/smoke.yaml", [f"run.out_dir={run_dir}", *STREAM_OVERRIDES,
+                                                    "run.checkpoint_every=1"])
+    if rank == 1:
+        def signal_me() -> None:
+            while not (run_dir / "ckpt_000000002.pt").exists():
+                time.sleep(0.005)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        threading.Thread(target=signal_me, daemon=True).start()
+    try:
+        train(cfg)
+        stopped = "not stopped"
+    except Interrupted as err:
+        stopped = str(err)
+    ddp.barrier()  # rank 0 has written the stop's checkpoint
+    newest = ckpt.latest(run_dir).name
+    last = train(load_config(run_dir / "config.yaml"), resume=True)
+    return {"stopped": stopped, "stop_checkpoint": newest, "last_row": last}
 
 
 @pytest.fixture(scope="module")
@@ -187,7 +227,7 @@ def spawned(tmp_path_factory) -> dict:
                                                    channels_last=True, seed=3)
     finally:
         torch.set_num_threads(threads)
-    return {"ranks": ranks, "ref": ref}
+    return {"ranks": ranks, "ref": ref, "workdir": workdir}
 
 
 @pytest.mark.parametrize("case", list(GRAD_CASES))
@@ -393,65 +433,28 @@ def test_two_node_static_launch_on_loopback(stream_runs) -> None:
     _check_checkpoints(run_dir, rows, world=2, reevaluate=())
 
 
-def _rank_pids(launcher: int) -> dict[int, int]:
-    """{rank: pid} of the workers a torchrun launcher process started (read from /proc)."""
-    out = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-            env = (stat.parent / "environ").read_bytes().split(b"\0") if ppid == launcher else []
-        except (OSError, ValueError, IndexError):
-            continue
-        ranks = [int(e[5:]) for e in env if e.startswith(b"RANK=")]
-        if ranks:
-            out[ranks[0]] = int(stat.parent.name)
-    return out
-
-
 @needs_data
-def test_a_signal_to_one_rank_stops_every_rank_after_the_same_update_and_resumes_exactly(stream_runs,
-                                                                                         tmp_path) -> None:
-    """SIGTERM that reaches only rank 1 (ranks see a signal at different updates; a rank that stopped alone left
-    the other in its next collective for good): both ranks stop after the same update, a checkpoint of it is
-    written, and `torchrun ... --resume` continues to the very rows and weights of the uninterrupted two-process
-    run of stream_runs."""
+def test_a_signal_to_one_rank_stops_every_rank_after_the_same_update_and_resumes_exactly(spawned,
+                                                                                         stream_runs) -> None:
+    """SIGTERM that reaches rank 1 alone (ranks see a signal at different updates; a rank that stopped alone left
+    the other in its next collective): both ranks stop after the same update and its checkpoint is written, and
+    the resumed run (run_stream.py's training in the `spawned` launch, _stop_and_resume) ends with the very rows
+    and weights of the uninterrupted two-process torchrun of stream_runs."""
     from streaming_ssl import checkpoint as ckpt
 
-    run_dir, log = tmp_path / "run", tmp_path / "stop.log"
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1"]
-    cmd = [*launch, "--master_port", str(free_ports(1)[0]), "run_stream.py", "--config", "configs/smoke.yaml",
-           f"run.out_dir={run_dir}", *STREAM_OVERRIDES, "run.checkpoint_every=1"]
-    with open(log, "wb") as fh:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=launch_env(), stdout=fh, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-    procs = {"stop": proc}
-    try:
-        deadline = time.monotonic() + TIMEOUT
-        while not (run_dir / "ckpt_000000002.pt").exists():
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
-            time.sleep(0.01)
-        os.kill(_rank_pids(proc.pid)[1], signal.SIGTERM)
-        assert proc.wait(timeout=120) != 0  # the workers exit 130 (interrupted); torchrun reports them
-    finally:
-        _kill(procs)
-    text = log.read_text(errors="replace")
-    assert text.count("exitcode  : 130") == 2, text[-3000:]
-    stopped = ckpt.load(ckpt.latest(run_dir))["position"]["global_step"]
-    assert 2 <= stopped < 6, "stopped after the last update: nothing left to resume"
-    assert f"stopped by signal at update {stopped}; continue with: the same torchrun command with run_stream.py " \
-           f"--resume {run_dir}" in text
-
-    resume = subprocess.run([*launch, "--master_port", str(free_ports(1)[0]), "run_stream.py", "--resume",
-                             str(run_dir)], cwd=ROOT, env=launch_env(), capture_output=True, text=True,
-                            timeout=TIMEOUT)
-    assert resume.returncode == 0, resume.stderr[-3000:]
-    assert f"resumed at update {stopped}" in resume.stderr
+    got = [spawned["ranks"][r]["stop"] for r in range(WORLD)]
+    updates = [int(re.fullmatch(r"stopped by (signal 15|a signal to another rank) at update (\d+)", g["stopped"])[2])
+               for g in got]
+    assert got[1]["stopped"].startswith("stopped by signal 15") and "another rank" in got[0]["stopped"]
+    assert updates[0] == updates[1] and 2 <= updates[0] < 6, updates  # the same update, before the end
+    assert got[1]["stop_checkpoint"] == f"ckpt_{updates[0]:09d}.pt"
 
     def without_time(rows):
         return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]
 
-    full = stream_runs["dirs"]["two_procs"]
+    run_dir, full = spawned["workdir"] / "stopped", stream_runs["dirs"]["two_procs"]
     assert without_time(_rows(run_dir)) == without_time(_rows(full))
+    assert without_time([got[0]["last_row"]]) == without_time(_rows(full)[-1:])
     a, b = ckpt.load(ckpt.latest(full))["model"], ckpt.load(ckpt.latest(run_dir))["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
