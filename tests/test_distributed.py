@@ -453,6 +453,9 @@ def test_a_signal_to_one_rank_stops_every_rank_after_the_same_update_and_resumes
         return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]
 
     run_dir, full = spawned["workdir"] / "stopped", stream_runs["dirs"]["two_procs"]
+    said = (spawned["workdir"] / "torchrun.log").read_text(errors="replace")
+    assert said.count(f"stopped by signal at update {updates[0]}; continue with: the same torchrun command with "
+                      f"run_stream.py --resume {run_dir}") == 1  # rank 0 says it
     assert without_time(_rows(run_dir)) == without_time(_rows(full))
     assert without_time([got[0]["last_row"]]) == without_time(_rows(full)[-1:])
     a, b = ckpt.load(ckpt.latest(full))["model"], ckpt.load(ckpt.latest(run_dir))["model"]
