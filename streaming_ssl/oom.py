@@ -55,14 +55,14 @@ def _first_line(err: BaseException) -> str:
     return lines[0] if lines else type(err).__name__
 
 
-def resume_command(run_dir: str | Path, overrides: list[str]) -> str:
-    return " ".join(["python run_stream.py --resume", str(run_dir), *overrides])
+def resume_command(run_dir: str | Path, overrides: list[str], launch: str = "python run_stream.py") -> str:
+    return " ".join([launch, "--resume", str(run_dir), *overrides])
 
 
 def out_of_memory_message(err: BaseException, *, evaluating: bool, device: str, update: int, experience: int,
                           run_dir: str | Path, checkpoint_update: int | None, batch_size: int, n_patches: int,
                           replay_batch: int, recompute_stages: int, recompute_bn_relu: bool, eval_batch_size: int,
-                          eval_patches: int) -> str:
+                          eval_patches: int, launch: str = "python run_stream.py") -> str:
     """What ran out of memory and where, the settings that lower the peak, and the command that continues the run.
 
     Args:
@@ -70,6 +70,7 @@ def out_of_memory_message(err: BaseException, *, evaluating: bool, device: str, 
         evaluating: raised in the evaluation after `experience` (else in training update `update`, 0-based).
         device: the device in words (`device_memory`).
         checkpoint_update: the update of the run's newest checkpoint (None: none written yet).
+        launch: how the run was started (under torchrun: the same torchrun command with run_stream.py).
         The rest: the run's settings of the same names.
     """
     if checkpoint_update is None:
@@ -85,7 +86,7 @@ def out_of_memory_message(err: BaseException, *, evaluating: bool, device: str, 
         held = f"{eval_batch_size} images" + (f" x {eval_patches} patches" if eval_patches else "")
         return (f"{head} The feature extraction holds eval.batch_size={eval_batch_size} ({held}) at once; lower "
                 f"it ({RESUMABLE['eval.batch_size']}). Nothing of this evaluation was saved; {kept}. Continue with:"
-                f"\n  {resume_command(run_dir, [f'eval.batch_size={smaller}'])}")
+                f"\n  {resume_command(run_dir, [f'eval.batch_size={smaller}'], launch)}")
     held = f"train.batch_size={batch_size} x augment.n_patches={n_patches} = {batch_size * n_patches} patches"
     if replay_batch:
         held += f", plus {replay_batch * n_patches} of cl.replay.batch={replay_batch} replayed images"
@@ -105,7 +106,8 @@ def out_of_memory_message(err: BaseException, *, evaluating: bool, device: str, 
             "the front of the network in backward instead of storing it (model.recompute_stages=2 with "
             "model.recompute_bn_relu: 5.3 instead of 10.8 GB for a full-width CIFAR update, for one more forward "
             f"of the stem and stages 1-2; README \"Memory\"): {RESUMABLE['model.recompute_stages']}. "
-            f"{method} Nothing of this update was saved; {kept}. Continue with:\n  {resume_command(run_dir, savers)}")
+            f"{method} Nothing of this update was saved; {kept}. Continue with:\n  "
+            f"{resume_command(run_dir, savers, launch)}")
 
 
 def probe_out_of_memory_message(err: BaseException, *, device: str, checkpoint: str, batch_size: int,

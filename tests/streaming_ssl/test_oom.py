@@ -108,3 +108,11 @@ def test_resume_accepts_only_the_resumable_changes(tmp_path: Path, caplog):
         with pytest.raises(RunError, match=re.escape(other.split("=")[0]) + r".*only model\.recompute_stages, "
                            r"model\.recompute_bn_relu, eval\.batch_size may change"):
             prepare_run_dir(load_config("configs/smoke.yaml", base + changes + [other]), resume=True)
+
+
+def test_under_torchrun_the_resume_command_is_the_same_launch():
+    msg = oom.out_of_memory_message(torch.OutOfMemoryError("CUDA out of memory."), evaluating=False, device="cuda:3",
+                                    update=9, experience=0, run_dir="runs/r", checkpoint_update=8,
+                                    launch="the same torchrun command with run_stream.py", **SETTINGS)
+    assert msg.endswith("\n  the same torchrun command with run_stream.py --resume runs/r model.recompute_stages=2 "
+                        "model.recompute_bn_relu=true")
