@@ -110,7 +110,7 @@ class Sizes:
     warmup: int = 2  # steps run before measuring (>= 1)
     calls: int = 10  # measured calls of the objective / augmentation
     ref_aug_calls: int = 2  # measured batches of the serial reference augmentation
-    ref_workers: int = 0  # DataLoader workers of the reference; 0 here means os.cpu_count()
+    ref_workers: int = 0  # DataLoader workers of the reference; 0 here means the usable cores (reference_workers)
     online_per_class: int = 30  # online case: 300 CIFAR-10 images
     online_batch: int = 10  # mini-experience size = batch size of both sides
     probe_train_per_class: int = 500  # 5000 train images
@@ -221,8 +221,10 @@ def build_parts(cfg, splits, *, channels_last: bool | None = None):
 
 
 def reference_workers(device) -> int:
-    """DataLoader workers of the reference: the machine's cores; on CUDA at most 16, as the authors' main.py."""
-    cores = os.cpu_count() or 1
+    """DataLoader workers of the reference: the machine's usable cores; on CUDA at most 16, as the authors' main.py."""
+    from streaming_ssl.device import usable_cores
+
+    cores = usable_cores()
     return min(cores, 16) if torch_device(device).type == "cuda" else cores
 
 
@@ -759,7 +761,9 @@ def run_case(case: str, width: float, device_name: str, sizes: Sizes, args, repe
     """Run one case in this process and return its result row."""
     import torch
 
-    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    from streaming_ssl.device import usable_cores
+
+    torch.set_num_threads(args.threads or usable_cores())
     device = torch.device(device_name)
     splits = None if case == "objective" else load_cifar(args.data)  # the objective needs no images
     row = {"case": case, "width": width, "device": device_name, "allocator": allocator, "repeat": repeat_index,
@@ -963,7 +967,7 @@ def parse_args(argv=None):
                                    f"{','.join(OPT_IN_CASES)})")
     p.add_argument("--widths", help="comma-separated width multipliers (default 0.25,1.0; tiny 0.125)")
     p.add_argument("--repeats", type=int, default=None, help="repeats of every case (default 3; tiny 1)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: os.cpu_count())")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the usable cores)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="auto: the CPU, and CUDA too when present")
     p.add_argument("--allocators", default="default,tuned",
@@ -1014,7 +1018,7 @@ def devices_from(args) -> list[str]:
 def meta(args, sizes: Sizes, mode: str) -> dict:
     import torch
 
-    from streaming_ssl.device import cpu_kind, cpu_supports_bf16
+    from streaming_ssl.device import cpu_kind, cpu_supports_bf16, usable_cores
 
     try:
         import psutil  # noqa: F401
@@ -1023,8 +1027,8 @@ def meta(args, sizes: Sizes, mode: str) -> dict:
     except ImportError:
         has_psutil = False
     return {"mode": mode, "argv": sys.argv[1:], "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "python": platform.python_version(), "torch": torch.__version__, "cpu": cpu_kind(), "cores": os.cpu_count(),
-            "threads": args.threads or os.cpu_count(), "tunables": TUNABLES, "psutil": has_psutil,
+            "python": platform.python_version(), "torch": torch.__version__, "cpu": cpu_kind(), "cores": usable_cores(),
+            "threads": args.threads or usable_cores(), "tunables": TUNABLES, "psutil": has_psutil,
             "loadavg_start": os.getloadavg(), "sizes": dataclasses.asdict(sizes),
             "notes": {
                 "reference_model": "the reference case reuses streaming_ssl.models.EMPSSLModel (same layer shapes as "

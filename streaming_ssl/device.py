@@ -25,6 +25,24 @@ def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     return torch.device(name)
 
 
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity, which a batch scheduler (SLURM's --cpus-per-task) or a
+    container sets and os.cpu_count() ignores; os.cpu_count() where affinity is unknown."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def loader_workers_default(device_type: str, cores: int, local_world: int = 1) -> int:
+    """DataLoader workers that decode lazily stored images (ImageNet-100) for one rank: on CUDA the rank's share of
+    the cores, since every rank of a node decodes at once (at least 1, at most 8); 0 on the CPU, whose cores
+    train."""
+    if device_type != "cuda":
+        return 0
+    return max(1, min(8, cores // max(1, local_world)))
+
+
 def cpu_supports_bf16() -> bool:
     """True when oneDNN has native bf16 kernels on this CPU (AVX512-BF16 / AMX); else bf16 is emulated and slow."""
     try:
@@ -58,7 +76,7 @@ def cpu_kind(cpuinfo: str | None = None) -> str:
     flags = set(fields.get("flags", "").split())
     isa = "/".join(label for flag, label in _CPU_ISA if flag in flags) or "no AVX2"
     precision = "bf16" if cpu_supports_bf16() else "fp32"
-    return f"{name}, {os.cpu_count()} cores, {isa}: {precision}"
+    return f"{name}, {usable_cores()} cores, {isa}: {precision}"
 
 
 def compile_backends() -> list[str]:

@@ -17,6 +17,11 @@ def env_world() -> tuple[int, int, int]:
     return (int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
 
 
+def local_world_size() -> int:
+    """Processes of this run on this node (torchrun's LOCAL_WORLD_SIZE), 1 outside torchrun."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+
+
 def init_from_env(device_type: str) -> bool:
     """Join the process group torchrun describes (NCCL on CUDA, gloo on CPU). Returns True under DDP."""
     _, local_rank, world = env_world()

@@ -30,7 +30,6 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import os
 from collections.abc import Callable, Sequence
 
 import torch
@@ -42,7 +41,7 @@ from scenarios.streams import row_indices, row_source
 from streaming_ssl import distributed as ddp
 from streaming_ssl.accounting import ComputeCounters
 from streaming_ssl.augment import MultiPatchAugment
-from streaming_ssl.device import autocast
+from streaming_ssl.device import autocast, loader_workers_default, usable_cores
 from streaming_ssl.lars import cosine_lr, set_lr
 from streaming_ssl.objective import emp_ssl_loss
 from streaming_ssl.seeds import derive_seed
@@ -162,7 +161,8 @@ class EMPSSLStrategy(SupervisedTemplate):
         base_lr: peak of the schedule (default: the optimizer's lr).
         amp_dtype: autocast dtype (None: float32). The objective is always float32.
         loader_workers: DataLoader workers that decode lazily stored images (ImageNet-100, large folders) into
-            pinned memory while the GPU trains; None: min(8, cores) on CUDA, 0 on CPU (the cores train).
+            pinned memory while the GPU trains; None: on CUDA this rank's share of the usable cores (its CPU
+            affinity, divided among the node's ranks), 1 to 8; 0 on CPU (the cores train).
         finite_check_every: on CUDA, updates between checks that the loss stayed finite (a check is a host
             sync); on CPU every update is checked (free). Checkpoint plugins call `check_finite()` before saving.
         plugins: Avalanche plugins. Those with `runs_after_evaluator = True` (checkpoints, graceful stop) are
@@ -188,7 +188,7 @@ class EMPSSLStrategy(SupervisedTemplate):
         self.total_updates, self.warmup_steps, self.final_lr = total_updates, warmup_steps, final_lr
         self.amp_dtype, self.channels_last, self.seed = amp_dtype, channels_last, seed
         self.finite_check_every = max(int(finite_check_every), 1)
-        auto_workers = min(8, os.cpu_count() or 1) if self.device.type == "cuda" else 0
+        auto_workers = loader_workers_default(self.device.type, usable_cores(), ddp.local_world_size())
         self.loader_workers = auto_workers if loader_workers is None else int(loader_workers)
         self.aug_generator = torch.Generator(device=self.device)
         self.aug_generator.manual_seed(derive_seed(seed, "augment", ddp.rank()))
