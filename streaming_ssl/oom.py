@@ -52,7 +52,7 @@ def device_memory(device: torch.device) -> str:
 
 def _first_line(err: BaseException) -> str:
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return lines[0] if lines else type(err).__name__
+    return lines[0].rstrip(".") if lines else type(err).__name__
 
 
 def resume_command(run_dir: str | Path, overrides: list[str], launch: str = "python run_stream.py") -> str:
@@ -115,7 +115,7 @@ def probe_out_of_memory_message(err: BaseException, *, device: str, checkpoint: 
     """evaluate.py's: what ran out while probing a checkpoint, and the --batch-size that holds less."""
     held = f"{batch_size} images" + (f" x {patches} patches" if patches else "")
     depends = ("with --patches the patches drawn depend on it (seeded per batch)" if patches
-               else "whole-image features do not depend on it")
+               else "whole-image features do not depend on it but for rounding")
     return (f"out of memory on {device} while probing {checkpoint}: {_first_line(err)}. The feature extraction holds "
             f"{held} at once (--batch-size; default: the run's eval.batch_size): lower it, e.g. --batch-size "
             f"{max(1, batch_size // 4)} ({depends}). Nothing was written.")

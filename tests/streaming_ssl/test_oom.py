@@ -87,6 +87,7 @@ def test_evaluation_message_names_the_extraction_batch(eval_patches, held):
                                     update=40, experience=3, run_dir="runs/r", checkpoint_update=30,
                                     **{**SETTINGS, "eval_patches": eval_patches})
     assert "in the evaluation after experience 3" in msg and f"eval.batch_size=256 ({held}) at once" in msg
+    assert "CUDA out of memory. The feature extraction" in msg  # PyTorch's closing full stop is not doubled
     assert "recompute" not in msg  # training's savers do nothing for the probes
     assert _overrides(msg) == ["eval.batch_size=64"]
     load_config("configs/smoke.yaml", ["eval.batch_size=64"])
