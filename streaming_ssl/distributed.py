@@ -22,6 +22,11 @@ def local_world_size() -> int:
     return int(os.environ.get("LOCAL_WORLD_SIZE", 1))
 
 
+def relaunch() -> str:
+    """How to start this run again, for messages: under torchrun, the same torchrun command."""
+    return "the same torchrun command with run_stream.py" if is_dist() else "python run_stream.py"
+
+
 def init_from_env(device_type: str) -> bool:
     """Join the process group torchrun describes (NCCL on CUDA, gloo on CPU). Returns True under DDP."""
     _, local_rank, world = env_world()

@@ -172,7 +172,7 @@ class CheckpointPlugin(SupervisedPlugin):
                 raise CheckpointWriteError(
                     f"could not write a checkpoint into {str(self.run_dir)!r} ({err.strerror or err}); the previous "
                     "checkpoints are intact: free disk space (or move run.out_dir), then "
-                    f"python run_stream.py --resume {self.run_dir}") from err
+                    f"{ddp.relaunch()} --resume {self.run_dir}") from err
         ddp.barrier()
         self.last_saved = (strategy.global_step, strategy.stream_step)
 

@@ -172,11 +172,6 @@ def _train(cfg: Config, *, resume: bool, overwrite: bool, lock: RunLock | None) 
     return rows[-1] if rows else {}
 
 
-def relaunch() -> str:
-    """How to start this run again: under torchrun, the same torchrun command."""
-    return "the same torchrun command with run_stream.py" if ddp.is_dist() else "python run_stream.py"
-
-
 def out_of_memory_message(run, err: BaseException) -> str:
     """oom.out_of_memory_message for the run's strategy position, newest checkpoint and settings."""
     cfg, strategy = run.cfg, run.strategy
@@ -188,7 +183,7 @@ def out_of_memory_message(run, err: BaseException) -> str:
         checkpoint_update=None if newest is None else ckpt.step_of(newest), batch_size=cfg.train.batch_size,
         n_patches=cfg.augment.n_patches, replay_batch=cfg.cl.replay.batch if cfg.cl.replay.policy != "none" else 0,
         recompute_stages=cfg.model.recompute_stages, recompute_bn_relu=cfg.model.recompute_bn_relu,
-        eval_batch_size=cfg.eval.batch_size, eval_patches=cfg.eval.patches, launch=relaunch())
+        eval_batch_size=cfg.eval.batch_size, eval_patches=cfg.eval.patches, launch=ddp.relaunch())
 
 
 def _fit(run, state: dict | None) -> None:
@@ -206,7 +201,7 @@ def _fit(run, state: dict | None) -> None:
     except Interrupted:
         if ddp.is_main():
             log.warning("stopped by signal at update %d; continue with: %s --resume %s", strategy.global_step,
-                        relaunch(), run.run_dir)
+                        ddp.relaunch(), run.run_dir)
         raise
     except RuntimeError as err:  # torch.OutOfMemoryError is one
         if not oom.is_out_of_memory(err):
