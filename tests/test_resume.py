@@ -34,11 +34,13 @@ def _rows(run_dir: Path) -> list[dict]:
 
 
 def test_sigkill_mid_experience_then_resume_is_exact(zygote, tmp_path: Path) -> None:
+    """The killed run and its resume are one command, `python run_stream.py --config ... --auto-resume`, as a job
+    that a scheduler requeues runs it: it starts the run, then continues it."""
     full, killed = tmp_path / "full", tmp_path / "killed"
-    # the killed run and its resume are `python run_stream.py` as a user starts it; the uninterrupted run to compare
-    # with is forked with the imports done (tests/zygote.py) and runs alongside
+    # the uninterrupted run to compare with is forked with the imports done (tests/zygote.py) and runs alongside
     ref = zygote.start(_cmd(full)[2:], tmp_path / "full.log")
-    proc = subprocess.Popen(_cmd(killed), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(_cmd(killed, "--auto-resume"), cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     try:
         while time.time() < deadline and not (killed / "ckpt_000000003.pt").exists():
@@ -53,9 +55,9 @@ def test_sigkill_mid_experience_then_resume_is_exact(zygote, tmp_path: Path) -> 
     pos = state["position"]
     assert pos["global_step"] < 20, "killed too late: the run had finished"
 
-    res = subprocess.run([sys.executable, str(REPO / "run_stream.py"), "--resume", str(killed)], cwd=REPO,
-                         capture_output=True, text=True)
+    res = subprocess.run(_cmd(killed, "--auto-resume"), cwd=REPO, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-3000:]
+    assert f"--auto-resume: continuing the run in {killed}" in res.stderr
     assert f"resumed at update {pos['global_step']}" in res.stderr
 
     assert _rows(killed) == _rows(full)
@@ -150,3 +152,22 @@ def test_out_of_memory_names_the_fix_keeps_the_checkpoint_and_resumes_with_it(zy
     a, b = ckpt.load(ckpt.latest(full)), ckpt.load(ckpt.latest(run_dir))
     assert a["position"] == b["position"] and a["model"].keys() == b["model"].keys()
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--resume", "RUN"], "--auto-resume goes with --config alone"),
+    (["--overwrite"], "--auto-resume goes with --config alone"),
+])
+def test_auto_resume_refuses_resume_and_overwrite(tmp_path: Path, caplog, extra, expected) -> None:
+    from streaming_ssl.cli.train import main
+
+    run_dir = tmp_path / "run"
+    argv = ["--config", str(REPO / "configs/smoke.yaml"), f"run.out_dir={run_dir}", "--auto-resume",
+            *[str(run_dir) if a == "RUN" else a for a in extra]]
+    if "--resume" in extra:  # a run directory to resume, so that only the flags are wrong
+        run_dir.mkdir()
+        (run_dir / "config.yaml").write_text((REPO / "configs/smoke.yaml").read_text())
+    with caplog.at_level("ERROR"):
+        assert main(argv) == 2
+    assert expected in caplog.text
+    assert not (run_dir / "ckpt.pt").exists()

@@ -2,6 +2,7 @@
 
     python run_stream.py --config configs/split_cifar10.yaml [key.sub=value ...]
     python run_stream.py --resume runs/split_cifar10          # continue a run exactly where it stopped
+    python run_stream.py --config configs/split_cifar10.yaml --auto-resume   # start, or continue: for requeued jobs
     torchrun --nproc_per_node 4 run_stream.py --config configs/split_imagenet100.yaml
     streaming-ssl-train --config configs/split_cifar10.yaml   # the same, installed as a console script
 
@@ -27,6 +28,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint "
                    "(uses the config saved there; after a crash, Ctrl-C or a time limit)")
     p.add_argument("--overwrite", action="store_true", help="delete a non-empty run directory and start afresh")
+    p.add_argument("--auto-resume", action="store_true",
+                   help="with --config: continue the run in its run.out_dir if one is there (with the same config), "
+                        "else start it; one command for a job that a scheduler may stop and requeue")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value",
                    help="override config values, e.g. train.batch_size=50 run.out_dir=runs/try2")
     return p.parse_args(argv)
@@ -52,6 +56,20 @@ def resolve_config(args: argparse.Namespace):
     return load_config(args.config, args.overrides)
 
 
+def resumes(args: argparse.Namespace, cfg) -> bool:
+    """Whether this command continues a run: --resume, or --auto-resume where run.out_dir holds one."""
+    from streaming_ssl.runner import RunError
+
+    if not args.auto_resume:
+        return bool(args.resume)
+    if args.resume or args.overwrite or not args.config:
+        raise RunError("--auto-resume goes with --config alone (it resumes the config's run.out_dir when that holds a "
+                       "run); drop --resume / --overwrite")
+    found = (Path(cfg.run.out_dir) / "config.yaml").is_file()
+    log.info("--auto-resume: %s %s", "continuing the run in" if found else "no run yet in", cfg.run.out_dir)
+    return found
+
+
 def main(argv: list[str] | None = None) -> int:
     from scenarios.datasets import DataError
     from scenarios.streams import StreamError
@@ -66,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
         cfg = resolve_config(args)
-        train(cfg, resume=bool(args.resume), overwrite=args.overwrite)
+        train(cfg, resume=resumes(args, cfg), overwrite=args.overwrite)
     except (ConfigError, DataError, StreamError, CheckpointError, RunError, NonFiniteLossError,
             CheckpointWriteError, RunLocked) as err:
         log.error("%s: %s", type(err).__name__, err)
