@@ -409,11 +409,12 @@ def test_out_of_memory_on_the_device_names_the_fix_and_the_run_resumes_with_it(d
             f"augment.n_patches={n_patches}", "eval.probe_epochs=2", "run.tensorboard=false", "run.plot=false",
             f"run.out_dir={run_dir}"]
     benchmark = torch.backends.cudnn.benchmark  # setup_runtime turns it on
+    gpu = torch.device("cuda", torch.cuda.current_device()) if dev.type == "cuda" else dev
     try:
-        if dev.type == "cuda":
+        if dev.type == "cuda":  # the fraction's device must carry an index (torch.device("cuda") is refused)
             torch.cuda.empty_cache()
-            total = torch.cuda.get_device_properties(dev).total_memory
-            torch.cuda.set_per_process_memory_fraction((torch.cuda.memory_reserved(dev) + 32 * 2 ** 20) / total, dev)
+            total = torch.cuda.get_device_properties(gpu).total_memory
+            torch.cuda.set_per_process_memory_fraction((torch.cuda.memory_reserved(gpu) + 32 * 2 ** 20) / total, gpu)
         else:
             def backward(self, *args, **kwargs):
                 raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB (raised on the CPU)")
@@ -422,7 +423,7 @@ def test_out_of_memory_on_the_device_names_the_fix_and_the_run_resumes_with_it(d
             assert run_stream.main(argv) == 2
     finally:
         if dev.type == "cuda":
-            torch.cuda.set_per_process_memory_fraction(1.0, dev)
+            torch.cuda.set_per_process_memory_fraction(1.0, gpu)
             torch.cuda.empty_cache()
         monkeypatch.undo()
         torch.backends.cudnn.benchmark = benchmark
