@@ -219,8 +219,8 @@ class GracefulStop(SupervisedPlugin):
     that stopped alone would leave the others waiting in the next collective, and the checkpoint is written
     collectively. After each update the ranks all-reduce whether any of them was signalled. Over gloo (CPU)
     the result is read at once; on CUDA it is read `lag` updates later, so that the host never waits for the
-    update it just launched (the stop comes at most `lag` updates late). At the end of an experience it is
-    read at once (the evaluation has synchronised anyway).
+    update it just launched (the stop comes at most `lag` updates late). At the end of an experience that was
+    evaluated it is read at once (the evaluation has synchronised anyway).
 
     A second signal leaves at once (KeyboardInterrupt). Handlers are installed for the training and
     restored after it (call `close()` in a `finally` too: an exception skips after_training).
@@ -277,7 +277,10 @@ class GracefulStop(SupervisedPlugin):
         self._maybe_stop(strategy, at_once=False)
 
     def after_training_exp(self, strategy, **kwargs) -> None:
-        self._maybe_stop(strategy, at_once=True)
+        # under DDP only where an evaluation ran (it synchronised anyway): online mini-experiences end after every
+        # update or so, and the check after that update has been made already
+        if not ddp.is_dist() or getattr(strategy, "eval_due", True):
+            self._maybe_stop(strategy, at_once=True)
 
     def after_training(self, strategy, **kwargs) -> None:
         self.close()

@@ -508,15 +508,19 @@ class _SignalAt(SupervisedPlugin):
             os.kill(os.getpid(), signal.SIGTERM)
 
 
-def test_a_signal_in_a_process_group_stops_after_the_agreed_update(dev):
+@pytest.mark.parametrize("signal_at, eval_every, on_cuda", [(4, 1, 5), (3, 1, 3), (3, 2, 4)])
+def test_a_signal_in_a_process_group_stops_after_the_agreed_update(dev, signal_at, eval_every, on_cuda):
     """GracefulStop in a process group (NCCL on CUDA, gloo in the dry run), where every rank must stop after the
-    same update: the ranks all-reduce whether any was signalled after each update; over gloo the flag is read at
-    once (SIGTERM at update 4, the first of the second experience, stops after update 4), on CUDA `lag` updates
-    later from pinned memory, so that the host never waits for the update it just launched (lag 1: after update
-    5; a flag never read would stop at the experience's end, after update 6, where it is read at once)."""
+    same update: the ranks all-reduce whether any was signalled after each update. Over gloo the flag is read at
+    once: the stop comes after the signalled update. On CUDA it is read `lag` (1) updates later, from pinned memory,
+    so that the host never waits for the update it just launched: SIGTERM at update 4 stops after 5 (a flag never
+    read would stop at the experience's end, after 6). At the end of an evaluated experience it is read at once
+    (the evaluation synchronised anyway): SIGTERM at update 3, the first experience's last, stops after 3; where
+    that experience is not evaluated (stream.eval_every 2; online mini-experiences end after about every update)
+    nothing is read there, and it stops after 4."""
     import torch.distributed as dist
 
-    from streaming_ssl.plugins import GracefulStop, Interrupted
+    from streaming_ssl.plugins import EvalSchedule, GracefulStop, Interrupted
 
     stop = GracefulStop(lag=1)
     dist.init_process_group("nccl" if dev.type == "cuda" else "gloo",
@@ -524,9 +528,9 @@ def test_a_signal_in_a_process_group_stops_after_the_agreed_update(dev):
     old = signal.getsignal(signal.SIGTERM)
     try:
         with pytest.raises(Interrupted, match="stopped by signal 15 at update (\\d)") as info:
-            _train_small_stream(dev, lambda model: [], _SignalAt(4), stop)
+            _train_small_stream(dev, lambda model: [], EvalSchedule([0, 1], eval_every), _SignalAt(signal_at), stop)
     finally:
         stop.close()
         dist.destroy_process_group()
     assert signal.getsignal(signal.SIGTERM) is old  # the handler is put back
-    assert str(info.value).endswith(f"at update {4 + (stop.lag if dev.type == 'cuda' else 0)}")
+    assert str(info.value).endswith(f"at update {on_cuda if dev.type == 'cuda' else signal_at}")
