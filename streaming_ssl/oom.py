@@ -22,8 +22,11 @@ RESUMABLE = {
     "eval.batch_size": "the memory of the probes' feature extraction; later evaluations can differ from an "
                        "uninterrupted run's in rounding and, with eval.patches > 0, in the patches drawn",
 }
-# code of the evaluation after an experience (an error raised in it happened while probing, not training)
-_EVALUATION_FILES = ("probe.py", "evaluation.py", "probe_run.py", "features_cache.py")
+# our code of the evaluation after an experience (an error raised in it happened while probing, not training); only
+# this package's files count (avalanche has an evaluation.py too, and a user's plugin may be called probe.py)
+_PACKAGE = Path(__file__).resolve().parent
+_EVALUATION_FILES = tuple(_PACKAGE / name for name in ("probe.py", "evaluation.py", "probe_run.py",
+                                                       "features_cache.py"))
 _CPU_ALLOCATOR_FAILURE = "DefaultCPUAllocator: can't allocate memory"
 
 
@@ -35,7 +38,7 @@ def is_out_of_memory(err: BaseException) -> bool:
 
 def during_evaluation(err: BaseException) -> bool:
     """Whether the error was raised in the probes' code (feature extraction, probe fits) rather than in training."""
-    return any(Path(frame.f_code.co_filename).name in _EVALUATION_FILES
+    return any(Path(frame.f_code.co_filename).resolve() in _EVALUATION_FILES
                for frame, _ in traceback.walk_tb(err.__traceback__))
 
 

@@ -22,7 +22,6 @@ from streaming_ssl import oom
 from streaming_ssl.atomic import atomic_write_text, remove_stale_temp_files
 from streaming_ssl.config import Config, config_from_dict, save_config
 from streaming_ssl.device import cpu_kind
-from streaming_ssl.oom import RESUMABLE
 from streaming_ssl.runlock import RunLock, run_files
 
 log = logging.getLogger(__name__)
@@ -58,14 +57,14 @@ def prepare_run_dir(cfg: Config, *, resume: bool = False, overwrite: bool = Fals
             raise RunError(f"cannot resume {str(run_dir)!r}: it holds no config.yaml (not a run directory)")
         saved = config_from_dict(yaml.safe_load(saved_cfg_path.read_text()))
         diffs = dict_diff(saved.to_dict(), cfg.to_dict())
-        changed = [d for d in diffs if d.split(":")[0] in RESUMABLE]
+        changed = [d for d in diffs if d.split(":")[0] in oom.RESUMABLE]
         diffs = [d for d in diffs if d not in changed]
         if diffs:
             raise RunError(f"cannot resume {str(run_dir)!r} with a different config ({'; '.join(diffs[:5])}); "
                            "resume without --config/overrides (only "
-                           f"{', '.join(RESUMABLE)} may change), or start a new run with another run.out_dir")
+                           f"{', '.join(oom.RESUMABLE)} may change), or start a new run with another run.out_dir")
         for diff in changed:
-            log.info("resuming with %s (%s)", diff, RESUMABLE[diff.split(":")[0]])
+            log.info("resuming with %s (%s)", diff, oom.RESUMABLE[diff.split(":")[0]])
         path = ckpt.latest(run_dir)
         if path is None:
             log.warning("no checkpoint in %s yet: starting the run from the beginning", run_dir)

@@ -41,6 +41,11 @@ def test_out_of_memory_errors_and_where_they_happened():
     assert not oom.is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
     assert not oom.is_out_of_memory(MemoryError())  # Python's own: not the tensor allocator, not advised on
     assert oom.during_evaluation(in_probe) and not oom.during_evaluation(in_training)
+    # only this package's probe code counts: a user's (or avalanche's) file of the same name is not an evaluation
+    elsewhere = {}
+    exec(compile("def raise_it():\n    raise torch.OutOfMemoryError('CUDA out of memory.')\n",
+                 "/somewhere/else/probe.py", "exec"), {"torch": torch}, elsewhere)
+    assert not oom.during_evaluation(_raised(elsewhere["raise_it"]))
     assert oom.device_memory(torch.device("cpu")) == "cpu"
 
 
