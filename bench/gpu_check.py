@@ -57,8 +57,9 @@ NO_CUDA_EXIT = 2
 TOL = {"loss_rel": 0.01, "tcr_rel": 0.05, "inv_abs": 0.005, "acc_abs": 0.05}
 SPEED_CASES = ("reference", "ours", "model_only", "ours_lowmem", "ours_compiled")
 # measured after those, for information (ours over each: what compiling the augmentation gains, and what masking its
-# subsets gains, on the GPU); a missing result of these does not fail the check. The dry run leaves out the compiled.
-INFO_CASES = ("ours_compiled_augment", "ours_indexed")
+# subsets gains, on the GPU; ours_minred over ours_replay: what MinRed's choice at every update costs beside a
+# reservoir); a missing result of these does not fail the check. The dry run leaves out the compiled.
+INFO_CASES = ("ours_compiled_augment", "ours_indexed", "ours_replay", "ours_minred")
 SMOKE = "configs/smoke.yaml"
 # GPU: a few hundred images per class of .gpu/data; 3 experiences (4/3/3 classes) of batch 50: 16 + 12 + 12 updates
 E2E_GPU = ["data.train_per_class=200", "data.test_per_class=50", "train.batch_size=50"]
@@ -421,8 +422,8 @@ def case_row(row: dict) -> dict:
 
 
 def speed_info(ctx: Ctx, result: dict) -> dict:
-    """INFO_CASES in a second speed.py run, only in the budget left (never a problem of the check), and `ours`
-    over each of them per width."""
+    """INFO_CASES in a second speed.py run, only in the budget left (never a problem of the check), `ours` over
+    each of them per width, and ours_minred over ours_replay."""
     if ctx.timeout(150) < 60:
         return {"skipped": f"{ctx.timeout(150):.0f} s of the budget left"}
     out = ctx.workdir / "speed_info.json"
@@ -439,6 +440,9 @@ def speed_info(ctx: Ctx, result: dict) -> dict:
     ours = {r["width"]: r["patches_per_s"] for r in result["rows"] if r["case"] == "ours" and "error" not in r}
     ratios = {f"ours_over_{r['case']}@{r['width']}": ours[r["width"]] / r["patches_per_s"] for r in rows
               if "error" not in r and r["width"] in ours and r.get("patches_per_s")}
+    done = {(r["case"], r["width"]): r["patches_per_s"] for r in rows if "error" not in r and r.get("patches_per_s")}
+    ratios.update({f"ours_minred_over_ours_replay@{w}": done[("ours_minred", w)] / done[("ours_replay", w)]
+                   for c, w in done if c == "ours_minred" and ("ours_replay", w) in done})
     return {"ratios": ratios, "errors": [f"{r['case']} width {r['width']}: {r['error']}" for r in rows if "error" in r],
             "patches_per_s": {f"{r['case']}@{r['width']}": r.get("patches_per_s") for r in rows},
             "peak_cuda_MB": {f"{r['case']}@{r['width']}": r.get("peak_cuda_MB") for r in rows}, "step": public(step)}

@@ -28,6 +28,9 @@ Cases (each at every width in --widths, on the CPU with torch threads = cores, a
               host sync per update) instead of masked; opt-in through --only; on a CPU the same as `ours`
   ours_fp32   `ours` with train.precision=fp32: what bf16 autocast buys where `auto` picks it (CUDA, CPUs with
               native bf16); opt-in through --only; on a CPU without native bf16 the same as `ours`
+  ours_replay, ours_minred  `ours` with replay of `batch` buffer images per update from a buffer of 2 x batch, kept
+              by reservoir sampling or by MinRed (the features of buffer + batch and its greedy choice at every
+              update); opt-in through --only; ours_minred / ours_replay is what MinRed's choice costs
   objective   emp_ssl_loss forward + backward on random unit-norm projections (and the reference loss)
   augment     MultiPatchAugment on one uint8 batch (and the reference PIL chain, serially, one process)
   online      EMPSSLStrategy.train on an online stream (mini-experiences of k samples) vs the same data
@@ -88,7 +91,8 @@ warnings.filterwarnings("ignore", message="no QP solver found")
 TUNABLES = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=68719476736"
 CASES = ("reference", "ours", "model_only", "ours_lean", "ours_lowmem", "objective", "augment", "online", "probe",
          "memory")
-OPT_IN_CASES = ("ours_compiled", "ours_compiled_augment", "ours_indexed", "ours_fp32")  # run only when named in --only
+OPT_IN_CASES = ("ours_compiled", "ours_compiled_augment", "ours_indexed", "ours_fp32", "ours_replay",
+                "ours_minred")  # run only when named in --only
 ALLOCATORS = ("default", "tuned", "jemalloc", "tcmalloc")
 PRELOAD = {"jemalloc": "libjemalloc.so.2", "tcmalloc": "libtcmalloc_minimal.so.4"}
 RESULT_PREFIX = "SPEED_JSON "
@@ -286,34 +290,41 @@ def iter_clock(device, warmup: int, total: int):
 
 def bench_strategy(cfg, *, model, augment, device, amp, channels_last: bool, total_updates: int, plugins=(),
                    metric=None):
-    """build.build_strategy with build.build_optimizer, no loggers."""
+    """build.build_strategy with build.build_optimizer (over the plugins' trainable modules too), no loggers."""
     from avalanche.training.plugins import EvaluationPlugin
 
     from streaming_ssl import build
 
     evaluator = EvaluationPlugin(metric, loggers=[]) if metric is not None else EvaluationPlugin(loggers=[])
-    return build.build_strategy(cfg, model=model, optimizer=build.build_optimizer(cfg, model), augment=augment,
+    extra = [m for p in plugins for m in getattr(p, "trainable_modules", [])]
+    return build.build_strategy(cfg, model=model, optimizer=build.build_optimizer(cfg, model, extra), augment=augment,
                                 total_updates=total_updates, device=device, amp_dtype=amp,
                                 channels_last=channels_last, plugins=list(plugins), evaluator=evaluator)
 
 
 def strategy_step_times(width: float, sizes: Sizes, device, splits, steps: int, **settings) -> tuple[list[float], dict]:
     """Our end-to-end step: EMPSSLStrategy.train over one in-memory experience of (warmup+steps) batches.
-    `settings`: Config keys of bench_config (model__recompute_stages=2, train__compile=True, ...)."""
+    `settings`: Config keys of bench_config (model__recompute_stages=2, train__compile=True, cl__replay__policy=...;
+    the continual-learning methods of the cl section are built as a run builds them)."""
     from streaming_ssl import build
+    from streaming_ssl.cl import build_cl_plugins
 
     cfg = bench_config(width, sizes, device, **settings)
     train = first_n(splits.train, (sizes.warmup + steps) * sizes.batch)
     stream = build.stream_from_config(cfg, with_train(splits, train))
     model, augment, device, amp, cl = build_parts(cfg, splits)
+    methods = build_cl_plugins(cfg, model=model, train_size=len(train), device=device)
     clock = iter_clock(device, sizes.warmup, stream.n_updates(sizes.batch))
     strategy = bench_strategy(cfg, model=model, augment=augment, device=device, amp=amp, channels_last=cl,
-                              total_updates=stream.n_updates(sizes.batch), plugins=[clock])
+                              total_updates=stream.n_updates(sizes.batch), plugins=[*methods, clock])
     strategy.train(iter(stream), eval_streams=[])
     info = {"channels_last": cl, "amp_dtype": str(amp), "recompute_stages": cfg.model.recompute_stages,
             "recompute_bn_relu": cfg.model.recompute_bn_relu, "compiled": cfg.train.compile,
             "augment_compiled": cfg.augment.compile, "augment_sync_free": strategy.augment.sync_free,
             "loss_finite": bool(math.isfinite(float(strategy.loss.detach().reshape(-1)[0])))}
+    if methods:  # what the methods did over the whole run (warm-up included): images replayed, extra forwards
+        info["counters"] = {"buffer_images": strategy.counters.buffer_images,
+                            "extra_forwards": strategy.counters.extra_forwards, "updates": strategy.global_step}
     return clock.intervals(sizes.warmup), info
 
 
@@ -453,6 +464,28 @@ def case_ours_indexed(width: float, sizes: Sizes, device, splits, ctx: dict) -> 
 def case_ours_fp32(width: float, sizes: Sizes, device, splits, ctx: dict) -> dict:
     times, info = strategy_step_times(width, sizes, device, splits, sizes.steps, train__precision="fp32")
     return step_result(times, sizes, **info)
+
+
+def replay_step_times(width: float, sizes: Sizes, device, splits, policy: str) -> dict:
+    """`ours` with replay: each update appends `batch` buffer images (so trains on twice the stream's patches) from
+    a buffer of 2 x batch images kept by `policy`. The buffer is full after update 2; from update 3 on, every update
+    also offers its batch to the buffer (MinRed: the features of 3 x batch whole images, in eval mode, and its
+    greedy choice of `batch` drops). One more warm-up update than `ours` (the first choice and the shapes of its
+    forward), so that every measured update replays and chooses. patches_per_s counts the stream's patches, as in
+    `ours`, so `ours_replay` over `ours_minred` is what MinRed's choice costs beside a reservoir."""
+    sizes = dataclasses.replace(sizes, warmup=sizes.warmup + 1)
+    times, info = strategy_step_times(width, sizes, device, splits, sizes.steps, cl__replay__policy=policy,
+                                      cl__replay__size=2 * sizes.batch, cl__replay__batch=sizes.batch)
+    return step_result(times, sizes, replay_policy=policy, replay_size=2 * sizes.batch, replay_batch=sizes.batch,
+                       **info)
+
+
+def case_ours_replay(width: float, sizes: Sizes, device, splits, ctx: dict) -> dict:
+    return replay_step_times(width, sizes, device, splits, "reservoir")
+
+
+def case_ours_minred(width: float, sizes: Sizes, device, splits, ctx: dict) -> dict:
+    return replay_step_times(width, sizes, device, splits, "minred")
 
 
 def case_model_only(width: float, sizes: Sizes, device, splits, ctx: dict) -> dict:
@@ -752,7 +785,7 @@ def case_memory(width: float, sizes: Sizes, device, splits, ctx: dict) -> dict:
 CASE_FUNCS = {"reference": case_reference, "ours": case_ours, "model_only": case_model_only,
               "ours_lean": case_ours_lean, "ours_lowmem": case_ours_lowmem, "ours_compiled": case_ours_compiled,
               "ours_compiled_augment": case_ours_compiled_augment, "ours_indexed": case_ours_indexed,
-              "ours_fp32": case_ours_fp32,
+              "ours_fp32": case_ours_fp32, "ours_replay": case_ours_replay, "ours_minred": case_ours_minred,
               "objective": case_objective, "augment": case_augment, "online": case_online, "probe": case_probe,
               "memory": case_memory}
 
@@ -795,6 +828,7 @@ def run_case(case: str, width: float, device_name: str, sizes: Sizes, args, repe
 PRIMARY = {"reference": "patches_per_s", "ours": "patches_per_s", "model_only": "patches_per_s",
            "ours_lean": "patches_per_s", "ours_lowmem": "patches_per_s", "ours_compiled": "patches_per_s",
            "ours_compiled_augment": "patches_per_s", "ours_indexed": "patches_per_s", "ours_fp32": "patches_per_s",
+           "ours_replay": "patches_per_s", "ours_minred": "patches_per_s",
            "objective": "seconds_per_call", "augment": "seconds_per_batch", "online": "online_over_one_experience",
            "probe": "eval_over_pass", "memory": "peak_growth_pct"}
 
@@ -868,6 +902,8 @@ def summarize(rows: list[dict]) -> dict:
                                              None, "info"),
             "ours_over_ours_fp32": _ratio(by_case, ("ours", "patches_per_s"), ("ours_fp32", "patches_per_s"),
                                           None, "info"),
+            "ours_minred_over_ours_replay": _ratio(by_case, ("ours_minred", "patches_per_s"),
+                                                   ("ours_replay", "patches_per_s"), None, "info"),
             "lars_loop_over_foreach_step_time": _ratio(by_case, ("model_only", "lars_loop_over_foreach"), None, None,
                                                        "info"),
             "peak_rss_ours_over_reference": _ratio(by_case, ("ours", "peak_rss_MB"), ("reference", "peak_rss_MB"),

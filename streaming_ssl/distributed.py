@@ -157,6 +157,20 @@ def broadcast_object(obj):
     return box[0]
 
 
+def broadcast_(t: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """Rank `src`'s values into `t` on every rank, in place (every rank passes a tensor of the same shape and dtype);
+    nothing is read back, so on CUDA the host does not wait. NCCL only moves CUDA tensors: under NCCL a tensor held
+    elsewhere goes over through this rank's GPU. Returns `t`."""
+    if not is_dist():
+        return t
+    if dist.get_backend() == "nccl" and t.device.type != "cuda":
+        box = t.to(torch.device("cuda", torch.cuda.current_device()))
+        dist.broadcast(box, src)
+        return t.copy_(box)
+    dist.broadcast(t, src)
+    return t
+
+
 def share_sizes(parts: list[int], world: int | None = None) -> list[int]:
     """Every rank's number of rows of a batch made of `parts` (global sizes, in order), each part split across
     the ranks with shard_bounds: what each rank holds, known on every rank without communication."""

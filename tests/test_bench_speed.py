@@ -19,6 +19,7 @@ pytestmark = pytest.mark.skipif(not DATA or not (Path(DATA) / "cifar10.npz").is_
 
 CASES = ("reference", "ours", "model_only", "ours_lean", "ours_lowmem", "objective", "augment", "online", "probe",
          "memory")
+OPT_IN = ("ours_fp32", "ours_replay", "ours_minred")
 
 
 def _positive(x) -> bool:
@@ -34,8 +35,8 @@ def _run(args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
 def tiny_result(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("speed") / "speed.json"
     # one thread: on a shared, loaded machine two OpenMP threads can stall on each other for seconds per step;
-    # every default case and the opt-in ours_fp32 (one start of speed.py for all)
-    proc = _run(["--tiny", "--only", ",".join(CASES + ("ours_fp32",)), "--out", str(out), "--device", "cpu",
+    # every default case and the opt-in ours_fp32, ours_replay and ours_minred (one start of speed.py for all)
+    proc = _run(["--tiny", "--only", ",".join(CASES + OPT_IN), "--out", str(out), "--device", "cpu",
                  "--threads", "1"])
     assert proc.returncode == 0, f"speed.py --tiny failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
     assert "ours_over_reference_patches_per_s" in proc.stdout  # the table was printed
@@ -44,7 +45,7 @@ def tiny_result(tmp_path_factory) -> dict:
 
 def test_every_case_ran_without_error(tiny_result):
     rows = tiny_result["rows"]
-    assert sorted(r["case"] for r in rows) == sorted(CASES + ("ours_fp32",))
+    assert sorted(r["case"] for r in rows) == sorted(CASES + OPT_IN)
     for r in rows:
         assert "error" not in r, f"{r['case']}: {r.get('error')}\n{r.get('traceback')}"
         assert r["width"] == 0.125 and r["device"] == "cpu" and r["threads"] == 1
@@ -159,6 +160,22 @@ def test_the_fp32_case_turns_autocast_off_and_ours_follows_the_cpu(tiny_result):
     assert rows["ours"]["amp_dtype"] == ("torch.bfloat16" if cpu_supports_bf16() else "None")
     assert rows["ours_fp32"]["amp_dtype"] == "None" and _positive(rows["ours_fp32"]["patches_per_s"])
     ratio = result["summary"]["by_group"]["cpu|width=0.125|inherited"]["ratios"]["ours_over_ours_fp32"]
+    assert _positive(ratio["median"]) and ratio["n"] == 1
+
+
+def test_the_replay_cases_replay_and_choose_in_every_measured_update(tiny_result):
+    """ours_replay and ours_minred (opt-in): batch 8, a buffer of 16, one more warm-up update than `ours` (2, then 2
+    measured): 8 buffer images join every update from the 2nd, and MinRed computes the features of its 24 candidates
+    (16 held + 8 offered) at updates 3 and 4, so at the warm-up's last update and at every measured one; the
+    reservoir computes none. Their ratio is in the summary."""
+    rows = {r["case"]: r for r in tiny_result["rows"]}
+    for case, policy, forwards in (("ours_replay", "reservoir", 0), ("ours_minred", "minred", 2 * 24)):
+        r = rows[case]
+        assert (r["replay_policy"], r["replay_size"], r["replay_batch"]) == (policy, 16, 8)
+        assert r["warmup_steps"] == 2 and r["steps"] == 2 and _positive(r["patches_per_s"])
+        assert r["counters"] == {"buffer_images": 3 * 8, "extra_forwards": forwards, "updates": 4}, case
+    assert "counters" not in rows["ours"]
+    ratio = tiny_result["summary"]["by_group"]["cpu|width=0.125|inherited"]["ratios"]["ours_minred_over_ours_replay"]
     assert _positive(ratio["median"]) and ratio["n"] == 1
 
 

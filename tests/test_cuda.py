@@ -258,22 +258,30 @@ def _train_small_stream(dev: torch.device, methods: Callable[[EMPSSLModel], list
     return model, plugins, strategy
 
 
-@pytest.mark.parametrize("methods", ["plain", "replay+mixup"])
+@pytest.mark.parametrize("methods", ["plain", "replay+mixup", "minred+distill", "minred_stored"])
 def test_training_updates_never_wait_for_the_device(dev, methods: str):
     """No host synchronisation inside an update of EMPSSLStrategy on CUDA (bf16 autocast, data resident on the
     device, masked augmentation, Gram/Cholesky objective, LARS, cosine schedule, the non-finite check armed;
-    with reservoir replay and LUMP mixup, whose indices drawn on the host go over from pinned memory): the
-    host queues the next update while the device still runs this one. Every update after the first two (the
-    batch shapes' warm-up) is watched (4 of 6). The finiteness check is the one allowed sync, every
-    finite_check_every updates (here beyond the run); afterwards it still raises on what backward flagged."""
+    with reservoir replay and LUMP mixup, whose indices drawn on the host go over from pinned memory; with MinRed,
+    whose greedy choice (12 drops of 32 images at the 2nd update, 16 of 36 from the 3rd) runs on the device, and
+    CaSSLe distillation against the copy frozen after the first experience; with MinRed's stored features): the
+    host queues the next update while the device still runs this one. Every update after the first two (the batch
+    shapes' warm-up) is watched (4 of 6). The finiteness check is the one allowed sync, every finite_check_every
+    updates (here beyond the run); afterwards it still raises on what backward flagged."""
     torch.backends.cudnn.benchmark = dev.type == "cuda"
     window = _NoSyncWindow(dev)
 
     def make(model: EMPSSLModel) -> list:
         if methods == "plain":
             return []
-        replay = ReplayBufferPlugin(size=20, batch=8, seed=0, device=dev)
-        return [MixupPlugin(replay, alpha=0.4, seed=0), replay]
+        if methods == "replay+mixup":
+            replay = ReplayBufferPlugin(size=20, batch=8, seed=0, device=dev)
+            return [MixupPlugin(replay, alpha=0.4, seed=0), replay]
+        replay = ReplayBufferPlugin(size=20, batch=8, policy="minred", seed=0, device=dev,
+                                    minred_refresh="stored" if methods == "minred_stored" else "all")
+        if methods == "minred_stored":
+            return [replay]
+        return [replay, DistillPlugin(model, dim=MODEL_KW["proj_dim"], hidden_dim=64, device=dev)]
 
     try:
         model, plugins, strategy = _train_small_stream(dev, make, window, finite_check_every=1000)
@@ -282,8 +290,18 @@ def test_training_updates_never_wait_for_the_device(dev, methods: str):
             torch.cuda.set_sync_debug_mode("default")
         torch.backends.cudnn.benchmark = False
     assert strategy.global_step == 6 and window.watched == 4
-    if plugins:  # the methods acted: 5 updates replayed 8 buffer images each, and mixed their stream images
-        assert strategy.counters.buffer_images == 5 * 8 + 5 * 16 and len(plugins[1].buffer) == 20
+    counters = strategy.counters
+    if plugins:  # the methods acted: 5 updates replayed 8 buffer images each (and mixed their stream images)
+        replay = next(p for p in plugins if isinstance(p, ReplayBufferPlugin))
+        assert counters.buffer_images == 5 * 8 + (5 * 16 if methods == "replay+mixup" else 0)
+        assert len(replay.buffer) == 20 and replay.buffer.seen == 96
+    if methods == "minred+distill":  # features of every candidate once the buffer overflows: 16 + 16, then 20 + 16
+        assert counters.extra_forwards == 32 + 4 * 36
+    if methods == "minred_stored":  # features of each update's 16 new images, and of the 8 replayed after updates 2-6
+        assert counters.extra_forwards == 6 * 16 + 5 * 8
+        assert replay.features.shape == (20, MODEL_KW["proj_dim"]) and replay.features.device.type == dev.type
+    if methods == "minred+distill":  # the copy frozen after the first experience's 3 updates, used in the next 3
+        assert plugins[1].frozen is not None and counters.frozen_forwards == 3 * 4 * (16 + 8)
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
     strategy._nonfinite = torch.tensor(True, device=dev)  # what backward accumulates after a NaN loss
     with pytest.raises(NonFiniteLossError):

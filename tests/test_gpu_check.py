@@ -124,3 +124,9 @@ def test_dry_run_passes_every_check(tmp_path):
         assert f"| {c['case']} | {c['width']} | {c['patches_per_s']:.0f} |" in md
     for t in checks["speed"]["targets"]:
         assert f"| {t['name']} | {t['median']:.3g} |" in md
+    # the information cases in the budget left (the compiled one not on the CPU): ours over each, MinRed over replay
+    info = checks["speed"]["info"]
+    assert set(info["ratios"]) == {"ours_over_ours_indexed@0.125", "ours_over_ours_replay@0.125",
+                                   "ours_over_ours_minred@0.125", "ours_minred_over_ours_replay@0.125"}, info
+    assert all(v > 0 for v in info["ratios"].values()) and info["errors"] == []
+    assert "| | ours_minred_over_ours_replay@0.125 |" in md

@@ -83,32 +83,39 @@ def last_writers(slots: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Te
 
 
 def minred_keep(features: torch.Tensor, size: int) -> torch.Tensor:
-    """Indices (sorted) of the `size` rows MinRed keeps of (N, d) features, N >= size >= 1.
+    """Indices (sorted, on the features' device) of the `size` rows MinRed keeps of (N, d) features, N >= size >= 1.
 
     S = cos(f_a, f_b) for a != b. Repeat until `size` rows remain: take the most similar remaining pair
     (i, j) = argmax S; drop whichever of the two has the higher similarity to its nearest remaining
     neighbour other than the pair partner (the lower index on a tie). Each drop removes the row whose
     nearest neighbour is closest of all, i.e. the one whose max cosine similarity to the others is highest.
+
+    Runs where the features are and reads nothing back: every step is a few tensor ops (the argmax of S, the
+    pair's two rows, a where), so on a GPU the host queues all N - size steps and goes on while the device
+    works through them. On the CPU the same ops make the same choices as a loop reading each argmax would.
     """
     n = len(features)
     if size >= n:
-        return torch.arange(n)
-    # the greedy loop reads the argmax every step: on the host, so a GPU is not synchronised once per drop
-    f = F.normalize(features.detach().float().cpu(), dim=1)
+        return torch.arange(n, device=features.device)
+    f = F.normalize(features.detach().float(), dim=1)
     sim = f @ f.T
     sim = (sim + sim.T) / 2  # exactly symmetric: both members of a pair see the same similarity
     sim.fill_diagonal_(float("-inf"))
-    alive = torch.ones(n, dtype=torch.bool)
+    flat = sim.view(-1)
+    alive = torch.ones(n, dtype=torch.bool, device=f.device)
     for _ in range(n - size):
-        i, j = divmod(int(sim.argmax()), n)
-        rest = sim[[i, j]].clone()
-        rest[0, j] = rest[1, i] = float("-inf")
-        second_i, second_j = rest.max(dim=1).values.tolist()
-        drop = i if (second_i, -i) > (second_j, -j) else j
-        alive[drop] = False
-        sim[drop, :] = float("-inf")
-        sim[:, drop] = float("-inf")
-    return alive.nonzero().flatten()
+        at = flat.argmax()
+        row, col = at // n, at % n
+        pair = torch.stack([torch.minimum(row, col), torch.maximum(row, col)])  # (i, j), i < j
+        rest = sim.index_select(0, pair)
+        rest.scatter_(1, pair.flip(0).unsqueeze(1), float("-inf"))  # S[i, j] and S[j, i]: the partner is no rival
+        second = rest.amax(dim=1)
+        drop = torch.where(second[0] >= second[1], pair[0], pair[1]).view(1)  # a tie drops i, the lower index
+        alive.index_fill_(0, drop, False)
+        sim.index_fill_(0, drop, float("-inf"))
+        sim.index_fill_(1, drop, float("-inf"))
+    # the survivors in index order, without asking how many there are (size): a stable sort puts them first
+    return torch.argsort((~alive).to(torch.uint8), stable=True)[:size]
 
 
 # ------------------------------------------------------------------------------------------ the buffer
@@ -242,8 +249,8 @@ class ReplayBufferPlugin(SupervisedPlugin):
         self.batch, self.policy, self.minred_features = int(batch), policy, minred_features
         self.stored = policy == "minred" and minred_refresh == "stored"
         self.minred_refresh, self.minred_ema = minred_refresh, float(minred_ema)
-        # "stored": (filled, d) unit float32 features on the host, one per buffer slot; kept by rank 0 only, which
-        # makes every MinRed decision (other ranks hold None)
+        # "stored": (filled, d) unit float32 features on the buffer's device, one per buffer slot; kept by rank 0
+        # only, which makes every MinRed decision (other ranks hold None)
         self.features: torch.Tensor | None = None
         self._replayed: torch.Tensor | None = None  # slots replayed in the update in progress ("stored")
         self.insert_gen = torch.Generator().manual_seed(derive_seed(seed, "replay", "insert"))
@@ -295,40 +302,41 @@ class ReplayBufferPlugin(SupervisedPlugin):
         if len(cand) <= self.buffer.capacity:
             self.buffer.set_contents(cand, len(images))
             return
-        keep = None
-        if ddp.is_main():  # one decision, broadcast: BatchNorm running statistics may differ across ranks
+        # one decision, broadcast: BatchNorm running statistics may differ across ranks
+        keep = torch.empty(self.buffer.capacity, dtype=torch.long, device=cand.device)
+        if ddp.is_main():
             feats = model_features(strategy.core_model, cand, strategy.augment, which=self.minred_features,
                                    amp_dtype=strategy.amp_dtype)
-            keep = minred_keep(feats, self.buffer.capacity).tolist()
-        keep = ddp.broadcast_object(keep)
+            keep = minred_keep(feats, self.buffer.capacity)
+        ddp.broadcast_(keep)
         strategy.counters.extra_forwards += len(cand)
-        self.buffer.set_contents(cand[torch.tensor(keep, device=cand.device)], len(images))
+        self.buffer.set_contents(cand[keep], len(images))
 
     def _features(self, images: torch.Tensor, strategy) -> torch.Tensor:
-        """Unit-normalised float32 features of whole images on the host, by the strategy's current model."""
+        """Unit-normalised float32 features of whole images (on their device), by the strategy's current model."""
         feats = model_features(strategy.core_model, images, strategy.augment, which=self.minred_features,
                                amp_dtype=strategy.amp_dtype)
-        return F.normalize(feats.cpu(), dim=1)
+        return F.normalize(feats, dim=1)
 
     def _insert_stored(self, cand: torch.Tensor, n_new: int, strategy) -> None:
         """MinRed over the stored features and those of the `n_new` offered images (the last candidates),
         computed now, once."""
-        keep = None
+        keep = torch.empty(min(len(cand), self.buffer.capacity), dtype=torch.long, device=cand.device)
         if ddp.is_main():
             new = self._features(cand[len(cand) - n_new:], strategy)
             feats = new if self.features is None else torch.cat([self.features, new])
-            keep = (minred_keep(feats, self.buffer.capacity) if len(cand) > self.buffer.capacity
-                    else torch.arange(len(cand))).tolist()
+            keep = minred_keep(feats, self.buffer.capacity)
             self.features = feats[keep]
-        keep = ddp.broadcast_object(keep)
+        ddp.broadcast_(keep)
         strategy.counters.extra_forwards += n_new
-        self.buffer.set_contents(cand[torch.tensor(keep, device=cand.device)], n_new)
+        self.buffer.set_contents(cand[keep], n_new)
 
     def refresh(self, slots: torch.Tensor, strategy) -> None:
         """"stored": the features of the buffer images in `slots` (replayed by this update), refreshed by the
         updated model: ema * stored + (1 - ema) * new, unit-normalised."""
         if ddp.is_main():
-            new = self._features(self.buffer.contents()[host_to_device(slots, self.buffer.device)], strategy)
+            slots = host_to_device(slots, self.buffer.device)
+            new = self._features(self.buffer.contents()[slots], strategy)
             self.features[slots] = F.normalize(self.minred_ema * self.features[slots] + (1 - self.minred_ema) * new,
                                                dim=1)
         strategy.counters.extra_forwards += len(slots)
@@ -337,7 +345,7 @@ class ReplayBufferPlugin(SupervisedPlugin):
         state = {"buffer": self.buffer.state_dict(), "insert_gen": self.insert_gen.get_state(),
                  "sample_gen": self.sample_gen.get_state(), "policy": self.policy}
         if self.stored:
-            state["features"] = None if self.features is None else self.features.clone()
+            state["features"] = None if self.features is None else self.features.to("cpu", copy=True)
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -354,7 +362,7 @@ class ReplayBufferPlugin(SupervisedPlugin):
                 raise ValueError(f"the checkpoint's MinRed buffer holds {n} images but "
                                  f"{0 if feats is None else len(feats)} stored features: the checkpoint is damaged; "
                                  "resume from an earlier ckpt_*.pt of the run")
-            self.features = None if feats is None else feats.clone()
+            self.features = None if feats is None else feats.to(self.buffer.device, copy=True)
         self.buffer.load_state_dict(state["buffer"])
         self.insert_gen.set_state(state["insert_gen"])
         self.sample_gen.set_state(state["sample_gen"])

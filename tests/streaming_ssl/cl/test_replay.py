@@ -66,6 +66,36 @@ def test_minred_drops_the_most_redundant() -> None:
     assert minred_keep(torch.stack([a, b]), 5).tolist() == [0, 1]
 
 
+def _minred_by_the_rule(features: torch.Tensor, size: int) -> list[int]:
+    """MinRed's rule, read literally, on Python floats: while more than `size` rows remain, take the most similar
+    remaining pair a < b (the first such pair in row order on a tie) and drop whichever of the two is more similar
+    to its nearest other remaining row (a on a tie). S is the symmetrised float32 cosine matrix."""
+    f = torch.nn.functional.normalize(features.float(), dim=1)
+    s = f @ f.T
+    s = ((s + s.T) / 2).tolist()
+    alive = list(range(len(s)))
+    while len(alive) > size:
+        _, a, b = max((s[a][b], -a, -b) for a in alive for b in alive if a < b)
+        a, b = -a, -b
+        second = [max((s[r][c] for c in alive if c not in (a, b)), default=-math.inf) for r in (a, b)]
+        alive.remove(a if second[0] >= second[1] else b)
+    return alive
+
+
+def test_minred_keep_makes_the_rules_choices_with_ties_and_reads_nothing_back() -> None:
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(40, 6, generator=gen)
+    x[7] = x[5]                 # exact duplicates: tied pairs (5, 7), (5, 9), (7, 9) and tied second neighbours
+    x[9] = 2 * x[5]
+    x[30:36] = x[30] + 0.05 * torch.randn(6, 6, generator=gen)  # a tight cluster
+    for size in (39, 33, 20, 2, 1):
+        assert minred_keep(x, size).tolist() == _minred_by_the_rule(x, size), size
+    # every step is a tensor op on the features' device (no value read back to the host): on the meta device,
+    # which holds shapes only, the whole loop runs and gives `size` int64 indices there
+    keep = minred_keep(torch.empty(40, 6, device="meta"), 25)
+    assert keep.device.type == "meta" and keep.shape == (25,) and keep.dtype == torch.long
+
+
 def test_an_update_sees_its_stream_images_plus_buffer_images_of_earlier_updates() -> None:
     replay, rec = ReplayBufferPlugin(size=10, batch=4, policy="reservoir", seed=3), Recorder()
     stream, strategy, data = build_strategy([replay, rec])
