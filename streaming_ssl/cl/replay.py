@@ -90,9 +90,10 @@ def minred_keep(features: torch.Tensor, size: int) -> torch.Tensor:
     neighbour other than the pair partner (the lower index on a tie). Each drop removes the row whose
     nearest neighbour is closest of all, i.e. the one whose max cosine similarity to the others is highest.
 
-    Runs where the features are and reads nothing back: every step is a few tensor ops (the argmax of S, the
-    pair's two rows, a where), so on a GPU the host queues all N - size steps and goes on while the device
-    works through them. On the CPU the same ops make the same choices as a loop reading each argmax would.
+    Runs where the features are and reads nothing back: each step is 10 tensor ops (the argmax of S, the pair's
+    two rows, their two largest values, a where, three fills), so on a GPU the host queues all N - size steps and
+    goes on while the device works through them. On the CPU the same ops make the same choices as a loop reading
+    each argmax would.
     """
     n = len(features)
     if size >= n:
@@ -103,13 +104,15 @@ def minred_keep(features: torch.Tensor, size: int) -> torch.Tensor:
     sim.fill_diagonal_(float("-inf"))
     flat = sim.view(-1)
     alive = torch.ones(n, dtype=torch.bool, device=f.device)
+    divisors = torch.full((2,), n, device=f.device)  # [n, 1], filled in place: nothing copied from the host
+    divisors[1] = 1
     for _ in range(n - size):
-        at = flat.argmax()
-        row, col = at // n, at % n
-        pair = torch.stack([torch.minimum(row, col), torch.maximum(row, col)])  # (i, j), i < j
-        rest = sim.index_select(0, pair)
-        rest.scatter_(1, pair.flip(0).unsqueeze(1), float("-inf"))  # S[i, j] and S[j, i]: the partner is no rival
-        second = rest.amax(dim=1)
+        # the first maximum in row order (argmax's documented choice on ties); S is symmetric, so it lies above
+        # the diagonal: pair = (i, j) with i < j
+        pair = flat.argmax() // divisors % n
+        # S[i, j] is the largest value of both rows, so the second largest of each (S[j, i] counted once) is its
+        # nearest remaining neighbour other than the partner, or -inf when it has none
+        second = sim.index_select(0, pair).topk(2, dim=1).values[:, 1]
         drop = torch.where(second[0] >= second[1], pair[0], pair[1]).view(1)  # a tie drops i, the lower index
         alive.index_fill_(0, drop, False)
         sim.index_fill_(0, drop, float("-inf"))

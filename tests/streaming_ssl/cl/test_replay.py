@@ -11,6 +11,7 @@ from scipy import stats
 
 from streaming_ssl.cl.replay import ImageBuffer, ReplayBufferPlugin, last_writers, minred_keep, reservoir_slots
 from tests.streaming_ssl.cl.tiny import BATCH, N_PATCHES, Recorder, build_strategy
+from tests.streaming_ssl.test_lars import _OpCounter
 
 
 def _id_images(ids: range) -> torch.Tensor:
@@ -94,6 +95,16 @@ def test_minred_keep_makes_the_rules_choices_with_ties_and_reads_nothing_back() 
     # which holds shapes only, the whole loop runs and gives `size` int64 indices there
     keep = minred_keep(torch.empty(40, 6, device="meta"), 25)
     assert keep.device.type == "meta" and keep.shape == (25,) and keep.dtype == torch.long
+    # on a GPU every op is a kernel launch: a fixed number per drop (10 kernels and their views), whatever N
+    per_drop = []
+    for n in (40, 400):
+        counts = []
+        for drops in (5, 15):
+            with _OpCounter() as counter:
+                minred_keep(torch.randn(n, 6, generator=gen), n - drops)
+            counts.append(counter.count)
+        per_drop.append((counts[1] - counts[0]) / 10)
+    assert per_drop[0] == per_drop[1] <= 16, per_drop
 
 
 def test_an_update_sees_its_stream_images_plus_buffer_images_of_earlier_updates() -> None:
