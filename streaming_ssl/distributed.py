@@ -148,26 +148,12 @@ def any_rank_flag(flag: bool, device: torch.device) -> torch.Tensor:
     return out
 
 
-def broadcast_object(obj):
-    """Rank 0's object on every rank."""
-    if not is_dist():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def broadcast_(t: torch.Tensor, src: int = 0) -> torch.Tensor:
-    """Rank `src`'s values into `t` on every rank, in place (every rank passes a tensor of the same shape and dtype);
-    nothing is read back, so on CUDA the host does not wait. NCCL only moves CUDA tensors: under NCCL a tensor held
-    elsewhere goes over through this rank's GPU. Returns `t`."""
-    if not is_dist():
-        return t
-    if dist.get_backend() == "nccl" and t.device.type != "cuda":
-        box = t.to(torch.device("cuda", torch.cuda.current_device()))
-        dist.broadcast(box, src)
-        return t.copy_(box)
-    dist.broadcast(t, src)
+    """Rank `src`'s values into `t` on every rank, in place (every rank passes a tensor of the same shape and dtype,
+    on its training device: its GPU under NCCL); nothing is read back, so on CUDA the host does not wait. Returns
+    `t`."""
+    if is_dist():
+        dist.broadcast(t, src)
     return t
 
 
