@@ -69,7 +69,6 @@ import logging
 import math
 import os
 import platform
-import shutil
 import statistics
 import subprocess
 import sys
@@ -232,25 +231,6 @@ def reference_workers(device) -> int:
     return min(cores, 16) if torch_device(device).type == "cuda" else cores
 
 
-def shm_free_bytes() -> int | None:
-    """Free bytes of /dev/shm, through which DataLoader workers hand their batches over; None without it."""
-    try:
-        return shutil.disk_usage("/dev/shm").free
-    except OSError:
-        return None
-
-
-def workers_within_shm(wanted: int, batch_bytes: int, free: int | None, prefetch: int = 2) -> int:
-    """The most DataLoader workers, up to `wanted`, whose batches in flight fit in `free` bytes of /dev/shm: a
-    worker collates its batches into shared memory and keeps up to `prefetch` of them waiting there, so with a
-    factor 2 of margin (the batches the main process still holds) a worker needs 2 * prefetch * batch_bytes. A
-    container's 64 MB /dev/shm holds no worker of 24.6 MB batches (100 images x 20 patches x 3 x 32 x 32 float32):
-    0, the main process loads them, instead of a bus error in a worker. `free` None (no /dev/shm): `wanted`."""
-    if free is None:
-        return wanted
-    return max(0, min(wanted, free // (2 * prefetch * max(batch_bytes, 1))))
-
-
 def with_train(splits, train):
     """The splits with another training subset (for build.stream_from_config)."""
     return dataclasses.replace(splits, train=train)
@@ -395,9 +375,11 @@ def case_reference(width: float, sizes: Sizes, device, splits, ctx: dict) -> dic
     images = train.images.permute(0, 2, 3, 1).contiguous().numpy()  # PIL wants HWC
     dataset = ref.MultiPatchPILDataset(images, train.targets.numpy(), sizes.patches,
                                        transform=ref.patch_transform(splits.image_size, splits.mean, splits.std))
+    import streaming_ssl.device as sdev
+
     wanted = sizes.ref_workers or reference_workers(device)
-    free = shm_free_bytes()
-    workers = workers_within_shm(wanted, sizes.batch * sizes.patches * 3 * splits.image_size ** 2 * 4, free)
+    free = sdev.shm_free_bytes()
+    workers = sdev.workers_within_shm(wanted, sizes.batch * sizes.patches * 3 * splits.image_size ** 2 * 4, free)
     shm_note = {}
     if workers < wanted:
         shm_note = {"dataloader_workers_wanted": wanted, "shm_free_MB": round(free / 2**20),

@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import platform
+import shutil
 
 import torch
 
@@ -41,6 +42,25 @@ def loader_workers_default(device_type: str, cores: int, local_world: int = 1) -
     if device_type != "cuda":
         return 0
     return max(1, min(8, cores // max(1, local_world)))
+
+
+def shm_free_bytes(path: str = "/dev/shm") -> int | None:
+    """Free bytes of /dev/shm, through which DataLoader workers hand their batches over; None without it."""
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
+
+
+def workers_within_shm(wanted: int, batch_bytes: int, free: int | None, prefetch: int = 2) -> int:
+    """The most DataLoader workers, up to `wanted`, whose batches in flight fit in `free` bytes of /dev/shm: a
+    worker puts its batches into shared memory and keeps up to `prefetch` of them waiting there, so with a factor 2
+    of margin (the batches the main process still holds) a worker needs 2 * prefetch * batch_bytes. A container's
+    64 MB /dev/shm (Docker's default) holds no worker of 24.6 MB batches: 0, the main process loads them, instead
+    of a bus error in a worker. `free` None (no /dev/shm): `wanted`."""
+    if free is None:
+        return wanted
+    return max(0, min(wanted, free // (2 * prefetch * max(batch_bytes, 1))))
 
 
 def cpu_supports_bf16() -> bool:

@@ -41,7 +41,7 @@ from scenarios.streams import row_indices, row_source
 from streaming_ssl import distributed as ddp
 from streaming_ssl.accounting import ComputeCounters
 from streaming_ssl.augment import MultiPatchAugment
-from streaming_ssl.device import autocast, loader_workers_default, usable_cores
+from streaming_ssl.device import autocast, loader_workers_default, shm_free_bytes, usable_cores, workers_within_shm
 from streaming_ssl.lars import cosine_lr, set_lr
 from streaming_ssl.objective import emp_ssl_loss
 from streaming_ssl.seeds import derive_seed
@@ -162,7 +162,9 @@ class EMPSSLStrategy(SupervisedTemplate):
         amp_dtype: autocast dtype (None: float32). The objective is always float32.
         loader_workers: DataLoader workers that decode lazily stored images (ImageNet-100, large folders) into
             pinned memory while the GPU trains; None: on CUDA this rank's share of the usable cores (its CPU
-            affinity, divided among the node's ranks), 1 to 8; 0 on CPU (the cores train).
+            affinity, divided among the node's ranks), 1 to 8; 0 on CPU (the cores train). Either way no more than
+            this rank's share of /dev/shm holds (workers hand their batches over there; a container's is often
+            64 MB): fewer, down to 0 (the main process decodes), with a warning, instead of a bus error.
         finite_check_every: on CUDA, updates between checks that the loss stayed finite (a check is a host
             sync); on CPU every update is checked (free). Checkpoint plugins call `check_finite()` before saving.
         plugins: Avalanche plugins. Those with `runs_after_evaluator = True` (checkpoints, graceful stop) are
@@ -190,6 +192,7 @@ class EMPSSLStrategy(SupervisedTemplate):
         self.finite_check_every = max(int(finite_check_every), 1)
         auto_workers = loader_workers_default(self.device.type, usable_cores(), ddp.local_world_size())
         self.loader_workers = auto_workers if loader_workers is None else int(loader_workers)
+        self._shm_warned = False
         self.aug_generator = torch.Generator(device=self.device)
         self.aug_generator.manual_seed(derive_seed(seed, "augment", ddp.rank()))
         self.counters = ComputeCounters()
@@ -229,7 +232,7 @@ class EMPSSLStrategy(SupervisedTemplate):
         index_device, workers = None, 0
         if rows is not None and source is not None:
             images, targets, index_device = self._on_device(*source)
-            workers = 0 if isinstance(images, torch.Tensor) else self.loader_workers
+            workers = 0 if isinstance(images, torch.Tensor) else self._workers_within_shm(images)
 
             def fetch(idx: torch.Tensor):
                 return images[idx], targets[idx]
@@ -242,6 +245,24 @@ class EMPSSLStrategy(SupervisedTemplate):
                                          shuffle=shuffle, start_batch=self._resume_batch, rank=ddp.rank(),
                                          world=ddp.world_size(), index_device=index_device, workers=workers,
                                          pin_memory=workers > 0 and self.device.type == "cuda")
+
+    def _workers_within_shm(self, images) -> int:
+        """loader_workers, capped so that their batches in flight fit in this rank's share of /dev/shm (the node's
+        ranks share it); a warning, once, when that takes any away."""
+        wanted = self.loader_workers
+        share = math.ceil(self.train_mb_size / ddp.world_size())
+        batch_bytes = share * math.prod(images.shape[1:]) * torch.empty((), dtype=images.dtype).element_size()
+        free = shm_free_bytes()
+        free = None if free is None else free // ddp.local_world_size()
+        workers = workers_within_shm(wanted, batch_bytes, free)
+        if workers < wanted and not self._shm_warned:
+            self._shm_warned = True
+            log.warning("/dev/shm has %.0f MB free for this rank's DataLoader workers, and each needs %.0f MB (batches "
+                        "of %d images waiting there): %d of %d workers decode the images (0: the main process does), "
+                        "so the GPU may wait for them; nothing else changes. A larger /dev/shm gives them all "
+                        "(docker run --shm-size=8g; on Kubernetes an emptyDir of medium Memory mounted at /dev/shm)",
+                        free / 2**20, 4 * batch_bytes / 2**20, share, workers, wanted)
+        return workers
 
     def make_optimizer(self, **kwargs) -> None:
         """The optimizer (and its momentum) lives across the whole stream: nothing to rebuild."""

@@ -208,9 +208,9 @@ def test_reference_workers_fit_in_dev_shm(tmp_path):
     error in a worker; the row says so. With room, or without /dev/shm, as many as wanted."""
     batch = 100 * 20 * 3 * 32 * 32 * 4  # the full-size reference batch: 24.6 MB of float32 patches
     out = tmp_path / "speed.json"
-    code = ("import json, sys; sys.path.insert(0, 'bench'); import speed\n"
-            f"fits = [speed.workers_within_shm(16, {batch}, f) for f in (64 * 2**20, 2**30, 64 * 2**30, None)]\n"
-            "speed.shm_free_bytes = lambda: 0  # a /dev/shm with no room at all\n"
+    code = ("import json, sys; sys.path.insert(0, 'bench'); import speed; import streaming_ssl.device as sdev\n"
+            f"fits = [sdev.workers_within_shm(16, {batch}, f) for f in (64 * 2**20, 2**30, 64 * 2**30, None)]\n"
+            "sdev.shm_free_bytes = lambda: 0  # a /dev/shm with no room at all\n"
             f"rc = speed.main(['--tiny', '--only', 'reference', '--ref-workers', '2', '--device', 'cpu', '--threads', "
             f"'1', '--out', {str(out)!r}])\n"
             "print(json.dumps([rc, fits]))")

@@ -192,9 +192,14 @@ def test_example_trains_with_avalanche_replay_and_prints_the_matrix(capsys) -> N
     assert len(code) < 70  # about 40 lines of user code plus docstrings and argument parsing
 
 
-def test_lazy_images_decoded_in_workers_train_like_the_main_process(tmp_path) -> None:
+def test_lazy_images_decoded_in_workers_train_like_the_main_process(tmp_path, monkeypatch, caplog) -> None:
     """ImageNet-100 and large folders decode lazily; with DataLoader workers (the CUDA default) the batches,
-    and so the weights, are the same as decoding in the main process."""
+    and so the weights, are the same as decoding in the main process. Workers hand their batches over in
+    /dev/shm: where it has no room for them (as a container's 64 MB for ImageNet-sized batches), the main process
+    decodes instead, with a warning that names the fix, and trains the same."""
+    from avalanche.core import SupervisedPlugin
+
+    import streaming_ssl.strategy as strategy_module
     from torchvision.io import encode_png, write_file
 
     from scenarios.datasets import ImageData, LazyImageFolder
@@ -206,14 +211,30 @@ def test_lazy_images_decoded_in_workers_train_like_the_main_process(tmp_path) ->
         paths.append(tmp_path / f"{i}.png")
         write_file(str(paths[-1]), encode_png(img))
     data = ImageData(LazyImageFolder(paths, 8), y)
-    weights = []
-    for workers in (0, 2):
+    weights, used = [], []
+    batch_bytes = 6 * 3 * 8 * 8  # batch 6 of uint8 8 x 8 images
+    # free bytes of /dev/shm: as found (24 GB here), room for exactly one worker (2 x 2 batches), none
+    for workers, free in ((0, None), (2, None), (2, 4 * batch_bytes), (2, 4 * batch_bytes - 1)):
+        if free is not None:
+            monkeypatch.setattr(strategy_module, "shm_free_bytes", lambda: free)
         model, augment = _tiny_model_and_augment()
-        strategy = _strategy(model, augment, loader_workers=workers)
-        strategy.train(list(build_stream(data, 4, mode="offline"))[0])
-        assert strategy.global_step == 2
+        seen: list[int] = []
+        watch = SupervisedPlugin()
+        watch.before_training_epoch = lambda strategy, **kw: seen.append(strategy.dataloader.workers)
+        strategy = _strategy(model, augment, loader_workers=workers, plugins=[watch])
+        with caplog.at_level("WARNING", logger="streaming_ssl.strategy"):
+            caplog.clear()
+            strategy.train(list(build_stream(data, 4, mode="offline"))[0])
+        assert strategy.global_step == 2 and len(seen) == 1
+        used.append(seen[0])
+        warned = [r.getMessage() for r in caplog.records if "/dev/shm" in r.getMessage()]
+        assert len(warned) == (free is not None), warned
+        if free is not None:
+            assert f"{used[-1]} of 2 workers decode the images" in warned[0] and "--shm-size" in warned[0]
         weights.append(model.state_dict())
-    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert used == [0, 2, 1, 0]
+    for other in weights[1:]:
+        assert all(torch.equal(weights[0][k], other[k]) for k in weights[0])
 
 
 def test_stream_modes_and_datasets_have_one_home() -> None:
