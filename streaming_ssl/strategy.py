@@ -63,6 +63,12 @@ class RowBatchLoader:
     The order of epoch e is a permutation seeded by (seed, key, e): identical on every rank and after a
     resume. Each global batch of `batch_size` rows is split across ranks (contiguous shares), so DDP
     ranks see disjoint parts of the same global batch. `fetch(rows) -> (x uint8, y)` reads the data.
+
+    `workers` > 0: an epoch of two or more batches is fetched in that many DataLoader workers (at most one per
+    batch), overlapped with training; a single batch (an online stream's mini-experience) is fetched in this
+    process, since starting workers for it costs more than the fetch (bench figures in the commit that made it).
+    `pin_memory`: batches fetched on the host come in pinned memory, so that their copy to the GPU does not make
+    the host wait.
     """
 
     def __init__(self, rows: torch.Tensor, fetch: Callable, batch_size: int, *, seed: int, key: Sequence,
@@ -73,6 +79,7 @@ class RowBatchLoader:
         self.seed, self.key, self.shuffle = seed, tuple(key), shuffle
         self.epoch, self.start_batch, self.rank, self.world = 0, start_batch, rank, world
         self.last_global_size = 0
+        self.last_workers = 0  # workers that fetched the latest epoch
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -94,10 +101,14 @@ class RowBatchLoader:
         batches = [order[b * self.batch_size:(b + 1) * self.batch_size]
                    for b in range(start, math.ceil(len(order) / self.batch_size))]
         shares = [batch[slice(*ddp.shard_bounds(len(batch), self.rank, self.world))] for batch in batches]
-        fetched = map(self.fetch, shares)
-        if self.workers:  # lazily decoded images: batches decoded in workers, overlapped with training
+        self.last_workers = min(self.workers, len(shares)) if len(shares) > 1 else 0
+        if self.last_workers:  # lazily decoded images: batches decoded in workers, overlapped with training
             fetched = iter(torch.utils.data.DataLoader(_Fetch(shares, self.fetch), batch_size=None,
-                                                       num_workers=self.workers, pin_memory=self.pin_memory))
+                                                       num_workers=self.last_workers, pin_memory=self.pin_memory))
+        elif self.pin_memory:
+            fetched = ((x.pin_memory(), y.pin_memory()) for x, y in map(self.fetch, shares))
+        else:
+            fetched = map(self.fetch, shares)
         for batch, (x, y) in zip(batches, fetched):
             self.last_global_size = len(batch)
             yield x, y, torch.zeros(len(y), dtype=torch.long, device=y.device)
@@ -231,7 +242,7 @@ class EMPSSLStrategy(SupervisedTemplate):
         rows, source = row_indices(dataset), row_source(dataset)
         index_device, workers = None, 0
         if rows is not None and source is not None:
-            images, targets, index_device = self._on_device(*source)
+            images, targets, index_device = self._on_device(*source)  # index_device: resident there
             workers = 0 if isinstance(images, torch.Tensor) else self._workers_within_shm(images)
 
             def fetch(idx: torch.Tensor):
@@ -244,7 +255,7 @@ class EMPSSLStrategy(SupervisedTemplate):
         self.dataloader = RowBatchLoader(rows, fetch, self.train_mb_size, seed=self.seed, key=("exp", self.stream_step),
                                          shuffle=shuffle, start_batch=self._resume_batch, rank=ddp.rank(),
                                          world=ddp.world_size(), index_device=index_device, workers=workers,
-                                         pin_memory=workers > 0 and self.device.type == "cuda")
+                                         pin_memory=index_device is None and self.device.type == "cuda")
 
     def _workers_within_shm(self, images) -> int:
         """loader_workers, capped so that their batches in flight fit in this rank's share of /dev/shm (the node's
