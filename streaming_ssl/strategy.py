@@ -175,7 +175,8 @@ class EMPSSLStrategy(SupervisedTemplate):
             pinned memory while the GPU trains; None: on CUDA this rank's share of the usable cores (its CPU
             affinity, divided among the node's ranks), 1 to 8; 0 on CPU (the cores train). Either way no more than
             this rank's share of /dev/shm holds (workers hand their batches over there; a container's is often
-            64 MB): fewer, down to 0 (the main process decodes), with a warning, instead of a bus error.
+            64 MB): fewer, down to 0 (the main process decodes), with a warning, instead of a bus error. An
+            experience of a single batch (online) is decoded in the main process (RowBatchLoader).
         finite_check_every: on CUDA, updates between checks that the loss stayed finite (a check is a host
             sync); on CPU every update is checked (free). Checkpoint plugins call `check_finite()` before saving.
         plugins: Avalanche plugins. Those with `runs_after_evaluator = True` (checkpoints, graceful stop) are
