@@ -41,7 +41,8 @@ from scenarios.streams import row_indices, row_source
 from streaming_ssl import distributed as ddp
 from streaming_ssl.accounting import ComputeCounters
 from streaming_ssl.augment import MultiPatchAugment
-from streaming_ssl.device import autocast, loader_workers_default, shm_free_bytes, usable_cores, workers_within_shm
+from streaming_ssl.device import (autocast, host_to_device, loader_workers_default, shm_free_bytes, usable_cores,
+                                  workers_within_shm)
 from streaming_ssl.lars import cosine_lr, set_lr
 from streaming_ssl.objective import emp_ssl_loss
 from streaming_ssl.seeds import derive_seed
@@ -96,7 +97,9 @@ class RowBatchLoader:
     def __iter__(self):
         order, start = self.order(), self.start_batch
         if self.index_device is not None:  # one copy per epoch; batches are then slices on the device
-            order = order.to(self.index_device)
+            # from pinned memory: an online stream starts an epoch at every update, and a copy from pageable
+            # memory would make the host wait for the device there
+            order = host_to_device(order, self.index_device)
         self.start_batch = 0
         batches = [order[b * self.batch_size:(b + 1) * self.batch_size]
                    for b in range(start, math.ceil(len(order) / self.batch_size))]

@@ -37,7 +37,7 @@ from streaming_ssl.lars import LARS, param_groups
 from streaming_ssl.models import EMPSSLModel
 from streaming_ssl.objective import emp_ssl_loss
 from streaming_ssl.probe import extract_features, linear_probe_accuracy, recalibrate_batchnorm
-from streaming_ssl.strategy import EMPSSLStrategy, NonFiniteLossError
+from streaming_ssl.strategy import EMPSSLStrategy, NonFiniteLossError, RowBatchLoader
 from tests.streaming_ssl.test_lars import ops_per_step
 
 DEVICE = os.environ.get("STREAMING_SSL_TEST_DEVICE", "cuda")
@@ -357,6 +357,36 @@ def test_every_method_trains_deterministically_on_the_device(dev, monkeypatch):
               for k, v in state.items()}
     assert [k for k, v in floats.items() if not bool(torch.isfinite(v).all())] == []
     _assert_equal(first, again)
+
+
+def test_each_epoch_of_a_resident_loader_starts_without_waiting_for_the_device(dev):
+    """An online stream starts an epoch (a mini-experience of one batch) at every update, and the loader of data
+    resident on the device copies each epoch's order there: from pinned memory, so that the host does not wait for
+    the device's queued work (a copy from pageable memory would, once per update). Four epochs under
+    set_sync_debug_mode("error") while the device is busy; each gives its batch, rows in the epoch's order."""
+    gen = torch.Generator().manual_seed(0)
+    data = torch.randint(0, 256, (40, 3, 8, 8), dtype=torch.uint8, generator=gen).to(dev)
+    targets = (torch.arange(40) % 4).to(dev)
+
+    def fetch(idx: torch.Tensor):
+        return data[idx], targets[idx]
+
+    busy = torch.randn((2048, 2048) if dev.type == "cuda" else (64, 64), generator=gen).to(dev)
+    for lo in range(0, 40, 10):
+        loader = RowBatchLoader(torch.arange(lo, lo + 10), fetch, 10, seed=0, key=("exp", lo), index_device=dev)
+        for _ in range(8):  # device work queued ahead of the copy (the debug mode flags the call either way)
+            busy = torch.tanh(busy @ busy)
+        if dev.type == "cuda":
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            batches = [(x, y) for x, y, _ in loader]
+        finally:
+            if dev.type == "cuda":
+                torch.cuda.set_sync_debug_mode("default")
+        order = loader.order()
+        assert len(batches) == 1 and sorted(order.tolist()) == list(range(lo, lo + 10))
+        assert torch.equal(batches[0][0].cpu(), data.cpu()[order]) and torch.equal(batches[0][1].cpu(), order % 4)
+    assert bool(torch.isfinite(busy).all())
 
 
 @pytest.mark.parametrize("deterministic", [False, True])
