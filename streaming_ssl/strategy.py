@@ -109,12 +109,17 @@ class RowBatchLoader:
             fetched = iter(torch.utils.data.DataLoader(_Fetch(shares, self.fetch), batch_size=None,
                                                        num_workers=self.last_workers, pin_memory=self.pin_memory))
         elif self.pin_memory:
-            fetched = ((x.pin_memory(), y.pin_memory()) for x, y in map(self.fetch, shares))
+            fetched = ((_pinned(x), _pinned(y)) for x, y in map(self.fetch, shares))
         else:
             fetched = map(self.fetch, shares)
         for batch, (x, y) in zip(batches, fetched):
             self.last_global_size = len(batch)
             yield x, y, torch.zeros(len(y), dtype=torch.long, device=y.device)
+
+
+def _pinned(t: torch.Tensor) -> torch.Tensor:
+    """A host tensor in pinned memory (a benchmark's dataset may already give device tensors: left as they are)."""
+    return t.pin_memory() if t.device.type == "cpu" and not t.is_pinned() else t
 
 
 class _Fetch(torch.utils.data.Dataset):
