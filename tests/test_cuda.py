@@ -237,14 +237,17 @@ class _NoSyncWindow(SupervisedPlugin):
 
 
 def _train_small_stream(dev: torch.device, methods: Callable[[EMPSSLModel], list], *extra: SupervisedPlugin,
-                        **strategy_kw) -> tuple[EMPSSLModel, list, EMPSSLStrategy]:
+                        online: bool = False, **strategy_kw) -> tuple[EMPSSLModel, list, EMPSSLStrategy]:
     """EMPSSLStrategy trained on the device (bf16 autocast on CUDA) over a class-incremental stream of 96 random
     images in 2 experiences, batch 16 (6 updates), with the plugins `methods(model)` makes (their trainable modules
-    in the optimizer) and the `extra` plugins. Returns the model, the methods' plugins and the strategy."""
+    in the optimizer) and the `extra` plugins; `online`: the same classes as an online stream of 6 mini-experiences
+    of 16. Returns the model, the methods' plugins and the strategy."""
     gen = torch.Generator().manual_seed(0)
     targets = torch.arange(4).repeat_interleave(24)
     data = ImageData(torch.randint(0, 256, (len(targets), 3, 32, 32), dtype=torch.uint8, generator=gen), targets)
-    stream = build_stream(data, 4, mode="class_incremental", experience_classes=[[0, 1], [2, 3]])
+    split = {"experience_classes": [[0, 1], [2, 3]]}
+    stream = (build_stream(data, 4, mode="online", online_experience_size=16, **split) if online
+              else build_stream(data, 4, mode="class_incremental", **split))
     torch.manual_seed(0)
     model = EMPSSLModel(**MODEL_KW).to(dev).to(memory_format=torch.channels_last)
     plugins = methods(model)
@@ -306,6 +309,44 @@ def test_training_updates_never_wait_for_the_device(dev, methods: str):
     strategy._nonfinite = torch.tensor(True, device=dev)  # what backward accumulates after a NaN loss
     with pytest.raises(NonFiniteLossError):
         strategy.check_finite()
+
+
+class _NoSyncFrom(SupervisedPlugin):
+    """Arms torch.cuda.set_sync_debug_mode('error') at the end of update `start` and keeps it armed until training
+    ends: the updates and all between them (the loader's next epoch, Avalanche's and the plugins' hooks at each
+    experience's end and start). On the CPU (the dry run) it only counts the updates it would have watched."""
+
+    def __init__(self, device: torch.device, start: int = 2) -> None:
+        super().__init__()
+        self.cuda, self.start, self.armed, self.watched = device.type == "cuda", start, False, 0
+
+    def after_training_iteration(self, strategy, **kwargs):
+        self.watched += self.armed
+        if strategy.global_step == self.start:
+            self.armed = True
+            if self.cuda:
+                torch.cuda.set_sync_debug_mode("error")
+
+    def after_training(self, strategy, **kwargs):
+        if self.cuda:
+            torch.cuda.set_sync_debug_mode("default")
+        self.armed = False
+
+
+def test_an_online_stream_never_waits_for_the_device_between_updates(dev):
+    """An online stream crosses an experience boundary at every update: the loader of its next mini-experience
+    (the order copied to the device) and the per-experience hooks of Avalanche and of the strategy run between
+    every two updates. From the end of the 2nd update to the end of training (4 updates and the 4 boundaries
+    before them), nothing may make the host wait for the device."""
+    torch.backends.cudnn.benchmark = dev.type == "cuda"
+    window = _NoSyncFrom(dev)
+    try:
+        _, _, strategy = _train_small_stream(dev, lambda model: [], window, online=True, finite_check_every=1000)
+    finally:
+        if dev.type == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
+        torch.backends.cudnn.benchmark = False
+    assert strategy.global_step == 6 and strategy.stream_step == 6 and window.watched == 4
 
 
 def _methods_run(dev: torch.device) -> dict:
