@@ -85,6 +85,11 @@ class RowBatchLoader:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    @staticmethod
+    def epoch_workers(workers: int, n_batches: int) -> int:
+        """Workers that fetch an epoch of `n_batches`: none for a single batch, never more than the batches."""
+        return min(workers, n_batches) if n_batches > 1 else 0
+
     def __len__(self) -> int:
         return max(math.ceil(len(self.rows) / self.batch_size) - self.start_batch, 0)
 
@@ -104,7 +109,7 @@ class RowBatchLoader:
         batches = [order[b * self.batch_size:(b + 1) * self.batch_size]
                    for b in range(start, math.ceil(len(order) / self.batch_size))]
         shares = [batch[slice(*ddp.shard_bounds(len(batch), self.rank, self.world))] for batch in batches]
-        self.last_workers = min(self.workers, len(shares)) if len(shares) > 1 else 0
+        self.last_workers = self.epoch_workers(self.workers, len(shares))
         if self.last_workers:  # lazily decoded images: batches decoded in workers, overlapped with training
             fetched = iter(torch.utils.data.DataLoader(_Fetch(shares, self.fetch), batch_size=None,
                                                        num_workers=self.last_workers, pin_memory=self.pin_memory))
@@ -252,7 +257,9 @@ class EMPSSLStrategy(SupervisedTemplate):
         index_device, workers = None, 0
         if rows is not None and source is not None:
             images, targets, index_device = self._on_device(*source)  # index_device: resident there
-            workers = 0 if isinstance(images, torch.Tensor) else self._workers_within_shm(images)
+            if not isinstance(images, torch.Tensor):  # lazily decoded: workers, where an epoch has several batches
+                batches = math.ceil(len(rows) / self.train_mb_size)
+                workers = self._workers_within_shm(images, RowBatchLoader.epoch_workers(self.loader_workers, batches))
 
             def fetch(idx: torch.Tensor):
                 return images[idx], targets[idx]
@@ -266,10 +273,9 @@ class EMPSSLStrategy(SupervisedTemplate):
                                          world=ddp.world_size(), index_device=index_device, workers=workers,
                                          pin_memory=index_device is None and self.device.type == "cuda")
 
-    def _workers_within_shm(self, images) -> int:
-        """loader_workers, capped so that their batches in flight fit in this rank's share of /dev/shm (the node's
+    def _workers_within_shm(self, images, wanted: int) -> int:
+        """`wanted` workers, capped so that their batches in flight fit in this rank's share of /dev/shm (the node's
         ranks share it); a warning, once, when that takes any away."""
-        wanted = self.loader_workers
         share = math.ceil(self.train_mb_size / ddp.world_size())
         batch_bytes = share * math.prod(images.shape[1:]) * torch.empty((), dtype=images.dtype).element_size()
         free = shm_free_bytes()

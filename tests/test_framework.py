@@ -235,6 +235,16 @@ def test_lazy_images_decoded_in_workers_train_like_the_main_process(tmp_path, mo
     assert used == [0, 2, 1, 0]
     for other in weights[1:]:
         assert all(torch.equal(weights[0][k], other[k]) for k in weights[0])
+    # an online stream's mini-experience of one batch is decoded in the main process: /dev/shm does not matter and
+    # nothing is said about it, with no room there at all
+    monkeypatch.setattr(strategy_module, "shm_free_bytes", lambda: 0)
+    model, augment = _tiny_model_and_augment()
+    strategy = _strategy(model, augment, loader_workers=2)
+    with caplog.at_level("WARNING", logger="streaming_ssl.strategy"):
+        caplog.clear()
+        strategy.train(list(build_stream(data, 4, mode="online", n_experiences=2, online_experience_size=6)))
+    assert strategy.global_step == 2 and strategy.stream_step == 2
+    assert not [r for r in caplog.records if "/dev/shm" in r.getMessage()]
 
 
 def test_stream_modes_and_datasets_have_one_home() -> None:
