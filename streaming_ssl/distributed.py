@@ -112,6 +112,29 @@ def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
             buf.data.copy_(tmp)
 
 
+def average_grads_(params) -> int:
+    """Average the gradients of `params` over the ranks, in place, with one all-reduce per (device, dtype) group
+    (a coalesced flat buffer instead of one collective per tensor). For parameters outside a DDP wrapper, whose
+    gradients DDP does not average. Every rank must pass the same parameters with the same gradients present.
+    Returns the number of collectives issued (0 outside DDP)."""
+    if not is_dist():
+        return 0
+    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    for p in params:
+        if p.grad is not None:
+            groups.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad)
+    world = world_size()
+    for grads in groups.values():
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat.div_(world)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+    return len(groups)
+
+
 def all_gather_object(obj) -> list:
     """Every rank's object, in rank order (a one-element list outside DDP)."""
     if not is_dist():

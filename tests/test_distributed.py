@@ -2,7 +2,8 @@
 
 * one spawn of 2 ranks checks that the sharded objective (differentiable all-gather of the patch blocks)
   gives the loss and, after DDP's averaging, the parameter gradients of one process holding the whole
-  global batch (also for uneven shares), and that sharded feature extraction equals one process's;
+  global batch (also for uneven shares), that sharded feature extraction equals one process's, and that the
+  coalesced averaging of gradients outside DDP (the CaSSLe predictor's) gives every rank the mean;
 * `torchrun --nproc_per_node 2` and a 2-"node" static launch (two torchrun agents on 127.0.0.1) of
   run_stream.py on a slice of the real CIFAR-10 write what a 1-process run writes (rank 0 only), and the
   logged evaluations are those of the checkpointed model;
@@ -42,6 +43,8 @@ SHARES = {"even_B8": [(0, 4), (4, 8)], "uneven_B7": [(0, 4), (4, 7)], "one_image
 N_FEATURES = 13  # not divisible by the world size
 FEATURE_BATCH = 4  # several extraction batches per rank
 EVAL_PATCHES = 4
+# parameters outside DDP whose gradients average_grads_ averages: two float32 (one without a gradient), one float64
+AVG_PARAMS = [((5, 3), torch.float32), ((3,), torch.float32), ((4,), torch.float32), ((2, 2), torch.float64)]
 TIMEOUT = 240  # seconds before a hung launch is killed (a deadlock must fail, not hang the suite)
 
 # Tiny stream: 3 experiences of 40/30/30 images, batch 20 -> 2+2+2 updates, evaluated after each.
@@ -141,6 +144,18 @@ def _rank_main(workdir: Path) -> None:
                                                    batch_size=FEATURE_BATCH, patches=EVAL_PATCHES,
                                                    channels_last=True, seed=3)
         out["still_training"] = model.training
+        # coalesced gradient averaging (the CaSSLe predictor's): rank r's gradients are its inputs' slice r
+        params = [torch.nn.Parameter(torch.zeros(shape, dtype=dtype)) for shape, dtype in AVG_PARAMS]
+        for p, g in zip(params, inputs["avg_grads"]):
+            p.grad = None if g is None else g[rank].clone()
+        calls = []  # a spy on torch's all_reduce: what average_grads_ really issues
+        real = dist.all_reduce
+        dist.all_reduce = lambda t, *a, **k: (calls.append(str(t.dtype)), real(t, *a, **k))[1]
+        try:
+            out["avg_returned"] = ddp.average_grads_(params)
+        finally:
+            dist.all_reduce = real
+        out["avg_calls"], out["avg_grads"] = calls, [p.grad for p in params]
         if DATA and (Path(DATA) / "cifar10.npz").is_file():
             out["stop"] = _stop_and_resume(workdir / "stopped", rank)
         torch.save(out, workdir / f"rank{rank}.pt")
@@ -188,7 +203,9 @@ def spawned(tmp_path_factory) -> dict:
     state = small_model().state_dict()
     patches = {name: torch.randn(N_PATCHES * b, 3, 32, 32, generator=gen) for name, b in GRAD_CASES.items()}
     images = torch.randint(0, 256, (N_FEATURES, 3, 32, 32), generator=gen, dtype=torch.uint8)
-    torch.save({"state": state, "patches": patches, "images": images}, workdir / "inputs.pt")
+    avg_grads = [None if i == 2 else torch.randn(WORLD, *shape, generator=gen).to(dtype)
+                 for i, (shape, dtype) in enumerate(AVG_PARAMS)]
+    torch.save({"state": state, "patches": patches, "images": images, "avg_grads": avg_grads}, workdir / "inputs.pt")
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD), "--master_addr",
            "127.0.0.1", "--master_port", str(free_ports(1)[0]), __file__, str(workdir)]
@@ -227,7 +244,7 @@ def spawned(tmp_path_factory) -> dict:
                                                    channels_last=True, seed=3)
     finally:
         torch.set_num_threads(threads)
-    return {"ranks": ranks, "ref": ref, "workdir": workdir}
+    return {"ranks": ranks, "ref": ref, "workdir": workdir, "avg_grads": avg_grads}
 
 
 @pytest.mark.parametrize("case", list(GRAD_CASES))
@@ -250,6 +267,22 @@ def test_ddp_gradients_equal_one_process_on_the_global_batch(spawned, case: str)
     assert sum(float(g.norm()) for g in ref["grads"].values()) > 1e-3
     for name in ref["grads"]:
         assert torch.equal(spawned["ranks"][0]["grad"][case]["grads"][name], spawned["ranks"][1]["grad"][case]["grads"][name])
+
+
+def test_average_grads_gives_every_rank_the_mean_with_one_collective_per_dtype(spawned) -> None:
+    for r in range(WORLD):
+        got = spawned["ranks"][r]
+        assert sorted(got["avg_calls"]) == ["torch.float32", "torch.float64"], \
+            f"rank {r}: one all-reduce for the float32 gradients and one for the float64, not {got['avg_calls']}"
+        assert got["avg_returned"] == 2
+        for i, (g, given) in enumerate(zip(got["avg_grads"], spawned["avg_grads"])):
+            if given is None:
+                assert g is None, f"parameter {i} had no gradient and must keep none"
+                continue
+            assert g.dtype == given.dtype and g.shape == given.shape[1:], f"rank {r}, parameter {i}"
+            # two summands: the sum is exact in any order, so the mean is bitwise that of one process
+            assert torch.equal(g, (given[0] + given[1]) / WORLD), f"rank {r}, parameter {i}"
+    assert not torch.equal(spawned["avg_grads"][0][0], spawned["avg_grads"][0][1])  # the ranks did differ
 
 
 def test_extract_features_sharded_equals_one_process(spawned) -> None:

@@ -16,8 +16,8 @@ The plugin (DistillPlugin):
       `strategy.core_model` (rank 0's BatchNorm buffers on every rank under DDP).
   before_backward: adds the term to `strategy.loss` (and `distill` to `strategy.last_stats`), counts
       the frozen model's patches in `counters.frozen_forwards`.
-  after_backward: under DDP, averages the predictor's gradients over ranks (the predictor lives outside
-      the DDP wrapper; the model's gradients through z are averaged by DDP).
+  after_backward: under DDP, averages the predictor's gradients over ranks in one coalesced all-reduce (the
+      predictor lives outside the DDP wrapper; the model's gradients through z are averaged by DDP).
 The predictor is in `trainable_modules` (the optimizer gets it) and, with the frozen copy, in the
 checkpoint (`state_key`); it is not part of the probed model.
 
@@ -133,11 +133,7 @@ class DistillPlugin(SupervisedPlugin):
     def after_backward(self, strategy, **kwargs) -> None:
         if not ddp.is_dist() or self.frozen is None:
             return
-        world = ddp.world_size()
-        for p in self.predictor.parameters():
-            if p.grad is not None:
-                torch.distributed.all_reduce(p.grad)
-                p.grad.div_(world)
+        ddp.average_grads_(self.predictor.parameters())  # one all-reduce for the predictor's 6 tensors
 
     def state_dict(self) -> dict:
         return {"predictor": self.predictor.state_dict(),
