@@ -9,6 +9,8 @@ batch sizes, so they need no communication): the same numbers whatever the numbe
   back-propagated through (equal for EMP-SSL: every patch enters the objective).
 - ``frozen_forwards``: patches a frozen model (distillation) ran forward on, under inference mode.
 - ``extra_forwards``: images forwarded only to choose what a buffer keeps (MinRed features).
+- ``skipped_updates``: updates whose step float16's loss scaling skipped because a gradient overflowed (their
+  images were seen, and counted above, but not learned from); always 0 in bf16 and float32.
 - ``buffer_bytes``: bytes of images the buffer holds now (a gauge, not a sum).
 """
 
@@ -28,6 +30,7 @@ class ComputeCounters:
     patches_backward: int = 0
     frozen_forwards: int = 0
     extra_forwards: int = 0
+    skipped_updates: int = 0
     # a gauge: what the buffer holds now
     buffer_bytes: int = 0
 

@@ -20,7 +20,7 @@ from scenarios.datasets import DataError, check_dataset_name
 from scenarios.streams import MODES, ONLINE_BASES  # the stream-mode registry (cheap: no Avalanche import)
 
 DEVICES = ("auto", "cpu", "cuda")
-PRECISIONS = ("auto", "bf16", "fp32")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 STEMS = ("auto", "cifar", "tiny", "imagenet")
 ARCHS = ("resnet18",)
 
@@ -143,7 +143,8 @@ class EvalConfig:
 class TrainConfig:
     batch_size: int = 100  # images per update (global batch under DDP)
     device: str = field(default="auto", metadata=_choices(*DEVICES))
-    # auto: bf16 where it is native (GPUs of compute capability 8.0+, AVX512-BF16 CPUs), else float32
+    # auto: bf16 where it is native (GPUs of compute capability 8.0+, AVX512-BF16 CPUs), else float32;
+    # fp16: float16 with dynamic loss scaling, for the tensor cores of GPUs without bf16 (V100, T4)
     precision: str = field(default="auto", metadata=_choices(*PRECISIONS))
     channels_last: bool = True
     seed: int = 0

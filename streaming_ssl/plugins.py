@@ -117,8 +117,8 @@ class ProgressPlugin(SupervisedPlugin):
 class CheckpointPlugin(SupervisedPlugin):
     """Atomic checkpoints of everything a run needs to continue bit for bit, and the restore.
 
-    Saved: model, optimizer, stream position, every RNG state, each rank's augmentation generator, the
-    evaluator's history, the number of metrics.jsonl rows, wall time, compute counters, the resolved
+    Saved: model, optimizer, stream position, every RNG state, each rank's augmentation generator, float16's loss
+    scale, the evaluator's history, the number of metrics.jsonl rows, wall time, compute counters, the resolved
     config, and the state of every plugin with a `state_key`. Written after every experience (online
     streams: only with an evaluation, at parent boundaries, or on stop) and every `every` updates.
     """
@@ -153,11 +153,13 @@ class CheckpointPlugin(SupervisedPlugin):
             raise NonFiniteLossError(
                 f"the weights became non-finite at update {strategy.global_step} (first: {bad[0]}); this state was not "
                 "saved and the last checkpoint is intact. Lower optim.lr or check the input data.")
+        scaler = getattr(strategy, "grad_scaler", None)
         return {"format": ckpt.FORMAT_VERSION, "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "position": strategy.position(), "rng": ckpt.rng_state(),
                 "aug_generator": ddp.all_gather_object(strategy.aug_generator.get_state().cpu()),
                 "aug_device": strategy.aug_generator.device.type,
                 "evaluator": self.evaluator.state_dict(), "counters": strategy.counters.state_dict(),
+                "grad_scaler": None if scaler is None else scaler.state_dict(),
                 "plugins": {p.state_key: p.state_dict() for p in strategy.plugins if hasattr(p, "state_key")},
                 "metrics_rows": len(read_rows(self.metrics_path)) if ddp.is_main() else 0,
                 "wall_seconds": self.metric.time_offset + time.time() - self.metric.start_time,
@@ -184,6 +186,9 @@ class CheckpointPlugin(SupervisedPlugin):
         self.evaluator.load_state_dict(state["evaluator"])
         self.metric.time_offset = float(state["wall_seconds"])
         strategy.counters.load_state_dict(state.get("counters", {}))
+        scaler = getattr(strategy, "grad_scaler", None)
+        if scaler is not None and state.get("grad_scaler"):  # float16: the loss scale and its growth count go on
+            scaler.load_state_dict(state["grad_scaler"])
         saved = state.get("plugins", {})
         for p in strategy.plugins:
             if hasattr(p, "state_key"):

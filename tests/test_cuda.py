@@ -116,28 +116,32 @@ def test_augment_generator_on_device_is_distributed_as_configured(dev):
 
 
 def test_model_bf16_autocast_matches_fp32(dev):
-    """Forward + backward under bf16 autocast against fp32 on the device (same weights and patches). bf16 keeps
-    8 mantissa bits (0.4% rounding per op) through about 20 layers of a randomly initialised network; measured
-    on a bf16 CPU: h 3.6%, z 5.4%, loss 0.03%, gradient 37% (norm) / cosine 0.93. Tolerances: h within 8%
-    and z within 10% relative (norm), the loss within 0.5%, the gradient of all weights with cosine >= 0.85
-    to fp32's (biases right before a BatchNorm are left out: their true gradient is 0)."""
+    """Forward + backward under bf16 autocast (and under float16 with its first loss scale) against fp32 on the
+    device (same weights and patches). bf16 keeps 8 mantissa bits (0.4% rounding per op) through about 20 layers of
+    a randomly initialised network; measured on a bf16 CPU: h 3.6%, z 5.4%, loss 0.03%, gradient 37% (norm) /
+    cosine 0.93. Tolerances: h within 8% and z within 10% relative (norm), the loss within 0.5%, the gradient of all
+    weights with cosine >= 0.85 to fp32's (biases right before a BatchNorm are left out: their true gradient is 0)."""
     torch.manual_seed(0)
     model = EMPSSLModel(**MODEL_KW).to(dev).to(memory_format=torch.channels_last)
     x = MultiPatchAugment(4, 32).to(dev)(images(32).to(dev), torch.Generator(device=dev).manual_seed(0))
     x = x.contiguous(memory_format=torch.channels_last)
     results = {}
-    for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
+    for name, dtype in (("fp32", None), ("bf16", torch.bfloat16), ("fp16", torch.float16)):
         model.zero_grad(set_to_none=True)
         with autocast(dev, dtype):
             h, z = model(x)
         loss, _ = emp_ssl_loss(z, 4)
-        loss.backward()
-        grad = torch.cat([p.grad.flatten() for k, p in model.named_parameters() if not k.endswith("0.bias")])
+        scale = 2.0 ** 10 if dtype == torch.float16 else 1.0  # float16 trains with a loss scale (its first one)
+        (loss * scale).backward()
+        grad = torch.cat([p.grad.flatten() for k, p in model.named_parameters() if not k.endswith("0.bias")]) / scale
         results[name] = (h.detach().float(), z.detach().float(), float(loss), grad)
-    (h32, z32, l32, g32), (h16, z16, l16, g16) = results["fp32"], results["bf16"]
-    assert rel_err(h16, h32) < 0.08 and rel_err(z16, z32) < 0.10
-    assert abs(l16 - l32) < 0.005 * abs(l32)
-    assert float(F.cosine_similarity(g16, g32, dim=0)) >= 0.85
+    (h32, z32, l32, g32) = results["fp32"]
+    for name in ("bf16", "fp16"):  # float16's 11 mantissa bits round less than bf16's 8: the same bounds hold
+        h16, z16, l16, g16 = results[name]
+        assert rel_err(h16, h32) < 0.08 and rel_err(z16, z32) < 0.10, name
+        assert abs(l16 - l32) < 0.005 * abs(l32), name
+        assert float(F.cosine_similarity(g16, g32, dim=0)) >= 0.85, name
+        assert bool(torch.isfinite(g16).all()), name
     # what precision auto trains in here: bf16 on a GPU with bf16 tensor cores (8.0+; the H200 is 9.0), as on a CPU
     # with native bf16; float32 elsewhere
     native = torch.cuda.get_device_capability(dev)[0] >= 8 if dev.type == "cuda" else cpu_supports_bf16()
@@ -238,10 +242,11 @@ class _NoSyncWindow(SupervisedPlugin):
 
 def _train_small_stream(dev: torch.device, methods: Callable[[EMPSSLModel], list], *extra: SupervisedPlugin,
                         online: bool = False, **strategy_kw) -> tuple[EMPSSLModel, list, EMPSSLStrategy]:
-    """EMPSSLStrategy trained on the device (bf16 autocast on CUDA) over a class-incremental stream of 96 random
-    images in 2 experiences, batch 16 (6 updates), with the plugins `methods(model)` makes (their trainable modules
-    in the optimizer) and the `extra` plugins; `online`: the same classes as an online stream of 6 mini-experiences
-    of 16. Returns the model, the methods' plugins and the strategy."""
+    """EMPSSLStrategy trained on the device (bf16 autocast on CUDA, unless amp_dtype is given) over a
+    class-incremental stream of 96 random images in 2 experiences, batch 16 (6 updates), with the plugins
+    `methods(model)` makes (their trainable modules in the optimizer) and the `extra` plugins; `online`: the same
+    classes as an online stream of 6 mini-experiences of 16. Returns the model, the methods' plugins and the
+    strategy."""
     gen = torch.Generator().manual_seed(0)
     targets = torch.arange(4).repeat_interleave(24)
     data = ImageData(torch.randint(0, 256, (len(targets), 3, 32, 32), dtype=torch.uint8, generator=gen), targets)
@@ -253,10 +258,10 @@ def _train_small_stream(dev: torch.device, methods: Callable[[EMPSSLModel], list
     plugins = methods(model)
     groups = param_groups(model, 1e-4) + [g for p in plugins for m in getattr(p, "trainable_modules", [])
                                           for g in param_groups(m, 1e-4)]
+    strategy_kw.setdefault("amp_dtype", torch.bfloat16 if dev.type == "cuda" else None)
     strategy = EMPSSLStrategy(model=model, optimizer=LARS(groups, lr=0.3), augment=MultiPatchAugment(4, 32),
                               batch_size=16, total_updates=stream.n_updates(16), device=dev,
-                              amp_dtype=torch.bfloat16 if dev.type == "cuda" else None, plugins=[*plugins, *extra],
-                              **strategy_kw)
+                              plugins=[*plugins, *extra], **strategy_kw)
     strategy.train(list(stream), eval_streams=[])
     return model, plugins, strategy
 
@@ -369,6 +374,30 @@ def _methods_run(dev: torch.device) -> dict:
     out["features"] = {patches: extract_features(model, probe_x, aug, device=dev, batch_size=32, patches=patches,
                                                  amp_dtype=amp, seed=1) for patches in (0, 4)}
     return out
+
+
+def test_float16_trains_with_loss_scaling_on_the_device(dev):
+    """train.precision=fp16 (for V100 and T4) on the device: the strategy's GradScaler scales the loss, unscales the
+    gradients of the model and of CaSSLe's predictor (one optimizer) before LARS, and the small stream trains to
+    finite weights; every update the scaling skipped halved the scale, and most updates were applied."""
+    from streaming_ssl.strategy import FLOAT16_INIT_SCALE
+
+    torch.manual_seed(0)
+    initial = EMPSSLModel(**MODEL_KW).state_dict()  # what _train_small_stream's model starts from (same seed)
+
+    def make(model: EMPSSLModel) -> list:
+        return [DistillPlugin(model, dim=MODEL_KW["proj_dim"], hidden_dim=64, every=2, device=dev)]
+
+    model, plugins, strategy = _train_small_stream(dev, make, amp_dtype=torch.float16)
+    scaler = strategy.grad_scaler
+    assert scaler is not None and scaler.is_enabled() and strategy.global_step == 6
+    skipped = strategy.counters.skipped_updates
+    assert skipped == math.log2(FLOAT16_INIT_SCALE / scaler.get_scale()) and skipped <= 2, skipped
+    assert strategy.counters.frozen_forwards > 0
+    for part in (model, plugins[0].predictor):
+        assert all(bool(torch.isfinite(p).all()) for p in part.parameters())
+    moved = [k for k, w in model.state_dict().items() if w.is_floating_point() and not torch.equal(w.cpu(), initial[k])]
+    assert len(moved) > len(initial) // 2
 
 
 def test_every_method_trains_deterministically_on_the_device(dev, monkeypatch):

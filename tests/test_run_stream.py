@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 from pathlib import Path
@@ -276,3 +277,46 @@ def test_offline_run_lowers_the_loss(tmp_path: Path, data_root: Path) -> None:
     trained = build.build_model(cfg, "cifar")
     trained.load_state_dict(ckpt.load(ckpt.latest(run_dir))["model"])
     assert mean_loss(trained) < mean_loss(init) - 1.0
+
+
+def test_float16_run_counts_its_skipped_updates_and_resumes_exactly(data_root: Path, tmp_path: Path,
+                                                                     monkeypatch) -> None:
+    """train.precision=fp16 trains with dynamic loss scaling: the checkpoints carry the scale and its growth count, so
+    a run that fails after its first checkpoint and is resumed ends as the uninterrupted one does (rows, weights and
+    scaler state), and the rows count the updates the scaling skipped."""
+    from streaming_ssl.strategy import FLOAT16_INIT_SCALE, EMPSSLStrategy
+
+    args = ["--config", "configs/smoke.yaml", f"data.root={data_root}", "train.precision=fp16",
+            "data.train_per_class=10", "data.test_per_class=5", "eval.probe_epochs=2", "run.checkpoint_every=2",
+            "run.keep_last=50", "run.tensorboard=false", "run.plot=false", "train.deterministic=true"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert run_stream.main([*args, f"run.out_dir={full}"]) == 0
+    saved = {int(p.stem.split("_")[1]): ckpt.load(p) for p in full.glob("ckpt_*.pt")}
+    assert sorted(saved) == [2, 4, 6] and all(s["grad_scaler"] for s in saved.values())
+    # the resume point's scaler is not a fresh one, and nothing resets it before the next checkpoint: a resume that
+    # forgot it would go on with another growth count
+    at2, at4 = saved[2]["grad_scaler"], saved[4]["grad_scaler"]
+    assert (at2["scale"], at2["_growth_tracker"]) != (FLOAT16_INIT_SCALE, 0)
+    assert at4["scale"] == at2["scale"] and at4["_growth_tracker"] == at2["_growth_tracker"] + 2
+    rows = _rows(full)
+    # each skip halved the scale, and under 2000 updates it never grew back: the count is the number of halvings
+    halvings = math.log2(FLOAT16_INIT_SCALE / saved[6]["grad_scaler"]["scale"])
+    assert rows[-1]["compute/skipped_updates"] == saved[6]["counters"]["skipped_updates"] == halvings
+
+    backward = EMPSSLStrategy.backward
+
+    def fail_at_update_3(self):
+        if self.global_step == 3:
+            raise RuntimeError("injected failure at update 3")
+        backward(self)
+
+    monkeypatch.setattr(EMPSSLStrategy, "backward", fail_at_update_3)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        run_stream.main([*args, f"run.out_dir={part}"])
+    assert ckpt.load(ckpt.latest(part))["position"]["global_step"] == 2
+    monkeypatch.setattr(EMPSSLStrategy, "backward", backward)
+    assert run_stream.main([*args, "--resume", str(part)]) == 0
+    assert _without_time(_rows(part)) == _without_time(rows)
+    a, b = ckpt.load(ckpt.latest(full)), ckpt.load(ckpt.latest(part))
+    assert a["grad_scaler"] == b["grad_scaler"] and a["counters"] == b["counters"]
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])

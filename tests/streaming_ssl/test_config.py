@@ -169,7 +169,7 @@ def test_wrong_types(override, match):
     ("data.dataset=cifar1O", r"data\.dataset: unknown value 'cifar1O'\. Did you mean 'cifar10'\? Valid: cifar10, cifar100"),
     ("model.stem=imagnet", r"model\.stem: unknown value 'imagnet'\. Did you mean 'imagenet'\?"),
     ("stream.mode=onlin", r"stream\.mode: unknown value 'onlin'\. Did you mean 'online'\?"),
-    ("train.precision=fp16", r"train\.precision: unknown value 'fp16'.*Valid: auto, bf16, fp32"),
+    ("train.precision=fp8", r"train\.precision: unknown value 'fp8'.*Valid: auto, bf16, fp16, fp32"),
 ])
 def test_unknown_choices(override, match):
     with pytest.raises(ConfigError, match=match):

@@ -14,7 +14,7 @@ from scenarios.streams import build_stream
 from streaming_ssl.augment import MultiPatchAugment
 from streaming_ssl.lars import LARS, cosine_lr, param_groups
 from streaming_ssl.models import EMPSSLModel
-from streaming_ssl.strategy import EMPSSLStrategy, NonFiniteLossError
+from streaming_ssl.strategy import FLOAT16_INIT_SCALE, EMPSSLStrategy, NonFiniteLossError
 
 
 class Recorder(SupervisedPlugin):
@@ -32,7 +32,7 @@ class Recorder(SupervisedPlugin):
         self.lrs.append(strategy.optimizer.param_groups[0]["lr"])
 
 
-def _setup(plugins, per_class: int = 12, batch: int = 8):
+def _setup(plugins, per_class: int = 12, batch: int = 8, amp_dtype: torch.dtype | None = None):
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
     targets = torch.arange(4).repeat_interleave(per_class)
@@ -43,7 +43,7 @@ def _setup(plugins, per_class: int = 12, batch: int = 8):
     total = stream.n_updates(batch)
     strategy = EMPSSLStrategy(model=model, optimizer=opt, augment=MultiPatchAugment(2, 16),
                               n_patches=2, batch_size=batch, total_updates=total, base_lr=0.3,
-                              device="cpu", channels_last=False, plugins=plugins)
+                              device="cpu", amp_dtype=amp_dtype, channels_last=False, plugins=plugins)
     return stream, strategy, total
 
 
@@ -120,3 +120,60 @@ def test_a_non_finite_loss_pending_on_the_device_stops_the_run_before_an_evaluat
     strategy._nonfinite = torch.tensor(False)
     metric.after_training_exp(strategy)
     assert metric.last_row is not None and "probe/acc_all" in metric.last_row and len(evaluator.history) == 1
+
+
+class Float16Probe(SupervisedPlugin):
+    """Before update `overflow_at`, sets the loss scale so high that the gradients overflow, and before the others
+    after the first so low that they cannot; records every update's weights and LARS momentum, and the scale,
+    before and after."""
+
+    def __init__(self, overflow_at: int) -> None:
+        super().__init__()
+        self.overflow_at = overflow_at
+        self.states_in: list[list[torch.Tensor]] = []
+        self.states_out: list[list[torch.Tensor]] = []
+        self.scales: list[float] = []
+
+    @staticmethod
+    def _state(strategy) -> list[torch.Tensor]:
+        params = list(strategy.model.parameters())
+        momenta = [strategy.optimizer.state[p]["momentum_buffer"] for p in params if p in strategy.optimizer.state]
+        return [t.detach().clone() for t in params + momenta]
+
+    def before_forward(self, strategy, **kwargs):
+        if strategy.global_step == self.overflow_at:
+            strategy.grad_scaler.update(new_scale=2.0 ** 120)  # float32 gradients of 2^120 x the loss overflow
+        elif strategy.global_step:  # (the scale exists once the first update scaled a loss)
+            strategy.grad_scaler.update(new_scale=2.0)  # a scale that cannot overflow here
+        self.scales.append(float(strategy.grad_scaler.get_scale()) if strategy.global_step else FLOAT16_INIT_SCALE)
+        self.states_in.append(self._state(strategy))
+
+    def after_update(self, strategy, **kwargs):
+        self.states_out.append(self._state(strategy))
+        self.scales.append(float(strategy.grad_scaler.get_scale()))
+
+
+def test_float16_scales_the_loss_and_skips_an_update_whose_gradients_overflow() -> None:
+    """amp_dtype float16 trains through a GradScaler: an update whose scaled gradients overflow changes neither the
+    weights nor LARS's momentum, halves the scale and is counted; every other update trains with finite weights.
+    bf16 and float32 have no scaler."""
+    probe = Float16Probe(overflow_at=3)
+    stream, strategy, total = _setup([probe], amp_dtype=torch.float16)
+    assert strategy.grad_scaler is not None
+    assert _setup([])[1].grad_scaler is None and _setup([], amp_dtype=torch.bfloat16)[1].grad_scaler is None
+    strategy.train(list(stream), eval_streams=[])
+    assert strategy.global_step == total == 6
+    skipped = []
+    for step, (before, after) in enumerate(zip(probe.states_in, probe.states_out)):
+        scale_in, scale_out = probe.scales[2 * step], probe.scales[2 * step + 1]
+        same = len(before) == len(after) and all(torch.equal(a, b) for a, b in zip(before, after))
+        assert same == (scale_out == scale_in / 2), f"update {step}: skipped {same}, scale {scale_in} -> {scale_out}"
+        skipped += [step] * same
+    # update 3 overflowed and was skipped (the first may be too, at the initial scale); the others, at scale 2, were
+    # applied
+    assert skipped in ([3], [0, 3]) and probe.scales[7] == 2.0 ** 119
+    assert strategy.counters.skipped_updates == len(skipped)
+    assert len(probe.states_out[3]) > len(list(strategy.model.parameters()))  # the momentum buffers were compared too
+    assert all(torch.isfinite(p).all() for p in strategy.model.parameters())
+    assert all(math.isfinite(float(v)) for v in strategy.last_stats.values())  # the logged loss is the unscaled one
+
