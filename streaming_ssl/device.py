@@ -125,8 +125,8 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
         return torch.bfloat16
     if precision == "fp16":
         if device.type == "cpu":
-            log.warning("precision fp16 on the CPU: most CPUs emulate float16 arithmetic (5x slower than float32 on "
-                        "an AVX512-BF16 EPYC); use train.precision=auto (bf16 where native) for speed")
+            log.warning("precision fp16 on the CPU: most CPUs emulate float16 arithmetic (5x to 35x slower than "
+                        "float32 on a Zen 4 EPYC); use train.precision=auto (bf16 where native) for speed")
         return torch.float16
     if device.type == "cuda":
         if cuda_supports_bf16(device):

@@ -72,14 +72,20 @@ def load_checkpoint_model(checkpoint: str | Path, *, data_root: str | None = Non
 
     The checkpoint's config builds them; its weights are loaded (weights_only) unless `random_init`, which keeps
     the seeded initialisation of the same architecture (the floor). `data_root` overrides the config's (None: the
-    config's); `device` is where it runs (None: CUDA when visible, else the CPU, wherever the run trained).
+    config's); `device` is where it runs (None: CUDA when visible, else the CPU, wherever the run trained). The run's
+    precision is kept, except that an fp16 run probed on a CPU runs in precision auto there.
     """
     path, state = ckpt.load_latest(checkpoint)
     cfg = config_from_dict(state["config"])
     cfg.data.root = data_root or cfg.data.root
     cfg.train.device = device or "auto"
     dev = resolve_device(cfg.train.device)
-    amp_dtype = resolve_precision(cfg.train.precision, dev)
+    precision = cfg.train.precision
+    if precision == "fp16" and dev.type == "cpu":  # float16 is emulated on most CPUs (many times slower)
+        log.info("the run trained in fp16 (for GPUs without bf16); on the CPU its features are computed in precision "
+                 "auto (bf16 where native, else float32)")
+        precision = "auto"
+    amp_dtype = resolve_precision(precision, dev)
     torch.manual_seed(cfg.train.seed)
     train_splits = build.load_splits(cfg)
     model = build.build_model(cfg, build.model_stem(cfg, train_splits))

@@ -194,8 +194,8 @@ class EMPSSLStrategy(SupervisedTemplate):
             native bf16: V100, T4) adds dynamic loss scaling (torch.amp.GradScaler, in `grad_scaler`): the loss is
             scaled before backward, the gradients unscaled before the optimizer step, and a step whose gradients
             overflowed is skipped and halves the scale (counted in `counters.skipped_updates`: in a single pass
-            its images are seen but not learned from; the scale starts at FLOAT16_INIT_SCALE, below where the
-            objective's gradients overflow). Deciding that skip reads one flag on the host: float16 costs one
+            its images are seen but not learned from; the scale starts at `fp16_init_scale`, by default
+            FLOAT16_INIT_SCALE, below where the objective's gradients overflow). Deciding that skip reads one flag on the host: float16 costs one
             host sync per update, which bf16 and float32 do not.
         loader_workers: DataLoader workers that decode lazily stored images (ImageNet-100, large folders) into
             pinned memory while the GPU trains; None: on CUDA this rank's share of the usable cores (its CPU
@@ -215,7 +215,7 @@ class EMPSSLStrategy(SupervisedTemplate):
                  warmup_steps: int = 0, final_lr: float = 0.0, device: torch.device | str = "cpu",
                  amp_dtype: torch.dtype | None = None, channels_last: bool = True, seed: int = 0,
                  finite_check_every: int = 50, loader_workers: int | None = None, plugins: list | None = None,
-                 evaluator: EvaluationPlugin | None = None) -> None:
+                 evaluator: EvaluationPlugin | None = None, fp16_init_scale: float = FLOAT16_INIT_SCALE) -> None:
         super().__init__(model=model, optimizer=optimizer, criterion=torch.nn.Identity(), train_mb_size=batch_size,
                          train_epochs=epochs, eval_mb_size=batch_size, device=device, plugins=plugins,
                          evaluator=evaluator if evaluator is not None else EvaluationPlugin(loggers=[]), eval_every=-1)
@@ -245,7 +245,7 @@ class EMPSSLStrategy(SupervisedTemplate):
         self.mb_added = 0  # global images plugins appended to this update's batch
         self.mb_segments: list[int] = []  # the parts of mb_added split across ranks with shard_bounds, in order
         self._nonfinite: torch.Tensor | None = None  # CUDA: non-finite losses since the last check
-        self.grad_scaler = (torch.amp.GradScaler(self.device.type, init_scale=FLOAT16_INIT_SCALE)
+        self.grad_scaler = (torch.amp.GradScaler(self.device.type, init_scale=fp16_init_scale)
                             if amp_dtype == torch.float16 else None)
         self._resident: tuple[int, torch.Tensor, torch.Tensor] | None = None
         self._resume_epoch = 0

@@ -320,3 +320,9 @@ def test_float16_run_counts_its_skipped_updates_and_resumes_exactly(data_root: P
     a, b = ckpt.load(ckpt.latest(full)), ckpt.load(ckpt.latest(part))
     assert a["grad_scaler"] == b["grad_scaler"] and a["counters"] == b["counters"]
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    # probed on a CPU (evaluate.py), the fp16 run's features are computed in precision auto: float16 is emulated there
+    from streaming_ssl.device import resolve_precision
+    from streaming_ssl.probe_run import load_checkpoint_model
+
+    run = load_checkpoint_model(full, data_root=str(data_root), device="cpu")
+    assert run.amp_dtype == resolve_precision("auto", torch.device("cpu")) and run.amp_dtype != torch.float16
