@@ -195,8 +195,8 @@ class EMPSSLStrategy(SupervisedTemplate):
             scaled before backward, the gradients unscaled before the optimizer step, and a step whose gradients
             overflowed is skipped and halves the scale (counted in `counters.skipped_updates`: in a single pass
             its images are seen but not learned from; the scale starts at `fp16_init_scale`, by default
-            FLOAT16_INIT_SCALE, below where the objective's gradients overflow). Deciding that skip reads one flag on the host: float16 costs one
-            host sync per update, which bf16 and float32 do not.
+            FLOAT16_INIT_SCALE, below where the objective's gradients overflow). Deciding that skip reads one
+            flag on the host: float16 costs one host sync per update, which bf16 and float32 do not.
         loader_workers: DataLoader workers that decode lazily stored images (ImageNet-100, large folders) into
             pinned memory while the GPU trains; None: on CUDA this rank's share of the usable cores (its CPU
             affinity, divided among the node's ranks), 1 to 8; 0 on CPU (the cores train). Either way no more than
