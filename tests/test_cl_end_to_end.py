@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import socket
@@ -187,6 +188,8 @@ def _train(case: str) -> dict:
     from streaming_ssl.lars import LARS, param_groups
     from streaming_ssl.strategy import EMPSSLStrategy
 
+    fp16 = case.endswith("_fp16")  # float16 autocast with loss scaling, from a scale at which distillation overflows
+    case = case.removesuffix("_fp16")
     torch.manual_seed(0)
     model = TinyNoBN()
     initial = {k: v.clone() for k, v in model.state_dict().items()}
@@ -218,12 +221,15 @@ def _train(case: str) -> dict:
     stream = build_stream(data, 4, mode="class_incremental", experience_classes=[[0, 1], [2, 3]])
     strategy = EMPSSLStrategy(model=train_model, optimizer=LARS(groups, lr=0.3), augment=augment, n_patches=2,
                               batch_size=GLOBAL_BATCH, total_updates=stream.n_updates(GLOBAL_BATCH), device="cpu",
-                              channels_last=False, plugins=[*plugins, appended])
+                              channels_last=False, plugins=[*plugins, appended],
+                              amp_dtype=torch.float16 if fp16 else None, fp16_init_scale=2.0 ** 12)
     strategy.train(list(stream), eval_streams=[])
     out = {"initial": initial, "model": model.state_dict(), "buffer": replay.buffer.contents().clone(),
            "appended": appended.images, "counters": strategy.counters.state_dict(), "shares": appended.shares}
     if case == "all":
         out["predictor"] = {k: v.detach().clone() for k, v in plugins[2].predictor.named_parameters()}
+    if fp16:
+        out["scaler"] = strategy.grad_scaler.state_dict()
     return out
 
 
@@ -238,7 +244,7 @@ def _rank_main(workdir: Path) -> None:
     torch.set_num_threads(1)
     assert ddp.init_from_env("cpu") and dist.get_backend() == "gloo"
     try:
-        out = {case: _train(case) for case in ("reservoir", "minred", "minred_stored", "all")}
+        out = {case: _train(case) for case in ("reservoir", "minred", "minred_stored", "all", "all_fp16")}
         torch.save(out, workdir / f"rank{ddp.rank()}.pt")
     finally:
         dist.destroy_process_group()
@@ -303,14 +309,22 @@ def test_ddp_replay_equals_one_process_on_the_global_batch(ddp_runs, case: str) 
     assert any(not torch.equal(w, one["initial"][n]) for n, w in one["model"].items())  # it did train
 
 
-def test_ddp_ranks_keep_identical_predictor_and_buffer_with_all_three(ddp_runs) -> None:
-    a, b = (r["all"] for r in ddp_runs["ranks"])
+@pytest.mark.parametrize("case", ["all", "all_fp16"])
+def test_ddp_ranks_keep_identical_predictor_and_buffer_with_all_three(ddp_runs, case: str) -> None:
+    """Replay, mixup and distillation under DDP: the ranks end identical. In float16 (all_fp16, from a loss scale of
+    2^12) the first updates with the distillation term overflow (2 here): every rank skips the same ones (the
+    gradients they test are the averaged ones), so the scale, the counters and the weights still agree."""
+    a, b = (r[case] for r in ddp_runs["ranks"])
     assert torch.equal(a["buffer"], b["buffer"]) and len(a["buffer"]) == REPLAY["size"]
     assert a["counters"] == b["counters"] and a["counters"]["frozen_forwards"] > 0
     for name, p in a["predictor"].items():  # gradients averaged over ranks: the same step everywhere
         assert torch.equal(p, b["predictor"][name]), name
     for name, w in a["model"].items():
         assert torch.equal(w, b["model"][name]), name
+    if case == "all_fp16":
+        assert a["scaler"] == b["scaler"] and a["scaler"]["scale"] < 2.0 ** 12
+        assert a["counters"]["skipped_updates"] == math.log2(2.0 ** 12 / a["scaler"]["scale"]) > 0
+        assert any(not torch.equal(w, a["initial"][n]) for n, w in a["model"].items()), a["scaler"]  # trained after the skips
 
 
 if __name__ == "__main__":  # a rank of the `ddp_runs` fixture's torchrun launch
