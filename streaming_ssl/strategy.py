@@ -51,9 +51,10 @@ log = logging.getLogger(__name__)
 
 
 # float16's first loss scale. The objective's gradients overflow float16 above a scale of 2^11 to 2^12 at the start
-# of training (measured with the first CIFAR-10 batch: width 1/8, 4 patches; full width, 8 patches), so torch's 2^16
-# would skip the first 4 to 6 updates of every run: in a single pass, batches of the stream never learned from.
-# From 2^10 the scale still halves on an overflow and doubles after 2000 updates without one (torch's rule).
+# of training (bench/fp16_scale.py: 2^12 for the first CIFAR-10 batch of 16 images x 8 patches, at width 1/8 and at
+# full width), so from torch's 2^16 the first 4 of 6 updates were skipped there (and all 6 of the smoke recipe in
+# fp16): in a single pass, batches of the stream never learned from. From 2^10 none was. The scale still halves on
+# an overflow and doubles after 2000 updates without one (torch's rule).
 FLOAT16_INIT_SCALE = 2.0 ** 10
 
 
