@@ -176,4 +176,3 @@ def test_float16_scales_the_loss_and_skips_an_update_whose_gradients_overflow() 
     assert len(probe.states_out[3]) > len(list(strategy.model.parameters()))  # the momentum buffers were compared too
     assert all(torch.isfinite(p).all() for p in strategy.model.parameters())
     assert all(math.isfinite(float(v)) for v in strategy.last_stats.values())  # the logged loss is the unscaled one
-
