@@ -84,7 +84,8 @@ class SyncBuffers(SupervisedPlugin):
 
 
 class ProgressPlugin(SupervisedPlugin):
-    """A tqdm bar over the updates of the run, with loss, coding rate and invariance every `log_every`."""
+    """A tqdm bar over the updates of the run, with loss, coding rate and invariance every `log_every` (in float16
+    also the loss scale and the updates it skipped)."""
 
     def __init__(self, total_updates: int, *, desc: str = "", log_every: int = 20) -> None:
         super().__init__()
@@ -103,6 +104,9 @@ class ProgressPlugin(SupervisedPlugin):
         self.bar.update(1)
         if strategy.global_step % self.log_every == 0 and strategy.last_stats:
             stats = {k: f"{float(v):.3f}" for k, v in strategy.last_stats.items() if k in ("tcr", "inv", "distill")}
+            if getattr(strategy, "grad_scaler", None) is not None:  # float16: the loss scale and the skipped updates
+                stats["scale"] = f"{strategy.grad_scaler.get_scale():.0f}"
+                stats["skipped"] = str(strategy.counters.skipped_updates)
             self.bar.set_postfix(loss=f"{float(strategy.loss.detach().reshape(-1)[0]):.2f}", **stats, refresh=False)
 
     def after_training(self, strategy, **kwargs) -> None:

@@ -176,3 +176,28 @@ def test_float16_scales_the_loss_and_skips_an_update_whose_gradients_overflow() 
     assert len(probe.states_out[3]) > len(list(strategy.model.parameters()))  # the momentum buffers were compared too
     assert all(torch.isfinite(p).all() for p in strategy.model.parameters())
     assert all(math.isfinite(float(v)) for v in strategy.last_stats.values())  # the logged loss is the unscaled one
+
+
+def test_the_progress_bar_shows_float16s_loss_scale_and_skipped_updates() -> None:
+    from streaming_ssl.plugins import ProgressPlugin
+
+    class Postfix(SupervisedPlugin):  # after the bar's own hook: what it shows after each update
+        def __init__(self, progress: ProgressPlugin) -> None:
+            super().__init__()
+            self.progress, self.shown = progress, []
+
+        def after_training_iteration(self, strategy, **kwargs):
+            self.shown.append(self.progress.bar.postfix)
+
+    for amp_dtype in (torch.float16, None):
+        progress = ProgressPlugin(6, log_every=1)
+        postfix = Postfix(progress)
+        stream, strategy, _ = _setup([progress, postfix], amp_dtype=amp_dtype)
+        strategy.train(list(stream), eval_streams=[])
+        assert len(postfix.shown) == 6 and all("loss=" in s and "tcr=" in s for s in postfix.shown)
+        if amp_dtype is None:
+            assert not any("scale=" in s for s in postfix.shown)
+        else:
+            scale = strategy.grad_scaler.get_scale()
+            last = postfix.shown[-1].split(", ")  # (tqdm sorts the keys)
+            assert f"scale={scale:.0f}" in last and f"skipped={strategy.counters.skipped_updates}" in last, last
