@@ -17,8 +17,10 @@ caches) run side by side (none of them times anything), then speed alone:
   ddp      the same run under `torchrun --nproc_per_node 1` with model.sync_bn=true, compared with the plain run
   speed    bench/speed.py --device cuda: reference, ours, model_only, ours_lowmem, ours_compiled at widths
            1/4 and 1, peak CUDA memory per case; its targets are reported (fatal only with --strict-targets);
-           then, for information, ours_compiled_augment (augment.compile: the augmentation through torch.compile)
-           and ours_indexed (the augmentation indexing its subsets, one host sync per update)
+           then, for information, ours_compiled_augment (augment.compile: the augmentation through torch.compile),
+           ours_indexed (the augmentation indexing its subsets, one host sync per update), ours_replay and
+           ours_minred (MinRed's cost beside a reservoir), and ours_fp16 (float16 with its loss scaler, one host
+           read per update: `ours` over it is what the scaler costs where bf16 is native too)
 
 Writes bench/results/gpu_check.json and the same as Markdown tables in gpu_check.md (a dry run:
 runs/gpu_check/gpu_check_dry.{json,md}), prints a table (pass/fail per check), exits 1 if any check fails
@@ -59,7 +61,7 @@ SPEED_CASES = ("reference", "ours", "model_only", "ours_lowmem", "ours_compiled"
 # measured after those, for information (ours over each: what compiling the augmentation gains, and what masking its
 # subsets gains, on the GPU; ours_minred over ours_replay: what MinRed's choice at every update costs beside a
 # reservoir); a missing result of these does not fail the check. The dry run leaves out the compiled.
-INFO_CASES = ("ours_compiled_augment", "ours_indexed", "ours_replay", "ours_minred")
+INFO_CASES = ("ours_compiled_augment", "ours_indexed", "ours_replay", "ours_minred", "ours_fp16")
 SMOKE = "configs/smoke.yaml"
 # GPU: a few hundred images per class of .gpu/data; 3 experiences (4/3/3 classes) of batch 50: 16 + 12 + 12 updates
 E2E_GPU = ["data.train_per_class=200", "data.test_per_class=50", "train.batch_size=50"]
@@ -428,7 +430,9 @@ def speed_info(ctx: Ctx, result: dict) -> dict:
         return {"skipped": f"{ctx.timeout(150):.0f} s of the budget left"}
     out = ctx.workdir / "speed_info.json"
     out.unlink(missing_ok=True)
-    cases = [c for c in INFO_CASES if not (ctx.dry and "compiled" in c)]
+    # not in the dry run: compiling takes minutes on the CPU, float16 is emulated there (speed.py's tests run
+    # ours_fp16 at the tiny size)
+    cases = [c for c in INFO_CASES if not (ctx.dry and ("compiled" in c or c == "ours_fp16"))]
     if ctx.dry:
         args = ["--tiny", "--device", "cpu", "--threads", "1"]
     else:

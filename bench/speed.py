@@ -28,6 +28,9 @@ Cases (each at every width in --widths, on the CPU with torch threads = cores, a
               host sync per update) instead of masked; opt-in through --only; on a CPU the same as `ours`
   ours_fp32   `ours` with train.precision=fp32: what bf16 autocast buys where `auto` picks it (CUDA, CPUs with
               native bf16); opt-in through --only; on a CPU without native bf16 the same as `ours`
+  ours_fp16   `ours` with train.precision=fp16 (float16 with a loss scaler, for GPUs without bf16): on a GPU with
+              both, `ours` over it is what the scaler costs (its host read per update included); opt-in through
+              --only; on a CPU float16 is emulated (many times slower)
   ours_replay, ours_minred  `ours` with replay of `batch` buffer images per update from a buffer of 2 x batch, kept
               by reservoir sampling or by MinRed (the features of buffer + batch and its greedy choice at every
               update); opt-in through --only; ours_minred / ours_replay is what MinRed's choice costs
@@ -90,7 +93,7 @@ warnings.filterwarnings("ignore", message="no QP solver found")
 TUNABLES = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=68719476736"
 CASES = ("reference", "ours", "model_only", "ours_lean", "ours_lowmem", "objective", "augment", "online", "probe",
          "memory")
-OPT_IN_CASES = ("ours_compiled", "ours_compiled_augment", "ours_indexed", "ours_fp32", "ours_replay",
+OPT_IN_CASES = ("ours_compiled", "ours_compiled_augment", "ours_indexed", "ours_fp32", "ours_fp16", "ours_replay",
                 "ours_minred")  # run only when named in --only
 ALLOCATORS = ("default", "tuned", "jemalloc", "tcmalloc")
 PRELOAD = {"jemalloc": "libjemalloc.so.2", "tcmalloc": "libtcmalloc_minimal.so.4"}
@@ -302,6 +305,8 @@ def strategy_step_times(width: float, sizes: Sizes, device, splits, steps: int, 
             "recompute_bn_relu": cfg.model.recompute_bn_relu, "compiled": cfg.train.compile,
             "augment_compiled": cfg.augment.compile, "augment_sync_free": strategy.augment.sync_free,
             "loss_finite": bool(math.isfinite(float(strategy.loss.detach().reshape(-1)[0])))}
+    if strategy.grad_scaler is not None:  # float16: updates the loss scaling skipped (warm-up included)
+        info["skipped_updates"] = strategy.counters.skipped_updates
     if methods:  # what the methods did over the whole run (warm-up included): images replayed, extra forwards
         info["counters"] = {"buffer_images": strategy.counters.buffer_images,
                             "extra_forwards": strategy.counters.extra_forwards, "updates": strategy.global_step}
@@ -445,6 +450,11 @@ def case_ours_indexed(width: float, sizes: Sizes, device, splits, ctx: dict) -> 
 
 def case_ours_fp32(width: float, sizes: Sizes, device, splits, ctx: dict) -> dict:
     times, info = strategy_step_times(width, sizes, device, splits, sizes.steps, train__precision="fp32")
+    return step_result(times, sizes, **info)
+
+
+def case_ours_fp16(width: float, sizes: Sizes, device, splits, ctx: dict) -> dict:
+    times, info = strategy_step_times(width, sizes, device, splits, sizes.steps, train__precision="fp16")
     return step_result(times, sizes, **info)
 
 
@@ -767,7 +777,8 @@ def case_memory(width: float, sizes: Sizes, device, splits, ctx: dict) -> dict:
 CASE_FUNCS = {"reference": case_reference, "ours": case_ours, "model_only": case_model_only,
               "ours_lean": case_ours_lean, "ours_lowmem": case_ours_lowmem, "ours_compiled": case_ours_compiled,
               "ours_compiled_augment": case_ours_compiled_augment, "ours_indexed": case_ours_indexed,
-              "ours_fp32": case_ours_fp32, "ours_replay": case_ours_replay, "ours_minred": case_ours_minred,
+              "ours_fp32": case_ours_fp32, "ours_fp16": case_ours_fp16, "ours_replay": case_ours_replay,
+              "ours_minred": case_ours_minred,
               "objective": case_objective, "augment": case_augment, "online": case_online, "probe": case_probe,
               "memory": case_memory}
 
@@ -810,7 +821,7 @@ def run_case(case: str, width: float, device_name: str, sizes: Sizes, args, repe
 PRIMARY = {"reference": "patches_per_s", "ours": "patches_per_s", "model_only": "patches_per_s",
            "ours_lean": "patches_per_s", "ours_lowmem": "patches_per_s", "ours_compiled": "patches_per_s",
            "ours_compiled_augment": "patches_per_s", "ours_indexed": "patches_per_s", "ours_fp32": "patches_per_s",
-           "ours_replay": "patches_per_s", "ours_minred": "patches_per_s",
+           "ours_fp16": "patches_per_s", "ours_replay": "patches_per_s", "ours_minred": "patches_per_s",
            "objective": "seconds_per_call", "augment": "seconds_per_batch", "online": "online_over_one_experience",
            "probe": "eval_over_pass", "memory": "peak_growth_pct"}
 
@@ -883,6 +894,8 @@ def summarize(rows: list[dict]) -> dict:
             "ours_over_ours_indexed": _ratio(by_case, ("ours", "patches_per_s"), ("ours_indexed", "patches_per_s"),
                                              None, "info"),
             "ours_over_ours_fp32": _ratio(by_case, ("ours", "patches_per_s"), ("ours_fp32", "patches_per_s"),
+                                          None, "info"),
+            "ours_over_ours_fp16": _ratio(by_case, ("ours", "patches_per_s"), ("ours_fp16", "patches_per_s"),
                                           None, "info"),
             "ours_minred_over_ours_replay": _ratio(by_case, ("ours_minred", "patches_per_s"),
                                                    ("ours_replay", "patches_per_s"), None, "info"),

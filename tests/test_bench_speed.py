@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(not DATA or not (Path(DATA) / "cifar10.npz").is_
 
 CASES = ("reference", "ours", "model_only", "ours_lean", "ours_lowmem", "objective", "augment", "online", "probe",
          "memory")
-OPT_IN = ("ours_fp32", "ours_replay", "ours_minred")
+OPT_IN = ("ours_fp32", "ours_fp16", "ours_replay", "ours_minred")
 
 
 def _positive(x) -> bool:
@@ -35,7 +35,7 @@ def _run(args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
 def tiny_result(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("speed") / "speed.json"
     # one thread: on a shared, loaded machine two OpenMP threads can stall on each other for seconds per step;
-    # every default case and the opt-in ours_fp32, ours_replay and ours_minred (one start of speed.py for all)
+    # every default case and the opt-in ours_fp32, ours_fp16, ours_replay and ours_minred (one start for all)
     proc = _run(["--tiny", "--only", ",".join(CASES + OPT_IN), "--out", str(out), "--device", "cpu",
                  "--threads", "1"])
     assert proc.returncode == 0, f"speed.py --tiny failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
@@ -160,6 +160,18 @@ def test_the_fp32_case_turns_autocast_off_and_ours_follows_the_cpu(tiny_result):
     assert rows["ours"]["amp_dtype"] == ("torch.bfloat16" if cpu_supports_bf16() else "None")
     assert rows["ours_fp32"]["amp_dtype"] == "None" and _positive(rows["ours_fp32"]["patches_per_s"])
     ratio = result["summary"]["by_group"]["cpu|width=0.125|inherited"]["ratios"]["ours_over_ours_fp32"]
+    assert _positive(ratio["median"]) and ratio["n"] == 1
+
+
+def test_the_fp16_case_trains_in_float16_with_a_loss_scaler(tiny_result):
+    """ours_fp16 (opt-in) is `ours` with train.precision=fp16: float16 autocast and the strategy's loss scaler, whose
+    skipped updates the row reports; `ours_over_ours_fp16` is in the summary (on a GPU: what the scaler costs)."""
+    rows = {r["case"]: r for r in tiny_result["rows"]}
+    r = rows["ours_fp16"]
+    assert r["amp_dtype"] == "torch.float16" and _positive(r["patches_per_s"]) and r["loss_finite"]
+    assert isinstance(r["skipped_updates"], int) and 0 <= r["skipped_updates"] <= r["warmup_steps"] + r["steps"]
+    assert "skipped_updates" not in rows["ours"] and "skipped_updates" not in rows["ours_fp32"]
+    ratio = tiny_result["summary"]["by_group"]["cpu|width=0.125|inherited"]["ratios"]["ours_over_ours_fp16"]
     assert _positive(ratio["median"]) and ratio["n"] == 1
 
 
