@@ -375,10 +375,11 @@ class EMPSSLStrategy(SupervisedTemplate):
         if self.grad_scaler is None:
             self.optimizer.step()
         else:  # float16: unscale, skip the step if a gradient overflowed (read on the host), adapt the scale
-            self.grad_scaler.unscale_(self.optimizer)
-            grads = [p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
-            overflow = not bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))  # the step's own host read
-            self.grad_scaler.step(self.optimizer)  # GradScaler's check agrees: any non-finite gradient skips it
+            self.grad_scaler.unscale_(self.optimizer)  # also finds the non-finite gradients, per device
+            # the flags step() reads next (read here first: the same host wait, no second pass over the gradients)
+            found = self.grad_scaler._found_inf_per_device(self.optimizer).values()
+            overflow = any(bool(f) for f in found)
+            self.grad_scaler.step(self.optimizer)  # skipped when a flag is set
             self.grad_scaler.update()
             self.counters.skipped_updates += int(overflow)
 
