@@ -29,7 +29,7 @@ Cases (each at every width in --widths, on the CPU with torch threads = cores, a
   ours_fp32   `ours` with train.precision=fp32: what bf16 autocast buys where `auto` picks it (CUDA, CPUs with
               native bf16); opt-in through --only; on a CPU without native bf16 the same as `ours`
   ours_fp16   `ours` with train.precision=fp16 (float16 with a loss scaler, for GPUs without bf16): on a GPU with
-              both, `ours` over it is what the scaler costs (its host read per update included); opt-in through
+              both, `ours` over it is what float16 and its scaler cost (the skip decided on the device); opt-in through
               --only; on a CPU float16 is emulated (many times slower)
   ours_replay, ours_minred  `ours` with replay of `batch` buffer images per update from a buffer of 2 x batch, kept
               by reservoir sampling or by MinRed (the features of buffer + batch and its greedy choice at every

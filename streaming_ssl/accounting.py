@@ -10,13 +10,16 @@ batch sizes, so they need no communication): the same numbers whatever the numbe
 - ``frozen_forwards``: patches a frozen model (distillation) ran forward on, under inference mode.
 - ``extra_forwards``: images forwarded only to choose what a buffer keeps (MinRed features).
 - ``skipped_updates``: updates whose step float16's loss scaling skipped because a gradient overflowed (their
-  images were seen, and counted above, but not learned from); always 0 in bf16 and float32.
+  images were seen, and counted above, but not learned from); always 0 in bf16 and float32. The strategy adds
+  each update's overflow flag as a device tensor (``add_skipped``), read on the host only by ``flush()``, which
+  ``as_row`` and ``state_dict`` call: counting costs no host sync per update.
 - ``buffer_bytes``: bytes of images the buffer holds now (a gauge, not a sum).
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
+from typing import Any
 
 
 @dataclass
@@ -34,6 +37,21 @@ class ComputeCounters:
     # a gauge: what the buffer holds now
     buffer_bytes: int = 0
 
+    def __post_init__(self) -> None:
+        self._pending_skipped: Any = None  # device flags of skipped updates not yet read (not a field: not saved)
+
+    def add_skipped(self, flag: Any) -> None:
+        """Count an update as skipped if `flag` (a 0-dim tensor, any device, or a number) is non-zero, without
+        reading it: it is summed where it lives until `flush()`."""
+        flag = (flag != 0) * 1  # an int tensor (or int): a sum of bool tensors would be a logical or
+        self._pending_skipped = flag if self._pending_skipped is None else self._pending_skipped + flag
+
+    def flush(self) -> None:
+        """Read the pending skip flags into `skipped_updates` (on CUDA: one host sync, if any is pending)."""
+        if self._pending_skipped is not None:
+            pending, self._pending_skipped = self._pending_skipped, None
+            self.skipped_updates += int(pending)
+
     def add_update(self, *, images: int, n_patches: int) -> None:
         """One update of the trained encoder over `images` images (stream + appended buffer) x `n_patches`."""
         self.patches_forward += images * n_patches
@@ -41,11 +59,14 @@ class ComputeCounters:
 
     def as_row(self) -> dict[str, int]:
         """The counters as evaluation-row keys `compute/<name>`."""
+        self.flush()
         return {f"compute/{k}": int(v) for k, v in asdict(self).items()}
 
     def state_dict(self) -> dict[str, int]:
+        self.flush()
         return {k: int(v) for k, v in asdict(self).items()}
 
     def load_state_dict(self, state: dict) -> None:
+        self._pending_skipped = None
         for f in fields(self):
             setattr(self, f.name, int(state.get(f.name, 0)))

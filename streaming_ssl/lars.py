@@ -16,6 +16,17 @@ parameter inside its one call, without Python in between. On a CPU the loop is t
 158 ms per step at width 1, one Zen 4 core, medians of 9 alternating steps), so ``foreach=None`` (the
 default) takes the buckets on CUDA and the loop elsewhere, as torch's own optimisers do. On the CPU both
 give bit-identical parameters, and the tests hold them to that.
+
+Loss scaling (float16) without a host sync: LARS sets ``_step_supports_amp_scaling``, torch's contract for
+optimisers that handle a ``torch.amp.GradScaler`` themselves. ``scaler.step(opt)`` then calls ``step()`` with
+two device tensors set on the optimiser, ``found_inf`` (non-zero when a gradient is not finite) and
+``grad_scale`` (the scale the gradients still carry, or None after ``scaler.unscale_(opt)``), instead of
+reading ``found_inf`` on the host to decide whether to call ``step()`` at all. With the buckets (CUDA) the skip
+happens on the device: each gradient is cleared where the flag is set (one fill per parameter: there is no
+multi-tensor ``where``), and the flag masks the momentum update and the parameter update, so a skipped step
+leaves parameters and momentum exactly as they were and the host never waits. (A parameter's first step, if
+skipped, leaves a zero momentum buffer where it left none; the next step gives the same result either way.)
+The loop reads the flag once per step on the host and returns early: on the CPU that wait costs nothing.
 """
 
 from __future__ import annotations
@@ -42,6 +53,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 class LARS(torch.optim.Optimizer):
     """SGD (momentum, Nesterov) with layer-wise adaptive rate scaling; see the module docstring."""
+
+    # GradScaler.step() hands us found_inf and grad_scale instead of deciding the skip on the host
+    _step_supports_amp_scaling = True
 
     def __init__(
         self,
@@ -70,6 +84,10 @@ class LARS(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # set by torch.amp.GradScaler.step() for the duration of this call (module docstring)
+        found_inf: torch.Tensor | None = getattr(self, "found_inf", None)
+        grad_scale: torch.Tensor | None = getattr(self, "grad_scale", None)
+        skip_read: bool | None = None  # the loop's host read of found_inf, at most once per step
         for group in self.param_groups:
             buckets: dict[tuple, list[torch.Tensor]] = {}
             for p in group["params"]:
@@ -77,16 +95,20 @@ class LARS(torch.optim.Optimizer):
                     buckets.setdefault((p.device, p.dtype, p.grad.dtype), []).append(p)
             for (device, _, _), bucket in buckets.items():
                 if self.foreach or (self.foreach is None and device.type == "cuda"):
-                    self._step_bucket(group, bucket)
-                else:
-                    for p in bucket:
-                        self._step_one(group, p)
+                    self._step_bucket(group, bucket, found_inf, grad_scale)
+                    continue
+                if found_inf is not None and skip_read is None:
+                    skip_read = bool(found_inf)
+                if skip_read:
+                    continue
+                for p in bucket:
+                    self._step_one(group, p, grad_scale)
         return loss
 
-    def _step_one(self, group: dict, p: torch.Tensor) -> None:
-        """The step of one parameter (the loop)."""
+    def _step_one(self, group: dict, p: torch.Tensor, grad_scale: torch.Tensor | None = None) -> None:
+        """The step of one parameter (the loop); `grad_scale`: the scale its gradient still carries."""
         lr, wd, mom = group["lr"], group["weight_decay"], group["momentum"]
-        g = p.grad
+        g = p.grad if grad_scale is None else p.grad / grad_scale.to(p.grad.device)
         if not group["lars_exclude"]:
             p_norm = torch.linalg.vector_norm(p)
             g_norm = torch.linalg.vector_norm(g)
@@ -103,10 +125,20 @@ class LARS(torch.optim.Optimizer):
             g = g.add(buf, alpha=mom) if group["nesterov"] else buf
         p.add_(g, alpha=-lr)
 
-    def _step_bucket(self, group: dict, params: list[torch.Tensor]) -> None:
-        """The same step for parameters of one device and dtype, in multi-tensor ops."""
+    def _step_bucket(self, group: dict, params: list[torch.Tensor], found_inf: torch.Tensor | None = None,
+                     grad_scale: torch.Tensor | None = None) -> None:
+        """The same step for parameters of one device and dtype, in multi-tensor ops; with `found_inf` (a device
+        flag) the step is skipped on the device when the flag is set, and `grad_scale` divides the gradients."""
         lr, wd, mom = group["lr"], group["weight_decay"], group["momentum"]
         grads = [p.grad for p in params]
+        keep = None  # 1.0, or 0.0 when the step is skipped (found_inf set): a device tensor, never read here
+        if grad_scale is not None:
+            grads = torch._foreach_div(grads, grad_scale.to(grads[0].device))
+        if found_inf is not None:
+            skip = found_inf.to(grads[0].device) != 0
+            # a skipped step's gradients may hold inf and nan, which no multiplication by 0 clears
+            grads = [g.masked_fill(skip, 0) for g in grads]
+            keep = (~skip).to(grads[0].dtype)
         if not group["lars_exclude"]:
             p_norm = torch.stack(torch._foreach_norm(params))
             g_norm = torch.stack(torch._foreach_norm(grads))
@@ -116,18 +148,23 @@ class LARS(torch.optim.Optimizer):
         elif wd:
             grads = torch._foreach_add(grads, params, alpha=wd)
         # from here on `grads` may still be the .grad tensors themselves: nothing below writes into it
+        if keep is not None:  # a skipped step adds nothing to the momentum (its gradients are 0, weight decay is not)
+            grads = torch._foreach_mul(grads, keep)
         if mom:
             states = [self.state[p] for p in params]
             held = [i for i, st in enumerate(states) if "momentum_buffer" in st]
             if held:
                 bufs = [states[i]["momentum_buffer"] for i in held]
-                torch._foreach_mul_(bufs, mom)
+                # a skipped step keeps the momentum: factor 1 instead of mom
+                torch._foreach_mul_(bufs, mom if keep is None else keep * mom + (1 - keep))
                 torch._foreach_add_(bufs, [grads[i] for i in held])
             for i, st in enumerate(states):
                 if "momentum_buffer" not in st:  # the first step of this parameter
                     st["momentum_buffer"] = grads[i].clone()
             bufs = [st["momentum_buffer"] for st in states]
             grads = torch._foreach_add(grads, bufs, alpha=mom) if group["nesterov"] else bufs
+            if keep is not None:  # a skipped step does not move the parameters (Nesterov's mom * buf, or buf)
+                grads = torch._foreach_mul(grads, keep)
         torch._foreach_add_(params, grads, alpha=-lr)
 
     @staticmethod

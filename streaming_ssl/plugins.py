@@ -106,6 +106,7 @@ class ProgressPlugin(SupervisedPlugin):
             stats = {k: f"{float(v):.3f}" for k, v in strategy.last_stats.items() if k in ("tcr", "inv", "distill")}
             if getattr(strategy, "grad_scaler", None) is not None:  # float16: the loss scale and the skipped updates
                 stats["scale"] = f"{strategy.grad_scaler.get_scale():.0f}"
+                strategy.counters.flush()  # (the loss read below waits for the device anyway)
                 stats["skipped"] = str(strategy.counters.skipped_updates)
             self.bar.set_postfix(loss=f"{float(strategy.loss.detach().reshape(-1)[0]):.2f}", **stats, refresh=False)
 

@@ -196,8 +196,9 @@ class EMPSSLStrategy(SupervisedTemplate):
             scaled before backward, the gradients unscaled before the optimizer step, and a step whose gradients
             overflowed is skipped and halves the scale (counted in `counters.skipped_updates`: in a single pass
             its images are seen but not learned from; the scale starts at `fp16_init_scale`, by default
-            FLOAT16_INIT_SCALE, below where the objective's gradients overflow). Deciding that skip reads one
-            flag on the host: float16 costs one host sync per update, which bf16 and float32 do not.
+            FLOAT16_INIT_SCALE, below where the objective's gradients overflow). With LARS the skip is decided on
+            the device (lars.py), so float16 adds no host sync per update; on CUDA the count is read at each
+            finiteness check and whenever the counters are reported or saved.
         loader_workers: DataLoader workers that decode lazily stored images (ImageNet-100, large folders) into
             pinned memory while the GPU trains; None: on CUDA this rank's share of the usable cores (its CPU
             affinity, divided among the node's ranks), 1 to 8; 0 on CPU (the cores train). Either way no more than
@@ -360,7 +361,9 @@ class EMPSSLStrategy(SupervisedTemplate):
             self.grad_scaler.scale(self.loss).backward(retain_graph=self.retain_graph)
 
     def check_finite(self) -> None:
-        """Raise NonFiniteLossError if a loss since the last check was not finite (CUDA: one host sync)."""
+        """Raise NonFiniteLossError if a loss since the last check was not finite (CUDA: one host sync, which also
+        brings float16's count of skipped updates up to date)."""
+        self.counters.flush()
         bad, self._nonfinite = self._nonfinite, None
         if bad is not None and bool(bad):
             raise NonFiniteLossError(
@@ -374,14 +377,16 @@ class EMPSSLStrategy(SupervisedTemplate):
                                              self.base_lr, warmup_steps=self.warmup_steps, final_lr=self.final_lr))
         if self.grad_scaler is None:
             self.optimizer.step()
-        else:  # float16: unscale, skip the step if a gradient overflowed (read on the host), adapt the scale
+        else:  # float16: unscale, skip the step if a gradient overflowed, adapt the scale
             self.grad_scaler.unscale_(self.optimizer)  # also finds the non-finite gradients, per device
-            # the flags step() reads next (read here first: the same host wait, no second pass over the gradients)
-            found = self.grad_scaler._found_inf_per_device(self.optimizer).values()
-            overflow = any(bool(f) for f in found)
-            self.grad_scaler.step(self.optimizer)  # skipped when a flag is set
+            # the flags step() acts on: with LARS (_step_supports_amp_scaling) it skips on the device, and they are
+            # counted without being read; another optimizer is stepped by GradScaler after a host read
+            found = list(self.grad_scaler._found_inf_per_device(self.optimizer).values())
+            self.grad_scaler.step(self.optimizer)
             self.grad_scaler.update()
-            self.counters.skipped_updates += int(overflow)
+            self.counters.add_skipped(sum(found[1:], found[0]) if found else 0)
+            if self.device.type != "cuda":
+                self.counters.flush()  # (free off CUDA: the counter is always current there)
 
     # ------------------------------------------------------------------------------------ loop
     def _train_exp(self, experience, eval_streams=None, **kwargs) -> None:
@@ -406,6 +411,10 @@ class EMPSSLStrategy(SupervisedTemplate):
         self.counters.stream_images += size
         self.counters.add_update(images=size + self.mb_added, n_patches=self.n_patches)
         super()._after_training_iteration(**kwargs)
+
+    def _after_training(self, **kwargs) -> None:
+        self.counters.flush()  # float16 on CUDA: the count of skipped updates is current when train() returns
+        super()._after_training(**kwargs)
 
     def _after_training_exp(self, **kwargs) -> None:
         self.stream_step += 1

@@ -37,7 +37,7 @@ from streaming_ssl.lars import LARS, param_groups
 from streaming_ssl.models import EMPSSLModel
 from streaming_ssl.objective import emp_ssl_loss
 from streaming_ssl.probe import extract_features, linear_probe_accuracy, recalibrate_batchnorm
-from streaming_ssl.strategy import EMPSSLStrategy, NonFiniteLossError, RowBatchLoader
+from streaming_ssl.strategy import FLOAT16_INIT_SCALE, EMPSSLStrategy, NonFiniteLossError, RowBatchLoader
 from tests.streaming_ssl.test_lars import ops_per_step
 
 DEVICE = os.environ.get("STREAMING_SSL_TEST_DEVICE", "cuda")
@@ -267,22 +267,32 @@ def _train_small_stream(dev: torch.device, methods: Callable[[EMPSSLModel], list
     return model, plugins, strategy
 
 
-@pytest.mark.parametrize("methods", ["plain", "replay+mixup", "minred+distill", "minred_stored"])
+# float16 on the CPU (the dry run) is emulated, 5x to 35x slower than float32: a narrower model there
+FP16_CPU_MODEL_KW = {"width": 0.125, "feature_dim": 64, "proj_hidden_dim": 64, "proj_dim": 32}
+
+
+@pytest.mark.parametrize("methods", ["plain", "replay+mixup", "minred+distill", "minred_stored", "fp16+distill"])
 def test_training_updates_never_wait_for_the_device(dev, methods: str):
     """No host synchronisation inside an update of EMPSSLStrategy on CUDA (bf16 autocast, data resident on the
     device, masked augmentation, Gram/Cholesky objective, LARS, cosine schedule, the non-finite check armed;
     with reservoir replay and LUMP mixup, whose indices drawn on the host go over from pinned memory; with MinRed,
     whose greedy choice (12 drops of 32 images at the 2nd update, 16 of 36 from the 3rd) runs on the device, and
-    CaSSLe distillation against the copy frozen after the first experience; with MinRed's stored features): the
-    host queues the next update while the device still runs this one. Every update after the first two (the batch
-    shapes' warm-up) is watched (4 of 6). The finiteness check is the one allowed sync, every finite_check_every
+    CaSSLe distillation against the copy frozen after the first experience; with MinRed's stored features; in
+    float16 with loss scaling, whose skip of an overflowed update LARS decides on the device, with distillation,
+    whose predictor shares the optimizer): the host queues the next update while the device still runs this one.
+    Every update after the first two (the batch shapes' warm-up) is watched (4 of 6). The finiteness check is the one allowed sync, every finite_check_every
     updates (here beyond the run); afterwards it still raises on what backward flagged."""
     torch.backends.cudnn.benchmark = dev.type == "cuda"
     window = _NoSyncWindow(dev)
+    fp16 = methods.startswith("fp16")
+    model_kw = FP16_CPU_MODEL_KW if fp16 and dev.type != "cuda" else MODEL_KW
+    run_kw = {"amp_dtype": torch.float16, "model_kw": model_kw} if fp16 else {}
 
     def make(model: EMPSSLModel) -> list:
         if methods == "plain":
             return []
+        if fp16:
+            return [DistillPlugin(model, dim=model_kw["proj_dim"], hidden_dim=64, every=2, device=dev)]
         if methods == "replay+mixup":
             replay = ReplayBufferPlugin(size=20, batch=8, seed=0, device=dev)
             return [MixupPlugin(replay, alpha=0.4, seed=0), replay]
@@ -293,14 +303,17 @@ def test_training_updates_never_wait_for_the_device(dev, methods: str):
         return [replay, DistillPlugin(model, dim=MODEL_KW["proj_dim"], hidden_dim=64, device=dev)]
 
     try:
-        model, plugins, strategy = _train_small_stream(dev, make, window, finite_check_every=1000)
+        model, plugins, strategy = _train_small_stream(dev, make, window, finite_check_every=1000, **run_kw)
     finally:
         if dev.type == "cuda":
             torch.cuda.set_sync_debug_mode("default")
         torch.backends.cudnn.benchmark = False
     assert strategy.global_step == 6 and window.watched == 4
     counters = strategy.counters
-    if plugins:  # the methods acted: 5 updates replayed 8 buffer images each (and mixed their stream images)
+    if fp16:  # the scaler acted: each skipped update (counted unread, summed when train() ended) halved the scale
+        assert counters.skipped_updates == math.log2(FLOAT16_INIT_SCALE / strategy.grad_scaler.get_scale())
+        assert counters.frozen_forwards > 0 and all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    elif plugins:  # the methods acted: 5 updates replayed 8 buffer images each (and mixed their stream images)
         replay = next(p for p in plugins if isinstance(p, ReplayBufferPlugin))
         assert counters.buffer_images == 5 * 8 + (5 * 16 if methods == "replay+mixup" else 0)
         assert len(replay.buffer) == 20 and replay.buffer.seen == 96
@@ -382,10 +395,7 @@ def test_float16_trains_with_loss_scaling_on_the_device(dev):
     gradients of the model and of CaSSLe's predictor (one optimizer) before LARS, and the small stream trains to
     finite weights; every update the scaling skipped halved the scale, and most updates were applied. (On the CPU,
     the dry run, a narrower model: float16 is emulated there, 5x to 35x slower than float32.)"""
-    from streaming_ssl.strategy import FLOAT16_INIT_SCALE
-
-    model_kw = MODEL_KW if dev.type == "cuda" else {"width": 0.125, "feature_dim": 64, "proj_hidden_dim": 64,
-                                                     "proj_dim": 32}
+    model_kw = MODEL_KW if dev.type == "cuda" else FP16_CPU_MODEL_KW
     torch.manual_seed(0)
     initial = EMPSSLModel(**model_kw).state_dict()  # what _train_small_stream's model starts from (same seed)
 

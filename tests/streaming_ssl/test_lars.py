@@ -363,3 +363,110 @@ def test_foreach_step_launches_a_fixed_number_of_ops():
 def test_default_takes_the_loop_on_the_cpu():
     # the loop is the faster one there (module docstring); tests/test_cuda.py checks the CUDA side
     assert ops_per_step(12, None) == ops_per_step(12, False)
+
+
+# ------------------------------------------------------------------- float16 loss scaling: skipped on the device
+
+class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the reads of a tensor's value by the host (.item(), bool(), int(): aten._local_scalar_dense), which on
+    a GPU wait for the device."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.reads += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))
+
+
+def _grads(model: nn.Module, step: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(100 + step)
+    return {name: torch.randn(p.shape, generator=g, dtype=p.dtype) for name, p in model.named_parameters()
+            if not name.startswith("unused")}
+
+
+def _state(model: nn.Module, opt: LARS) -> dict[str, torch.Tensor]:
+    out = {name: p.detach().clone() for name, p in model.named_parameters()}
+    out.update({f"{name}.momentum": opt.state[p]["momentum_buffer"].clone()
+                for name, p in model.named_parameters() if "momentum_buffer" in opt.state[p]})
+    return out
+
+
+@pytest.mark.parametrize("unscale_first", [True, False], ids=["unscale_-then-step", "step-unscales"])
+@pytest.mark.parametrize("foreach", [True, False], ids=["buckets", "loop"])
+@pytest.mark.parametrize("kw", [
+    dict(lr=0.3, momentum=0.9, nesterov=True, weight_decay=1e-4, eta=0.005, clip=True),
+    dict(lr=0.3, momentum=0.9, nesterov=False, weight_decay=1e-2, eta=0.02, clip=False),
+    dict(lr=0.1, momentum=0.0, nesterov=False, weight_decay=1e-2, eta=0.005, clip=True),
+], ids=["nesterov", "momentum", "no-momentum"])
+def test_loss_scaled_steps_skip_overflow_and_otherwise_equal_unscaled_steps(kw, foreach, unscale_first):
+    """Through torch.amp.GradScaler (the float16 recipe): gradients that carry the loss scale, unscaled by
+    scaler.unscale_() or inside LARS's step, give bit-identical parameters and momentum to LARS on the plain
+    gradients; a step with an inf and a nan gradient (the first step, and a later one) changes no parameter, no
+    momentum that exists, halves the scale, and the run goes on as if that step had never been."""
+    torch.manual_seed(3)
+    scaled_model = Mixed()
+    plain_model = copy.deepcopy(scaled_model)
+    scaled = LARS(param_groups(scaled_model, kw["weight_decay"]), foreach=foreach, **kw)
+    plain = LARS(param_groups(plain_model, kw["weight_decay"]), foreach=foreach, **kw)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8, growth_interval=1000)
+    overflow_at, applied = {0, 3}, 0
+    for step in range(6):
+        scaler.scale(torch.zeros(()))  # what a training step does with its loss (and creates the scale)
+        grads, scale = _grads(scaled_model, step), scaler.get_scale()
+        for name, p in scaled_model.named_parameters():
+            if name in grads:
+                p.grad = grads[name] * scale  # exact: the scale is a power of 2
+        if step in overflow_at:
+            scaled_model.a.weight.grad[0, 0] = float("inf")  # float32 bucket
+            scaled_model.b.weight.grad[0, 0, 0, 0] = float("nan")  # float64 bucket
+        before = _state(scaled_model, scaled)
+        if unscale_first:
+            scaler.unscale_(scaled)
+        scaler.step(scaled)
+        scaler.update()
+        after = _state(scaled_model, scaled)
+        if step in overflow_at:
+            assert scaler.get_scale() == scale / 2
+            for name, value in after.items():  # (the buckets leave zero momentum where a first step left none)
+                assert torch.equal(value, before[name]) if name in before else not value.any(), (step, name)
+            continue
+        for name, p in plain_model.named_parameters():
+            if name in grads:
+                p.grad = grads[name]
+        plain.step()
+        applied += 1
+        reference = _state(plain_model, plain)
+        for name, value in reference.items():
+            assert torch.equal(after[name], value), (step, name)
+    assert applied == 4 and all(torch.isfinite(p).all() for p in scaled_model.parameters())
+    if kw["lr"] > 0:  # the steps moved the parameters, so the equalities above mean something
+        assert not torch.equal(scaled_model.b.weight, Mixed().b.weight)
+
+
+@pytest.mark.parametrize("overflow", [False, True])
+def test_loss_scaled_buckets_never_read_a_value_on_the_host(overflow):
+    """The CUDA path (buckets) decides a skip on the device: scaler.unscale_, step and update read no tensor value
+    on the host, whether the step is skipped or not; the loop reads the flag once per step; an optimizer without
+    the amp contract (torch's SGD) is skipped by GradScaler after a read, so the spy sees what it should."""
+    def reads(opt_factory) -> int:
+        torch.manual_seed(0)
+        model = nn.Sequential(*[nn.Linear(4, 4) for _ in range(4)])
+        opt = opt_factory(model)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+        for step in range(2):  # the first step creates the momentum buffers: count the second
+            scaler.scale(torch.zeros(()))
+            for p in model.parameters():
+                p.grad = torch.randn_like(p)
+            if overflow:
+                model[0].weight.grad[0, 0] = float("inf")
+            with _HostReads() as spy:
+                scaler.unscale_(opt)
+                scaler.step(opt)
+                scaler.update()
+        return spy.reads
+
+    assert reads(lambda m: LARS(param_groups(m, 1e-4), lr=0.3, foreach=True)) == 0
+    assert reads(lambda m: LARS(param_groups(m, 1e-4), lr=0.3, foreach=False)) == 1
+    assert reads(lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)) >= 1

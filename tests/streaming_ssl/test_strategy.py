@@ -32,14 +32,15 @@ class Recorder(SupervisedPlugin):
         self.lrs.append(strategy.optimizer.param_groups[0]["lr"])
 
 
-def _setup(plugins, per_class: int = 12, batch: int = 8, amp_dtype: torch.dtype | None = None):
+def _setup(plugins, per_class: int = 12, batch: int = 8, amp_dtype: torch.dtype | None = None,
+           foreach: bool | None = None):
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
     targets = torch.arange(4).repeat_interleave(per_class)
     data = ImageData(torch.randint(0, 256, (len(targets), 3, 16, 16), dtype=torch.uint8, generator=gen), targets)
     stream = build_stream(data, 4, mode="class_incremental", experience_classes=[[0, 1], [2, 3]])
     model = EMPSSLModel(width=0.125, feature_dim=32, proj_hidden_dim=32, proj_dim=16)
-    opt = LARS(param_groups(model, 1e-4), lr=0.3)
+    opt = LARS(param_groups(model, 1e-4), lr=0.3, foreach=foreach)
     total = stream.n_updates(batch)
     strategy = EMPSSLStrategy(model=model, optimizer=opt, augment=MultiPatchAugment(2, 16),
                               n_patches=2, batch_size=batch, total_updates=total, base_lr=0.3,
@@ -153,12 +154,14 @@ class Float16Probe(SupervisedPlugin):
         self.scales.append(float(strategy.grad_scaler.get_scale()))
 
 
-def test_float16_scales_the_loss_and_skips_an_update_whose_gradients_overflow() -> None:
+@pytest.mark.parametrize("foreach", [None, True], ids=["loop", "buckets"])
+def test_float16_scales_the_loss_and_skips_an_update_whose_gradients_overflow(foreach) -> None:
     """amp_dtype float16 trains through a GradScaler: an update whose scaled gradients overflow changes neither the
     weights nor LARS's momentum, halves the scale and is counted; every other update trains with finite weights.
-    bf16 and float32 have no scaler."""
+    Both LARS paths: the loop (the CPU's), which reads the overflow flag on the host, and the buckets (CUDA's), which
+    skip on the device and whose flags the counters sum unread. bf16 and float32 have no scaler."""
     probe = Float16Probe(overflow_at=3)
-    stream, strategy, total = _setup([probe], amp_dtype=torch.float16)
+    stream, strategy, total = _setup([probe], amp_dtype=torch.float16, foreach=foreach)
     assert strategy.grad_scaler is not None
     assert _setup([])[1].grad_scaler is None and _setup([], amp_dtype=torch.bfloat16)[1].grad_scaler is None
     strategy.train(list(stream), eval_streams=[])
@@ -166,7 +169,10 @@ def test_float16_scales_the_loss_and_skips_an_update_whose_gradients_overflow() 
     skipped = []
     for step, (before, after) in enumerate(zip(probe.states_in, probe.states_out)):
         scale_in, scale_out = probe.scales[2 * step], probe.scales[2 * step + 1]
-        same = len(before) == len(after) and all(torch.equal(a, b) for a, b in zip(before, after))
+        # the same weights and momentum (the buckets leave a zero momentum where a skipped first update left none)
+        n = len(list(strategy.model.parameters()))
+        same = (len(before) in (n, len(after)) and all(torch.equal(a, b) for a, b in zip(before, after))
+                and not any(bool(t.any()) for t in after[len(before):]))
         assert same == (scale_out == scale_in / 2), f"update {step}: skipped {same}, scale {scale_in} -> {scale_out}"
         skipped += [step] * same
     # update 3 overflowed and was skipped (the first may be too, at the initial scale); the others, at scale 2, were
@@ -201,3 +207,22 @@ def test_the_progress_bar_shows_float16s_loss_scale_and_skipped_updates() -> Non
             scale = strategy.grad_scaler.get_scale()
             last = postfix.shown[-1].split(", ")  # (tqdm sorts the keys)
             assert f"scale={scale:.0f}" in last and f"skipped={strategy.counters.skipped_updates}" in last, last
+
+
+def test_skipped_updates_are_summed_unread_until_reported_or_saved() -> None:
+    """float16's overflow flags are added as tensors and read only by flush(), which a row and a checkpoint of the
+    counters call: any non-zero flag counts once, a zero one not at all, and a restored state drops pending flags."""
+    from streaming_ssl.accounting import ComputeCounters
+
+    counters = ComputeCounters()
+    for flag in (torch.tensor(0.0), torch.tensor(1.0), torch.tensor(float("inf")), torch.tensor(1.0), 0, True):
+        counters.add_skipped(flag)
+    assert counters.skipped_updates == 0  # not read yet
+    assert counters.as_row()["compute/skipped_updates"] == 4 and counters.skipped_updates == 4
+    counters.add_skipped(torch.tensor(1.0))
+    saved = counters.state_dict()
+    assert saved["skipped_updates"] == 5 and "_pending_skipped" not in saved
+    counters.add_skipped(torch.tensor(1.0))
+    counters.load_state_dict(saved)
+    counters.flush()
+    assert counters.skipped_updates == 5
