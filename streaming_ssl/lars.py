@@ -136,8 +136,10 @@ class LARS(torch.optim.Optimizer):
             grads = torch._foreach_div(grads, grad_scale.to(grads[0].device))
         if found_inf is not None:
             skip = found_inf.to(grads[0].device) != 0
-            # a skipped step's gradients may hold inf and nan, which no multiplication by 0 clears
-            grads = [g.masked_fill(skip, 0) for g in grads]
+            # a skipped step's gradients may hold inf and nan, which no multiplication by 0 clears (in place: no copy
+            # of the gradients; a step that is not skipped leaves them as they are)
+            for g in grads:
+                g.masked_fill_(skip, 0)
             keep = (~skip).to(grads[0].dtype)
         if not group["lars_exclude"]:
             p_norm = torch.stack(torch._foreach_norm(params))
