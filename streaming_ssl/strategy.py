@@ -384,7 +384,7 @@ class EMPSSLStrategy(SupervisedTemplate):
             found = list(self.grad_scaler._found_inf_per_device(self.optimizer).values())
             self.grad_scaler.step(self.optimizer)
             self.grad_scaler.update()
-            self.counters.add_skipped(sum(found[1:], found[0]) if found else 0)
+            self.counters.add_skipped(sum(f.to(self.device, non_blocking=True) for f in found))
             if self.device.type != "cuda":
                 self.counters.flush()  # (free off CUDA: the counter is always current there)
 
