@@ -19,8 +19,10 @@ caches) run side by side (none of them times anything), then speed alone:
            1/4 and 1, peak CUDA memory per case; its targets are reported (fatal only with --strict-targets);
            then, for information, ours_compiled_augment (augment.compile: the augmentation through torch.compile),
            ours_indexed (the augmentation indexing its subsets, one host sync per update), ours_replay and
-           ours_minred (MinRed's cost beside a reservoir), and ours_fp16 (float16 with its loss scaler, one host
-           read per update: `ours` over it is what the scaler costs where bf16 is native too)
+           ours_minred (MinRed's cost beside a reservoir), ours_fp16 (float16 with its loss scaler, the skip of
+           an overflowed update decided on the device: `ours` over it is what float16 costs where bf16 is native
+           too) and ours_fp16_hostread (the same, the skip decided on the host by GradScaler, torch's default:
+           ours_fp16 over it is what deciding on the device gains)
 
 Writes bench/results/gpu_check.json and the same as Markdown tables in gpu_check.md (a dry run:
 runs/gpu_check/gpu_check_dry.{json,md}), prints a table (pass/fail per check), exits 1 if any check fails
@@ -61,7 +63,8 @@ SPEED_CASES = ("reference", "ours", "model_only", "ours_lowmem", "ours_compiled"
 # measured after those, for information (ours over each: what compiling the augmentation gains, and what masking its
 # subsets gains, on the GPU; ours_minred over ours_replay: what MinRed's choice at every update costs beside a
 # reservoir); a missing result of these does not fail the check. The dry run leaves out the compiled.
-INFO_CASES = ("ours_compiled_augment", "ours_indexed", "ours_replay", "ours_minred", "ours_fp16")
+INFO_CASES = ("ours_compiled_augment", "ours_indexed", "ours_replay", "ours_minred", "ours_fp16",
+              "ours_fp16_hostread")
 SMOKE = "configs/smoke.yaml"
 # GPU: a few hundred images per class of .gpu/data; 3 experiences (4/3/3 classes) of batch 50: 16 + 12 + 12 updates
 E2E_GPU = ["data.train_per_class=200", "data.test_per_class=50", "train.batch_size=50"]
@@ -425,18 +428,18 @@ def case_row(row: dict) -> dict:
 
 def speed_info(ctx: Ctx, result: dict) -> dict:
     """INFO_CASES in a second speed.py run, only in the budget left (never a problem of the check), `ours` over
-    each of them per width, and ours_minred over ours_replay."""
+    each of them per width, ours_minred over ours_replay and ours_fp16 over ours_fp16_hostread."""
     if ctx.timeout(150) < 60:
         return {"skipped": f"{ctx.timeout(150):.0f} s of the budget left"}
     out = ctx.workdir / "speed_info.json"
     out.unlink(missing_ok=True)
     # not in the dry run: compiling takes minutes on the CPU, float16 is emulated there (speed.py's tests run
-    # ours_fp16 at the tiny size)
-    cases = [c for c in INFO_CASES if not (ctx.dry and ("compiled" in c or c == "ours_fp16"))]
+    # the float16 cases at the tiny size)
+    cases = [c for c in INFO_CASES if not (ctx.dry and ("compiled" in c or c.startswith("ours_fp16")))]
     if ctx.dry:
         args = ["--tiny", "--device", "cpu", "--threads", "1"]
     else:
-        # case by case, in INFO_CASES' order: a time limit cuts the last case (ours_fp16), not an earlier one's
+        # case by case, in INFO_CASES' order: a time limit cuts the last cases (float16's), not an earlier one's
         # full-width row
         args = ["--device", "cuda", "--widths", "0.25,1.0", "--repeats", "1", "--allocators", "default",
                 "--timeout", "60", "--order", "case"]
@@ -449,6 +452,8 @@ def speed_info(ctx: Ctx, result: dict) -> dict:
     done = {(r["case"], r["width"]): r["patches_per_s"] for r in rows if "error" not in r and r.get("patches_per_s")}
     ratios.update({f"ours_minred_over_ours_replay@{w}": done[("ours_minred", w)] / done[("ours_replay", w)]
                    for c, w in done if c == "ours_minred" and ("ours_replay", w) in done})
+    ratios.update({f"ours_fp16_over_ours_fp16_hostread@{w}": done[("ours_fp16", w)] / done[("ours_fp16_hostread", w)]
+                   for c, w in done if c == "ours_fp16" and ("ours_fp16_hostread", w) in done})
     return {"ratios": ratios, "errors": [f"{r['case']} width {r['width']}: {r['error']}" for r in rows if "error" in r],
             "patches_per_s": {f"{r['case']}@{r['width']}": r.get("patches_per_s") for r in rows},
             "peak_cuda_MB": {f"{r['case']}@{r['width']}": r.get("peak_cuda_MB") for r in rows}, "step": public(step)}

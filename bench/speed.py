@@ -31,6 +31,10 @@ Cases (each at every width in --widths, on the CPU with torch threads = cores, a
   ours_fp16   `ours` with train.precision=fp16 (float16 with a loss scaler, for GPUs without bf16): on a GPU with
               both, `ours` over it is what float16 and its scaler cost (the skip decided on the device); opt-in through
               --only; on a CPU float16 is emulated (many times slower)
+  ours_fp16_hostread  `ours_fp16` with LARS's amp contract off, so GradScaler reads the overflow flag on the host at
+              every update to decide the skip (torch's default for an optimizer): ours_fp16 / ours_fp16_hostread is
+              what deciding it on the device gains; opt-in through --only; on a CPU LARS's loop reads the flag in
+              both (the row's `fp16_skip_on` says where it was decided)
   ours_replay, ours_minred  `ours` with replay of `batch` buffer images per update from a buffer of 2 x batch, kept
               by reservoir sampling or by MinRed (the features of buffer + batch and its greedy choice at every
               update); opt-in through --only; ours_minred / ours_replay is what MinRed's choice costs
@@ -93,8 +97,8 @@ warnings.filterwarnings("ignore", message="no QP solver found")
 TUNABLES = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=68719476736"
 CASES = ("reference", "ours", "model_only", "ours_lean", "ours_lowmem", "objective", "augment", "online", "probe",
          "memory")
-OPT_IN_CASES = ("ours_compiled", "ours_compiled_augment", "ours_indexed", "ours_fp32", "ours_fp16", "ours_replay",
-                "ours_minred")  # run only when named in --only
+OPT_IN_CASES = ("ours_compiled", "ours_compiled_augment", "ours_indexed", "ours_fp32", "ours_fp16",
+                "ours_fp16_hostread", "ours_replay", "ours_minred")  # run only when named in --only
 ALLOCATORS = ("default", "tuned", "jemalloc", "tcmalloc")
 PRELOAD = {"jemalloc": "libjemalloc.so.2", "tcmalloc": "libtcmalloc_minimal.so.4"}
 RESULT_PREFIX = "SPEED_JSON "
@@ -285,10 +289,12 @@ def bench_strategy(cfg, *, model, augment, device, amp, channels_last: bool, tot
                                 channels_last=channels_last, plugins=list(plugins), evaluator=evaluator)
 
 
-def strategy_step_times(width: float, sizes: Sizes, device, splits, steps: int, **settings) -> tuple[list[float], dict]:
+def strategy_step_times(width: float, sizes: Sizes, device, splits, steps: int, fp16_host_skip: bool = False,
+                        **settings) -> tuple[list[float], dict]:
     """Our end-to-end step: EMPSSLStrategy.train over one in-memory experience of (warmup+steps) batches.
     `settings`: Config keys of bench_config (model__recompute_stages=2, train__compile=True, cl__replay__policy=...;
-    the continual-learning methods of the cl section are built as a run builds them)."""
+    the continual-learning methods of the cl section are built as a run builds them). `fp16_host_skip`: turn
+    LARS's amp contract off, so that float16's GradScaler decides a skip on the host (torch's default)."""
     from streaming_ssl import build
     from streaming_ssl.cl import build_cl_plugins
 
@@ -300,13 +306,20 @@ def strategy_step_times(width: float, sizes: Sizes, device, splits, steps: int, 
     clock = iter_clock(device, sizes.warmup, stream.n_updates(sizes.batch))
     strategy = bench_strategy(cfg, model=model, augment=augment, device=device, amp=amp, channels_last=cl,
                               total_updates=stream.n_updates(sizes.batch), plugins=[*methods, clock])
+    if fp16_host_skip:
+        strategy.optimizer._step_supports_amp_scaling = False  # (an instance attribute over LARS's class attribute)
     strategy.train(iter(stream), eval_streams=[])
     info = {"channels_last": cl, "amp_dtype": str(amp), "recompute_stages": cfg.model.recompute_stages,
             "recompute_bn_relu": cfg.model.recompute_bn_relu, "compiled": cfg.train.compile,
             "augment_compiled": cfg.augment.compile, "augment_sync_free": strategy.augment.sync_free,
             "loss_finite": bool(math.isfinite(float(strategy.loss.detach().reshape(-1)[0])))}
-    if strategy.grad_scaler is not None:  # float16: updates the loss scaling skipped (warm-up included)
-        info["skipped_updates"] = strategy.counters.skipped_updates
+    if strategy.grad_scaler is not None:  # float16: updates the loss scaling skipped (warm-up included), and where
+        info["skipped_updates"] = strategy.counters.skipped_updates  # the skip was decided
+        opt = strategy.optimizer
+        foreach = getattr(opt, "foreach", False)
+        buckets = foreach or (foreach is None and device.type == "cuda")
+        info["lars_amp_contract"] = bool(getattr(opt, "_step_supports_amp_scaling", False))
+        info["fp16_skip_on"] = "device" if info["lars_amp_contract"] and buckets else "host"
     if methods:  # what the methods did over the whole run (warm-up included): images replayed, extra forwards
         info["counters"] = {"buffer_images": strategy.counters.buffer_images,
                             "extra_forwards": strategy.counters.extra_forwards, "updates": strategy.global_step}
@@ -455,6 +468,12 @@ def case_ours_fp32(width: float, sizes: Sizes, device, splits, ctx: dict) -> dic
 
 def case_ours_fp16(width: float, sizes: Sizes, device, splits, ctx: dict) -> dict:
     times, info = strategy_step_times(width, sizes, device, splits, sizes.steps, train__precision="fp16")
+    return step_result(times, sizes, **info)
+
+
+def case_ours_fp16_hostread(width: float, sizes: Sizes, device, splits, ctx: dict) -> dict:
+    times, info = strategy_step_times(width, sizes, device, splits, sizes.steps, fp16_host_skip=True,
+                                      train__precision="fp16")
     return step_result(times, sizes, **info)
 
 
@@ -777,7 +796,8 @@ def case_memory(width: float, sizes: Sizes, device, splits, ctx: dict) -> dict:
 CASE_FUNCS = {"reference": case_reference, "ours": case_ours, "model_only": case_model_only,
               "ours_lean": case_ours_lean, "ours_lowmem": case_ours_lowmem, "ours_compiled": case_ours_compiled,
               "ours_compiled_augment": case_ours_compiled_augment, "ours_indexed": case_ours_indexed,
-              "ours_fp32": case_ours_fp32, "ours_fp16": case_ours_fp16, "ours_replay": case_ours_replay,
+              "ours_fp32": case_ours_fp32, "ours_fp16": case_ours_fp16,
+              "ours_fp16_hostread": case_ours_fp16_hostread, "ours_replay": case_ours_replay,
               "ours_minred": case_ours_minred,
               "objective": case_objective, "augment": case_augment, "online": case_online, "probe": case_probe,
               "memory": case_memory}
@@ -821,7 +841,8 @@ def run_case(case: str, width: float, device_name: str, sizes: Sizes, args, repe
 PRIMARY = {"reference": "patches_per_s", "ours": "patches_per_s", "model_only": "patches_per_s",
            "ours_lean": "patches_per_s", "ours_lowmem": "patches_per_s", "ours_compiled": "patches_per_s",
            "ours_compiled_augment": "patches_per_s", "ours_indexed": "patches_per_s", "ours_fp32": "patches_per_s",
-           "ours_fp16": "patches_per_s", "ours_replay": "patches_per_s", "ours_minred": "patches_per_s",
+           "ours_fp16": "patches_per_s", "ours_fp16_hostread": "patches_per_s", "ours_replay": "patches_per_s",
+           "ours_minred": "patches_per_s",
            "objective": "seconds_per_call", "augment": "seconds_per_batch", "online": "online_over_one_experience",
            "probe": "eval_over_pass", "memory": "peak_growth_pct"}
 
@@ -897,6 +918,8 @@ def summarize(rows: list[dict]) -> dict:
                                           None, "info"),
             "ours_over_ours_fp16": _ratio(by_case, ("ours", "patches_per_s"), ("ours_fp16", "patches_per_s"),
                                           None, "info"),
+            "ours_fp16_over_ours_fp16_hostread": _ratio(by_case, ("ours_fp16", "patches_per_s"),
+                                                        ("ours_fp16_hostread", "patches_per_s"), None, "info"),
             "ours_minred_over_ours_replay": _ratio(by_case, ("ours_minred", "patches_per_s"),
                                                    ("ours_replay", "patches_per_s"), None, "info"),
             "lars_loop_over_foreach_step_time": _ratio(by_case, ("model_only", "lars_loop_over_foreach"), None, None,

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(not DATA or not (Path(DATA) / "cifar10.npz").is_
 
 CASES = ("reference", "ours", "model_only", "ours_lean", "ours_lowmem", "objective", "augment", "online", "probe",
          "memory")
-OPT_IN = ("ours_fp32", "ours_fp16", "ours_replay", "ours_minred")
+OPT_IN = ("ours_fp32", "ours_fp16", "ours_fp16_hostread", "ours_replay", "ours_minred")
 
 
 def _positive(x) -> bool:
@@ -35,7 +35,7 @@ def _run(args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
 def tiny_result(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("speed") / "speed.json"
     # one thread: on a shared, loaded machine two OpenMP threads can stall on each other for seconds per step;
-    # every default case and the opt-in ours_fp32, ours_fp16, ours_replay and ours_minred (one start for all)
+    # every default case and the opt-in ones of OPT_IN (one start for all)
     proc = _run(["--tiny", "--only", ",".join(CASES + OPT_IN), "--out", str(out), "--device", "cpu",
                  "--threads", "1"])
     assert proc.returncode == 0, f"speed.py --tiny failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
@@ -171,7 +171,16 @@ def test_the_fp16_case_trains_in_float16_with_a_loss_scaler(tiny_result):
     assert r["amp_dtype"] == "torch.float16" and _positive(r["patches_per_s"]) and r["loss_finite"]
     assert isinstance(r["skipped_updates"], int) and 0 <= r["skipped_updates"] <= r["warmup_steps"] + r["steps"]
     assert "skipped_updates" not in rows["ours"] and "skipped_updates" not in rows["ours_fp32"]
-    ratio = tiny_result["summary"]["by_group"]["cpu|width=0.125|inherited"]["ratios"]["ours_over_ours_fp16"]
+    ratios = tiny_result["summary"]["by_group"]["cpu|width=0.125|inherited"]["ratios"]
+    assert _positive(ratios["ours_over_ours_fp16"]["median"]) and ratios["ours_over_ours_fp16"]["n"] == 1
+    # ours_fp16_hostread: the same run with LARS's amp contract off (GradScaler decides on the host); on the CPU
+    # LARS's loop decides on the host in both, on a GPU ours_fp16 on the device
+    host = rows["ours_fp16_hostread"]
+    assert host["amp_dtype"] == "torch.float16" and _positive(host["patches_per_s"]) and host["loss_finite"]
+    assert r["lars_amp_contract"] and not host["lars_amp_contract"]
+    assert r["fp16_skip_on"] == host["fp16_skip_on"] == "host"
+    assert host["skipped_updates"] == r["skipped_updates"]  # the same updates overflow, whoever decides
+    ratio = ratios["ours_fp16_over_ours_fp16_hostread"]
     assert _positive(ratio["median"]) and ratio["n"] == 1
 
 
