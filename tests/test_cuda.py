@@ -241,13 +241,14 @@ class _NoSyncWindow(SupervisedPlugin):
 
 
 def _train_small_stream(dev: torch.device, methods: Callable[[EMPSSLModel], list], *extra: SupervisedPlugin,
-                        online: bool = False, model_kw: dict | None = None,
+                        online: bool = False, model_kw: dict | None = None, ddp_wrap: bool = False,
                         **strategy_kw) -> tuple[EMPSSLModel, list, EMPSSLStrategy]:
     """EMPSSLStrategy trained on the device (bf16 autocast on CUDA, unless amp_dtype is given) over a
     class-incremental stream of 96 random images in 2 experiences, batch 16 (6 updates), with the plugins
     `methods(model)` makes (their trainable modules in the optimizer) and the `extra` plugins; `online`: the same
-    classes as an online stream of 6 mini-experiences of 16; `model_kw`: the model's sizes (default MODEL_KW).
-    Returns the model, the methods' plugins and the strategy."""
+    classes as an online stream of 6 mini-experiences of 16; `model_kw`: the model's sizes (default MODEL_KW);
+    `ddp_wrap` (inside a process group): the strategy trains the model through DistributedDataParallel, with
+    SyncBatchNorm on CUDA, as a torchrun run does. Returns the model, the methods' plugins and the strategy."""
     gen = torch.Generator().manual_seed(0)
     targets = torch.arange(4).repeat_interleave(24)
     data = ImageData(torch.randint(0, 256, (len(targets), 3, 32, 32), dtype=torch.uint8, generator=gen), targets)
@@ -256,11 +257,15 @@ def _train_small_stream(dev: torch.device, methods: Callable[[EMPSSLModel], list
               else build_stream(data, 4, mode="class_incremental", **split))
     torch.manual_seed(0)
     model = EMPSSLModel(**(model_kw or MODEL_KW)).to(dev).to(memory_format=torch.channels_last)
+    if ddp_wrap and dev.type == "cuda":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     plugins = methods(model)
     groups = param_groups(model, 1e-4) + [g for p in plugins for m in getattr(p, "trainable_modules", [])
                                           for g in param_groups(m, 1e-4)]
     strategy_kw.setdefault("amp_dtype", torch.bfloat16 if dev.type == "cuda" else None)
-    strategy = EMPSSLStrategy(model=model, optimizer=LARS(groups, lr=0.3), augment=MultiPatchAugment(4, 32),
+    trained = (torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index or 0] if dev.type == "cuda"
+                                                         else None) if ddp_wrap else model)
+    strategy = EMPSSLStrategy(model=trained, optimizer=LARS(groups, lr=0.3), augment=MultiPatchAugment(4, 32),
                               batch_size=16, total_updates=stream.n_updates(16), device=dev,
                               plugins=[*plugins, *extra], **strategy_kw)
     strategy.train(list(stream), eval_streams=[])
@@ -280,8 +285,9 @@ def test_training_updates_never_wait_for_the_device(dev, methods: str):
     CaSSLe distillation against the copy frozen after the first experience; with MinRed's stored features; in
     float16 with loss scaling, whose skip of an overflowed update LARS decides on the device, with distillation,
     whose predictor shares the optimizer): the host queues the next update while the device still runs this one.
-    Every update after the first two (the batch shapes' warm-up) is watched (4 of 6). The finiteness check is the one allowed sync, every finite_check_every
-    updates (here beyond the run); afterwards it still raises on what backward flagged."""
+    Every update after the first two (the batch shapes' warm-up) is watched (4 of 6). The finiteness check is the
+    one allowed sync, every finite_check_every updates (here beyond the run); afterwards it still raises on what
+    backward flagged."""
     torch.backends.cudnn.benchmark = dev.type == "cuda"
     window = _NoSyncWindow(dev)
     fp16 = methods.startswith("fp16")
@@ -368,16 +374,17 @@ def test_an_online_stream_never_waits_for_the_device_between_updates(dev):
     assert strategy.global_step == 6 and strategy.stream_step == 6 and window.watched == 4
 
 
-def _methods_run(dev: torch.device) -> dict:
+def _methods_run(dev: torch.device, ddp_wrap: bool = False) -> dict:
     """The small stream with MinRed replay, LUMP mixup and CaSSLe distillation (a frozen copy every 2 updates), then
     the probe's features (BatchNorm recalibrated; whole images and bags of 4 patches). Returns the model's and the
-    methods' states (copies, taken before the recalibration) and the features."""
+    methods' states (copies, taken before the recalibration) and the features. `ddp_wrap`: see
+    _train_small_stream."""
     def make(model: EMPSSLModel) -> list:
         replay = ReplayBufferPlugin(size=20, batch=8, policy="minred", seed=0, device=dev)
         return [MixupPlugin(replay, alpha=0.4, seed=0), replay,
                 DistillPlugin(model, dim=MODEL_KW["proj_dim"], hidden_dim=64, every=2, device=dev)]
 
-    model, plugins, strategy = _train_small_stream(dev, make)
+    model, plugins, strategy = _train_small_stream(dev, make, ddp_wrap=ddp_wrap)
     counters = strategy.counters  # the methods acted: 5 updates replayed and mixed, 4 distilled (copies at 2, 4)
     assert strategy.global_step == 6 and counters.buffer_images == 5 * 8 + 5 * 16 and len(plugins[1].buffer) == 20
     assert counters.frozen_forwards > 0 and plugins[2].frozen is not None
@@ -414,7 +421,7 @@ def test_float16_trains_with_loss_scaling_on_the_device(dev):
     assert len(moved) > len(initial) // 2
 
 
-def test_every_method_trains_deterministically_on_the_device(dev, monkeypatch):
+def test_every_method_trains_deterministically_on_the_device(dev, deterministic):
     """train.deterministic on the device: under torch.use_deterministic_algorithms, strict as setup_runtime sets it
     (an op with no deterministic kernel on CUDA raises), the strategy with MinRed replay, LUMP mixup and CaSSLe
     distillation trains (bf16 on CUDA), and two runs from one seed end bitwise equal: weights, BatchNorm
@@ -422,16 +429,7 @@ def test_every_method_trains_deterministically_on_the_device(dev, monkeypatch):
     BatchNorm recalibration (a generator seeded from the clock in the replay plugin fails this test)."""
     from tests.test_cl_end_to_end import _assert_equal
 
-    # as setup_runtime sets them: cuBLAS's fixed workspace; no timed pick of convolution kernels
-    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    old = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark)
-    torch.use_deterministic_algorithms(True)
-    torch.backends.cudnn.benchmark = False
-    try:
-        first, again = _methods_run(dev), _methods_run(dev)
-    finally:
-        torch.use_deterministic_algorithms(old[0])
-        torch.backends.cudnn.benchmark = old[1]
+    first, again = _methods_run(dev), _methods_run(dev)
     assert set(first) == {"model", "cl.mixup", "cl.replay", "cl.distill", "features"}
     # finite, every float tensor (the mode fills uninitialised memory with NaN: a read of it would show here, by
     # name, not as a mere difference)
@@ -441,6 +439,41 @@ def test_every_method_trains_deterministically_on_the_device(dev, monkeypatch):
               for k, v in state.items()}
     assert [k for k, v in floats.items() if not bool(torch.isfinite(v).all())] == []
     _assert_equal(first, again)
+
+
+@pytest.fixture
+def deterministic(monkeypatch):
+    """torch.use_deterministic_algorithms, strict, as setup_runtime sets it for train.deterministic: cuBLAS's fixed
+    workspace, no timed pick of convolution kernels."""
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    old = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark)
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    yield
+    torch.use_deterministic_algorithms(old[0])
+    torch.backends.cudnn.benchmark = old[1]
+
+
+def test_every_method_trains_in_a_process_group_as_without_one(dev, deterministic):
+    """MinRed replay, LUMP mixup and CaSSLe distillation in a one-process group, as torchrun runs them (NCCL,
+    DistributedDataParallel and SyncBatchNorm on CUDA; gloo and DDP on the CPU): each of the methods' collectives
+    runs on the backend (the buffer's gather of the global batch, MinRed's choice broadcast from rank 0, the rank
+    shares, the predictor's coalesced all-reduce, the objective's differentiable gather, DDP's reduction), and with
+    one rank every one of them is an identity, so under deterministic algorithms the run ends bitwise equal to the
+    same run without a group: weights, BatchNorm statistics, predictor, frozen copy, buffer, probe features."""
+    import torch.distributed as dist
+
+    from tests.test_cl_end_to_end import _assert_equal
+
+    plain = _methods_run(dev)
+    backend = "nccl" if dev.type == "cuda" else "gloo"
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    try:
+        assert ddp.is_dist() and dist.get_backend() == backend
+        grouped = _methods_run(dev, ddp_wrap=True)
+    finally:
+        dist.destroy_process_group()
+    _assert_equal(plain, grouped)
 
 
 def test_each_epoch_of_a_resident_loader_starts_without_waiting_for_the_device(dev):
