@@ -44,6 +44,8 @@ DEVICE = os.environ.get("STREAMING_SSL_TEST_DEVICE", "cuda")
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(), reason="needs a CUDA device")]
 MODEL_KW = {"width": 0.25, "feature_dim": 256, "proj_hidden_dim": 256, "proj_dim": 128}
+# where the dry run on the CPU needs a narrower model (float16 is emulated there, 5x to 35x slower than float32)
+CPU_NARROW_MODEL_KW = {"width": 0.125, "feature_dim": 64, "proj_hidden_dim": 64, "proj_dim": 32}
 
 
 @pytest.fixture
@@ -147,6 +149,47 @@ def test_model_bf16_autocast_matches_fp32(dev):
     native = torch.cuda.get_device_capability(dev)[0] >= 8 if dev.type == "cuda" else cpu_supports_bf16()
     assert resolve_precision("auto", torch.device(dev.type, 0) if dev.type == "cuda" else dev) is (
         torch.bfloat16 if native else None)
+
+
+@pytest.mark.parametrize("amp", [None, torch.bfloat16], ids=["fp32", "bf16"])
+def test_memory_savers_give_the_plain_models_gradients_on_the_device(dev, amp):
+    """model.recompute_stages=2 with model.recompute_bn_relu (the memory savers an out-of-memory error names) against
+    the plain model on the device, two training steps of the objective from the same weights and patches. The
+    savers' BatchNorm+ReLU+conv Function calls aten's native_batch_norm, its backward and convolution_backward
+    itself, where the plain model's BatchNorm takes cuDNN's kernels on CUDA: so not bitwise there (on the CPU it
+    is, tests/streaming_ssl/test_models.py). Each parameter's gradient within 1% (fp32) or 5% (bf16 autocast) of
+    the plain one (relative norm), the running statistics within 0.1% / 2%, the step counters equal; a saver that
+    dropped the ReLU's mask or the wrong saved input would be off by far more."""
+    model_kw = MODEL_KW if dev.type == "cuda" else CPU_NARROW_MODEL_KW
+    torch.manual_seed(0)
+    plain = EMPSSLModel(**model_kw).to(dev).to(memory_format=torch.channels_last).train()
+    lean = copy.deepcopy(plain)
+    for m in lean.modules():
+        if hasattr(m, "recompute_bn_relu"):
+            m.recompute_bn_relu = True
+    lean.backbone.recompute_stages = 2
+    x = MultiPatchAugment(4, 32).to(dev)(images(16).to(dev), torch.Generator(device=dev).manual_seed(0))
+    x = x.contiguous(memory_format=torch.channels_last)
+    grad_tol, stat_tol = (0.01, 0.001) if amp is None else (0.05, 0.02)
+    for step in range(2):  # the second step normalises with statistics the first one updated
+        grads = []
+        for model in (plain, lean):
+            model.zero_grad(set_to_none=True)
+            with autocast(dev, amp):
+                _, z = model(x)
+            emp_ssl_loss(z.float(), 4)[0].backward()
+            grads.append({n: p.grad for n, p in model.named_parameters()})
+        for name, g in grads[0].items():
+            if name.endswith("0.bias"):  # right before a BatchNorm: its true gradient is 0
+                continue
+            assert bool(torch.isfinite(grads[1][name]).all()) and rel_err(grads[1][name], g) < grad_tol, (step, name)
+        buffers = dict(lean.named_buffers())
+        for name, b in plain.named_buffers():
+            if b.is_floating_point():
+                assert rel_err(buffers[name], b) < stat_tol, (step, name)
+            else:
+                assert torch.equal(buffers[name], b), (step, name)
+    assert int(dict(lean.named_buffers())["backbone.stages.0.0.bn1.num_batches_tracked"]) == 2
 
 
 def test_objective_on_device_matches_cpu(dev):
@@ -272,10 +315,6 @@ def _train_small_stream(dev: torch.device, methods: Callable[[EMPSSLModel], list
     return model, plugins, strategy
 
 
-# float16 on the CPU (the dry run) is emulated, 5x to 35x slower than float32: a narrower model there
-FP16_CPU_MODEL_KW = {"width": 0.125, "feature_dim": 64, "proj_hidden_dim": 64, "proj_dim": 32}
-
-
 @pytest.mark.parametrize("methods", ["plain", "replay+mixup", "minred+distill", "minred_stored", "fp16+distill"])
 def test_training_updates_never_wait_for_the_device(dev, methods: str):
     """No host synchronisation inside an update of EMPSSLStrategy on CUDA (bf16 autocast, data resident on the
@@ -291,7 +330,7 @@ def test_training_updates_never_wait_for_the_device(dev, methods: str):
     torch.backends.cudnn.benchmark = dev.type == "cuda"
     window = _NoSyncWindow(dev)
     fp16 = methods.startswith("fp16")
-    model_kw = FP16_CPU_MODEL_KW if fp16 and dev.type != "cuda" else MODEL_KW
+    model_kw = CPU_NARROW_MODEL_KW if fp16 and dev.type != "cuda" else MODEL_KW
     run_kw = {"amp_dtype": torch.float16, "model_kw": model_kw} if fp16 else {}
 
     def make(model: EMPSSLModel) -> list:
@@ -402,7 +441,7 @@ def test_float16_trains_with_loss_scaling_on_the_device(dev):
     gradients of the model and of CaSSLe's predictor (one optimizer) before LARS, and the small stream trains to
     finite weights; every update the scaling skipped halved the scale, and most updates were applied. (On the CPU,
     the dry run, a narrower model: float16 is emulated there, 5x to 35x slower than float32.)"""
-    model_kw = MODEL_KW if dev.type == "cuda" else FP16_CPU_MODEL_KW
+    model_kw = MODEL_KW if dev.type == "cuda" else CPU_NARROW_MODEL_KW
     torch.manual_seed(0)
     initial = EMPSSLModel(**model_kw).state_dict()  # what _train_small_stream's model starts from (same seed)
 
