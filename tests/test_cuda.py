@@ -460,7 +460,7 @@ def test_float16_trains_with_loss_scaling_on_the_device(dev):
     assert len(moved) > len(initial) // 2
 
 
-def test_every_method_trains_deterministically_on_the_device(dev, deterministic):
+def test_every_method_trains_deterministically_on_the_device(dev, deterministic_algorithms):
     """train.deterministic on the device: under torch.use_deterministic_algorithms, strict as setup_runtime sets it
     (an op with no deterministic kernel on CUDA raises), the strategy with MinRed replay, LUMP mixup and CaSSLe
     distillation trains (bf16 on CUDA), and two runs from one seed end bitwise equal: weights, BatchNorm
@@ -481,7 +481,7 @@ def test_every_method_trains_deterministically_on_the_device(dev, deterministic)
 
 
 @pytest.fixture
-def deterministic(monkeypatch):
+def deterministic_algorithms(monkeypatch):
     """torch.use_deterministic_algorithms, strict, as setup_runtime sets it for train.deterministic: cuBLAS's fixed
     workspace, no timed pick of convolution kernels."""
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -493,7 +493,7 @@ def deterministic(monkeypatch):
     torch.backends.cudnn.benchmark = old[1]
 
 
-def test_every_method_trains_in_a_process_group_as_without_one(dev, deterministic):
+def test_every_method_trains_in_a_process_group_as_without_one(dev, deterministic_algorithms):
     """MinRed replay, LUMP mixup and CaSSLe distillation in a one-process group, as torchrun runs them (NCCL,
     DistributedDataParallel and SyncBatchNorm on CUDA; gloo and DDP on the CPU): each of the methods' collectives
     runs on the backend (the buffer's gather of the global batch, MinRed's choice broadcast from rank 0, the rank
