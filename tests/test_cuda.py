@@ -157,9 +157,11 @@ def test_memory_savers_give_the_plain_models_gradients_on_the_device(dev, amp):
     the plain model on the device, two training steps of the objective from the same weights and patches. The
     savers' BatchNorm+ReLU+conv Function calls aten's native_batch_norm, its backward and convolution_backward
     itself, where the plain model's BatchNorm takes cuDNN's kernels on CUDA: so not bitwise there (on the CPU it
-    is, tests/streaming_ssl/test_models.py). Each parameter's gradient within 1% (fp32) or 5% (bf16 autocast) of
-    the plain one (relative norm), the running statistics within 0.1% / 2%, the step counters equal; a saver that
-    dropped the ReLU's mask or the wrong saved input would be off by far more."""
+    is, tests/streaming_ssl/test_models.py). fp32: each parameter's gradient within 1% of the plain one (relative
+    norm), the running statistics within 0.1%. bf16 autocast, where a different rounding anywhere spreads through
+    the backward: all gradients together with cosine >= 0.9 and within 40% (the spread of bf16 against fp32
+    itself, test_model_bf16_autocast_matches_fp32), statistics within 10%. The step counters equal. A saver that
+    dropped the ReLU's mask in backward is far off either way (cosine 0.15, 450%, measured on the CPU)."""
     model_kw = MODEL_KW if dev.type == "cuda" else CPU_NARROW_MODEL_KW
     torch.manual_seed(0)
     plain = EMPSSLModel(**model_kw).to(dev).to(memory_format=torch.channels_last).train()
@@ -170,7 +172,6 @@ def test_memory_savers_give_the_plain_models_gradients_on_the_device(dev, amp):
     lean.backbone.recompute_stages = 2
     x = MultiPatchAugment(4, 32).to(dev)(images(16).to(dev), torch.Generator(device=dev).manual_seed(0))
     x = x.contiguous(memory_format=torch.channels_last)
-    grad_tol, stat_tol = (0.01, 0.001) if amp is None else (0.05, 0.02)
     for step in range(2):  # the second step normalises with statistics the first one updated
         grads = []
         for model in (plain, lean):
@@ -178,15 +179,19 @@ def test_memory_savers_give_the_plain_models_gradients_on_the_device(dev, amp):
             with autocast(dev, amp):
                 _, z = model(x)
             emp_ssl_loss(z.float(), 4)[0].backward()
-            grads.append({n: p.grad for n, p in model.named_parameters()})
-        for name, g in grads[0].items():
-            if name.endswith("0.bias"):  # right before a BatchNorm: its true gradient is 0
-                continue
-            assert bool(torch.isfinite(grads[1][name]).all()) and rel_err(grads[1][name], g) < grad_tol, (step, name)
+            # (biases right before a BatchNorm are left out: their true gradient is 0)
+            grads.append({n: p.grad for n, p in model.named_parameters() if not n.endswith("0.bias")})
+        assert all(bool(torch.isfinite(g).all()) for g in grads[1].values()), step
+        if amp is None:
+            for name, g in grads[0].items():
+                assert rel_err(grads[1][name], g) < 0.01, (step, name)
+        else:
+            g0, g1 = (torch.cat([g.flatten().float() for g in gs.values()]) for gs in grads)
+            assert float(F.cosine_similarity(g1, g0, dim=0)) >= 0.9 and rel_err(g1, g0) < 0.4, step
         buffers = dict(lean.named_buffers())
         for name, b in plain.named_buffers():
             if b.is_floating_point():
-                assert rel_err(buffers[name], b) < stat_tol, (step, name)
+                assert rel_err(buffers[name], b) < (0.001 if amp is None else 0.1), (step, name)
             else:
                 assert torch.equal(buffers[name], b), (step, name)
     assert int(dict(lean.named_buffers())["backbone.stages.0.0.bn1.num_batches_tracked"]) == 2
