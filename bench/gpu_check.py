@@ -16,7 +16,9 @@ caches) run side by side (none of them times anything), then speed alone:
            run's own last probe/acc_all (within the accuracy tolerance)
   ddp      the same run under `torchrun --nproc_per_node 1` with model.sync_bn=true, compared with the plain run
   speed    bench/speed.py --device cuda: reference, ours, model_only, ours_lowmem, ours_compiled at widths
-           1/4 and 1, peak CUDA memory per case; its targets are reported (fatal only with --strict-targets);
+           1/4 and 1, peak CUDA memory per case; the first update's loss of ours_lowmem and ours_compiled (the
+           same model on the same patches, recomputed or compiled) within 1% of ours's; its targets are reported
+           (fatal only with --strict-targets);
            then, for information, ours_compiled_augment (augment.compile: the augmentation through torch.compile),
            ours_indexed (the augmentation indexing its subsets, one host sync per update), ours_replay and
            ours_minred (MinRed's cost beside a reservoir), ours_fp16 (float16 with its loss scaler, the skip of
@@ -60,6 +62,11 @@ RESULT = ROOT / "bench" / "results" / "gpu_check.json"
 NO_CUDA_EXIT = 2
 TOL = {"loss_rel": 0.01, "tcr_rel": 0.05, "inv_abs": 0.005, "acc_abs": 0.05}
 SPEED_CASES = ("reference", "ours", "model_only", "ours_lowmem", "ours_compiled")
+# cases that train `ours`'s model from the same weights on the same patches (recomputed in backward, compiled): their
+# first update's loss is `ours`'s up to kernel rounding (bf16 against fp32 moves it 0.03%); a wrong recomputation or
+# compiled graph moves it more
+SAME_LOSS_CASES = ("ours_lowmem", "ours_compiled")
+FIRST_LOSS_RTOL = 0.01
 # measured after those, for information (ours over each: what compiling the augmentation gains, and what masking its
 # subsets gains, on the GPU; ours_minred over ours_replay: what MinRed's choice at every update costs beside a
 # reservoir); a missing result of these does not fail the check. The dry run leaves out the compiled.
@@ -408,15 +415,30 @@ def check_speed(ctx: Ctx, strict: bool) -> dict:
     if not ctx.dry:
         problems += [f"{r['case']} width {r['width']}: no peak_cuda_MB" for r in result["rows"]
                      if "error" not in r and r.get("peak_cuda_MB") is None]
+    first_loss = first_loss_diffs(result["rows"])
+    problems += [f"{k}: its first update's loss is {d:.3g} off ours's (relative; more than {FIRST_LOSS_RTOL})"
+                 for k, d in first_loss.items() if not d <= FIRST_LOSS_RTOL]  # (nan included)
     targets = speed_targets(result)
     missed = [f"target {t['name']} ({t['group']}): {t['median']:.3g}, wanted {t['op']} {t['target']}"
               for t in targets if t["met"] is False]
     if strict:
         problems += missed
     return {"ok": not problems, "problems": problems, "targets": targets, "targets_missed": missed,
+            "first_loss_rel": first_loss,
             "peak_cuda_MB": {f"{r['case']}@{r['width']}": r.get("peak_cuda_MB") for r in result["rows"]},
             "cases": [case_row(r) for r in result["rows"]],
             "speed_json": str(out), "step": public(step), "info": speed_info(ctx, result)}
+
+
+def first_loss_diffs(rows: list[dict]) -> dict[str, float]:
+    """|first-update loss - ours's| / |ours's| for each SAME_LOSS_CASES row, as `case@width` (nan when not finite)."""
+    ours = {r["width"]: r.get("first_loss") for r in rows if r["case"] == "ours" and "error" not in r}
+    out = {}
+    for r in rows:
+        ref = ours.get(r["width"])
+        if r["case"] in SAME_LOSS_CASES and "error" not in r and ref is not None and r.get("first_loss") is not None:
+            out[f"{r['case']}@{r['width']}"] = abs(r["first_loss"] - ref) / max(abs(ref), 1e-12)
+    return out
 
 
 def case_row(row: dict) -> dict:
@@ -569,8 +591,9 @@ def summarize(name: str, r: dict) -> str:
     if name == "speed":
         info = ", ".join(f"{k} {v:.3g}" for k, v in r.get("info", {}).get("ratios", {}).items())
         notes = [f"{c['case']}@{c['width']}: {c['workers_note']}" for c in r.get("cases", []) if "workers_note" in c]
+        same = ", ".join(f"{k} {v:.2g}" for k, v in r.get("first_loss_rel", {}).items())
         return "; ".join([f"{len(r['peak_cuda_MB'])} cases", f"targets missed: {len(r['targets_missed'])}",
-                          *([info] if info else []), *notes])
+                          *([f"first loss vs ours: {same}"] if same else []), *([info] if info else []), *notes])
     return ""
 
 

@@ -247,7 +247,9 @@ def iter_clock(device, warmup: int, total: int):
     """An Avalanche plugin recording (perf_counter, samples seen) after every update of `total`. The device is
     synchronised only at the two ends of the measured window (after update `warmup` and after the last), so that
     on CUDA the updates pipeline as in training (the host queues one while the device runs the last): the window's
-    mean step time is exact; its per-step spread is the host's view there. On a CPU every mark is exact."""
+    mean step time is exact; its per-step spread is the host's view there. On a CPU every mark is exact. Also
+    keeps the loss of the first update (`first_loss`, read before the window: the cases that train the same model
+    on the same patches, recomputed or compiled, must give the same one)."""
     from avalanche.core import SupervisedPlugin
 
     ends = {max(warmup, 1) - 1, total - 1}
@@ -256,8 +258,11 @@ def iter_clock(device, warmup: int, total: int):
         def __init__(self) -> None:
             super().__init__()
             self.marks: list[tuple[float, int]] = []
+            self.first_loss: float | None = None
 
         def after_training_iteration(self, strategy, **kwargs) -> None:
+            if not self.marks:  # the first update, before the measured window (a host read there costs nothing)
+                self.first_loss = float(strategy.loss.detach().float().reshape(-1)[0])
             if len(self.marks) in ends:
                 sync(device)
             self.marks.append((time.perf_counter(), strategy.samples_seen))
@@ -312,7 +317,8 @@ def strategy_step_times(width: float, sizes: Sizes, device, splits, steps: int, 
     info = {"channels_last": cl, "amp_dtype": str(amp), "recompute_stages": cfg.model.recompute_stages,
             "recompute_bn_relu": cfg.model.recompute_bn_relu, "compiled": cfg.train.compile,
             "augment_compiled": cfg.augment.compile, "augment_sync_free": strategy.augment.sync_free,
-            "loss_finite": bool(math.isfinite(float(strategy.loss.detach().reshape(-1)[0])))}
+            "loss_finite": bool(math.isfinite(float(strategy.loss.detach().reshape(-1)[0]))),
+            "first_loss": clock.first_loss}
     if strategy.grad_scaler is not None:  # float16: updates the loss scaling skipped (warm-up included), and where
         info["skipped_updates"] = strategy.counters.skipped_updates  # the skip was decided
         opt = strategy.optimizer

@@ -81,6 +81,26 @@ def test_write_data_keeps_the_first_images_of_every_class(tmp_path):
     assert len(splits.train) == 70 and len(splits.test) == 30
 
 
+def test_first_loss_of_the_recomputed_and_compiled_cases_is_held_to_ours():
+    """The speed step's correctness side: a case that trains `ours`'s model on the same patches (recomputed,
+    compiled) must start from `ours`'s first loss, width by width; a loss 2% off, or not finite, is a problem, and
+    cases without a first loss (the reference, the model alone) or without `ours` at their width are not compared."""
+    gc = load_module()
+    rows = [{"case": "ours", "width": 0.25, "first_loss": -300.0}, {"case": "ours", "width": 1.0, "first_loss": -250.0},
+            {"case": "ours_lowmem", "width": 0.25, "first_loss": -300.0},
+            {"case": "ours_compiled", "width": 0.25, "first_loss": -300.3},
+            {"case": "ours_lowmem", "width": 1.0, "first_loss": -245.0},
+            {"case": "ours_compiled", "width": 1.0, "first_loss": float("nan")},
+            {"case": "ours_lowmem", "width": 0.5, "first_loss": -1.0},
+            {"case": "reference", "width": 0.25}, {"case": "model_only", "width": 0.25}]
+    diffs = gc.first_loss_diffs(rows)
+    assert set(diffs) == {"ours_lowmem@0.25", "ours_compiled@0.25", "ours_lowmem@1.0", "ours_compiled@1.0"}
+    assert diffs["ours_lowmem@0.25"] == 0 and diffs["ours_compiled@0.25"] == pytest.approx(0.001)
+    assert diffs["ours_lowmem@1.0"] == pytest.approx(0.02)
+    bad = [k for k, d in diffs.items() if not d <= gc.FIRST_LOSS_RTOL]
+    assert sorted(bad) == ["ours_compiled@1.0", "ours_lowmem@1.0"]
+
+
 @needs_data
 def test_dry_run_passes_every_check(tmp_path):
     out, work = tmp_path / "gpu_check.json", tmp_path / "work"
@@ -124,6 +144,8 @@ def test_dry_run_passes_every_check(tmp_path):
         assert f"| {c['case']} | {c['width']} | {c['patches_per_s']:.0f} |" in md
     for t in checks["speed"]["targets"]:
         assert f"| {t['name']} | {t['median']:.3g} |" in md
+    # the recomputing case trained the same model on the same patches: the same first loss (the CPU: exactly)
+    assert checks["speed"]["first_loss_rel"] == {"ours_lowmem@0.125": 0.0}, checks["speed"]["first_loss_rel"]
     # the information cases in the budget left (the compiled one not on the CPU): ours over each, MinRed over replay
     info = checks["speed"]["info"]
     assert set(info["ratios"]) == {"ours_over_ours_indexed@0.125", "ours_over_ours_replay@0.125",
