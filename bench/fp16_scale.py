@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -93,7 +94,7 @@ def main() -> None:
     for width in tqdm(args.widths, desc="widths"):
         t0 = time.perf_counter()
         row = {"width": width, "first_finite_scale": f"2^{first_finite_scale(width, first, args.patches, device)}",
-               "skipped": {f"from 2^{int(torch.log2(torch.tensor(s)))}": skipped_updates(
+               "skipped": {f"from 2^{int(math.log2(s))}": skipped_updates(
                    width, stream_images, args.patches, args.batch, s, device)
                    for s in (2.0 ** 16, FLOAT16_INIT_SCALE)}}
         row["seconds"] = round(time.perf_counter() - t0, 1)

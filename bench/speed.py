@@ -322,8 +322,7 @@ def strategy_step_times(width: float, sizes: Sizes, device, splits, steps: int, 
     if strategy.grad_scaler is not None:  # float16: updates the loss scaling skipped (warm-up included), and where
         info["skipped_updates"] = strategy.counters.skipped_updates  # the skip was decided
         opt = strategy.optimizer
-        foreach = getattr(opt, "foreach", False)
-        buckets = foreach or (foreach is None and device.type == "cuda")
+        buckets = opt.multi_tensor(device) if hasattr(opt, "multi_tensor") else False
         info["lars_amp_contract"] = bool(getattr(opt, "_step_supports_amp_scaling", False))
         info["fp16_skip_on"] = "device" if info["lars_amp_contract"] and buckets else "host"
     if methods:  # what the methods did over the whole run (warm-up included): images replayed, extra forwards

@@ -97,7 +97,7 @@ class LARS(torch.optim.Optimizer):
                 if p.grad is not None:
                     buckets.setdefault((p.device, p.dtype, p.grad.dtype), []).append(p)
             for (device, _, _), bucket in buckets.items():
-                if self.foreach or (self.foreach is None and device.type == "cuda"):
+                if self.multi_tensor(device):
                     self._step_bucket(group, bucket, found_inf, grad_scale)
                     continue
                 if found_inf is not None and skip_read is None:
@@ -107,6 +107,10 @@ class LARS(torch.optim.Optimizer):
                 for p in bucket:
                     self._step_one(group, p, grad_scale)
         return loss
+
+    def multi_tensor(self, device: torch.device) -> bool:
+        """Whether parameters on `device` step in multi-tensor buckets (`foreach`; None: on CUDA) or in the loop."""
+        return bool(self.foreach) or (self.foreach is None and device.type == "cuda")
 
     def _step_one(self, group: dict, p: torch.Tensor, grad_scale: torch.Tensor | None = None) -> None:
         """The step of one parameter (the loop); `grad_scale`: the scale its gradient still carries."""

@@ -330,12 +330,17 @@ def test_foreach_step_is_bit_identical_to_the_loop(kw):
 
 
 class _OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the ops dispatched (on a GPU, kernel launches), and among them the reads of a tensor's value by the
+    host (.item(), bool(), int(): aten._local_scalar_dense), which on a GPU wait for the device."""
+
     def __init__(self) -> None:
         super().__init__()
         self.count = 0
+        self.reads = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.count += 1
+        self.reads += func is torch.ops.aten._local_scalar_dense.default
         return func(*args, **(kwargs or {}))
 
 
@@ -366,19 +371,6 @@ def test_default_takes_the_loop_on_the_cpu():
 
 
 # ------------------------------------------------------------------- float16 loss scaling: skipped on the device
-
-class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
-    """Counts the reads of a tensor's value by the host (.item(), bool(), int(): aten._local_scalar_dense), which on
-    a GPU wait for the device."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.reads = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.reads += func is torch.ops.aten._local_scalar_dense.default
-        return func(*args, **(kwargs or {}))
-
 
 def _grads(model: nn.Module, step: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(100 + step)
@@ -461,7 +453,7 @@ def test_loss_scaled_buckets_never_read_a_value_on_the_host(overflow):
                 p.grad = torch.randn_like(p)
             if overflow:
                 model[0].weight.grad[0, 0] = float("inf")
-            with _HostReads() as spy:
+            with _OpCounter() as spy:
                 scaler.unscale_(opt)
                 scaler.step(opt)
                 scaler.update()
