@@ -187,7 +187,8 @@ class ImageBuffer:
         return torch.randperm(self.filled, generator=generator)[:k]
 
     def state_dict(self) -> dict:
-        return {"images": self.contents().cpu(), "seen": self.seen, "capacity": self.capacity}
+        # a copy: on the CPU, contents() is a view of the whole allocation, which torch.save would write out in full
+        return {"images": self.contents().to("cpu", copy=True), "seen": self.seen, "capacity": self.capacity}
 
     def load_state_dict(self, state: dict) -> None:
         if int(state["capacity"]) != self.capacity:

@@ -155,6 +155,21 @@ def test_the_buffer_holds_images_only_and_round_trips() -> None:
         ReplayBufferPlugin(size=10, batch=4, policy="minred").load_state_dict(state)
 
 
+def test_a_filling_buffer_saves_only_the_images_it_holds(tmp_path) -> None:
+    """A buffer of 1000 slots holding 10 images saves 10 images: its state owns their bytes (a view of the slots
+    would make torch.save write all 1000), and later inserts do not change a state already taken."""
+    buf = ImageBuffer(1000)
+    buf.add_reservoir(torch.full((10, 3, 32, 32), 7, dtype=torch.uint8), torch.Generator().manual_seed(0))
+    state = buf.state_dict()
+    path = tmp_path / "buffer.pt"
+    torch.save(state, path)
+    held = 10 * 3 * 32 * 32
+    assert state["images"].untyped_storage().nbytes() == held
+    assert held <= path.stat().st_size < 2 * held  # the full allocation would be 3 MB
+    buf.add_reservoir(torch.zeros(5, 3, 32, 32, dtype=torch.uint8), torch.Generator().manual_seed(1))
+    assert bool((state["images"] == 7).all())
+
+
 def test_minred_run_keeps_a_full_buffer_of_stream_images() -> None:
     replay = ReplayBufferPlugin(size=10, batch=4, policy="minred", seed=3)
     stream, strategy, data = build_strategy([replay])
