@@ -120,7 +120,7 @@ def wrap_for_training(cfg: Config, model: torch.nn.Module, device: torch.device)
     if not ddp.is_dist():
         return model
     train_model = model
-    sync = cfg.model.sync_bn and device.type == "cuda"
+    sync = ddp.syncs_batchnorm(cfg.model.sync_bn, device.type)
     if sync:
         train_model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     elif cfg.model.sync_bn:

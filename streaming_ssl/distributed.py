@@ -55,6 +55,12 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def syncs_batchnorm(requested: bool, device_type: str) -> bool:
+    """Whether BatchNorm layers become SyncBatchNorm: asked for (model.sync_bn), inside a process group, and on
+    CUDA (PyTorch's SyncBatchNorm is CUDA-only; on gloo each rank normalises with its own batch statistics)."""
+    return bool(requested) and is_dist() and device_type == "cuda"
+
+
 def barrier() -> None:
     if is_dist():
         dist.barrier()

@@ -30,8 +30,9 @@ from streaming_ssl import augment as augment_module
 from streaming_ssl import checkpoint as ckpt
 from streaming_ssl import distributed as ddp
 from streaming_ssl.augment import MultiPatchAugment
-from streaming_ssl.cl import DistillPlugin, MixupPlugin, ReplayBufferPlugin
+from streaming_ssl.cl import DistillPlugin, MixupPlugin, ReplayBufferPlugin, build_cl_plugins
 from streaming_ssl.cl.common import gather_global_batch
+from streaming_ssl.config import load_config
 from streaming_ssl.device import autocast, cpu_supports_bf16, resolve_precision
 from streaming_ssl.lars import LARS, param_groups
 from streaming_ssl.models import EMPSSLModel
@@ -426,7 +427,8 @@ def _methods_run(dev: torch.device, ddp_wrap: bool = False) -> dict:
     def make(model: EMPSSLModel) -> list:
         replay = ReplayBufferPlugin(size=20, batch=8, policy="minred", seed=0, device=dev)
         return [MixupPlugin(replay, alpha=0.4, seed=0), replay,
-                DistillPlugin(model, dim=MODEL_KW["proj_dim"], hidden_dim=64, every=2, device=dev)]
+                DistillPlugin(model, dim=MODEL_KW["proj_dim"], hidden_dim=64, every=2, device=dev,
+                              sync_bn=ddp.syncs_batchnorm(ddp_wrap, dev.type))]
 
     model, plugins, strategy = _train_small_stream(dev, make, ddp_wrap=ddp_wrap)
     counters = strategy.counters  # the methods acted: 5 updates replayed and mixed, 4 distilled (copies at 2, 4)
@@ -504,7 +506,8 @@ def test_every_method_trains_in_a_process_group_as_without_one(dev, deterministi
     runs on the backend (the buffer's gather of the global batch, MinRed's choice broadcast from rank 0, the rank
     shares, the predictor's coalesced all-reduce, the objective's differentiable gather, DDP's reduction), and with
     one rank every one of them is an identity, so under deterministic algorithms the run ends bitwise equal to the
-    same run without a group: weights, BatchNorm statistics, predictor, frozen copy, buffer, probe features."""
+    same run without a group: weights, BatchNorm statistics, predictor, frozen copy, buffer, probe features. On CUDA
+    the predictor's BatchNorm is a SyncBatchNorm there, as build_cl_plugins makes it for a torchrun run."""
     import torch.distributed as dist
 
     from tests.test_cl_end_to_end import _assert_equal
@@ -514,6 +517,11 @@ def test_every_method_trains_in_a_process_group_as_without_one(dev, deterministi
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
     try:
         assert ddp.is_dist() and dist.get_backend() == backend
+        cfg = load_config(None, [f"model.proj_dim={MODEL_KW['proj_dim']}", "cl.distill.enabled=true",
+                                 "cl.distill.hidden_dim=8"])
+        distill, = build_cl_plugins(cfg, model=EMPSSLModel(**MODEL_KW).to(dev), train_size=96, device=dev)
+        synced = [isinstance(m, torch.nn.SyncBatchNorm) for m in distill.predictor.modules()]
+        assert any(synced) == (dev.type == "cuda")  # PyTorch's SyncBatchNorm is CUDA-only
         grouped = _methods_run(dev, ddp_wrap=True)
     finally:
         dist.destroy_process_group()
@@ -555,7 +563,6 @@ def test_runtime_benchmarks_convolutions_unless_deterministic(dev, deterministic
     """setup_runtime on the device: cudnn.benchmark on (fixed shapes), except under train.deterministic, where a
     timed pick of kernels could differ between a run and its resume. Nothing of it on the CPU."""
     from streaming_ssl.build import setup_runtime
-    from streaming_ssl.config import load_config
 
     cfg = load_config(None, [f"train.device={dev.type}", f"train.deterministic={str(deterministic).lower()}"])
     old = (torch.backends.cudnn.benchmark, torch.are_deterministic_algorithms_enabled())

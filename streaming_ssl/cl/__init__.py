@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from streaming_ssl import distributed as ddp
 from streaming_ssl.cl.distill import DistillPlugin, build_predictor, distill_loss, frozen_copy
 from streaming_ssl.cl.mixup import MixupPlugin, mix_images, sample_mixup
 from streaming_ssl.cl.replay import ImageBuffer, ReplayBufferPlugin, minred_keep, reservoir_slots
@@ -27,7 +28,7 @@ def build_cl_plugins(cfg, *, model: torch.nn.Module, train_size: int, device: to
     """The plugins of the continual-learning methods switched on in cfg.cl (none by default).
 
     Args:
-        cfg: the run's Config (cfg.cl, cfg.model.proj_dim, cfg.train.seed are read).
+        cfg: the run's Config (cfg.cl, cfg.model.proj_dim, cfg.model.sync_bn, cfg.train.seed are read).
         model: the trained model without its DDP wrapper.
         train_size: training images of the run (a buffer may not be larger).
         device: the training device (buffer images and the predictor live there).
@@ -56,5 +57,6 @@ def build_cl_plugins(cfg, *, model: torch.nn.Module, train_size: int, device: to
         plugins.append(replay)
     if d.enabled:
         plugins.append(DistillPlugin(model, dim=cfg.model.proj_dim, hidden_dim=d.hidden_dim, weight=d.weight,
-                                     every=d.every, device=device))
+                                     every=d.every, device=device,
+                                     sync_bn=ddp.syncs_batchnorm(cfg.model.sync_bn, device.type)))
     return plugins

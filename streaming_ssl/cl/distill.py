@@ -7,9 +7,12 @@ frozen model's projections z' of the same patches, and the loss gains
     L_distill = w * 1/M sum_m (1 - cos(g(z_m), z'_m))           over the M = n*B patches of the update
 
 so that what the new model learns stays predictive of what the old one knew. g is CaSSLe's 2-layer
-MLP Linear(d, hidden)-BN-ReLU-Linear(hidden, d). The frozen model runs in eval mode (as in CaSSLe) under
-inference_mode with the training autocast; it never has a gradient. Before the first boundary there is
-no frozen model and no term.
+MLP Linear(d, hidden)-BN-ReLU-Linear(hidden, d). The frozen model runs in eval mode under inference_mode with
+the training autocast; it never has a gradient. (CaSSLe's code deep-copies its encoder after Lightning has put
+the module in train mode and never calls eval(), so its frozen BatchNorm normalises with each batch's
+statistics; here the frozen copy normalises with the running statistics it was taken with, so that its
+targets for a patch do not depend on which other patches share the update.) Before the first boundary there
+is no frozen model and no term.
 
 The plugin (DistillPlugin):
   after_training_exp (every = 0) / after_training_iteration (every = N): takes the frozen copy of
@@ -22,7 +25,10 @@ The predictor is in `trainable_modules` (the optimizer gets it) and, with the fr
 checkpoint (`state_key`); it is not part of the probed model.
 
 DDP: each rank's term is scaled by (its patches / the global patches) x world, so that DDP's averaging
-gives the gradient of the mean over the global batch, also for uneven shares.
+gives the gradient of the mean over the global batch, also for uneven shares. With `sync_bn` (what
+build_cl_plugins sets on CUDA under DDP with model.sync_bn, as for the model) the predictor's BatchNorm is a
+SyncBatchNorm: it normalises with the statistics of the global batch, so the averaged gradient is the one
+process's. Without it (gloo: PyTorch's SyncBatchNorm is CUDA-only) each rank normalises its own patches.
 """
 
 from __future__ import annotations
@@ -85,17 +91,21 @@ class DistillPlugin(SupervisedPlugin):
         every: 0 freezes a copy at the end of every experience (online: of every parent experience, read
             from `strategy.at_boundary`); N > 0 every N updates.
         device: where the predictor lives (the training device).
+        sync_bn: the predictor's BatchNorm as a SyncBatchNorm (under DDP on CUDA; the same state_dict keys).
     """
 
     state_key = "cl.distill"
 
     def __init__(self, model: torch.nn.Module, *, dim: int, hidden_dim: int = 2048, weight: float = 200.0,
-                 every: int = 0, device: torch.device | str = "cpu") -> None:
+                 every: int = 0, device: torch.device | str = "cpu", sync_bn: bool = False) -> None:
         super().__init__()
         if every < 0:
             raise ValueError(f"every must be >= 0 (0: at experience boundaries), got {every}")
         self.model, self.weight, self.every = model, float(weight), int(every)
-        self.predictor = build_predictor(dim, hidden_dim).to(device)
+        predictor = build_predictor(dim, hidden_dim)
+        if sync_bn:
+            predictor = torch.nn.SyncBatchNorm.convert_sync_batchnorm(predictor)
+        self.predictor = predictor.to(device)
         self.trainable_modules = [self.predictor]
         self.frozen: torch.nn.Module | None = None
 

@@ -135,3 +135,21 @@ def test_the_predictor_is_optimised_in_a_run_and_round_trips() -> None:
         assert torch.equal(again.frozen.state_dict()[k], v)
     for k, v in distill.predictor.state_dict().items():
         assert torch.equal(again.predictor.state_dict()[k], v)
+
+
+def test_sync_bn_makes_the_predictors_batchnorm_synchronised_with_the_same_state() -> None:
+    """Under DDP on CUDA (build_cl_plugins asks for it with model.sync_bn) the predictor's BatchNorm normalises with
+    the global batch's statistics: a SyncBatchNorm, the one the optimizer gets, starting from the same weights, with
+    the same state_dict, so that a checkpoint of a one-GPU run resumes under torchrun and back."""
+    torch.manual_seed(0)
+    plain = DistillPlugin(tiny_model(), dim=PROJ_DIM, hidden_dim=8)
+    torch.manual_seed(0)
+    synced = DistillPlugin(tiny_model(), dim=PROJ_DIM, hidden_dim=8, sync_bn=True)
+    kinds = [type(m) for m in synced.predictor.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert kinds == [torch.nn.SyncBatchNorm]
+    assert not any(type(m) is torch.nn.SyncBatchNorm for m in plain.predictor.modules())
+    assert synced.trainable_modules == [synced.predictor]
+    a, b = plain.predictor.state_dict(), synced.predictor.state_dict()
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+    synced.load_state_dict(plain.state_dict())
+    plain.load_state_dict(synced.state_dict())
