@@ -107,15 +107,25 @@ def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
     so after the last update the ranks hold different statistics. Call this before an evaluation that
     runs on every rank, so that all ranks use the model rank 0 checkpoints.
     """
+    _broadcast_tensors(module.buffers(), src)
+
+
+def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:
+    """Give every rank rank `src`'s parameters and buffers, in place: for a trained module outside the DDP wrapper
+    (which broadcasts only the model it wraps), so that the ranks start it from the same values."""
+    _broadcast_tensors([*module.parameters(), *module.buffers()], src)
+
+
+def _broadcast_tensors(tensors, src: int) -> None:
     if not is_dist():
         return
-    for buf in module.buffers():
-        if buf.is_contiguous():
-            dist.broadcast(buf.data, src)
+    for t in tensors:
+        if t.is_contiguous():
+            dist.broadcast(t.data, src)
         else:
-            tmp = buf.data.contiguous()
+            tmp = t.data.contiguous()
             dist.broadcast(tmp, src)
-            buf.data.copy_(tmp)
+            t.data.copy_(tmp)
 
 
 def average_grads_(params) -> int:

@@ -15,6 +15,8 @@ targets for a patch do not depend on which other patches share the update.) Befo
 is no frozen model and no term.
 
 The plugin (DistillPlugin):
+  before_training: under DDP, gives every rank rank 0's predictor (it lives outside the DDP wrapper, which
+      broadcasts only the model).
   after_training_exp (every = 0) / after_training_iteration (every = N): takes the frozen copy of
       `strategy.core_model` (rank 0's BatchNorm buffers on every rank under DDP).
   before_backward: adds the term to `strategy.loss` (and `distill` to `strategy.last_stats`), counts
@@ -114,6 +116,9 @@ class DistillPlugin(SupervisedPlugin):
         self.frozen = frozen_copy(strategy.core_model)
         ddp.broadcast_buffers(self.frozen)
         log.debug("distill: frozen copy taken at update %d", strategy.global_step)
+
+    def before_training(self, strategy, **kwargs) -> None:
+        ddp.broadcast_module(self.predictor)  # under DDP: every rank starts from rank 0's predictor
 
     def after_training_exp(self, strategy, **kwargs) -> None:
         if self.every == 0 and getattr(strategy, "at_boundary", True):
