@@ -580,10 +580,19 @@ def read_npz_arrays(
     """The ``required`` (and present ``optional``) arrays of an .npz file, loaded without pickle.
 
     Raises:
-        DataError: a required key is missing (naming it and the keys present), or the file is
-            truncated, corrupted or holds pickled objects; ``fix`` ends the message.
+        DataError: the file is not a zip archive (an .npy, a text file), a required key is missing
+            (naming it and the keys present), or the file is truncated, corrupted or holds pickled
+            objects; ``fix`` ends the message.
     """
     try:
+        with open(path, "rb") as fh:
+            magic = fh.read(6)
+        if not magic.startswith(b"PK"):  # a zip starts with "PK"; one that does but is cut short is corrupted
+            npy = " but an .npy (one array, as numpy.save writes)" if magic == b"\x93NUMPY" else ""
+            raise DataError(
+                f"{path} is not an .npz (zip) file{npy}; save the arrays with numpy.savez(path, x_train=..., "
+                f"y_train=..., ...). {fix}"
+            )
         with np.load(path, allow_pickle=False) as npz:
             missing = [k for k in required if k not in npz.files]
             if missing:
@@ -771,8 +780,13 @@ def _read_cifar_python(folder: pathlib.Path, spec: _CifarSpec) -> tuple[ImageDat
 
 
 def _decode_rgb(path: str) -> torch.Tensor:
-    """Decode an image file to a (3, H, W) uint8 tensor (grayscale/RGBA -> RGB)."""
+    """Decode an image file to a (3, H, W) uint8 tensor (grayscale/RGBA -> RGB).
+
+    A 16-bit PNG (decoded as uint16) is scaled to 8 bits by keeping the high byte: ``v >> 8`` =
+    ``floor(v / 256)``, torchvision's ``to_dtype(..., scale=True)`` (65535 -> 255, 40000 -> 156).
+    """
     from torchvision.io import ImageReadMode, decode_image
+    from torchvision.transforms.v2.functional import to_dtype
 
     try:
         img = decode_image(path, mode=ImageReadMode.RGB)
@@ -781,6 +795,8 @@ def _decode_rgb(path: str) -> torch.Tensor:
             f"Cannot decode image {path} ({type(exc).__name__}: {exc}); the file is corrupted or "
             f"not a JPEG/PNG: replace it from the original archive or delete it."
         ) from exc
+    if img.dtype != torch.uint8:  # 16-bit PNG: uint16 0..65535
+        img = to_dtype(img, torch.uint8, scale=True)
     return img
 
 
@@ -845,11 +861,16 @@ def _decode_many(
 
 
 def _list_images(folder: pathlib.Path) -> list[str]:
-    """Sorted image files (by extension) directly inside ``folder``."""
+    """Sorted image files (by extension) directly inside ``folder``.
+
+    Hidden files are skipped: macOS leaves ``._NAME.png`` (AppleDouble metadata) and ``.DS_Store``
+    beside the images, and they are not images.
+    """
     with os.scandir(folder) as it:
         files = [
             e.path for e in it
-            if e.is_file() and os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS
+            if e.is_file() and not e.name.startswith(".")
+            and os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS
         ]
     return sorted(files)
 

@@ -2,18 +2,23 @@
 
 They are accepted wherever a dataset is named (``data.dataset``, ``eval.transfer``, ``evaluate.py
 --dataset/--transfer``) and end in :func:`scenarios.datasets.load_dataset`. A relative PATH is relative
-to the current directory; a leading ``~`` expands. Logs and metrics use a readable name: the folder's
+to the current directory; a leading ``~`` expands; a loaded config holds it absolute (so does the run's
+saved config.yaml and checkpoint). Logs and metrics use a readable name: the folder's
 name (``folder:/data/svhn`` -> ``svhn``) or the file's stem (``npz:/data/digits.npz`` -> ``digits``).
 
 Layouts:
 
 * ``folder:ROOT`` -- ``ROOT/train/<class>/*`` and ``ROOT/test/<class>/*`` (or ``ROOT/val/<class>/*``;
-  ``test/`` wins when both exist). Images are JPEG, PNG or WebP (what torchvision decodes). Class ids
-  follow the sorted folder names of ``train/``; a test class must be one of them.
+  ``test/`` wins when both exist). Images are JPEG, PNG or WebP (what torchvision decodes; a 16-bit PNG
+  keeps its high byte, ``v >> 8``); hidden files and folders (``.DS_Store``, macOS ``._*``) are skipped.
+  Class ids follow the sorted folder names of ``train/``; a test class must be one of them.
 * ``npz:FILE`` -- ``x_train``, ``y_train``, ``x_test``, ``y_test`` as in shared/data/README.md, uint8
   images ``(N, H, W, C)`` with C 1, 3 (or 4: alpha dropped) or ``(N, H, W)`` grayscale; optional
-  ``class_names`` (else the classes are ``0..max(y_train)``) and optional ``mean``/``std`` (3 values
-  each in [0, 1]) which are then used instead of computed statistics.
+  ``class_names`` (str or bytes; else the classes are ``0..max(y_train)``) and optional ``mean``/``std``
+  (3 values each in [0, 1]) which are then used instead of computed statistics. Both splits must hold
+  images, and every class training images.
+
+Either source: a class without test images only logs a warning (accuracies on it are undefined, NaN).
 
 Images become RGB (grayscale replicated, alpha dropped) uint8 ``(N, 3, S, S)``. With ``image_size``
 given (build passes the in-domain dataset's size for transfer targets) every image has its shorter
@@ -60,6 +65,7 @@ from scenarios.datasets import (
     _list_images,
     _positive_size,
     _resize_center_crop,
+    _to_str,
     read_npz_arrays,
 )
 
@@ -276,6 +282,14 @@ def _load_npz(ref: SourceRef, image_size: int | None) -> DatasetSplits:
     arrays = read_npz_arrays(path, _NPZ_REQUIRED, _NPZ_OPTIONAL, fix=_NPZ_FIX)
     x_train = _npz_images(arrays["x_train"], f"{path} key x_train")
     x_test = _npz_images(arrays["x_test"], f"{path} key x_test")
+    if len(x_train) == 0:
+        raise DataError(f"npz source {path}: key x_train holds no image; an npz source needs training images. "
+                        f"{_NPZ_FIX}")
+    if len(x_test) == 0:
+        raise DataError(
+            f"npz source {path}: key x_test holds no image; every evaluation probes the test split, so add test "
+            f"images (x_test, y_test), e.g. held out from the training images. {_NPZ_FIX}"
+        )
     if x_train.shape[-2:] != x_test.shape[-2:] and image_size is None:
         raise DataError(
             f"{path}: x_train images are {tuple(x_train.shape[-2:])} but x_test images {tuple(x_test.shape[-2:])}; "
@@ -285,6 +299,7 @@ def _load_npz(ref: SourceRef, image_size: int | None) -> DatasetSplits:
     how = "class_names" if "class_names" in arrays else "max(y_train) + 1"
     y_train = _check_labels(arrays["y_train"], len(x_train), num_classes, f"{path} key y_train ({how} classes)")
     y_test = _check_labels(arrays["y_test"], len(x_test), num_classes, f"{path} key y_test ({how} classes)")
+    _check_npz_class_counts(path, names, how, y_train, y_test)
     size = image_size or min(int(x_train.shape[-2]), int(x_train.shape[-1]))
     x_train, x_test = _fit(x_train, size), _fit(x_test, size)
     if "mean" in arrays and "std" in arrays:
@@ -319,7 +334,7 @@ def _npz_images(x: np.ndarray, where: str) -> torch.Tensor:
 def _npz_classes(arrays: dict[str, np.ndarray], path: pathlib.Path) -> tuple[list[str], int]:
     """Class names and count: ``class_names`` when present, else ``0..max(y_train)``."""
     if "class_names" in arrays:
-        names = [str(n) for n in np.asarray(arrays["class_names"]).reshape(-1).tolist()]
+        names = [_to_str(n) for n in np.asarray(arrays["class_names"]).reshape(-1).tolist()]
         if not names:
             raise DataError(f"{path} key class_names is empty; list one name per class or drop the key.")
         return names, len(names)
@@ -330,6 +345,43 @@ def _npz_classes(arrays: dict[str, np.ndarray], path: pathlib.Path) -> tuple[lis
         raise DataError(f"{path} key y_train has dtype {y.dtype}; labels must be integers 0..C-1. {_NPZ_FIX}")
     count = max(int(y.max()) + 1, 1)
     return [str(i) for i in range(count)], count
+
+
+def _check_npz_class_counts(path: pathlib.Path, names: list[str], how: str, y_train: torch.Tensor,
+                            y_test: torch.Tensor) -> None:
+    """Every class needs training images (else a DataError); a class without test images is warned about."""
+    empty = _missing_classes(y_train, names)
+    if empty:
+        trim = ("; and keep class_names = class_names[classes], or remove the names of the empty classes from "
+                "class_names" if how == "class_names" else
+                " (without class_names the classes are 0..max(y_train), so labels with gaps leave classes empty)")
+        raise DataError(
+            f"npz source {path}: class(es) {_listed(empty, names)} of the {len(names)} ({how}) have no training "
+            f"image, and every class needs training images (class-incremental experiences are cut by class). Remap "
+            f"the labels to 0..C-1 with `classes, y_train = numpy.unique(y_train, return_inverse=True)` and "
+            f"`y_test = numpy.searchsorted(classes, y_test)`{trim}."
+        )
+    _warn_untested(f"npz source {path}", _missing_classes(y_test, names), names)
+
+
+def _missing_classes(targets: torch.Tensor, names: list[str]) -> list[int]:
+    """The class ids in ``0..len(names)-1`` that no entry of ``targets`` holds."""
+    return torch.bincount(targets, minlength=len(names)).eq(0).nonzero().flatten().tolist()
+
+
+def _listed(ids: list[int], names: list[str]) -> str:
+    """``ids`` for a message, with their names where these are not the ids themselves (at most 10)."""
+    shown = [str(i) if names[i] == str(i) else f"{i} ({names[i]!r})" for i in ids[:10]]
+    return ", ".join(shown) + (f" and {len(ids) - 10} more" if len(ids) > 10 else "")
+
+
+def _warn_untested(where: str, untested: list[int], names: list[str]) -> None:
+    """Log that the classes ``untested`` have no test image: accuracies on them are undefined (not an error)."""
+    if untested:
+        logger.warning(
+            "%s: class(es) %s have no test image: the accuracy on an experience holding only such classes is "
+            "undefined (NaN), and so are the average accuracy and forgetting that include it; add test images of "
+            "those classes if that is not intended", where, _listed(untested, names))
 
 
 def _given_stats(arrays: dict[str, np.ndarray], path: pathlib.Path) -> Stats:
@@ -430,6 +482,8 @@ def _scan_folder(root: pathlib.Path) -> _FolderFiles:
     test_paths, test_targets = _files_by_class(test_dir, test_classes, index)
     if not test_paths:
         raise DataError(f"folder source {root}: {test_dir}/ holds no class folder; {layout}.")
+    _warn_untested(f"folder source {root} ({test_dir}/)", [index[c] for c in classes if c not in set(test_classes)],
+                   classes)
     return _FolderFiles(classes, train_paths, train_targets, test_paths, test_targets)
 
 
@@ -448,7 +502,8 @@ def _files_by_class(split_dir: pathlib.Path, present: list[str], index: dict[str
         files = _list_images(folder)
         if not files:
             with os.scandir(folder) as it:
-                others = Counter(os.path.splitext(e.name)[1].lower() or e.name for e in it if e.is_file())
+                others = Counter(os.path.splitext(e.name)[1].lower() or e.name for e in it
+                                 if e.is_file() and not e.name.startswith("."))
             found = f"; it holds {', '.join(f'{k} ({v})' for k, v in others.most_common(3))}" if others else ""
             raise DataError(
                 f"class folder {folder}/ is empty: no {'/'.join(sorted(IMAGE_EXTENSIONS))} image{found}. Add "

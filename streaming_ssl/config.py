@@ -375,16 +375,31 @@ def _check(ok: bool, key: str, msg: str) -> None:
         raise ConfigError(f"{key}: {msg}")
 
 
-def _check_dataset(name: str, key: str) -> None:
-    """A dataset name the registry knows (scenarios.datasets), or a folder:PATH / npz:PATH source."""
+def _check_dataset(name: str, key: str) -> str:
+    """A dataset name the registry knows (scenarios.datasets), or a folder:PATH / npz:PATH source.
+
+    Returns the name to keep: a built-in name as written; a generic source with its path made absolute
+    (relative to the current directory, ``~`` expanded) and its kind in lower case, e.g. ``folder:/abs/svhn``,
+    so that the saved config and checkpoint name the same data from any directory (evaluate.py, --resume).
+    """
     try:
         check_dataset_name(name, key)
     except DataError as err:
         raise ConfigError(str(err)) from None
+    from scenarios import sources  # the generic sources; cheap (no Avalanche), imported where they are named
+
+    if not sources.is_generic(name):
+        return name
+    ref = sources.parse_source(name)
+    return f"{ref.kind}:{ref.path}"
 
 
 def validate(cfg: Config) -> None:
-    """Range and consistency checks that types alone cannot express."""
+    """Range and consistency checks that types alone cannot express.
+
+    Also rewrites a relative ``folder:PATH`` / ``npz:PATH`` in ``data.dataset`` and ``eval.transfer`` to its
+    absolute path (see :func:`_check_dataset`).
+    """
     a, o, s, t, e, m, op = cfg.augment, cfg.objective, cfg.stream, cfg.train, cfg.eval, cfg.model, cfg.optim
     _check(a.n_patches >= 2, "augment.n_patches", f"must be >= 2 (the invariance term compares patches), got {a.n_patches}")
     _check(0 < a.crop_area <= 1, "augment.crop_area", f"must be in (0, 1], got {a.crop_area}")
@@ -440,12 +455,16 @@ def validate(cfg: Config) -> None:
     _check(e.patches >= 0, "eval.patches", f"must be >= 0 (0: whole image), got {e.patches}")
     _check(e.probe_epochs >= 1, "eval.probe_epochs", f"must be >= 1, got {e.probe_epochs}")
     _check(e.probe_lr > 0, "eval.probe_lr", f"must be > 0, got {e.probe_lr}")
+    _check(e.probe_weight_decay >= 0, "eval.probe_weight_decay", f"must be >= 0, got {e.probe_weight_decay}")
     _check(e.knn_k >= 0, "eval.knn_k", f"must be >= 0, got {e.knn_k}")
+    _check(e.knn_temperature > 0, "eval.knn_temperature",
+           f"must be > 0 (the kNN votes are weighted by exp(similarity / temperature)), got {e.knn_temperature}")
     _check(e.bn_recalibrate >= 0, "eval.bn_recalibrate", f"must be a number of images >= 0 (0: off), got {e.bn_recalibrate}")
     _check(e.batch_size >= 1 and e.probe_batch_size >= 1, "eval.batch_size", "batch sizes must be >= 1")
-    _check_dataset(cfg.data.dataset, "data.dataset")
-    for i, name in enumerate(e.transfer):
-        _check_dataset(name, f"eval.transfer[{i}]")
+    _check(cfg.data.image_size is None or cfg.data.image_size >= 1, "data.image_size",
+           f"must be >= 1 pixels or null (the dataset's own size), got {cfg.data.image_size}")
+    cfg.data.dataset = _check_dataset(cfg.data.dataset, "data.dataset")
+    e.transfer = [_check_dataset(name, f"eval.transfer[{i}]") for i, name in enumerate(e.transfer)]
     for key, value in (("data.train_per_class", cfg.data.train_per_class), ("data.test_per_class", cfg.data.test_per_class),
                        ("eval.train_per_class", e.train_per_class), ("eval.test_per_class", e.test_per_class)):
         _check(value is None or value >= 1, key, f"must be >= 1 or null, got {value}")

@@ -274,7 +274,8 @@ def test_npz_truncated_or_garbage(tmp_path, cifar10_arrays):
     with pytest.raises(DataError, match=r"cifar10\.npz is truncated or corrupted.*delete it to fall back to.*cifar-10-batches-py"):
         load_dataset("cifar10", tmp_path)
     path.write_bytes(b"this is not a zip file at all" * 10)
-    with pytest.raises(DataError, match=r"is truncated or corrupted"):
+    with pytest.raises(DataError, match=r"cifar10\.npz is not an \.npz \(zip\) file; save the arrays with "
+                                        r"numpy\.savez.*delete it to fall back to"):
         load_dataset("cifar10", tmp_path)
 
 

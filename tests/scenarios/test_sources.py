@@ -7,12 +7,14 @@ grayscale and RGB, several sizes, an .npz with HWC RGB images and one with NHW g
 from __future__ import annotations
 
 import json
+import logging
 import pathlib
 import re
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torchvision.io import encode_png, write_file
 
 from scenarios import sources
@@ -25,7 +27,7 @@ from scenarios.datasets import (
 )
 from scenarios.streams import build_stream
 from streaming_ssl.augment import MultiPatchAugment
-from streaming_ssl.config import ConfigError, load_config
+from streaming_ssl.config import ConfigError, config_from_dict, load_config, save_config
 from tests.conftest import class_image, write_jpeg, write_png
 
 pytestmark = pytest.mark.filterwarnings(
@@ -82,9 +84,11 @@ def test_names_parse_and_read(tmp_path, monkeypatch):
         sources.parse_source("folder:")
 
 
-def test_config_reads_the_registry(tmp_path):
-    cfg = load_config(None, ["data.dataset=folder:/data/svhn", "eval.transfer=[cifar100, npz:rel/d.npz]"])
-    assert cfg.data.dataset == "folder:/data/svhn" and cfg.eval.transfer == ["cifar100", "npz:rel/d.npz"]
+def test_config_reads_the_registry(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, ["data.dataset=folder:/data/svhn/", "eval.transfer=[cifar100, NPZ:rel/d.npz, Cifar10]"])
+    assert cfg.data.dataset == "folder:/data/svhn"  # generic paths absolute and normalised, kind in lower case
+    assert cfg.eval.transfer == ["cifar100", f"npz:{tmp_path / 'rel' / 'd.npz'}", "Cifar10"]  # built-ins as written
     with pytest.raises(ConfigError, match=r"^data\.dataset: unknown value 'tinyimagnet'\. Did you mean 'tinyimagenet'\?"
                                           r".*folder:PATH.*npz:PATH"):
         load_config(None, ["data.dataset=tinyimagnet"])
@@ -92,6 +96,25 @@ def test_config_reads_the_registry(tmp_path):
         load_config(None, ["eval.transfer=[cifar10, 'foldr:/x']"])
     with pytest.raises(ConfigError, match=r"^eval\.transfer\[0\]: 'npz:' names no path"):
         load_config(None, ["eval.transfer=['npz:']"])
+
+
+def test_relative_sources_are_saved_absolute(tmp_path, monkeypatch):
+    """A run's config.yaml (and checkpoint config) names the data given relative to where the run started."""
+    here, elsewhere = tmp_path / "here", tmp_path / "elsewhere"
+    make_folder(here / "data" / "shapes")
+    make_folder(elsewhere / "data" / "shapes", size=6)  # the same relative path from another directory: other data
+    x = np.zeros((2, 4, 4), dtype=np.uint8)
+    save_npz(here / "d.npz", x_train=x, y_train=np.array([0, 1]), x_test=x, y_test=np.array([1, 0]))
+    monkeypatch.chdir(here)
+    cfg = load_config(None, ["data.dataset=folder:data/shapes", "eval.transfer=[npz:./d.npz, cifar10]"])
+    saved = tmp_path / "config.yaml"
+    save_config(cfg, saved)  # what the training CLI writes
+    monkeypatch.chdir(elsewhere)
+    for again in (load_config(saved), config_from_dict(cfg.to_dict())):
+        assert again.data.dataset == f"folder:{here / 'data' / 'shapes'}"
+        assert again.eval.transfer == [f"npz:{here / 'd.npz'}", "cifar10"]
+    d = load_dataset(load_config(saved).data.dataset)
+    assert d.image_size == 12 and d.name == "shapes"  # the folder of the run, not elsewhere/data/shapes (6x6)
 
 
 # --------------------------------------------------------------------------- image folders
@@ -180,6 +203,87 @@ def test_folder_errors_name_the_problem(tmp_path):
         load_dataset(f"folder:{root}")
 
 
+def gray16_png(path: pathlib.Path, values: np.ndarray) -> None:
+    """Write a 16-bit grayscale PNG (PIL mode I;16) of uint16 ``values``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(values.astype(np.uint16)).save(path)
+
+
+def test_16bit_png_is_scaled_to_8_bits(tmp_path, monkeypatch):
+    """uint16 pixels become v >> 8 (65535 -> 255, 40000 -> 156), at native size, resized, and lazily."""
+    rng = np.random.default_rng(3)
+    root = tmp_path / "deep"
+    values = {}
+    for split, n in (("train", 2), ("test", 1)):
+        for c in ("a", "b"):
+            for k in range(n):
+                v = rng.integers(0, 65536, (6, 8), dtype=np.uint16)
+                v[0, 1:5] = [0, 255, 40000, 65535]  # columns 0..3 after the 6x6 center crop
+                path = root / split / c / f"{k}.png"
+                gray16_png(path, v)
+                values[(split, c, k)] = torch.from_numpy((v >> 8).astype(np.uint8)).expand(3, -1, -1)
+    expect = [values[("train", c, k)] for c in ("a", "b") for k in range(2)]
+    d = load_dataset(f"folder:{root}")
+    assert d.train.images.dtype == torch.uint8 and d.image_size == 6
+    assert d.train.images[0, 0, 0, :4].tolist() == [0, 0, 156, 255]
+    for i, img in enumerate(expect):
+        assert torch.equal(d.train.images[i], _resize_center_crop(img, 6))
+    resized = load_dataset(f"folder:{root}", image_size=4)
+    for i, img in enumerate(expect):
+        assert torch.equal(resized.train.images[i], _resize_center_crop(img, 4))
+    assert torch.equal(resized.test.images[1], _resize_center_crop(values[("test", "b", 0)], 4))
+    monkeypatch.setattr(sources, "MAX_IN_MEMORY_IMAGES", 2)
+    lazy = load_dataset(f"folder:{root}", image_size=4)
+    assert isinstance(lazy.train.images, LazyImageFolder)
+    assert torch.equal(lazy.train.images[torch.arange(4)], resized.train.images)
+    assert torch.equal(lazy.train.images[3], _resize_center_crop(expect[3], 4))
+
+
+def test_hidden_files_in_class_folders_are_skipped(tmp_path, monkeypatch):
+    root = tmp_path / "mac"
+    make_folder(root)
+    for folder in (root / "train" / "ant", root / "test" / "moth"):
+        for real in sorted(folder.iterdir()):
+            (folder / f"._{real.name}").write_bytes(b"\x00\x05\x16\x07 AppleDouble metadata")
+        (folder / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+        (folder / ".hidden.jpg").write_bytes(b"not an image")
+    d = load_dataset(f"folder:{root}")
+    assert d.train.targets.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2] and d.test.targets.tolist() == [0, 1, 2]
+    monkeypatch.setattr(sources, "MAX_IN_MEMORY_IMAGES", 5)
+    lazy = load_dataset(f"folder:{root}", image_size=6)
+    assert not any(pathlib.Path(p).name.startswith(".") for p in lazy.train.images.paths + lazy.test.images.paths)
+    (root / "train" / "wasp").mkdir()
+    (root / "train" / "wasp" / "._0.png").write_bytes(b"\x00\x05\x16\x07")
+    with pytest.raises(DataError, match=r"class folder .*train/wasp/ is empty: no \.jpeg/\.jpg/\.png/\.webp "
+                                        r"image\. Add"):
+        load_dataset(f"folder:{root}")  # a folder of hidden files only is empty
+
+
+def test_classes_without_test_images_are_warned_about(tmp_path, caplog):
+    root = tmp_path / "f"
+    make_folder(root)
+    with caplog.at_level(logging.WARNING, logger="scenarios.sources"):
+        load_dataset(f"folder:{root}")
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]  # every class tested: no warning
+    for f in (root / "test" / "moth").iterdir():
+        f.unlink()
+    (root / "test" / "moth").rmdir()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="scenarios.sources"):
+        d = load_dataset(f"folder:{root}")
+    assert d.test.targets.tolist() == [0, 2]  # loads: a user may want that
+    (warning,) = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert re.search(r"folder source .*/f \(.*/f/test/\): class\(es\) 1 \('moth'\) have no test image: the accuracy "
+                     r"on an experience .* undefined \(NaN\)", warning.getMessage())
+    x = np.zeros((4, 5, 5), dtype=np.uint8)
+    p = save_npz(tmp_path / "u.npz", x_train=x, y_train=np.array([0, 1, 2, 3]), x_test=x[:2], y_test=np.array([2, 2]))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="scenarios.sources"):
+        assert load_dataset(f"npz:{p}").num_classes == 4
+    (warning,) = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert re.search(r"npz source .*u\.npz: class\(es\) 0, 1, 3 have no test image", warning.getMessage())
+
+
 # --------------------------------------------------------------------------- npz
 
 
@@ -198,7 +302,8 @@ def test_npz_hwc_rgb_and_nhw_gray(tmp_path):
     assert torch.equal(d.train.images, torch.from_numpy(x).permute(0, 3, 1, 2))
     assert d.test.targets.tolist() == [2, 0]
     g = rng.integers(0, 256, (4, 14, 14), dtype=np.uint8)
-    gray = save_npz(tmp_path / "digits.npz", x_train=g, y_train=np.array([1, 0, 1, 3]), x_test=g[:1], y_test=np.array([3]))
+    gray = save_npz(tmp_path / "digits.npz", x_train=g, y_train=np.array([1, 0, 2, 3]), x_test=g[:1],
+                    y_test=np.array([3]))
     d = load_dataset(f"npz:{gray}", image_size=7)
     assert d.name == "digits" and d.class_names == ["0", "1", "2", "3"] and d.train.images.shape == (4, 3, 7, 7)
     assert torch.equal(d.train.images[:, 0], d.train.images[:, 1]) and torch.equal(d.train.images[:, 1], d.train.images[:, 2])
@@ -235,6 +340,58 @@ def test_npz_errors_name_the_problem(tmp_path):
     (tmp_path / "f.npz").write_bytes(b"PK not a zip")
     with pytest.raises(DataError, match=r"f\.npz is truncated or corrupted"):
         load_dataset(f"npz:{tmp_path / 'f.npz'}")
+
+
+def test_npz_that_is_not_a_zip_says_so(tmp_path):
+    np.save(tmp_path / "x.npy", np.zeros((3, 8, 8, 3), dtype=np.uint8))
+    with pytest.raises(DataError, match=r"x\.npy is not an \.npz \(zip\) file but an \.npy .*; save the arrays with "
+                                        r"numpy\.savez\("):
+        load_dataset(f"npz:{tmp_path / 'x.npy'}")
+    (tmp_path / "t.npz").write_text("x_train,y_train\n1,2\n")
+    with pytest.raises(DataError, match=r"t\.npz is not an \.npz \(zip\) file; save the arrays with numpy\.savez\("):
+        load_dataset(f"npz:{tmp_path / 't.npz'}")
+    (tmp_path / "empty.npz").write_bytes(b"")
+    with pytest.raises(DataError, match=r"empty\.npz is not an \.npz \(zip\) file"):
+        load_dataset(f"npz:{tmp_path / 'empty.npz'}")
+
+
+def test_npz_empty_splits_are_refused(tmp_path):
+    x = np.zeros((4, 6, 6, 3), dtype=np.uint8)
+    y = np.array([0, 1, 0, 1])
+    p = save_npz(tmp_path / "notest.npz", x_train=x, y_train=y, x_test=x[:0], y_test=y[:0])
+    with pytest.raises(DataError, match=rf"npz source {re.escape(str(p))}: key x_test holds no image; .*add test"):
+        load_dataset(f"npz:{p}")
+    p = save_npz(tmp_path / "notrain.npz", x_train=x[:0], y_train=y[:0], x_test=x, y_test=y,
+                 class_names=np.array(["u", "v"]))
+    with pytest.raises(DataError, match=rf"npz source {re.escape(str(p))}: key x_train holds no image; .*needs train"):
+        load_dataset(f"npz:{p}")
+
+
+def test_npz_classes_without_training_images_are_refused(tmp_path):
+    x = np.arange(4 * 36, dtype=np.uint8).reshape(4, 6, 6)
+    y = np.array([0, 2, 4, 2])
+    p = save_npz(tmp_path / "gaps.npz", x_train=x, y_train=y, x_test=x[:2], y_test=np.array([4, 0]))
+    with pytest.raises(DataError, match=r"gaps\.npz: class\(es\) 1, 3 of the 5 \(max\(y_train\) \+ 1\) have no "
+                                        r"training image.*numpy\.unique\(y_train, return_inverse=True\)"
+                                        r".*numpy\.searchsorted"):
+        load_dataset(f"npz:{p}")
+    classes, y_train = np.unique(y, return_inverse=True)  # the remap the message suggests loads
+    p = save_npz(tmp_path / "remapped.npz", x_train=x, y_train=y_train, x_test=x[:2],
+                 y_test=np.searchsorted(classes, np.array([4, 0])))
+    d = load_dataset(f"npz:{p}")
+    assert d.num_classes == 3 and d.train.targets.tolist() == [0, 1, 2, 1] and d.test.targets.tolist() == [2, 0]
+    p = save_npz(tmp_path / "names.npz", x_train=x, y_train=np.array([0, 1, 0, 1]), x_test=x,
+                 y_test=np.array([0, 1, 1, 0]), class_names=np.array(["cat", "dog", "eel"]))
+    with pytest.raises(DataError, match=r"names\.npz: class\(es\) 2 \('eel'\) of the 3 \(class_names\) have no "
+                                        r"training image.*remove the names of the empty classes from class_names"):
+        load_dataset(f"npz:{p}")
+
+
+def test_npz_byte_string_class_names_are_decoded(tmp_path):
+    x = np.zeros((2, 4, 4), dtype=np.uint8)
+    p = save_npz(tmp_path / "b.npz", x_train=x, y_train=np.array([0, 1]), x_test=x, y_test=np.array([1, 0]),
+                 class_names=np.array([b"airplane", "b\u00e4r".encode("utf-8")]))
+    assert load_dataset(f"npz:{p}").class_names == ["airplane", "b\u00e4r"]
 
 
 # --------------------------------------------------------------------------- statistics

@@ -202,10 +202,21 @@ def test_unknown_choices(override, match):
     (["train.compile=true", "train.compile_backend=inductr"],
      r"train\.compile_backend: 'inductr' is not a torch\.compile backend; valid: .*aot_eager.*inductor"),
     (["augment.compile=true", "train.compile_backend=inductr"], r"train\.compile_backend: 'inductr' is not"),
+    (["eval.probe_weight_decay=-0.001"], r"eval\.probe_weight_decay: must be >= 0, got -0\.001"),
+    (["eval.knn_temperature=0"], r"eval\.knn_temperature: must be > 0 .*got 0\.0"),
+    (["eval.knn_temperature=-0.07"], r"eval\.knn_temperature: must be > 0 .*got -0\.07"),
+    (["data.image_size=0"], r"data\.image_size: must be >= 1 pixels or null .*got 0"),
+    (["data.image_size=-32"], r"data\.image_size: must be >= 1 pixels or null .*got -32"),
 ])
 def test_out_of_range_values(overrides, match):
     with pytest.raises(ConfigError, match=match):
         load_config(None, overrides)
+
+
+def test_range_edges_are_accepted():
+    cfg = load_config(None, ["eval.probe_weight_decay=0", "eval.knn_temperature=1e-3", "data.image_size=1"])
+    assert (cfg.eval.probe_weight_decay, cfg.eval.knn_temperature, cfg.data.image_size) == (0.0, 1e-3, 1)
+    assert load_config(None, ["data.image_size=null"]).data.image_size is None
 
 
 def test_epochs_above_one_are_fine_offline():
