@@ -199,6 +199,11 @@ class DistillConfig:
     # stream.access_task_boundaries); N > 0: every N updates (the way without boundaries, e.g. offline)
     every: int = 0
     hidden_dim: int = 2048  # predictor Linear(d, hidden)-BN-ReLU-Linear(hidden, d)
+    # the frozen copy's BatchNorm. running: eval mode, the running statistics it was taken with (a patch's target
+    # does not depend on the other patches of the update); batch: each update's own statistics, running ones left
+    # as they were, as CaSSLe's code runs its frozen copy (in train mode; SyncBatchNorm's global batch under DDP
+    # on CUDA)
+    frozen_bn: str = field(default="running", metadata=_choices("running", "batch"))
 
 
 @dataclass

@@ -57,6 +57,6 @@ def build_cl_plugins(cfg, *, model: torch.nn.Module, train_size: int, device: to
         plugins.append(replay)
     if d.enabled:
         plugins.append(DistillPlugin(model, dim=cfg.model.proj_dim, hidden_dim=d.hidden_dim, weight=d.weight,
-                                     every=d.every, device=device,
+                                     every=d.every, device=device, frozen_bn=d.frozen_bn,
                                      sync_bn=ddp.syncs_batchnorm(cfg.model.sync_bn, device.type)))
     return plugins

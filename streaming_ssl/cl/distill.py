@@ -7,12 +7,12 @@ frozen model's projections z' of the same patches, and the loss gains
     L_distill = w * 1/M sum_m (1 - cos(g(z_m), z'_m))           over the M = n*B patches of the update
 
 so that what the new model learns stays predictive of what the old one knew. g is CaSSLe's 2-layer
-MLP Linear(d, hidden)-BN-ReLU-Linear(hidden, d). The frozen model runs in eval mode under inference_mode with
-the training autocast; it never has a gradient. (CaSSLe's code deep-copies its encoder after Lightning has put
-the module in train mode and never calls eval(), so its frozen BatchNorm normalises with each batch's
-statistics; here the frozen copy normalises with the running statistics it was taken with, so that its
-targets for a patch do not depend on which other patches share the update.) Before the first boundary there
-is no frozen model and no term.
+MLP Linear(d, hidden)-BN-ReLU-Linear(hidden, d). The frozen model runs under inference_mode with the training
+autocast; it never has a gradient. Its BatchNorm (`frozen_bn`): "running" (the default) normalises with the
+running statistics the copy was taken with (eval mode), so that a patch's target does not depend on the other
+patches of the update; "batch" normalises with each update's own statistics and leaves the running ones as
+they were, as CaSSLe's code does (it deep-copies its encoder after Lightning has put the module in train mode
+and never calls eval()). Before the first boundary there is no frozen model and no term.
 
 The plugin (DistillPlugin):
   before_training: under DDP, gives every rank rank 0's predictor (it lives outside the DDP wrapper, which
@@ -71,13 +71,30 @@ def build_predictor(dim: int, hidden_dim: int) -> torch.nn.Sequential:
                                torch.nn.ReLU(inplace=True), torch.nn.Linear(hidden_dim, dim))
 
 
-def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """A deep copy of `model` in eval mode with requires_grad False (not compiled: it runs rarely changed)."""
+FROZEN_BN = ("running", "batch")
+
+
+def frozen_copy(model: torch.nn.Module, bn: str = "running") -> torch.nn.Module:
+    """A deep copy of `model` with requires_grad False (not compiled: it runs rarely changed).
+
+    Args:
+        model: the model to copy.
+        bn: "running": in eval mode, so its BatchNorm normalises with the running statistics it was copied with;
+            "batch": in train mode with the running statistics untracked, so that every forward normalises with
+            its own batch's statistics and leaves the running ones as they were (CaSSLe's frozen copy).
+    """
+    if bn not in FROZEN_BN:
+        raise ValueError(f"bn must be one of {FROZEN_BN}, got {bn!r}")
     frozen = copy.deepcopy(model)
     if getattr(frozen, "_compiled_call_impl", None) is not None:  # Module.compile() wraps the original's call
         frozen._compiled_call_impl = None
     frozen.requires_grad_(False)
-    return frozen.eval()
+    if bn == "running":
+        return frozen.eval()
+    for m in frozen.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.track_running_stats = False  # in train mode: batch statistics, running ones neither read nor updated
+    return frozen.train()
 
 
 # ------------------------------------------------------------------------------------------ the plugin
@@ -94,16 +111,20 @@ class DistillPlugin(SupervisedPlugin):
             from `strategy.at_boundary`); N > 0 every N updates.
         device: where the predictor lives (the training device).
         sync_bn: the predictor's BatchNorm as a SyncBatchNorm (under DDP on CUDA; the same state_dict keys).
+        frozen_bn: the frozen copy's BatchNorm statistics, "running" or "batch" (see :func:`frozen_copy`).
     """
 
     state_key = "cl.distill"
 
     def __init__(self, model: torch.nn.Module, *, dim: int, hidden_dim: int = 2048, weight: float = 200.0,
-                 every: int = 0, device: torch.device | str = "cpu", sync_bn: bool = False) -> None:
+                 every: int = 0, device: torch.device | str = "cpu", sync_bn: bool = False,
+                 frozen_bn: str = "running") -> None:
         super().__init__()
         if every < 0:
             raise ValueError(f"every must be >= 0 (0: at experience boundaries), got {every}")
-        self.model, self.weight, self.every = model, float(weight), int(every)
+        if frozen_bn not in FROZEN_BN:
+            raise ValueError(f"frozen_bn must be one of {FROZEN_BN}, got {frozen_bn!r}")
+        self.model, self.weight, self.every, self.frozen_bn = model, float(weight), int(every), frozen_bn
         predictor = build_predictor(dim, hidden_dim)
         if sync_bn:
             predictor = torch.nn.SyncBatchNorm.convert_sync_batchnorm(predictor)
@@ -113,7 +134,7 @@ class DistillPlugin(SupervisedPlugin):
 
     def snapshot(self, strategy) -> None:
         """Freeze a copy of the current model (rank 0's BatchNorm running statistics on every rank)."""
-        self.frozen = frozen_copy(strategy.core_model)
+        self.frozen = frozen_copy(strategy.core_model, self.frozen_bn)
         ddp.broadcast_buffers(self.frozen)
         log.debug("distill: frozen copy taken at update %d", strategy.global_step)
 
@@ -158,6 +179,6 @@ class DistillPlugin(SupervisedPlugin):
         self.predictor.load_state_dict(state["predictor"])
         self.frozen = None
         if state["frozen"] is not None:
-            frozen = frozen_copy(self.model)
+            frozen = frozen_copy(self.model, self.frozen_bn)
             frozen.load_state_dict(state["frozen"])
             self.frozen = frozen

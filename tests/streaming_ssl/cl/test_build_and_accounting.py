@@ -30,6 +30,8 @@ def test_all_three_compose_in_a_fixed_order() -> None:
     assert isinstance(distill, DistillPlugin)
     assert mixup.replay is replay and mixup.alpha == 0.5 and replay.policy == "minred" and replay.batch == 4
     assert distill.trainable_modules == [distill.predictor] and distill.predictor[0].in_features == PROJ_DIM
+    assert distill.frozen_bn == "running"
+    assert _plugins("cl.distill.enabled=true", "cl.distill.frozen_bn=batch")[0].frozen_bn == "batch"
     assert len({p.state_key for p in plugins}) == 3
 
 
@@ -50,6 +52,7 @@ def test_all_three_compose_in_a_fixed_order() -> None:
     (["cl.replay.minred_refresh=some"], "cl.replay.minred_refresh", "stored"),
     (["cl.replay.policy=minred", "cl.replay.minred_ema=1"], "cl.replay.minred_ema", "[0, 1)"),
     (["cl.replay.polcy=reservoir"], "cl.replay.polcy", "cl.replay.policy"),
+    (["cl.distill.frozen_bn=eval"], "cl.distill.frozen_bn", "batch"),
 ])
 def test_bad_combinations_are_refused_at_load(overrides: list[str], key: str, fix: str) -> None:
     with pytest.raises(ConfigError) as err:

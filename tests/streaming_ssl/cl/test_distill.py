@@ -44,8 +44,10 @@ def test_distill_loss_is_its_formula() -> None:
     assert distill_loss(pred.bfloat16(), target).dtype == torch.float32
 
 
-def test_frozen_model_gets_no_gradient_and_never_changes() -> None:
-    distill = DistillPlugin(tiny_model(), dim=PROJ_DIM, hidden_dim=8, weight=1.0)
+@pytest.mark.parametrize("frozen_bn", ["running", "batch"])
+def test_frozen_model_gets_no_gradient_and_never_changes(frozen_bn: str) -> None:
+    """Also with frozen_bn=batch, whose train-mode BatchNorm must leave its running statistics as they were."""
+    distill = DistillPlugin(tiny_model(), dim=PROJ_DIM, hidden_dim=8, weight=1.0, frozen_bn=frozen_bn)
     watch = FrozenWatch(distill)
     stream, strategy, _ = build_strategy([distill, watch])
     before = {k: v.clone() for k, v in strategy.model.state_dict().items()}
@@ -53,7 +55,8 @@ def test_frozen_model_gets_no_gradient_and_never_changes() -> None:
     assert watch.at_start is not None and watch.at_end is not None and len(watch.terms) == 3  # exp 2 only
     assert all(g is None for g in watch.grads)
     assert all(torch.equal(watch.at_start[k], watch.at_end[k]) for k in watch.at_start)  # BN stats too
-    assert not watch.frozen_obj.training and not any(p.requires_grad for p in watch.frozen_obj.parameters())
+    assert watch.frozen_obj.training == (frozen_bn == "batch")
+    assert not any(p.requires_grad for p in watch.frozen_obj.parameters())
     # not vacuous: the trained model did change during the 2nd experience, and the frozen copy is the model of the
     # 1st boundary, not the live one
     after = strategy.model.state_dict()
@@ -153,3 +156,42 @@ def test_sync_bn_makes_the_predictors_batchnorm_synchronised_with_the_same_state
     assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
     synced.load_state_dict(plain.state_dict())
     plain.load_state_dict(synced.state_dict())
+
+
+def test_frozen_bn_batch_normalises_with_each_batchs_own_statistics() -> None:
+    """frozen_bn=batch (CaSSLe's frozen copy): the frozen model's output is the train-mode forward's (batch
+    statistics), so a patch's target depends on the patches beside it, and its running statistics stay; the default
+    (running) is the eval-mode forward, the same for a patch whatever its companions."""
+    torch.manual_seed(0)
+    model = tiny_model()
+    x = torch.rand(12, 3, 8, 8) * 2 + 1  # far from the running statistics (0, 1) of a new model
+    by_batch, by_running = frozen_copy(model, "batch"), frozen_copy(model, "running")
+    kept = {k: v.clone() for k, v in by_batch.state_dict().items()}
+    with torch.inference_mode():
+        z_batch, z_batch_half = by_batch(x)[1], by_batch(x[:6])[1]
+        z_running, z_running_half = by_running(x)[1], by_running(x[:6])[1]
+    with torch.no_grad():
+        z_train = copy.deepcopy(model).train()(x)[1]
+        z_eval = copy.deepcopy(model).eval()(x)[1]
+    torch.testing.assert_close(z_batch, z_train, rtol=0, atol=1e-6)
+    torch.testing.assert_close(z_running, z_eval, rtol=0, atol=1e-6)
+    assert (z_batch - z_running).abs().max() > 0.05  # not vacuous: the two statistics differ on this data
+    assert (z_batch[:6] - z_batch_half).abs().max() > 1e-3  # the batch's statistics: companions matter
+    torch.testing.assert_close(z_running[:6], z_running_half, rtol=0, atol=1e-6)
+    assert all(torch.equal(kept[k], v) for k, v in by_batch.state_dict().items())  # running statistics unchanged
+    with pytest.raises(ValueError, match="frozen_bn must be one of"):
+        DistillPlugin(model, dim=PROJ_DIM, hidden_dim=8, frozen_bn="eval")
+
+
+def test_frozen_bn_batch_round_trips_in_its_mode() -> None:
+    """A checkpoint restores the frozen copy in the plugin's mode: with frozen_bn=batch, batch statistics again."""
+    distill = DistillPlugin(tiny_model(), dim=PROJ_DIM, hidden_dim=8, every=2, frozen_bn="batch")
+    stream, strategy, _ = build_strategy([distill])
+    strategy.train(list(stream)[:1], eval_streams=[])
+    again = DistillPlugin(tiny_model(), dim=PROJ_DIM, hidden_dim=8, every=2, frozen_bn="batch")
+    again.load_state_dict(distill.state_dict())
+    x = torch.rand(6, 3, 8, 8)
+    with torch.inference_mode():
+        assert torch.equal(again.frozen(x)[1], distill.frozen(x)[1])
+    assert again.frozen.training and not any(m.track_running_stats for m in again.frozen.modules()
+                                             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm))
