@@ -66,6 +66,7 @@ from scenarios.datasets import (
     _positive_size,
     _resize_center_crop,
     _to_str,
+    dataset_spec,
     read_npz_arrays,
 )
 
@@ -122,6 +123,16 @@ def is_generic(name: str) -> bool:
     """Whether ``name`` is spelled as a generic source (``folder:...`` or ``npz:...``)."""
     kind, sep, _ = str(name).strip().partition(":")
     return bool(sep) and kind.lower() in KINDS
+
+
+def short_name(name: str) -> str:
+    """The name a dataset's results are reported under (its DatasetSplits.name), from its spelling alone: a
+    built-in name's registry key, a folder's name, an .npz file's stem. No file is read.
+
+    Raises:
+        DataError: an unknown built-in name, or a generic spelling without a path.
+    """
+    return parse_source(name).name if is_generic(name) else dataset_spec(name).name
 
 
 def parse_source(name: str) -> SourceRef:

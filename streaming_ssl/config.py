@@ -470,6 +470,16 @@ def validate(cfg: Config) -> None:
            f"must be >= 1 pixels or null (the dataset's own size), got {cfg.data.image_size}")
     cfg.data.dataset = _check_dataset(cfg.data.dataset, "data.dataset")
     e.transfer = [_check_dataset(name, f"eval.transfer[{i}]") for i, name in enumerate(e.transfer)]
+    from scenarios.sources import short_name
+
+    reported: dict[str, str] = {}
+    for i, name in enumerate(e.transfer):  # each is reported as transfer/<short name>
+        short = short_name(name)
+        _check(short not in reported, f"eval.transfer[{i}]",
+               f"{name!r} and {reported.get(short)!r} would both be reported as transfer/{short} (a built-in name, a "
+               "folder's name or an .npz file's stem), one result replacing the other; drop the duplicate, or "
+               "rename one folder or .npz file")
+        reported[short] = name
     for key, value in (("data.train_per_class", cfg.data.train_per_class), ("data.test_per_class", cfg.data.test_per_class),
                        ("eval.train_per_class", e.train_per_class), ("eval.test_per_class", e.test_per_class)):
         _check(value is None or value >= 1, key, f"must be >= 1 or null, got {value}")

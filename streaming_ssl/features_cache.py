@@ -1,8 +1,11 @@
 """A folder of precomputed probe features, one file per (dataset, split, patches, ...) key.
 
 An entry is `<dataset>_<split>_p<patches>_<sha1 of the key>.pt` holding {"key": JSON of the key,
-"features": 2-D floating tensor}, saved with torch.save and read with weights_only=True. The key stored
-in the file is compared, the file name is not trusted. An entry that cannot be used (truncated, garbage,
+"features": 2-D floating tensor}, saved with torch.save and read with weights_only=True (characters other
+than letters, digits, `.`, `-` and `_` in the dataset name become `_`: every entry lies directly in the
+folder). The key stored in the file is compared, the file name is not trusted. A key should name what the
+features depend on, the data included: data_fingerprint digests images and labels, so data rewritten in
+place under the same name gets new entries. An entry that cannot be used (truncated, garbage,
 another format, another key, a tensor of the wrong kind) is recomputed and rewritten with a warning
 naming the file: a damaged cache never ends an evaluation. Writes are atomic with unique temporary names
 (streaming_ssl/atomic.py), so concurrent evaluations sharing a folder never see half an entry.
@@ -13,11 +16,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from scenarios.datasets import LazyImageFolder
 from streaming_ssl.atomic import atomic_write
 
 log = logging.getLogger(__name__)
@@ -31,7 +37,30 @@ def entry_path(folder: str | Path, key: dict) -> Path:
     if missing:
         raise ValueError(f"features cache key {key!r} lacks {missing}; give it at least {list(KEY_FIELDS)}")
     digest = hashlib.sha1(_key_json(key).encode()).hexdigest()[:16]
-    return Path(folder) / f"{key['dataset']}_{key['split']}_p{key['patches']}_{digest}.pt"
+    stem = re.sub(r"[^A-Za-z0-9._-]", "_", f"{key['dataset']}_{key['split']}_p{key['patches']}")
+    return Path(folder) / f"{stem}_{digest}.pt"
+
+
+def data_fingerprint(*parts: torch.Tensor | LazyImageFolder) -> str:
+    """A digest of the data features are computed from, for a cache key.
+
+    A tensor counts by its dtype, shape and bytes (the images themselves: about a second per GB); a
+    LazyImageFolder (images decoded on demand) by its image size and each file's path, size and modification time.
+    """
+    digest = hashlib.sha1()
+    for part in parts:
+        if isinstance(part, LazyImageFolder):
+            digest.update(f"lazy {part.image_size} {len(part)}\n".encode())
+            for p in part.paths:
+                st = os.stat(p)
+                digest.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
+        elif isinstance(part, torch.Tensor):
+            t = part.detach().cpu().contiguous()
+            digest.update(f"tensor {t.dtype} {tuple(t.shape)}\n".encode())
+            digest.update(t.reshape(-1).view(torch.uint8).numpy())
+        else:
+            raise TypeError(f"data_fingerprint takes tensors and LazyImageFolders, got a {type(part).__name__}")
+    return digest.hexdigest()
 
 
 def _key_json(key: dict) -> str:

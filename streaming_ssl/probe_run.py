@@ -13,17 +13,22 @@ from pathlib import Path
 
 import torch
 
-from scenarios.sources import is_generic
+from scenarios.datasets import DataError, check_dataset_name, dataset_spec
+from scenarios.sources import is_generic, parse_source, short_name
 from streaming_ssl import build
 from streaming_ssl import checkpoint as ckpt
 from streaming_ssl import oom
 from streaming_ssl.config import ConfigError, config_from_dict
 from streaming_ssl.device import resolve_device, resolve_precision
-from streaming_ssl.features_cache import cached_features
+from streaming_ssl.features_cache import cached_features, data_fingerprint
 from streaming_ssl.probe import (extract_features, knn_predict, linear_probe_accuracy, recalibrate_batchnorm,
                                  select_weight_decay)
 
 log = logging.getLogger(__name__)
+
+# the result's own fields: a probed dataset's entry sits beside them under its short name, which must differ
+RESULT_FIELDS = ("checkpoint", "updates", "samples_seen", "patches", "random_init", "bn_recalibrate")
+IN_DOMAIN = "the checkpoint's data.dataset"  # names the in-domain dataset in messages when --dataset is not given
 
 
 class ProbeOutOfMemory(RuntimeError):
@@ -67,15 +72,16 @@ class CheckpointModel:
 
 
 def load_checkpoint_model(checkpoint: str | Path, *, data_root: str | None = None, device: str | None = None,
-                          random_init: bool = False) -> CheckpointModel:
+                          random_init: bool = False, loaded: tuple[Path, dict] | None = None) -> CheckpointModel:
     """The model and augmentation of a checkpoint file or run directory (its newest checkpoint).
 
     The checkpoint's config builds them; its weights are loaded (weights_only) unless `random_init`, which keeps
     the seeded initialisation of the same architecture (the floor). `data_root` overrides the config's (None: the
     config's); `device` is where it runs (None: CUDA when visible, else the CPU, wherever the run trained). The run's
-    precision is kept, except that an fp16 run probed on a CPU runs in precision auto there.
+    precision is kept, except that an fp16 run probed on a CPU runs in precision auto there. `loaded`: the
+    (file, state) that checkpoint.load_latest(checkpoint) returned, when the caller has read it already.
     """
-    path, state = ckpt.load_latest(checkpoint)
+    path, state = loaded or ckpt.load_latest(checkpoint)
     cfg = config_from_dict(state["config"])
     cfg.data.root = data_root or cfg.data.root
     cfg.train.device = device or "auto"
@@ -97,28 +103,82 @@ def load_checkpoint_model(checkpoint: str | Path, *, data_root: str | None = Non
     return CheckpointModel(path, state, cfg, train_splits, model, augment, dev, amp_dtype)
 
 
+def check_request(req: ProbeRequest) -> None:
+    """Refuse a request that cannot be probed (impossible numbers, unknown dataset names, missing folder: or npz:
+    sources) before any checkpoint or data is read; the message names the argument and the fix."""
+    for flag, value, least, what, hint in (
+            ("--patches", req.patches, 0, "patches", "0: whole-image features; e.g. 16 for a bag of 16 patches"),
+            ("--train-per-class", req.train_per_class, 1, "images per class", "e.g. 100; leave it out to use all"),
+            ("--test-per-class", req.test_per_class, 1, "images per class", "e.g. 100; leave it out to use all"),
+            ("--probe-epochs", req.probe_epochs, 1, "epochs",
+             "e.g. 30; leave it out for the checkpoint config's eval.probe_epochs"),
+            ("--bn-recalibrate", req.bn_recalibrate, 0, "images", "e.g. 10000"),
+            ("--batch-size", req.batch_size, 1, "images", "e.g. 64")):
+        if value is not None and value < least:
+            raise ConfigError(f"{flag} takes a number of {what} >= {least} ({hint}), got {value}")
+    for flag, name in [("--dataset", n) for n in req.datasets] + [("--transfer", n) for n in req.transfer]:
+        try:
+            check_dataset_name(name, key=flag)
+        except DataError as err:
+            raise ConfigError(str(err)) from None
+        if is_generic(name):
+            ref = parse_source(name)
+            if not (ref.path.is_dir() if ref.kind == "folder" else ref.path.is_file()):
+                what = "is not a folder" if ref.kind == "folder" else "is not a file"
+                what = what if ref.path.exists() else "does not exist"
+                layout = ("an image folder (PATH/train/<class>/ and PATH/test/<class>/), e.g. folder:/data/svhn"
+                          if ref.kind == "folder" else "an .npz file (x_train, y_train, x_test, y_test), e.g. "
+                          "npz:/data/digits.npz")
+                raise ConfigError(f"{flag} {name}: {ref.path} {what}; give the path of {layout}")
+
+
+def check_result_names(named: list[tuple[str, str]]) -> None:
+    """Refuse datasets whose results would overwrite each other's or the result's own fields.
+
+    `named`: (what names it, e.g. "--transfer", spelling) in probe order.
+    """
+    seen: dict[str, tuple[str, str]] = {}
+    for flag, name in named:
+        short = short_name(name)
+        if short in RESULT_FIELDS:
+            raise ConfigError(f"{flag} {name} would be reported as {short!r}, a field of the result itself "
+                              f"({', '.join(RESULT_FIELDS)}); rename the folder or file (e.g. to {short}_data)")
+        if short in seen:
+            first_flag, first = seen[short]
+            drop = ("drop it from --transfer (it is probed in-domain already)" if first_flag == IN_DOMAIN
+                    else "drop the duplicate")
+            raise ConfigError(f"{first_flag} {first} and {flag} {name} would both be reported as {short!r}, one "
+                              f"result replacing the other; {drop}, or rename one folder or .npz file")
+        seen[short] = (flag, name)
+
+
 def probe_checkpoint(req: ProbeRequest) -> dict:
-    """Probe every requested dataset with the checkpoint's encoder; one result entry per dataset."""
-    if req.bn_recalibrate is not None and req.bn_recalibrate < 0:
-        raise ConfigError(f"--bn-recalibrate takes a number of images >= 0 (e.g. 10000), got {req.bn_recalibrate}")
+    """Probe every requested dataset with the checkpoint's encoder; one result entry per dataset, under its short
+    name (short_name), beside the result's own fields (RESULT_FIELDS).
+
+    Every argument, dataset name and generic source path is checked before the checkpoint's data is loaded.
+    """
+    check_request(req)
+    path, state = ckpt.load_latest(req.checkpoint)
+    in_domain = req.datasets or [config_from_dict(state["config"]).data.dataset]
+    named = [("--dataset" if req.datasets else IN_DOMAIN, n) for n in in_domain] if req.in_domain else []
+    named += [("--transfer", n) for n in req.transfer]
+    check_result_names(named)
     run = load_checkpoint_model(req.checkpoint, data_root=req.data_root, device=req.device,
-                                random_init=req.random_init)
+                                random_init=req.random_init, loaded=(path, state))
     path, state, cfg, train_splits = run.path, run.state, run.cfg, run.train_splits
-    if req.batch_size is not None and req.batch_size < 1:
-        raise ConfigError(f"--batch-size takes a number of images >= 1 (e.g. 64), got {req.batch_size}")
     n_recal = cfg.eval.bn_recalibrate if req.bn_recalibrate is None else req.bn_recalibrate
-    cfg.eval.batch_size = req.batch_size or cfg.eval.batch_size
-    cfg.eval.probe_epochs = req.probe_epochs or cfg.eval.probe_epochs
+    cfg.eval.batch_size = cfg.eval.batch_size if req.batch_size is None else req.batch_size
+    cfg.eval.probe_epochs = cfg.eval.probe_epochs if req.probe_epochs is None else req.probe_epochs
     patches = cfg.eval.patches if req.patches is None else req.patches
     result = {"checkpoint": str(path), "updates": int(state["position"]["global_step"]),
               "samples_seen": int(state["position"]["samples_seen"]), "patches": patches,
               "random_init": bool(req.random_init)}
     if n_recal:
         result["bn_recalibrate"] = n_recal
-    names = ([] if not req.in_domain else (req.datasets or [cfg.data.dataset])) + list(req.transfer)
     prober = _Prober(cfg, req, run.model, run.augment, run.device, run.amp_dtype, patches, n_recal, path, result)
     try:
-        for name in names:
+        for _, name in named:
             splits = train_splits if name == cfg.data.dataset else build.load_splits(
                 cfg, name, image_size=train_splits.image_size if is_generic(name) else None)
             result[splits.name] = prober.probe(name, splits)
@@ -141,7 +201,9 @@ class _Prober:
         self.stored = {k: v.clone() for k, v in model.state_dict().items()} if n_recal else None
         self.key = {"checkpoint": str(path.resolve()), "updates": result["updates"],
                     "random_init": result["random_init"], "patches": patches, "seed": cfg.train.seed,
-                    "precision": str(amp_dtype or "fp32")}  # bf16 features differ from fp32 ones by a few %
+                    "precision": str(amp_dtype or "fp32"),  # bf16 features differ from fp32 ones by a few %
+                    "normalise": [list(map(float, augment.mean.flatten())), list(map(float, augment.std.flatten()))],
+                    "size": augment.out_size}  # the in-domain data's: a changed generic source changes them
         if n_recal:
             self.key["bn_recalibrate"] = n_recal
         if patches or n_recal:  # their patches and images are drawn per batch
@@ -166,7 +228,10 @@ class _Prober:
         t0 = time.perf_counter()
         kw = dict(device=self.device, batch_size=cfg.eval.batch_size, patches=self.patches, amp_dtype=self.amp_dtype,
                   channels_last=False, seed=cfg.train.seed)
-        key = {**self.key, "dataset": name}
+        key = {**self.key, "dataset": splits.name, "source": _source(name)}
+        if req.features_cache:  # the data itself: a source rewritten in place (same name and counts) is recomputed
+            key["data"] = data_fingerprint(splits.train.images, splits.train.targets, splits.test.images,
+                                           splits.test.targets)
         features = self._features_of(name, splits)
         ftr = cached_features(req.features_cache, {**key, "split": "train", "n": len(tr)}, features, tr.images,
                               progress=f"features {splits.name}/train", **kw)
@@ -188,3 +253,12 @@ class _Prober:
             entry["knn"] = float((pred == te.targets).float().mean())
         entry["seconds"] = time.perf_counter() - t0
         return entry
+
+
+def _source(name: str) -> str:
+    """Where a dataset comes from, for the features cache: a built-in's registry name; a generic source's kind and
+    resolved path (symbolic links followed)."""
+    if not is_generic(name):
+        return dataset_spec(name).name
+    ref = parse_source(name)
+    return f"{ref.kind}:{ref.path.resolve()}"

@@ -107,6 +107,39 @@ def _runs(tmp: Path, *overrides: str, root: Path | None = None) -> int:
                             f"data.root={(root or Path(DATA)).resolve()}", *TINY, *overrides])
 
 
+def _evaluates(tmp: Path, good: Path, *args: str) -> int:
+    """evaluate.py on the good run, caching features in tmp/out: a probe that ran (the in-domain one comes first)
+    would have created that folder, so the case's check that it does not exist says nothing was probed."""
+    return evaluate.main(["--checkpoint", str(good), "--train-per-class", "5", "--test-per-class", "2",
+                          "--probe-epochs", "1", "--features-cache", str(tmp / "out"), *args])
+
+
+def _two_named_digits(tmp: Path) -> tuple[str, str]:
+    """folder:A/digits and npz:B/digits.npz, two small valid sources (2 classes) with the same short name."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    folder = tmp / "a" / "digits"
+    for split in ("train", "test"):
+        for c in ("c0", "c1"):
+            (folder / split / c).mkdir(parents=True)
+            for i in range(2):
+                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / split / c / f"{i}.png")
+    npz = tmp / "b" / "digits.npz"
+    npz.parent.mkdir()
+    y = np.array([0, 1, 0, 1])
+    np.savez(npz, x_train=rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8), y_train=y,
+             x_test=rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8), y_test=y)
+    return f"folder:{folder}", f"npz:{npz}"
+
+
+def _result_field_folder(tmp: Path) -> str:
+    """folder:T/updates: its probe would be reported as 'updates', a field of evaluate.py's result."""
+    for split in ("train", "test"):
+        (tmp / "updates" / split / "c0").mkdir(parents=True)
+    return f"folder:{tmp / 'updates'}"
+
+
 CASES = {
     "unknown key": (lambda t, g: _runs(t, "train.batchsize=8"), r"unknown config key 'train.batchsize'.*Did you mean 'train.batch_size'"),
     "unknown section": (lambda t, g: _runs(t, "trian.seed=1"), r"unknown config key 'trian'.*Did you mean 'train'"),
@@ -153,6 +186,39 @@ CASES = {
                                          r"--bn-recalibrate takes a number of images >= 0.*-5"),
     "checkpoint of another width": (lambda t, g: run_stream.main(["--resume", str(_other_width_run(t, g))]),
                                     r"does not fit this model \(first shape mismatch"),
+    "two transfer datasets of one name": (lambda t, g: _runs(t, f"eval.transfer=[{','.join(_two_named_digits(t))}]"),
+                                          r"eval.transfer\[1\]: 'npz:\S*digits.npz' and 'folder:\S*digits' would "
+                                          r"both be reported as transfer/digits.*rename one folder or .npz file"),
+    # evaluate.py checks every argument before it probes anything (_evaluates: no features were extracted)
+    "evaluate: unknown --transfer": (lambda t, g: _evaluates(t, g, "--transfer", "svhn"),
+                                     r"--transfer: unknown value 'svhn'. Valid: cifar10"),
+    "evaluate: missing --transfer folder": (lambda t, g: _evaluates(t, g, "--transfer", f"folder:{t / 'svhn'}"),
+                                            r"--transfer folder:\S*svhn: \S*svhn does not exist; give the path of an "
+                                            r"image folder"),
+    "evaluate: missing --transfer npz": (lambda t, g: _evaluates(t, g, "--transfer", f"npz:{t / 'digits.npz'}"),
+                                         r"--transfer npz:\S*digits.npz: \S*digits.npz does not exist; give the path "
+                                         r"of an .npz file"),
+    "evaluate: unknown --dataset": (lambda t, g: _evaluates(t, g, "--dataset", "cifar1O"),
+                                    r"--dataset: unknown value 'cifar1O'. Did you mean 'cifar10'"),
+    "evaluate: --out in a missing folder": (lambda t, g: _evaluates(t, g, "--out", str(t / "nowhere" / "r.json")),
+                                            r"--out \S*r.json: the folder \S*nowhere does not exist; create it"),
+    "evaluate: two transfer datasets of one name": (lambda t, g: _evaluates(t, g, "--transfer", *_two_named_digits(t)),
+                                                    r"--transfer folder:\S*digits and --transfer npz:\S*digits.npz "
+                                                    r"would both be reported as 'digits'.*rename one folder"),
+    "evaluate: transfer named like a result field": (
+        lambda t, g: _evaluates(t, g, "--transfer", _result_field_folder(t)),
+        r"reported as 'updates', a field of the result.*rename the folder"),
+    "evaluate: transfer probed in-domain already": (lambda t, g: _evaluates(t, g, "--transfer", "CIFAR-10"),
+                                                    r"data.dataset cifar10 and --transfer CIFAR-10 would both be "
+                                                    r"reported as 'cifar10'.*drop it from --transfer"),
+    "evaluate: no training image": (lambda t, g: _evaluates(t, g, "--train-per-class", "0"),
+                                    r"--train-per-class takes a number of images per class >= 1.*got 0"),
+    "evaluate: negative test images": (lambda t, g: _evaluates(t, g, "--test-per-class", "-3"),
+                                       r"--test-per-class takes a number of images per class >= 1.*got -3"),
+    "evaluate: no probe epoch": (lambda t, g: _evaluates(t, g, "--probe-epochs", "0"),
+                                 r"--probe-epochs takes a number of epochs >= 1.*eval.probe_epochs\), got 0"),
+    "evaluate: negative patches": (lambda t, g: _evaluates(t, g, "--patches", "-1"),
+                                   r"--patches takes a number of patches >= 0 \(0: whole-image features.*got -1"),
 }
 if not torch.cuda.is_available():
     CASES["CUDA asked for, none visible"] = (lambda t, g: _runs(t, "train.device=cuda"),

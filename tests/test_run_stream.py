@@ -162,6 +162,42 @@ def test_evaluate_features_cache_and_selected_probe(split_run: Path, data_root: 
     assert redo["linear"] == first["linear"]
 
 
+def test_evaluate_features_cache_follows_the_data(split_run: Path, data_root: Path, tmp_path: Path, capsys) -> None:
+    """An npz rewritten in place (same name, shapes and counts, other pixels) gets features of its new pixels, not
+    the cached ones of the old; unchanged data is read from the cache. Entries are named from the short name."""
+    npz, cache, y = tmp_path / "digits.npz", tmp_path / "features", np.arange(24) % 3
+
+    def write(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        np.savez(npz, x_train=rng.integers(0, 256, (24, 32, 32, 3), dtype=np.uint8), y_train=y,
+                 x_test=rng.integers(0, 256, (12, 32, 32, 3), dtype=np.uint8), y_test=y[:12])
+
+    def probe(folder: Path) -> dict:
+        assert evaluate.main(["--checkpoint", str(split_run), "--data-root", str(data_root), "--no-in-domain",
+                              "--transfer", f"npz:{npz}", "--probe-epochs", "2", "--features-cache", str(folder)]) == 0
+        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+    def features(folder: Path, split: str, among: list[Path] | None = None) -> torch.Tensor:
+        (path,) = [f for f in (among or folder.iterdir()) if f.name.startswith(f"digits_{split}_")]
+        return torch.load(path, weights_only=True)["features"]
+
+    write(0)
+    probe(cache)
+    old = sorted(cache.iterdir())
+    stamps = [f.stat().st_mtime_ns for f in old]
+    probe(cache)  # the same data: read, not rewritten
+    assert sorted(cache.iterdir()) == old and [f.stat().st_mtime_ns for f in old] == stamps
+    write(1)
+    assert probe(cache)["digits"]["train_images"] == 24
+    new = sorted(set(cache.iterdir()) - set(old))
+    assert len(new) == 2, "the rewritten npz reused the cached features of its old pixels"
+    probe(tmp_path / "fresh")  # the new pixels' features, computed without any cached entry
+    for split in ("train", "test"):
+        assert torch.equal(features(cache, split, new), features(tmp_path / "fresh", split))
+        assert not torch.allclose(features(cache, split, new), features(cache, split, old))
+    assert all(f.parent == cache and f.name.split("_")[0] == "digits" for f in cache.iterdir())
+
+
 def test_evaluate_bn_recalibrate(split_run: Path, data_root: Path, tmp_path: Path, capsys) -> None:
     """--bn-recalibrate probes with re-estimated statistics, caches those features apart, and leaves the
     checkpoint on disk as it was."""

@@ -15,7 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+from pathlib import Path
 
 from streaming_ssl.cli import reexec_with_allocator
 
@@ -28,8 +30,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--checkpoint", required=True, help="a ckpt_*.pt / ckpt.pt file, or a run directory (its latest)")
     p.add_argument("--dataset", help="in-domain dataset to probe (default: the one the checkpoint was trained on); "
                    "a built-in name, folder:PATH or npz:PATH")
-    p.add_argument("--transfer", nargs="*", default=[], metavar="DATASET",
-                   help="also probe these datasets (out-of-domain transfer), e.g. --transfer cifar100 folder:/data/svhn")
+    p.add_argument("--transfer", nargs="*", default=[], action="extend", metavar="DATASET",
+                   help="also probe these datasets (out-of-domain transfer), e.g. --transfer cifar100 "
+                        "folder:/data/svhn; repeating --transfer adds to the list. Each is reported under its short "
+                        "name (the folder's name, the .npz file's stem), which must be unique")
     p.add_argument("--no-in-domain", action="store_true", help="skip the in-domain probe (only --transfer)")
     p.add_argument("--patches", type=int, default=None,
                    help="0: whole-image features; P: bag of features over P patches (paper: 128; costs P forwards)")
@@ -59,8 +63,25 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="images per feature-extraction batch (default: the checkpoint config's eval.batch_size); "
                         "lower it where the device runs out of memory. Whole-image features do not depend on it; "
                         "with --patches or --bn-recalibrate the patches and images drawn do (seeded per batch)")
-    p.add_argument("--out", help="also write the JSON result to this file")
-    return p.parse_args(argv)
+    p.add_argument("--out", help="also write the JSON result to this file (its folder must exist)")
+    return p.parse_args(argv)  # no positional arguments: nothing to intermix
+
+
+def check_out(out: str | None) -> None:
+    """Refuse an --out the result could not be written to, before probing: its folder must exist (a missing one is
+    more likely a typo than a wish) and be writable, and the path must not be a folder."""
+    from streaming_ssl.config import ConfigError
+
+    if not out:
+        return
+    path = Path(out).expanduser().absolute()
+    if path.is_dir():
+        raise ConfigError(f"--out {out} is a folder; give a file path, e.g. --out {Path(out) / 'result.json'}")
+    if not path.parent.is_dir():
+        raise ConfigError(f"--out {out}: the folder {path.parent} does not exist; create it (mkdir -p {path.parent}) "
+                          f"or correct the path")
+    if not os.access(path.parent, os.W_OK):
+        raise ConfigError(f"--out {out}: the folder {path.parent} is not writable; choose a folder you can write in")
 
 
 def request_from_args(args: argparse.Namespace):
@@ -96,6 +117,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
+        check_out(args.out)
         result = probe_checkpoint(request_from_args(args))
     except (DataError, CheckpointError, ConfigError, ProbeOutOfMemory) as err:
         log.error("%s: %s", type(err).__name__, err)

@@ -32,8 +32,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="with --config: continue the run in its run.out_dir if one is there (with the same config), "
                         "else start it; one command for a job that a scheduler may stop and requeue")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value",
-                   help="override config values, e.g. train.batch_size=50 run.out_dir=runs/try2")
-    return p.parse_args(argv)
+                   help="override config values, e.g. train.batch_size=50 run.out_dir=runs/try2 (before, after or "
+                        "between the flags)")
+    return p.parse_intermixed_args(argv)
 
 
 def resolve_config(args: argparse.Namespace):

@@ -297,3 +297,12 @@ def test_compile_backend_is_checked_only_where_something_compiles():
     assert load_config(None, ["train.compile_backend=inductr"]).train.compile_backend == "inductr"  # nothing compiles
     cfg = load_config(None, ["train.compile=true", "augment.compile=true", "train.compile_backend=aot_eager"])
     assert cfg.train.compile_backend == "aot_eager"
+
+
+def test_transfer_targets_reported_under_one_name_are_refused(tmp_path):
+    """eval.transfer rows are transfer/<short name>: two targets with one short name would overwrite each other's."""
+    with pytest.raises(ConfigError, match=r"eval\.transfer\[2\]: 'npz:\S+/b/cifar100\.npz' and 'cifar100' would both "
+                                          r"be reported as transfer/cifar100.*rename one folder or \.npz file"):
+        load_config(None, ["eval.transfer=[cifar100, 'folder:a/svhn', 'npz:b/cifar100.npz']"])
+    cfg = load_config(None, ["eval.transfer=[cifar100, 'folder:a/svhn', 'npz:b/cifar100_small.npz']"])
+    assert len(cfg.eval.transfer) == 3

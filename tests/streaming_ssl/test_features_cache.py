@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import fractions
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+from scenarios.datasets import LazyImageFolder
 from streaming_ssl.atomic import list_temp_files
-from streaming_ssl.features_cache import cached_features, entry_path
+from streaming_ssl.features_cache import cached_features, data_fingerprint, entry_path
 
 KEY = {"dataset": "cifar10", "split": "train", "patches": 16, "n": 6, "checkpoint": "ckpt_000000003.pt"}
 
@@ -96,3 +100,40 @@ def test_an_unusable_entry_is_recomputed_once_rewritten_and_then_reused(
 def test_a_key_without_the_naming_fields_is_refused_clearly(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="lacks \\['patches'\\]"):
         cached_features(tmp_path, {"dataset": "cifar10", "split": "train"}, Counter(), IMAGES)
+
+
+def test_an_entry_lies_in_the_folder_whatever_the_dataset_is_called(tmp_path: Path) -> None:
+    key = {**KEY, "dataset": "npz:/data/digits.npz"}
+    path = entry_path(tmp_path, key)
+    assert path.parent == tmp_path and path.name.startswith("npz__data_digits.npz_train_p16_")
+    assert entry_path(tmp_path, {**key, "dataset": "npz:/data_digits.npz"}) != path  # the digest tells them apart
+    cached_features(tmp_path, key, Counter(), IMAGES)
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_data_fingerprint_follows_every_pixel_and_label() -> None:
+    images, labels = torch.randint(0, 256, (6, 3, 4, 4), dtype=torch.uint8), torch.arange(6)
+    base = data_fingerprint(images, labels)
+    assert data_fingerprint(images.clone(), labels.clone()) == base
+    one_pixel = images.clone()
+    one_pixel[5, 2, 3, 3] ^= 1
+    relabelled = labels.clone()
+    relabelled[0] = 1
+    others = {data_fingerprint(one_pixel, labels), data_fingerprint(images, relabelled),
+              data_fingerprint(images.view(6, 3, 2, 8), labels), data_fingerprint(labels, images)}
+    assert base not in others and len(others) == 4
+
+
+def test_data_fingerprint_of_a_lazy_folder_follows_its_files(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    paths = [tmp_path / f"{i}.png" for i in range(2)]
+    for p in paths:
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(p)
+    base = data_fingerprint(LazyImageFolder(paths, 8))
+    assert data_fingerprint(LazyImageFolder(paths, 8)) == base and data_fingerprint(LazyImageFolder(paths, 4)) != base
+    st = os.stat(paths[1])
+    Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(paths[1])
+    os.utime(paths[1], ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # rewritten: a later modification time
+    assert data_fingerprint(LazyImageFolder(paths, 8)) != base
+    with pytest.raises(TypeError, match="takes tensors and LazyImageFolders"):
+        data_fingerprint(np.zeros(3))
