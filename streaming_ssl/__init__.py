@@ -34,7 +34,7 @@ _EXPORTS = {
                                  "ScalarTensorboardLogger", "forgetting", "plot_run", "read_rows"],
     # run machinery
     "streaming_ssl.plugins": ["EvalSchedule", "CheckpointPlugin", "GracefulStop", "ProgressPlugin", "SyncBuffers",
-                              "Interrupted"],
+                              "Interrupted", "CheckpointWriteError"],
     "streaming_ssl.accounting": ["ComputeCounters"],
     "streaming_ssl.runlock": ["RunLock", "RunLocked"],
     # continual-learning methods
@@ -42,8 +42,9 @@ _EXPORTS = {
     "streaming_ssl.cl.distill": ["DistillPlugin", "distill_loss"],
     "streaming_ssl.cl.mixup": ["MixupPlugin", "mix_images"],
     # data, streams, config, assembly
-    "scenarios.streams": ["build_stream", "SSLStream", "plan_class_split", "as_avalanche_dataset"],
-    "scenarios.datasets": ["load_dataset", "dataset_spec", "DatasetSplits", "ImageData"],
+    "scenarios.streams": ["build_stream", "SSLStream", "plan_class_split", "as_avalanche_dataset", "StreamError"],
+    "scenarios.datasets": ["load_dataset", "dataset_spec", "DatasetSplits", "ImageData", "DataError"],
+    "streaming_ssl.checkpoint": ["CheckpointError"],
     "streaming_ssl.config": ["Config", "load_config", "ConfigError"],
     "streaming_ssl.build": ["build_run"],
     "streaming_ssl.runner": ["train", "RunError", "OutOfMemory"],

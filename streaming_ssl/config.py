@@ -399,11 +399,28 @@ def _check_dataset(name: str, key: str) -> str:
     return f"{ref.kind}:{ref.path}"
 
 
+def _check_datasets(cfg: Config) -> None:
+    """data.dataset and eval.transfer: known names, generic paths made absolute, and no two transfer targets
+    reported under one name (each is transfer/<short name> in the metrics)."""
+    from scenarios.sources import short_name
+
+    cfg.data.dataset = _check_dataset(cfg.data.dataset, "data.dataset")
+    cfg.eval.transfer = [_check_dataset(name, f"eval.transfer[{i}]") for i, name in enumerate(cfg.eval.transfer)]
+    reported: dict[str, str] = {}
+    for i, name in enumerate(cfg.eval.transfer):
+        short = short_name(name)
+        _check(short not in reported, f"eval.transfer[{i}]",
+               f"{name!r} and {reported.get(short)!r} would both be reported as transfer/{short} (a built-in name, a "
+               "folder's name or an .npz file's stem), one result replacing the other; drop the duplicate, or "
+               "rename one folder or .npz file")
+        reported[short] = name
+
+
 def validate(cfg: Config) -> None:
     """Range and consistency checks that types alone cannot express.
 
     Also rewrites a relative ``folder:PATH`` / ``npz:PATH`` in ``data.dataset`` and ``eval.transfer`` to its
-    absolute path (see :func:`_check_dataset`).
+    absolute path (see :func:`_check_datasets`).
     """
     a, o, s, t, e, m, op = cfg.augment, cfg.objective, cfg.stream, cfg.train, cfg.eval, cfg.model, cfg.optim
     _check(a.n_patches >= 2, "augment.n_patches", f"must be >= 2 (the invariance term compares patches), got {a.n_patches}")
@@ -468,18 +485,7 @@ def validate(cfg: Config) -> None:
     _check(e.batch_size >= 1 and e.probe_batch_size >= 1, "eval.batch_size", "batch sizes must be >= 1")
     _check(cfg.data.image_size is None or cfg.data.image_size >= 1, "data.image_size",
            f"must be >= 1 pixels or null (the dataset's own size), got {cfg.data.image_size}")
-    cfg.data.dataset = _check_dataset(cfg.data.dataset, "data.dataset")
-    e.transfer = [_check_dataset(name, f"eval.transfer[{i}]") for i, name in enumerate(e.transfer)]
-    from scenarios.sources import short_name
-
-    reported: dict[str, str] = {}
-    for i, name in enumerate(e.transfer):  # each is reported as transfer/<short name>
-        short = short_name(name)
-        _check(short not in reported, f"eval.transfer[{i}]",
-               f"{name!r} and {reported.get(short)!r} would both be reported as transfer/{short} (a built-in name, a "
-               "folder's name or an .npz file's stem), one result replacing the other; drop the duplicate, or "
-               "rename one folder or .npz file")
-        reported[short] = name
+    _check_datasets(cfg)
     for key, value in (("data.train_per_class", cfg.data.train_per_class), ("data.test_per_class", cfg.data.test_per_class),
                        ("eval.train_per_class", e.train_per_class), ("eval.test_per_class", e.test_per_class)):
         _check(value is None or value >= 1, key, f"must be >= 1 or null, got {value}")

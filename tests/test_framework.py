@@ -36,6 +36,20 @@ def test_public_api_exports_every_name_it_lists() -> None:
         streaming_ssl.nope  # noqa: B018
 
 
+def test_every_error_the_clis_report_can_be_caught_from_the_api() -> None:
+    """What the CLIs catch and report as a clear error, a Python user can catch too: `from streaming_ssl import X`."""
+    import streaming_ssl
+
+    caught = set()
+    for path in sorted((REPO / "streaming_ssl" / "cli").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ExceptHandler) and isinstance(node.type, ast.Tuple):
+                caught |= {e.id for e in node.type.elts if isinstance(e, ast.Name)}
+    assert {"ConfigError", "DataError", "CheckpointError"} <= caught  # what the CLIs are known to catch
+    assert sorted(caught - set(streaming_ssl.__all__)) == []
+    assert all(issubclass(getattr(streaming_ssl, name), Exception) for name in caught)
+
+
 def test_no_module_imports_a_cli_script() -> None:
     offenders = []
     for path in _modules():
