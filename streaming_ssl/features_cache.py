@@ -4,8 +4,9 @@ An entry is `<dataset>_<split>_p<patches>_<sha1 of the key>.pt` holding {"key": 
 "features": 2-D floating tensor}, saved with torch.save and read with weights_only=True (characters other
 than letters, digits, `.`, `-` and `_` in the dataset name become `_`: every entry lies directly in the
 folder). The key stored in the file is compared, the file name is not trusted. A key should name what the
-features depend on, the data included: data_fingerprint digests images and labels, so data rewritten in
-place under the same name gets new entries. An entry that cannot be used (truncated, garbage,
+features depend on, the data and the weights included: data_fingerprint digests images and labels (and
+evaluate.py's key the model's weights), so data or a checkpoint rewritten in place under the same name gets
+new entries. An entry that cannot be used (truncated, garbage,
 another format, another key, a tensor of the wrong kind) is recomputed and rewritten with a warning
 naming the file: a damaged cache never ends an evaluation. Writes are atomic with unique temporary names
 (streaming_ssl/atomic.py), so concurrent evaluations sharing a folder never see half an entry.

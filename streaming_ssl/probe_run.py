@@ -208,6 +208,8 @@ class _Prober:
             self.key["bn_recalibrate"] = n_recal
         if patches or n_recal:  # their patches and images are drawn per batch
             self.key["batch_size"] = cfg.eval.batch_size
+        if req.features_cache:  # the weights themselves: a run redone with --overwrite writes the same file names
+            self.key["weights"] = data_fingerprint(*model.state_dict().values())
 
     def _features_of(self, name: str, splits):
         pending = {"recalibrate": bool(self.n_recal)}

@@ -162,6 +162,29 @@ def test_evaluate_features_cache_and_selected_probe(split_run: Path, data_root: 
     assert redo["linear"] == first["linear"]
 
 
+def test_evaluate_features_cache_follows_the_weights(split_run: Path, data_root: Path, tmp_path: Path,
+                                                    capsys) -> None:
+    """A checkpoint rewritten in place (a run redone with --overwrite writes the same ckpt_*.pt names at the same
+    update counts) gets features of its new weights, not the cached ones of the old."""
+    ckpt_file = tmp_path / "ckpt.pt"
+    state = torch.load(sorted(split_run.glob("ckpt_*.pt"))[-1], weights_only=True)
+    torch.save(state, ckpt_file)
+    cache = tmp_path / "features"
+    args = ["--checkpoint", str(ckpt_file), "--data-root", str(data_root), "--train-per-class", "20",
+            "--test-per-class", "10", "--probe-epochs", "2", "--features-cache", str(cache)]
+    assert evaluate.main(args) == 0
+    old = sorted(cache.iterdir())
+    state["model"] = {k: v * 0.5 if v.is_floating_point() else v for k, v in state["model"].items()}
+    torch.save(state, ckpt_file)
+    assert evaluate.main(args) == 0
+    capsys.readouterr()
+    new = sorted(set(cache.iterdir()) - set(old))
+    assert len(new) == 2, "the rewritten checkpoint reused the cached features of its old weights"
+    assert not torch.equal(torch.load(new[0], weights_only=True)["features"],
+                           torch.load([f for f in old if f.name.split("_")[1] == new[0].name.split("_")[1]][0],
+                                      weights_only=True)["features"])
+
+
 def test_evaluate_features_cache_follows_the_data(split_run: Path, data_root: Path, tmp_path: Path, capsys) -> None:
     """An npz rewritten in place (same name, shapes and counts, other pixels) gets features of its new pixels, not
     the cached ones of the old; unchanged data is read from the cache. Entries are named from the short name."""
