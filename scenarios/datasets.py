@@ -654,8 +654,13 @@ def _check_hwc_images(x: np.ndarray, where: str) -> np.ndarray:
 
 
 def _check_labels(y: Any, n: int, num_classes: int, where: str) -> torch.Tensor:
-    """Validate integer labels of length ``n`` in ``[0, num_classes)``; return int64 tensor."""
+    """Validate integer labels of length ``n`` in ``[0, num_classes)``; return int64 tensor.
+
+    Labels shaped ``(n, 1)`` (as Keras' ``cifar10.load_data()`` returns them) are taken as ``(n,)``.
+    """
     arr = np.asarray(y)
+    if arr.ndim == 2 and arr.shape[1] == 1:
+        arr = arr[:, 0]
     if arr.ndim != 1 or not (np.issubdtype(arr.dtype, np.integer) or arr.size == 0):
         raise DataError(
             f"{where} must be a 1-D integer array of labels; got dtype {arr.dtype}, shape "

@@ -513,9 +513,13 @@ def _files_by_class(split_dir: pathlib.Path, present: list[str], index: dict[str
         files = _list_images(folder)
         if not files:
             with os.scandir(folder) as it:
-                others = Counter(os.path.splitext(e.name)[1].lower() or e.name for e in it
-                                 if e.is_file() and not e.name.startswith("."))
+                entries = [e for e in it if not e.name.startswith(".")]
+            others = Counter(os.path.splitext(e.name)[1].lower() or e.name for e in entries if e.is_file())
+            subfolders = sorted(e.name for e in entries if e.is_dir())
             found = f"; it holds {', '.join(f'{k} ({v})' for k, v in others.most_common(3))}" if others else ""
+            if subfolders:
+                found += (f"; its subfolders ({', '.join(subfolders[:3])}{', ...' if len(subfolders) > 3 else ''})"
+                          " are not read: a class's images lie directly in its folder, so move them up")
             raise DataError(
                 f"class folder {folder}/ is empty: no {'/'.join(sorted(IMAGE_EXTENSIONS))} image{found}. Add "
                 f"its images (convert other formats to PNG) or remove the folder."

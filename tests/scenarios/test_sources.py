@@ -195,6 +195,10 @@ def test_folder_errors_name_the_problem(tmp_path):
     with pytest.raises(DataError, match=r"class folder .*train/wasp/ is empty: no \.jpeg/\.jpg/\.png/\.webp image; "
                                         r"it holds \.bmp \(1\)"):
         load_dataset(f"folder:{root}")
+    write_png(root / "train" / "wasp" / "queens" / "0.png", class_image(5, 0, 12, 12, seed=2))
+    with pytest.raises(DataError, match=r"train/wasp/ is empty: .*it holds \.bmp \(1\); its subfolders \(queens\) "
+                                        r"are not read: a class's images lie directly in its folder, so move them up"):
+        load_dataset(f"folder:{root}")
     (root / "train" / "wasp" / "broken.png").write_bytes(b"\x89PNG not really")
     with pytest.raises(DataError, match=r"Cannot decode image .*train/wasp/broken\.png"):
         load_dataset(f"folder:{root}")
@@ -312,6 +316,11 @@ def test_npz_hwc_rgb_and_nhw_gray(tmp_path):
     assert (d.train.images.float() / 255 - probe).abs().max() <= 0.5 / 255 + 1e-6
     assert dataset_spec(f"npz:{gray}", image_size=48).stem == "tiny"
     assert dataset_spec(f"npz:{gray}", image_size=100).stem == "imagenet"
+    # labels shaped (N, 1), as Keras' cifar10.load_data() gives them, are the same labels
+    keras = save_npz(tmp_path / "keras.npz", x_train=x, y_train=np.array([[0], [1], [2], [0], [1], [2]]),
+                     x_test=x[:2], y_test=np.array([[2], [0]]))
+    d = load_dataset(f"npz:{keras}")
+    assert d.train.targets.tolist() == [0, 1, 2, 0, 1, 2] and d.test.targets.tolist() == [2, 0]
 
 
 def test_npz_errors_name_the_problem(tmp_path):
