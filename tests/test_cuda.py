@@ -329,10 +329,10 @@ def test_training_updates_never_wait_for_the_device(dev, methods: str):
     whose greedy choice (12 drops of 32 images at the 2nd update, 16 of 36 from the 3rd) runs on the device, and
     CaSSLe distillation against the copy frozen after the first experience; with MinRed's stored features; in
     float16 with loss scaling, whose skip of an overflowed update LARS decides on the device, with distillation,
-    whose predictor shares the optimizer): the host queues the next update while the device still runs this one.
-    Every update after the first two (the batch shapes' warm-up) is watched (4 of 6). The finiteness check is the
-    one allowed sync, every finite_check_every updates (here beyond the run); afterwards it still raises on what
-    backward flagged."""
+    whose predictor shares the optimizer, its frozen copy on each update's BatchNorm statistics): the host queues
+    the next update while the device still runs this one. Every update after the first two (the batch shapes'
+    warm-up) is watched (4 of 6). The finiteness check is the one allowed sync, every finite_check_every updates
+    (here beyond the run); afterwards it still raises on what backward flagged."""
     torch.backends.cudnn.benchmark = dev.type == "cuda"
     window = _NoSyncWindow(dev)
     fp16 = methods.startswith("fp16")
@@ -343,7 +343,8 @@ def test_training_updates_never_wait_for_the_device(dev, methods: str):
         if methods == "plain":
             return []
         if fp16:
-            return [DistillPlugin(model, dim=model_kw["proj_dim"], hidden_dim=64, every=2, device=dev)]
+            return [DistillPlugin(model, dim=model_kw["proj_dim"], hidden_dim=64, every=2, device=dev,
+                                  frozen_bn="batch")]
         if methods == "replay+mixup":
             replay = ReplayBufferPlugin(size=20, batch=8, seed=0, device=dev)
             return [MixupPlugin(replay, alpha=0.4, seed=0), replay]
