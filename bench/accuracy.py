@@ -53,6 +53,8 @@ ROWS = {
     "split_cifar10_replay": "configs/accuracy/split_cifar10_replay.yaml",
     "split_cifar10_distill": "configs/accuracy/split_cifar10_distill.yaml",
     "split_cifar10_distill_w20": "configs/accuracy/split_cifar10_distill_w20.yaml",
+    # the same with the frozen copy's BatchNorm on batch statistics (CaSSLe's code)
+    "split_cifar10_distill_w20_batchbn": "configs/accuracy/split_cifar10_distill_w20_batchbn.yaml",
     "split_cifar10_mixup": "configs/accuracy/split_cifar10_mixup.yaml",
     "split_cifar10_replay_distill": "configs/accuracy/split_cifar10_replay_distill.yaml",
     "split_cifar10_replay_mixup": "configs/accuracy/split_cifar10_replay_mixup.yaml",
@@ -96,6 +98,8 @@ LABELS = {"random_init": "random-init encoder (floor)", "offline_1epoch": "offli
           "split_cifar10_replay": "Split CIFAR-10 + replay (reservoir 500, 100/update)",
           "split_cifar10_distill": "Split CIFAR-10 + CaSSLe distillation (weight 200)",
           "split_cifar10_distill_w20": "Split CIFAR-10 + CaSSLe distillation (weight 20)",
+          "split_cifar10_distill_w20_batchbn": "Split CIFAR-10 + CaSSLe distillation (weight 20, frozen BatchNorm on "
+                                               "batch statistics)",
           "split_cifar10_mixup": "Split CIFAR-10 + LUMP mixup (buffer 500)",
           "split_cifar10_replay_distill": "Split CIFAR-10 + replay + distillation",
           "split_cifar10_replay_mixup": "Split CIFAR-10 + replay + mixup",
@@ -141,8 +145,9 @@ def _seeds(values: list[float]) -> str:
 
 
 # methods of the issue's targets: split rows against the plain split, online rows against the i.i.d. one pass
-SPLIT_METHODS = ("split_cifar10_replay", "split_cifar10_distill", "split_cifar10_distill_w20", "split_cifar10_mixup",
-                 "split_cifar10_replay_distill", "split_cifar10_replay_mixup")
+SPLIT_METHODS = ("split_cifar10_replay", "split_cifar10_distill", "split_cifar10_distill_w20",
+                 "split_cifar10_distill_w20_batchbn", "split_cifar10_mixup", "split_cifar10_replay_distill",
+                 "split_cifar10_replay_mixup")
 ONLINE_METHODS = ("online_cifar10", "online_cifar10_replay", "online_cifar10_b20", "online_cifar10_minred",
                   "online_cifar10_minred_h", "online_cifar10_minred_stored")
 GAP_SHARE, COMPUTE_RATIO, ONLINE_POINTS = 0.5, 2.0, 3.0
