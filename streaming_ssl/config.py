@@ -285,6 +285,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     elif tp is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, dict) and len(value) == 1 and None in value.values():  # `x:` read by YAML
+            (word,) = value
+            raise ConfigError(f"{key}: expected str, got {value!r}: YAML reads {word}: with nothing after the colon "
+                              f"as a mapping; complete the value (a dataset: folder:PATH or npz:PATH) or quote it")
     raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
 
 

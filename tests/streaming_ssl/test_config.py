@@ -306,3 +306,14 @@ def test_transfer_targets_reported_under_one_name_are_refused(tmp_path):
         load_config(None, ["eval.transfer=[cifar100, 'folder:a/svhn', 'npz:b/cifar100.npz']"])
     cfg = load_config(None, ["eval.transfer=[cifar100, 'folder:a/svhn', 'npz:b/cifar100_small.npz']"])
     assert len(cfg.eval.transfer) == 3
+
+
+def test_a_value_yaml_reads_as_a_mapping_says_so() -> None:
+    """`data.dataset=folder:` (no path): YAML reads `folder:` as {'folder': None}; the message says why and what to
+    do."""
+    with pytest.raises(ConfigError, match=r"^data\.dataset: expected str, got \{'folder': None\}: YAML reads folder: "
+                                          r"with nothing after the colon as a mapping; complete the value \(a dataset: "
+                                          r"folder:PATH or npz:PATH\) or quote it"):
+        load_config(None, ["data.dataset=folder:"])
+    with pytest.raises(ConfigError, match=r"^data\.dataset: 'folder:' names no path"):
+        load_config(None, ["data.dataset='folder:'"])
