@@ -89,8 +89,38 @@ def stream_from_config(cfg: Config, splits: DatasetSplits) -> SSLStream:
                         access_task_boundaries=s.access_task_boundaries, seed=cfg.train.seed)
 
 
+@dataclass(frozen=True)
+class TrainingData:
+    """What a model keeps of the dataset it trained on: its short name, image size, normalisation and class count.
+
+    Every checkpoint holds it (`state["data"]`), so that a model is rebuilt and its probes normalise as in training
+    without the training data: evaluate.py probes transfer targets alone, and a generic source changed since the run
+    does not change the model's input normalisation.
+    """
+
+    name: str
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    num_classes: int
+
+    @classmethod
+    def of(cls, splits: DatasetSplits) -> TrainingData:
+        return cls(splits.name, int(splits.image_size), tuple(map(float, splits.mean)), tuple(map(float, splits.std)),
+                   int(splits.num_classes))
+
+    def state_dict(self) -> dict:
+        return {"name": self.name, "image_size": self.image_size, "mean": list(self.mean), "std": list(self.std),
+                "num_classes": self.num_classes}
+
+    @classmethod
+    def from_state(cls, state: dict) -> TrainingData:
+        return cls(str(state["name"]), int(state["image_size"]), tuple(map(float, state["mean"])),
+                   tuple(map(float, state["std"])), int(state["num_classes"]))
+
+
 # ------------------------------------------------------------------------------------------ model
-def model_stem(cfg: Config, splits: DatasetSplits) -> str:
+def model_stem(cfg: Config, splits: DatasetSplits | TrainingData) -> str:
     """cfg.model.stem, or (auto) the registry's stem of the dataset (generic sources: from the image size)."""
     if cfg.model.stem != "auto":
         return cfg.model.stem
@@ -132,7 +162,7 @@ def wrap_for_training(cfg: Config, model: torch.nn.Module, device: torch.device)
         train_model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-def build_augment(cfg: Config, splits: DatasetSplits) -> MultiPatchAugment:
+def build_augment(cfg: Config, splits: DatasetSplits | TrainingData) -> MultiPatchAugment:
     a = cfg.augment
     return MultiPatchAugment(a.n_patches, a.size or splits.image_size, crop_area=a.crop_area,
                              crop_ratio=tuple(a.crop_ratio), flip_p=a.flip_p, jitter=tuple(a.jitter),
@@ -252,7 +282,8 @@ def build_run(cfg: Config, run_dir: Path, *, device: torch.device, amp_dtype: to
     metric = ProbeMetric(evaluator, model)
     checkpoint = CheckpointPlugin(run_dir, model=model, optimizer=optimizer, evaluator=evaluator, metric=metric,
                                   config=cfg.to_dict(), keep_last=cfg.run.keep_last, every=cfg.run.checkpoint_every,
-                                  each_experience=cfg.stream.mode != "online")
+                                  each_experience=cfg.stream.mode != "online",
+                                  data=TrainingData.of(splits).state_dict())
     stop = GracefulStop(checkpoint)
     total_updates = stream.n_updates(cfg.train.batch_size)
     progress = ProgressPlugin(total_updates, desc=f"{cfg.stream.mode} {splits.name}", log_every=cfg.train.log_every)

@@ -124,7 +124,8 @@ class CheckpointPlugin(SupervisedPlugin):
 
     Saved: model, optimizer, stream position, every RNG state, each rank's augmentation generator, float16's loss
     scale, the evaluator's history, the number of metrics.jsonl rows, wall time, compute counters, the resolved
-    config, and the state of every plugin with a `state_key`. Written after every experience (online
+    config, the training data's name, image size and normalisation (`data`, build.TrainingData: what rebuilding the
+    model needs of it), and the state of every plugin with a `state_key`. Written after every experience (online
     streams: only with an evaluation, at parent boundaries, or on stop) and every `every` updates.
     """
 
@@ -132,10 +133,10 @@ class CheckpointPlugin(SupervisedPlugin):
 
     def __init__(self, run_dir: str | Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  evaluator: StreamEvaluator, metric: ProbeMetric, config: dict, keep_last: int = 3, every: int = 0,
-                 each_experience: bool = True) -> None:
+                 each_experience: bool = True, data: dict | None = None) -> None:
         super().__init__()
         self.run_dir, self.model, self.optimizer = Path(run_dir), model, optimizer
-        self.evaluator, self.metric, self.config = evaluator, metric, config
+        self.evaluator, self.metric, self.config, self.data = evaluator, metric, config, data
         self.keep_last, self.every, self.each_experience = keep_last, every, each_experience
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.last_saved: tuple[int, int] | None = None
@@ -168,7 +169,7 @@ class CheckpointPlugin(SupervisedPlugin):
                 "plugins": {p.state_key: p.state_dict() for p in strategy.plugins if hasattr(p, "state_key")},
                 "metrics_rows": len(read_rows(self.metrics_path)) if ddp.is_main() else 0,
                 "wall_seconds": self.metric.time_offset + time.time() - self.metric.start_time,
-                "config": self.config}
+                "config": self.config, **({"data": self.data} if self.data is not None else {})}
 
     def save(self, strategy) -> None:
         payload = self.payload(strategy)

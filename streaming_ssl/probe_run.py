@@ -64,15 +64,18 @@ class CheckpointModel:
     path: Path
     state: dict
     cfg: object  # streaming_ssl.config.Config, with the data root and device asked for
-    train_splits: object  # scenarios.datasets.DatasetSplits of the run's dataset (whole, no per-class slice)
+    # scenarios.datasets.DatasetSplits of the run's dataset (whole, no per-class slice); None when not loaded
+    train_splits: object
     model: torch.nn.Module  # on `device`, in train mode
     augment: object  # streaming_ssl.augment.MultiPatchAugment on `device`
     device: torch.device
     amp_dtype: torch.dtype | None
+    data: build.TrainingData  # what the model and augment were built with: the run's, as trained
 
 
 def load_checkpoint_model(checkpoint: str | Path, *, data_root: str | None = None, device: str | None = None,
-                          random_init: bool = False, loaded: tuple[Path, dict] | None = None) -> CheckpointModel:
+                          random_init: bool = False, loaded: tuple[Path, dict] | None = None,
+                          need_data: bool = True) -> CheckpointModel:
     """The model and augmentation of a checkpoint file or run directory (its newest checkpoint).
 
     The checkpoint's config builds them; its weights are loaded (weights_only) unless `random_init`, which keeps
@@ -80,6 +83,11 @@ def load_checkpoint_model(checkpoint: str | Path, *, data_root: str | None = Non
     config's); `device` is where it runs (None: CUDA when visible, else the CPU, wherever the run trained). The run's
     precision is kept, except that an fp16 run probed on a CPU runs in precision auto there. `loaded`: the
     (file, state) that checkpoint.load_latest(checkpoint) returned, when the caller has read it already.
+
+    The training data's image size and normalisation come from the checkpoint (`state["data"]`): with `need_data`
+    False the training data is not loaded at all (train_splits None); loaded, a difference from the checkpoint's
+    (a generic source changed since the run) is logged and the checkpoint's kept. Checkpoints written before it
+    was saved take them from the loaded data.
     """
     path, state = loaded or ckpt.load_latest(checkpoint)
     cfg = config_from_dict(state["config"])
@@ -93,14 +101,22 @@ def load_checkpoint_model(checkpoint: str | Path, *, data_root: str | None = Non
         precision = "auto"
     amp_dtype = resolve_precision(precision, dev)
     torch.manual_seed(cfg.train.seed)
-    train_splits = build.load_splits(cfg)
-    model = build.build_model(cfg, build.model_stem(cfg, train_splits))
+    data = build.TrainingData.from_state(state["data"]) if state.get("data") else None
+    train_splits = build.load_splits(cfg) if need_data or data is None else None
+    if train_splits is not None:
+        now = build.TrainingData.of(train_splits)
+        if data is not None and now != data:
+            log.warning("the training data %s is not what the run trained on (image size %d, mean %s, std %s now; "
+                        "%d, %s, %s in the checkpoint): the model and its probes normalise as in training",
+                        cfg.data.dataset, now.image_size, now.mean, now.std, data.image_size, data.mean, data.std)
+        data = data or now
+    model = build.build_model(cfg, build.model_stem(cfg, data))
     if not random_init:
         ckpt.check_model_matches(state, model, str(path))
         model.load_state_dict(state["model"])
     model.to(dev)
-    augment = build.build_augment(cfg, train_splits).to(dev)
-    return CheckpointModel(path, state, cfg, train_splits, model, augment, dev, amp_dtype)
+    augment = build.build_augment(cfg, data).to(dev)
+    return CheckpointModel(path, state, cfg, train_splits, model, augment, dev, amp_dtype, data)
 
 
 def check_request(req: ProbeRequest) -> None:
@@ -164,8 +180,10 @@ def probe_checkpoint(req: ProbeRequest) -> dict:
     named = [("--dataset" if req.datasets else IN_DOMAIN, n) for n in in_domain] if req.in_domain else []
     named += [("--transfer", n) for n in req.transfer]
     check_result_names(named)
+    trained_on = config_from_dict(state["config"]).data.dataset
     run = load_checkpoint_model(req.checkpoint, data_root=req.data_root, device=req.device,
-                                random_init=req.random_init, loaded=(path, state))
+                                random_init=req.random_init, loaded=(path, state),
+                                need_data=any(name == trained_on for _, name in named))
     path, state, cfg, train_splits = run.path, run.state, run.cfg, run.train_splits
     n_recal = cfg.eval.bn_recalibrate if req.bn_recalibrate is None else req.bn_recalibrate
     cfg.eval.batch_size = cfg.eval.batch_size if req.batch_size is None else req.batch_size
@@ -180,7 +198,7 @@ def probe_checkpoint(req: ProbeRequest) -> dict:
     try:
         for _, name in named:
             splits = train_splits if name == cfg.data.dataset else build.load_splits(
-                cfg, name, image_size=train_splits.image_size if is_generic(name) else None)
+                cfg, name, image_size=run.data.image_size if is_generic(name) else None)
             result[splits.name] = prober.probe(name, splits)
     except RuntimeError as err:  # torch.OutOfMemoryError is one
         if not oom.is_out_of_memory(err):

@@ -221,6 +221,43 @@ def test_evaluate_features_cache_follows_the_data(split_run: Path, data_root: Pa
     assert all(f.parent == cache and f.name.split("_")[0] == "digits" for f in cache.iterdir())
 
 
+def test_transfer_probes_need_no_training_data(split_run: Path, data_root: Path, tmp_path: Path, capsys,
+                                              caplog) -> None:
+    """The checkpoint keeps the training data's image size and normalisation: a transfer-only probe runs where the
+    training data is not (the same result as where it is), and the model normalises as in training even when the
+    training data now differs; a checkpoint without them (written before they were saved) still needs the data."""
+    rng = np.random.default_rng(4)
+    npz, y = tmp_path / "digits.npz", np.arange(24) % 3
+    np.savez(npz, x_train=rng.integers(0, 256, (24, 32, 32, 3), dtype=np.uint8), y_train=y,
+             x_test=rng.integers(0, 256, (12, 32, 32, 3), dtype=np.uint8), y_test=y[:12])
+    nothing = tmp_path / "no_data"
+    nothing.mkdir()
+    ckpt_file = tmp_path / "ckpt.pt"
+    state = torch.load(sorted(split_run.glob("ckpt_*.pt"))[-1], weights_only=True)
+    trained = build.TrainingData.of(build.load_splits(load_config(None, [f"data.root={data_root}"])))
+    assert build.TrainingData.from_state(state["data"]) == trained and trained.name == "cifar10"
+
+    def transfer(checkpoint: Path, root: Path) -> tuple[int, dict | None]:
+        rc = evaluate.main(["--checkpoint", str(checkpoint), "--data-root", str(root), "--no-in-domain",
+                            "--transfer", f"npz:{npz}", "--probe-epochs", "2"])
+        out = capsys.readouterr().out.strip().splitlines()
+        return rc, ({k: v for k, v in json.loads(out[-1])["digits"].items() if k != "seconds"} if rc == 0 else None)
+
+    rc, alone = transfer(split_run, nothing)
+    assert rc == 0 and alone["train_images"] == 24
+    assert transfer(split_run, data_root) == (0, alone)  # with the training data at hand: the same features
+    torch.save({k: v for k, v in state.items() if k != "data"}, ckpt_file)  # a checkpoint from before
+    assert transfer(ckpt_file, nothing)[0] == 2 and "cifar10" in capsys.readouterr().err + caplog.text
+    from streaming_ssl.probe_run import load_checkpoint_model
+
+    state["data"] = {**state["data"], "mean": [0.25, 0.5, 0.75]}  # as if the data had changed since the run
+    torch.save(state, ckpt_file)
+    with caplog.at_level("WARNING", logger="streaming_ssl.probe_run"):
+        run = load_checkpoint_model(ckpt_file, data_root=str(data_root), device="cpu")
+    assert run.augment.mean.flatten().tolist() == [0.25, 0.5, 0.75] and run.train_splits is not None
+    assert "is not what the run trained on" in caplog.text
+
+
 def test_evaluate_bn_recalibrate(split_run: Path, data_root: Path, tmp_path: Path, capsys) -> None:
     """--bn-recalibrate probes with re-estimated statistics, caches those features apart, and leaves the
     checkpoint on disk as it was."""
