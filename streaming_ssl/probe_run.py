@@ -176,11 +176,11 @@ def probe_checkpoint(req: ProbeRequest) -> dict:
     """
     check_request(req)
     path, state = ckpt.load_latest(req.checkpoint)
-    in_domain = req.datasets or [config_from_dict(state["config"]).data.dataset]
+    trained_on = config_from_dict(state["config"]).data.dataset
+    in_domain = req.datasets or [trained_on]
     named = [("--dataset" if req.datasets else IN_DOMAIN, n) for n in in_domain] if req.in_domain else []
     named += [("--transfer", n) for n in req.transfer]
     check_result_names(named)
-    trained_on = config_from_dict(state["config"]).data.dataset
     run = load_checkpoint_model(req.checkpoint, data_root=req.data_root, device=req.device,
                                 random_init=req.random_init, loaded=(path, state),
                                 need_data=any(name == trained_on for _, name in named))
@@ -221,7 +221,7 @@ class _Prober:
                     "random_init": result["random_init"], "patches": patches, "seed": cfg.train.seed,
                     "precision": str(amp_dtype or "fp32"),  # bf16 features differ from fp32 ones by a few %
                     "normalise": [list(map(float, augment.mean.flatten())), list(map(float, augment.std.flatten()))],
-                    "size": augment.out_size}  # the in-domain data's: a changed generic source changes them
+                    "size": augment.out_size}  # the training data's, as the checkpoint keeps them
         if n_recal:
             self.key["bn_recalibrate"] = n_recal
         if patches or n_recal:  # their patches and images are drawn per batch
