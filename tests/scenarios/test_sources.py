@@ -351,17 +351,17 @@ def test_npz_errors_name_the_problem(tmp_path):
         load_dataset(f"npz:{tmp_path / 'f.npz'}")
 
 
-def test_npz_that_is_not_a_zip_says_so(tmp_path):
-    np.save(tmp_path / "x.npy", np.zeros((3, 8, 8, 3), dtype=np.uint8))
-    with pytest.raises(DataError, match=r"x\.npy is not an \.npz \(zip\) file but an \.npy .*; save the arrays with "
-                                        r"numpy\.savez\("):
-        load_dataset(f"npz:{tmp_path / 'x.npy'}")
-    (tmp_path / "t.npz").write_text("x_train,y_train\n1,2\n")
-    with pytest.raises(DataError, match=r"t\.npz is not an \.npz \(zip\) file; save the arrays with numpy\.savez\("):
-        load_dataset(f"npz:{tmp_path / 't.npz'}")
-    (tmp_path / "empty.npz").write_bytes(b"")
-    with pytest.raises(DataError, match=r"empty\.npz is not an \.npz \(zip\) file"):
-        load_dataset(f"npz:{tmp_path / 'empty.npz'}")
+@pytest.mark.parametrize(("name", "write", "message"), [
+    ("x.npy", lambda p: np.save(p, np.zeros((3, 8, 8, 3), dtype=np.uint8)),
+     r"x\.npy is not an \.npz \(zip\) file but an \.npy .*; save the arrays with numpy\.savez\("),
+    ("t.npz", lambda p: p.write_text("x_train,y_train\n1,2\n"),
+     r"t\.npz is not an \.npz \(zip\) file; save the arrays with numpy\.savez\("),
+    ("empty.npz", lambda p: p.write_bytes(b""), r"empty\.npz is not an \.npz \(zip\) file"),
+])
+def test_npz_that_is_not_a_zip_says_so(tmp_path, name, write, message):
+    write(tmp_path / name)
+    with pytest.raises(DataError, match=message):
+        load_dataset(f"npz:{tmp_path / name}")
 
 
 def test_npz_empty_splits_are_refused(tmp_path):
