@@ -5,8 +5,10 @@ Before augmentation, every stream image of the update is mixed with a buffer ima
 
     x_b = lam * x_stream_b + (1 - lam) * x_buffer_{k_b}        in float [0, 1], b = 1..B
 
-with ONE lam ~ Beta(alpha, alpha) per update (as LUMP: one coefficient per batch) and partners k_b drawn
-uniformly with replacement from the buffer. The mixed images replace the stream images; the objective
+with ONE lam ~ Beta(alpha, alpha) per update (as LUMP: one coefficient per batch) and distinct partners k_b
+drawn uniformly from the buffer (as LUMP's buffer draws them: without replacement; where the buffer holds fewer
+images than the update has, each buffer image partners at most ceil(B / len) stream images, where LUMP's code
+would fail on the shapes). The mixed images replace the stream images; the objective
 then sees only mixtures (LUMP has no separate replay; set cl.replay.batch > 0 to also append buffer
 images). While the buffer is empty (first update) nothing is mixed.
 
@@ -44,9 +46,19 @@ def mix_images(x_stream: torch.Tensor, x_buffer: torch.Tensor, lam: float) -> to
 
 
 def sample_mixup(rng: np.random.Generator, alpha: float, n: int, buffer_len: int) -> tuple[float, np.ndarray]:
-    """One update's draws: lam ~ Beta(alpha, alpha), then n partner slots ~ U{0..buffer_len-1} (with replacement)."""
+    """One update's draws: lam ~ Beta(alpha, alpha), then n partner slots of 0..buffer_len-1.
+
+    The slots are distinct when n <= buffer_len (a uniform draw without replacement, as LUMP's); otherwise they
+    are whole random permutations of the buffer followed by a draw without replacement for the rest, so that no
+    slot is used more than ceil(n / buffer_len) times.
+    """
+    if buffer_len < 1:
+        raise ValueError(f"mixup needs a buffer image to mix with, got a buffer of {buffer_len}")
     lam = float(rng.beta(alpha, alpha))
-    return lam, rng.integers(0, buffer_len, size=n)
+    full, rest = divmod(int(n), int(buffer_len))
+    parts = [rng.permutation(buffer_len) for _ in range(full)]
+    parts.append(rng.choice(buffer_len, size=rest, replace=False))
+    return lam, np.concatenate(parts).astype(np.int64)
 
 
 class MixupPlugin(SupervisedPlugin):

@@ -21,8 +21,36 @@ def test_lambda_follows_beta_alpha_alpha(alpha: float) -> None:
     assert stats.kstest(lams, stats.beta(alpha, alpha).cdf).pvalue > 1e-3
     # and not some other symmetric law on [0, 1]: the variance is 1 / (4 (2 alpha + 1))
     assert lams.var() == pytest.approx(1 / (4 * (2 * alpha + 1)), rel=0.08)
-    _, partners = sample_mixup(rng, alpha, 1000, 5)
-    assert partners.min() == 0 and partners.max() == 4
+
+
+def test_partners_are_distinct_uniform_draws_as_lumps_buffer_gives() -> None:
+    """n <= buffer: n distinct slots (LUMP's buffer draws without replacement), each slot equally likely."""
+    rng = np.random.default_rng(0)
+    counts = np.zeros(9, dtype=np.int64)
+    for _ in range(3000):
+        _, partners = sample_mixup(rng, 0.4, 6, 9)
+        assert partners.dtype == np.int64 and len(partners) == 6
+        assert len(set(partners.tolist())) == 6 and partners.min() >= 0 and partners.max() <= 8
+        counts += np.bincount(partners, minlength=9)
+    # each slot is chosen with probability 6/9 per update
+    assert stats.chisquare(counts).pvalue > 1e-3
+    _, whole = sample_mixup(rng, 0.4, 9, 9)
+    assert sorted(whole.tolist()) == list(range(9))
+
+
+@pytest.mark.parametrize("n,buffer_len", [(10, 3), (7, 7), (13, 5), (1, 1)])
+def test_more_stream_images_than_buffer_use_each_slot_at_most_ceil_times(n: int, buffer_len: int) -> None:
+    rng = np.random.default_rng(n)
+    for _ in range(50):
+        _, partners = sample_mixup(rng, 0.4, n, buffer_len)
+        uses = np.bincount(partners, minlength=buffer_len)
+        assert len(partners) == n and len(uses) == buffer_len
+        assert uses.max() <= -(-n // buffer_len) and uses.min() >= n // buffer_len
+
+
+def test_an_empty_buffer_is_refused() -> None:
+    with pytest.raises(ValueError, match="buffer of 0"):
+        sample_mixup(np.random.default_rng(0), 0.4, 3, 0)
 
 
 def test_mix_images_is_the_formula() -> None:
