@@ -321,7 +321,7 @@ class EMPSSLStrategy(SupervisedTemplate):
         super()._before_forward(**kwargs)
 
     def forward(self) -> torch.Tensor:
-        patches = self.augment(self.mb_x, self.aug_generator)
+        patches = self.augment(self.mb_x, self.aug_generator, n_patches=self.n_patches)
         if self.channels_last:
             patches = patches.contiguous(memory_format=torch.channels_last)
         self.mb_patches = patches

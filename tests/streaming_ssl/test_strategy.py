@@ -226,3 +226,18 @@ def test_skipped_updates_are_summed_unread_until_reported_or_saved() -> None:
     counters.load_state_dict(saved)
     counters.flush()
     assert counters.skipped_updates == 5
+
+
+def test_n_patches_argument_sets_the_patches_of_every_update() -> None:
+    """`n_patches` overrides the augmentation's default: the update cuts each image into that many patches, so the
+    objective's (n, B, d) blocks hold patch i of every image (the augmentation's 4 patches viewed as 2 blocks would
+    pair other images' patches in the invariance term and size the coding rate from 2 B rows)."""
+    model = EMPSSLModel(width=0.125, feature_dim=32, proj_hidden_dim=32, proj_dim=16)
+    opt = LARS(param_groups(model, 1e-4), lr=0.3)
+    strategy = EMPSSLStrategy(model=model, optimizer=opt, augment=MultiPatchAugment(4, 16), n_patches=2,
+                              batch_size=3, device="cpu", channels_last=False)
+    images = torch.randint(0, 256, (3, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    strategy.mbatch = [images, torch.zeros(3, dtype=torch.long), torch.zeros(3, dtype=torch.long)]
+    z = strategy.forward()
+    assert strategy.n_patches == 2
+    assert strategy.mb_patches.shape == (2 * 3, 3, 16, 16) and z.shape == (2 * 3, 16)
