@@ -124,6 +124,9 @@ def plan_class_split(
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(num_classes, generator=gen).tolist()
     if classes_per_experience is not None:
+        if any(size < 1 for size in classes_per_experience):
+            raise StreamError(f"stream.classes_per_experience {list(classes_per_experience)}: every experience needs "
+                              "at least one class")
         if sum(classes_per_experience) != num_classes:
             raise StreamError(
                 f"stream.classes_per_experience {list(classes_per_experience)} sums to "

@@ -134,9 +134,13 @@ def _gather_rows(local: torch.Tensor, n: int, n_batches: int, batch_size: int) -
 
 
 def standardize(train: torch.Tensor, *others: torch.Tensor) -> list[torch.Tensor]:
-    """Centre and scale every feature by the training set's mean and std."""
+    """Centre and scale every feature by the training set's mean and std.
+
+    A feature (nearly) constant on the training set (a ReLU unit of h that never fires there) is only centred:
+    divided by its ~0 std, its values on other images would dwarf every feature the probe learnt from."""
     mean = train.mean(0, keepdim=True)
-    std = train.std(0, keepdim=True).clamp_min(1e-6)
+    std = train.std(0, keepdim=True)
+    std = torch.where(std > 1e-6, std, torch.ones_like(std))
     return [(t - mean) / std for t in (train, *others)]
 
 
@@ -168,20 +172,24 @@ def train_linear_probe(feats: torch.Tensor, labels: torch.Tensor, num_classes: i
 
 @torch.no_grad()
 def predict(clf: torch.nn.Linear, feats: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
-    return torch.cat([clf(feats[i:i + batch_size]).argmax(1) for i in range(0, len(feats), batch_size)])
+    """Predicted classes (N,); none for no features (e.g. seen classes without test images: accuracy NaN)."""
+    preds = [clf(feats[i:i + batch_size]).argmax(1) for i in range(0, len(feats), batch_size)]
+    return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
 
 
 @torch.no_grad()
 def knn_predict(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor, num_classes: int,
                 *, k: int = 20, temperature: float = 0.07, chunk: int = 1024) -> torch.Tensor:
-    """Weighted kNN on cosine similarity: each of the k neighbours votes exp(sim / T) for its class."""
-    train_n = F.normalize(train_feats, dim=1)
+    """Weighted kNN on cosine similarity: each of the k neighbours votes exp(sim / T) for its class.
+
+    Similarities and votes in float32 whatever the features' dtype, on the features' device."""
+    train_n = F.normalize(train_feats.float(), dim=1)
     k = min(k, len(train_n))
     preds = []
     for start in range(0, len(test_feats), chunk):
-        sims = F.normalize(test_feats[start:start + chunk], dim=1) @ train_n.T
+        sims = F.normalize(test_feats[start:start + chunk].float(), dim=1) @ train_n.T
         top, idx = sims.topk(k, dim=1)
-        votes = torch.zeros(len(top), num_classes)
+        votes = torch.zeros(len(top), num_classes, device=top.device)
         votes.scatter_add_(1, train_labels[idx], (top / temperature).exp())
         preds.append(votes.argmax(1))
     return torch.cat(preds)

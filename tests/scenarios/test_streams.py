@@ -151,6 +151,8 @@ def test_plan_explicit_experience_classes_used_as_given():
     (dict(experience_classes=[[0, 1, 2, 9], [3, 4, 5, 6, 7, 8, 10]]), r"stream\.experience_classes.*unknown \[10\]"),
     (dict(experience_classes=[[0, 1, 2, 9], [-1, 3, 4, 5, 6, 7, 8]]), r"stream\.experience_classes.*unknown \[-1\]"),
     (dict(experience_classes=[list(range(10)), []]), r"stream\.experience_classes.*non-empty"),
+    (dict(classes_per_experience=[10, 0]), r"stream\.classes_per_experience \[10, 0\].*at least one class"),
+    (dict(classes_per_experience=[12, -2]), r"stream\.classes_per_experience \[12, -2\].*at least one class"),
     (dict(n_experiences=11), r"stream\.n_experiences must be between 1 and 10.*got 11"),
     (dict(n_experiences=0), r"stream\.n_experiences must be between 1 and 10.*got 0"),
     (dict(), r"stream\.n_experiences"),
