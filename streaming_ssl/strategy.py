@@ -249,7 +249,9 @@ class EMPSSLStrategy(SupervisedTemplate):
         self._nonfinite: torch.Tensor | None = None  # CUDA: non-finite losses since the last check
         self.grad_scaler = (torch.amp.GradScaler(self.device.type, init_scale=fp16_init_scale)
                             if amp_dtype == torch.float16 else None)
-        self._resident: tuple[int, torch.Tensor, torch.Tensor] | None = None
+        # (host images, host targets, their device copies); the host tensors are held so that a new stream's tensor
+        # can never pass for the old one (an id() could be reused once the old tensor is freed)
+        self._resident: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._resume_epoch = 0
         self._resume_batch = 0
 
@@ -263,9 +265,10 @@ class EMPSSLStrategy(SupervisedTemplate):
         """On CUDA, an in-memory uint8 tensor is copied to the GPU once: a batch is then an index there."""
         if self.device.type != "cuda" or not isinstance(images, torch.Tensor):
             return images, targets, None
-        if self._resident is None or self._resident[0] != id(images):
-            self._resident = (id(images), images.to(self.device), targets.to(self.device))
-        return self._resident[1], self._resident[2], self.device
+        if self._resident is None or self._resident[0] is not images or self._resident[1] is not targets:
+            self._resident = None  # the old copies go before the new ones are made
+            self._resident = (images, targets, images.to(self.device), targets.to(self.device))
+        return self._resident[2], self._resident[3], self.device
 
     def make_train_dataloader(self, shuffle: bool = True, **kwargs) -> None:
         """Batches gathered by row index from the experience's tensor (fallback: per-sample collate)."""

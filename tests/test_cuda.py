@@ -751,3 +751,24 @@ def test_a_signal_in_a_process_group_stops_after_the_agreed_update(dev, signal_a
         dist.destroy_process_group()
     assert signal.getsignal(signal.SIGTERM) is old  # the handler is put back
     assert str(info.value).endswith(f"at update {on_cuda if dev.type == 'cuda' else signal_at}")
+
+
+def test_a_new_streams_tensor_is_copied_to_the_device_even_where_the_old_ones_id_is_reused(dev):
+    """The strategy keeps one copy of the stream's tensor on the device (a batch is an index there). Each of these
+    streams' tensors is freed before the next is made, so Python may give the next one the same id(): the copy
+    must still be the new tensor's, and asking again for the same tensor must not copy it again."""
+    model = EMPSSLModel(**CPU_NARROW_MODEL_KW)
+    strategy = EMPSSLStrategy(model=model, optimizer=LARS(param_groups(model, 1e-4), lr=0.3),
+                              augment=MultiPatchAugment(2, 8), batch_size=4, device=dev, channels_last=False)
+    for seed in range(12):
+        host = torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+        targets = torch.full((6,), seed)
+        x, y, index_device = strategy._on_device(host, targets)
+        assert torch.equal(x.cpu(), host) and torch.equal(y.cpu(), targets)
+        again = strategy._on_device(host, targets)
+        assert again[0] is x and again[1] is y
+        if dev.type == "cuda":
+            assert x.device.type == "cuda" and index_device == dev
+        else:
+            assert x is host and index_device is None  # on the CPU the tensor is used where it is
+        del host, targets, x, y, again
