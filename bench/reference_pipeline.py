@@ -7,7 +7,8 @@ Written from the facts in shared/reference/README.md and the issue text, not fro
   training loop concatenates them patch-major (row i*B + b is patch i of image b);
 * transform per patch: RandomResizedCrop(32, scale=(0.25, 0.25), ratio=(1, 1)), RandomHorizontalFlip,
   RandomApply(ColorJitter(0.4, 0.4, 0.4, 0.2), p=0.8), RandomGrayscale(0.2),
-  RandomApply(GaussianBlur(3, sigma=(0.1, 2)), p=0.1), RandomSolarize(128, p=0.1), ToTensor, Normalize;
+  a Gaussian blur with p 0.1 (PIL's ``ImageFilter.GaussianBlur(sigma)``, sigma uniform in [0.1, 2], as the
+  authors' code blurs: not truncated to a few taps), RandomSolarize(128, p=0.1), ToTensor, Normalize;
 * objective in float32: the total coding rate as a d x d ``torch.logdet`` of I + d/(B eps2) Z_i^T Z_i
   for each of the n patch blocks in a Python loop, and the invariance as the mean cosine similarity of
   each block with the patch average, loss = -mean R - lambda * mean cos;
@@ -29,18 +30,33 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageFilter
 from torchvision import transforms
 
 __all__ = [
     "LARSWrapper",
     "MultiPatchPILDataset",
+    "PILGaussianBlur",
     "make_loader",
     "patch_transform",
     "reference_coding_rate",
     "reference_loss",
     "reference_step",
 ]
+
+
+class PILGaussianBlur:
+    """With probability p, PIL's Gaussian blur with sigma uniform in ``sigma`` (both drawn from torch's generator,
+    which DataLoader seeds per worker)."""
+
+    def __init__(self, p: float = 0.1, sigma: tuple[float, float] = (0.1, 2.0)) -> None:
+        self.p, self.sigma = float(p), (float(sigma[0]), float(sigma[1]))
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        if float(torch.rand(())) >= self.p:
+            return img
+        lo, hi = self.sigma
+        return img.filter(ImageFilter.GaussianBlur(lo + (hi - lo) * float(torch.rand(()))))
 
 
 def patch_transform(out_size: int = 32, mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616)):
@@ -50,7 +66,7 @@ def patch_transform(out_size: int = 32, mean=(0.4914, 0.4822, 0.4465), std=(0.24
         transforms.RandomHorizontalFlip(p=0.5),
         transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.4, 0.2)], p=0.8),
         transforms.RandomGrayscale(p=0.2),
-        transforms.RandomApply([transforms.GaussianBlur(kernel_size=3, sigma=(0.1, 2.0))], p=0.1),
+        PILGaussianBlur(p=0.1, sigma=(0.1, 2.0)),
         transforms.RandomSolarize(threshold=128, p=0.1),
         transforms.ToTensor(),
         transforms.Normalize(mean, std),

@@ -23,7 +23,7 @@ from scenarios.sources import is_generic
 from scenarios.streams import SSLStream, build_stream
 from streaming_ssl import distributed as ddp
 from streaming_ssl.augment import MultiPatchAugment
-from streaming_ssl.config import Config
+from streaming_ssl.config import Config, ConfigError
 from streaming_ssl.device import resolve_device, resolve_precision
 from streaming_ssl.evaluation import ProbeMetric, ProbeSet, StreamEvaluator
 from streaming_ssl.lars import LARS, param_groups
@@ -164,10 +164,14 @@ def wrap_for_training(cfg: Config, model: torch.nn.Module, device: torch.device)
 
 def build_augment(cfg: Config, splits: DatasetSplits | TrainingData) -> MultiPatchAugment:
     a = cfg.augment
-    return MultiPatchAugment(a.n_patches, a.size or splits.image_size, crop_area=a.crop_area,
+    size = a.size or splits.image_size
+    if a.blur_kernel is not None and a.blur_kernel > 2 * size - 1:
+        raise ConfigError(f"augment.blur_kernel: {a.blur_kernel} taps do not fit {size} px patches (reflect padding: "
+                          f"at most {2 * size - 1}); set augment.blur_kernel=null (+-3 sigma) or a smaller odd number")
+    return MultiPatchAugment(a.n_patches, size, crop_area=a.crop_area,
                              crop_ratio=tuple(a.crop_ratio), flip_p=a.flip_p, jitter=tuple(a.jitter),
                              jitter_p=a.jitter_p, gray_p=a.gray_p, blur_p=a.blur_p, blur_sigma=tuple(a.blur_sigma),
-                             solarize_p=a.solarize_p, mean=tuple(splits.mean), std=tuple(splits.std),
+                             blur_kernel_size=a.blur_kernel, solarize_p=a.solarize_p, mean=tuple(splits.mean), std=tuple(splits.std),
                              sync_free=a.sync_free, compiled=a.compile, compile_backend=cfg.train.compile_backend)
 
 

@@ -40,6 +40,7 @@ def test_defaults_match_design():
     assert a.flip_p == 0.5
     assert a.jitter == [0.4, 0.4, 0.4, 0.2] and a.jitter_p == 0.8
     assert a.gray_p == 0.2 and a.blur_p == 0.1 and a.blur_sigma == [0.1, 2.0] and a.solarize_p == 0.1
+    assert a.blur_kernel is None  # +-3 sigma: sigma 2 is sigma 2 on 32 px patches, as the authors' PIL blur
     assert cfg.stream.epochs == 1
 
 
@@ -188,6 +189,8 @@ def test_unknown_choices(override, match):
     (["stream.mode=online", "stream.epochs=3"], r"stream\.epochs: .*epochs must be 1 in mode 'online'"),
     (["eval.transfer=[cifar10, svhn]"], r"eval\.transfer\[1\]: unknown value 'svhn'\. Valid: cifar10.*folder:PATH.*npz:PATH"),
     (["augment.crop_area=1.5"], r"augment\.crop_area: must be in \(0, 1\]"),
+    (["augment.blur_kernel=4"], r"augment\.blur_kernel: must be null .* odd number of taps >= 3, got 4"),
+    (["augment.blur_kernel=1"], r"augment\.blur_kernel: .*got 1"),
     (["augment.jitter=[0.4, 0.4, 0.4, 0.6]"], r"augment\.jitter: .*hue <= 0\.5"),
     (["optim.momentum=1.0"], r"optim\.momentum: must be in \[0, 1\)"),
     (["model.width=0"], r"model\.width: must be > 0"),
