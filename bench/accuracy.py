@@ -47,6 +47,8 @@ ROWS = {
     "random_init": None,  # probed on the offline_1epoch architecture with --random-init
     "offline_1epoch": "configs/accuracy/offline_1epoch.yaml",
     "split_cifar10": "configs/accuracy/split_cifar10.yaml",
+    # the same with the blur's kernel spanning +-3 sigma (the default now; every other row blurs with 3 taps)
+    "split_cifar10_blur13": "configs/accuracy/split_cifar10_blur13.yaml",
     "online_cifar10": "configs/accuracy/online_cifar10.yaml",
     "offline_3epochs": "configs/accuracy/offline_3epochs.yaml",
     # continual-learning methods on the split_cifar10 / online_cifar10 rows (cl/; same encoder)
@@ -95,6 +97,7 @@ def probe(ckpt_dir: Path, patches: int, log_path: Path, random_init: bool = Fals
 LABELS = {"random_init": "random-init encoder (floor)", "offline_1epoch": "offline, 1 epoch (i.i.d. one pass)",
           "split_cifar10": "Split CIFAR-10, 5 x 2 classes, one pass", "online_cifar10": "online, mini-experiences of 10",
           "offline_3epochs": "offline, 3 epochs",
+          "split_cifar10_blur13": "Split CIFAR-10, one pass, blur kernel +-3 sigma (13 taps)",
           "split_cifar10_replay": "Split CIFAR-10 + replay (reservoir 500, 100/update)",
           "split_cifar10_distill": "Split CIFAR-10 + CaSSLe distillation (weight 200)",
           "split_cifar10_distill_w20": "Split CIFAR-10 + CaSSLe distillation (weight 20)",

@@ -292,6 +292,8 @@ def test_every_accuracy_row_loads_and_is_a_row_of_the_bench(path):
     """Each configs/accuracy/ file is a valid config and a row of bench/accuracy.py (no orphaned recipe)."""
     cfg = load_config(path)
     assert cfg.model.width == 0.25 and cfg.augment.n_patches == 20 and cfg.data.dataset == "cifar10"
+    # the blur is pinned: a committed row must not silently follow a changed default (3 taps before ab1a7c9)
+    assert cfg.augment.blur_kernel == (13 if path.name == "split_cifar10_blur13.yaml" else 3)
     bench = (path.parents[2] / "bench" / "accuracy.py").read_text()
     assert f'"configs/accuracy/{path.name}"' in bench
 
