@@ -37,7 +37,8 @@ class ProbeOutOfMemory(RuntimeError):
 
 @dataclass
 class ProbeRequest:
-    """What to probe. None means: the checkpoint config's value."""
+    """What to probe. None means the checkpoint config's value, except for `train_per_class` / `test_per_class`,
+    where it means every image of the split."""
 
     checkpoint: str
     datasets: list[str] = field(default_factory=list)  # empty: the dataset the checkpoint was trained on
