@@ -306,8 +306,9 @@ class DatasetSpec:
         download: bool = False,
         image_size: int | None = None,
     ) -> DatasetSplits:
-        """Load the dataset (same arguments as :func:`load_dataset`)."""
-        return self.loader(root, download=download, image_size=image_size)
+        """Load the dataset (same arguments as :func:`load_dataset`); ``image_size=None``: the spec's own."""
+        size = self.image_size if image_size is None else image_size
+        return self.loader(root, download=download, image_size=size)
 
 
 def stem_for_size(image_size: int) -> str:
@@ -1072,7 +1073,10 @@ def _load_imagenet100(base: pathlib.Path, image_size: int) -> DatasetSplits:
                 f"imagenet100: {len(missing)} of {len(wnids)} class folders are missing in "
                 f"{sdir}/ (first: {', '.join(missing[:5])}). Each class of "
                 f"imagenet100_classes.txt needs a folder {sdir}/<wnid>/ with its images; copy "
-                f"them from ImageNet (val must be sorted into class folders)."
+                f"them from ImageNet (val must be sorted into class folders"
+                + ("; this val/ holds the images flat, as ILSVRC2012_img_val.tar extracts: sort them into "
+                   "<wnid>/ folders, e.g. with the widely used valprep.sh or the devkit's ground truth)."
+                   if any(sdir.glob("ILSVRC2012_val_*")) else ").")
             )
         paths: list[str] = []
         targets: list[int] = []

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import pathlib
 import pickle
 import re
 import shutil
+import struct
 
 import numpy as np
 import pytest
@@ -36,6 +38,8 @@ pytestmark = pytest.mark.filterwarnings(
 )
 
 CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+# sha256 of "\n".join(wnids) of https://github.com/HobbitLong/CMC/blob/master/imagenet100.txt
+CMC_IMAGENET100_SHA256 = "b06db93f7ac2851ef476c162d6c4cbba17197be0269c88005add46486f682cb0"
 
 
 # --------------------------------------------------------------------------- CIFAR fixtures
@@ -85,6 +89,59 @@ def _write_cifar100_python(root: pathlib.Path, x_train, y_train, x_test, y_test,
     _dump(folder / "meta", {b"fine_label_names": [n.encode() for n in names],
                             b"coarse_label_names": [b"c"] * 20})
     return folder
+
+
+def _py2_str(b: bytes) -> bytes:
+    """A Python-2 ``str`` as cPickle writes it (SHORT_BINSTRING / BINSTRING)."""
+    return b"U" + bytes([len(b)]) + b if len(b) < 256 else b"T" + struct.pack("<I", len(b)) + b
+
+
+def _py2_int(v: int) -> bytes:
+    return b"K" + bytes([v]) if v < 256 else b"M" + struct.pack("<H", v) if v < 65536 else b"J" + struct.pack("<i", v)
+
+
+def _py2_pickle(d: dict[bytes, object]) -> bytes:
+    """Protocol-2 bytes of ``d`` as Python 2 + numpy 1.x wrote the official CIFAR files: str keys and strings,
+    int lists, and uint8 ``(N, 3072)`` arrays rebuilt by ``numpy.core.multiarray._reconstruct`` from a str."""
+
+    def value(v: object) -> bytes:
+        if isinstance(v, int):
+            return _py2_int(v)
+        if isinstance(v, bytes):
+            return _py2_str(v)
+        if isinstance(v, list):
+            return b"](" + b"".join(value(x) for x in v) + b"e"
+        a = np.ascontiguousarray(v, dtype=np.uint8)
+        return (b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\n" + _py2_int(0) + b"\x85" + _py2_str(b"b")
+                + b"\x87R(" + _py2_int(1) + _py2_int(a.shape[0]) + _py2_int(a.shape[1]) + b"\x86cnumpy\ndtype\n"
+                + _py2_str(b"u1") + _py2_int(0) + _py2_int(1) + b"\x87R(" + _py2_int(3) + _py2_str(b"|") + b"NNN"
+                + b"J\xff\xff\xff\xff" * 2 + _py2_int(0) + b"tb\x89" + _py2_str(a.tobytes()) + b"tb")
+
+    return b"\x80\x02}(" + b"".join(_py2_str(k) + value(v) for k, v in d.items()) + b"u."
+
+
+def test_py2_pickle_helper_reads_back():
+    rows = _python_rows(_images_hwc(2, 9))
+    d = pickle.loads(_py2_pickle({b"data": rows, b"fine_labels": [3, 300]}), encoding="latin1")
+    assert sorted(d) == ["data", "fine_labels"] and d["fine_labels"] == [3, 300]
+    assert d["data"].dtype == np.uint8 and np.array_equal(d["data"], rows)
+
+
+def test_cifar100_python_layout_as_python2_wrote_it(tmp_path):
+    x_train, x_test = _images_hwc(5, 11), _images_hwc(2, 12)
+    y_train, y_test = [4, 99, 0, 4, 57], [99, 1]
+    names = [f"class{i:02d}".encode() for i in range(100)]
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    for split, x, y in (("train", x_train, y_train), ("test", x_test, y_test)):
+        (folder / split).write_bytes(_py2_pickle({
+            b"filenames": [b"x_s_000001.png"] * len(y), b"batch_label": b"training batch 1 of 1",
+            b"fine_labels": y, b"coarse_labels": [0] * len(y), b"data": _python_rows(x)}))
+    (folder / "meta").write_bytes(_py2_pickle({b"fine_label_names": names, b"coarse_label_names": [b"c"] * 20}))
+    d = load_dataset("cifar100", tmp_path)
+    assert torch.equal(d.train.images, _chw(x_train)) and torch.equal(d.test.images, _chw(x_test))
+    assert d.train.targets.tolist() == y_train and d.test.targets.tolist() == y_test
+    assert d.class_names == [n.decode() for n in names]
 
 
 @pytest.fixture()
@@ -574,6 +631,33 @@ def test_imagenet100_lazy_view_pickle_and_default_size(imagenet_root):
     assert big.image_size == 224 and big.test.images[torch.tensor([0])].shape == (1, 3, 224, 224)
 
 
+def test_imagenet100_spec_of_a_size_loads_that_size(imagenet_root):
+    spec = dataset_spec("imagenet100", image_size=8)
+    d = spec.load(imagenet_root)  # no image_size: the spec's own, as DatasetSpec.image_size promises
+    assert d.image_size == spec.image_size == 8
+    assert d.test.images[torch.tensor([0])].shape == (1, 3, 8, 8)
+    assert spec.load(imagenet_root, image_size=4).image_size == 4  # an explicit size still wins
+
+
+def test_generic_spec_of_a_size_loads_that_size(tmp_path, cifar10_arrays):
+    x_train, _, x_test, _ = cifar10_arrays
+    y_train, y_test = np.arange(15) % 3, np.array([0, 1, 2, 0])
+    path = _write_npz(tmp_path / "digits.npz", x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+    spec = dataset_spec(f"npz:{path}", image_size=16)
+    d = spec.load()
+    assert d.image_size == spec.image_size == 16 and d.train.images.shape == (15, 3, 16, 16)
+    assert dataset_spec(f"npz:{path}").load().image_size == 32
+
+
+def test_imagenet100_class_list_is_the_cmc_list():
+    wnids = ds.imagenet100_classes()
+    assert len(wnids) == len(set(wnids)) == 100 and all(re.fullmatch(r"n\d{8}", w) for w in wnids)
+    # CMC's imagenet100.txt (Tian et al.), in its order: the list solo-learn and later work use
+    assert wnids[:5] == ["n02869837", "n01749939", "n02488291", "n02107142", "n13037406"]
+    assert wnids[-5:] == ["n02116738", "n02108089", "n03424325", "n01855672", "n02090622"]
+    assert hashlib.sha256("\n".join(wnids).encode()).hexdigest() == CMC_IMAGENET100_SHA256
+
+
 def test_imagenet100_prefers_imagenet100_folder(tmp_path, imagenet_root):
     (tmp_path / "imagenet").mkdir()  # would fail: no class folders
     (tmp_path / "imagenet100").symlink_to(imagenet_root / "imagenet")
@@ -595,6 +679,14 @@ def test_imagenet100_errors(tmp_path, imagenet_root):
     for w in (wnids[3], wnids[10], wnids[50]):
         (tmp_path / "imagenet" / "val" / w).mkdir()
     with pytest.raises(DataError, match=rf"class folder {val}/{wnids[3]}/ holds no image"):
+        load_dataset("imagenet100", tmp_path, image_size=8)
+    # val/ as ILSVRC2012_img_val.tar extracts it: every image flat in one folder
+    shutil.rmtree(tmp_path / "imagenet" / "val")
+    (tmp_path / "imagenet" / "val").mkdir()
+    for i in (1, 2):
+        shutil.copy(next((imagenet_root / "imagenet" / "val" / wnids[0]).iterdir()),
+                    tmp_path / "imagenet" / "val" / f"ILSVRC2012_val_{i:08d}.JPEG")
+    with pytest.raises(DataError, match=r"100 of 100 class folders are missing.*holds the images flat.*valprep\.sh"):
         load_dataset("imagenet100", tmp_path, image_size=8)
     shutil.rmtree(tmp_path / "imagenet" / "val")
     with pytest.raises(DataError, match=rf"{val}/ is missing"):
