@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from scenarios.datasets import DataError, check_dataset_name
+from streaming_ssl.atomic import atomic_write_text
 from scenarios.streams import MODES, ONLINE_BASES  # the stream-mode registry (cheap: no Avalanche import)
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -532,5 +533,6 @@ def _validate_cl(cl: ClConfig, s: StreamConfig) -> None:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    """Write the resolved config as YAML."""
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    """Write the resolved config as YAML, atomically: a run killed while rewriting it on resume keeps the old one
+    (a truncated file would resume with defaults for the sections it lost)."""
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -56,6 +56,8 @@ def prepare_run_dir(cfg: Config, *, resume: bool = False, overwrite: bool = Fals
         if not saved_cfg_path.is_file():
             raise RunError(f"cannot resume {str(run_dir)!r}: it holds no config.yaml (not a run directory)")
         saved = config_from_dict(yaml.safe_load(saved_cfg_path.read_text()))
+        if Path(saved.run.out_dir).resolve() == run_dir.resolve():  # the same directory, however it is written
+            saved.run.out_dir = cfg.run.out_dir
         diffs = dict_diff(saved.to_dict(), cfg.to_dict())
         changed = [d for d in diffs if d.split(":")[0] in oom.RESUMABLE]
         diffs = [d for d in diffs if d not in changed]
@@ -83,8 +85,13 @@ def create_run_dir(cfg: Config, run_dir: Path, *, fresh: bool, lock: RunLock | N
     writer lock a new one). `lock` (rank 0), if not yet held, is taken right after the directory exists."""
     if ddp.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
-        if lock is not None and not lock.locked:
+        if lock is not None and not lock.locked:  # a new run: prepare_run_dir saw no directory, and held no lock
             lock.acquire()
+            if not fresh and run_files(run_dir):  # another run wrote there since: not ours to train over
+                lock.release()
+                raise RunError(f"run directory {str(run_dir)!r} was written by another run while this one was being "
+                               f"built; pass --resume {run_dir} to continue it, --overwrite to replace it, or choose "
+                               "another run.out_dir (it is not empty; nothing was changed)")
         for path in remove_stale_temp_files(run_dir) if lock is not None else []:
             log.info("removed %s, left by a writer that was killed mid-write", path.name)
         for path in run_files(run_dir) if fresh else []:
@@ -146,6 +153,8 @@ def _train(cfg: Config, *, resume: bool, overwrite: bool, lock: RunLock | None) 
         ckpt.check_model_matches(state, model, str(run_dir))
     run = build.build_run(cfg, run_dir, device=device, amp_dtype=amp_dtype, splits=splits, stream=stream, model=model)
     create_run_dir(cfg, run_dir, fresh=overwrite and not resume, lock=lock)
+    if resume and state is None and ddp.is_main():  # killed before its first checkpoint: its rows are computed again
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     setup_logging(run_dir)
     run.loggers.extend(build.build_loggers(cfg, run_dir))
     try:

@@ -154,6 +154,33 @@ def test_out_of_memory_names_the_fix_keeps_the_checkpoint_and_resumes_with_it(zy
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
+def test_killed_inside_its_first_checkpoint_write_resumes_without_a_duplicate_row(zygote, tmp_path: Path) -> None:
+    """A run SIGKILLed inside its first checkpoint write (after the first evaluation wrote its metrics.jsonl row)
+    holds that row and no checkpoint; --resume starts it from the beginning and every evaluation is in
+    metrics.jsonl exactly once, as in an uninterrupted run."""
+    full, killed, marker = tmp_path / "full", tmp_path / "killed", tmp_path / "marker"
+    tiny = ["stream.n_experiences=2", "data.train_per_class=10", "data.test_per_class=5", "run.checkpoint_every=0"]
+    ref = zygote.start(_cmd(full, *tiny)[2:], tmp_path / "full.log")
+    pid = zygote.start(_cmd(killed, *tiny)[2:], tmp_path / "killed.log",
+                       env={ckpt.PAUSE_MARKER_ENV: str(marker), ckpt.PAUSE_ENV: "120"})
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline and not (marker.exists() and marker.read_text()):
+            assert zygote.running(pid), (tmp_path / "killed.log").read_text(errors="replace")[-3000:]
+            time.sleep(0.01)
+    finally:
+        zygote.kill(pid)
+    assert zygote.wait(pid, 60) == -signal.SIGKILL
+    assert not ckpt.list_checkpoints(killed) and len(_rows(killed)) == 1  # the row of experience 0, no checkpoint
+
+    log = tmp_path / "resume.log"
+    assert zygote.run(["--resume", str(killed)], log, 240) == 0, log.read_text(errors="replace")[-3000:]
+    assert "starting the run from the beginning" in log.read_text(errors="replace")
+    assert zygote.wait(ref, 240) == 0, (tmp_path / "full.log").read_text(errors="replace")[-3000:]
+    assert [r["experience"] for r in _rows(killed)] == [0, 1]
+    assert _rows(killed) == _rows(full)
+
+
 @pytest.mark.parametrize("extra, expected", [
     (["--resume", "RUN"], "--auto-resume goes with --config alone"),
     (["--overwrite"], "--auto-resume goes with --config alone"),
@@ -171,3 +198,23 @@ def test_auto_resume_refuses_resume_and_overwrite(tmp_path: Path, caplog, extra,
         assert main(argv) == 2
     assert expected in caplog.text
     assert not (run_dir / "ckpt.pt").exists()
+
+
+def test_resume_with_the_config_accepts_the_run_directory_however_it_is_written(tmp_path: Path) -> None:
+    """`--config C --resume RUN/` (a trailing slash, as shell completion writes it) or the same directory by another
+    path names the same run: resumed, not refused as a different config. Another directory is still refused."""
+    from streaming_ssl.cli.train import parse_args, resolve_config
+    from streaming_ssl.config import ConfigError, load_config, save_config
+    from streaming_ssl.runner import prepare_run_dir
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    save_config(load_config(REPO / "configs/smoke.yaml", [f"run.out_dir={run_dir}"]), run_dir / "config.yaml")
+    for written in (f"{run_dir}/", f"{tmp_path}/./run", f"{run_dir}//"):
+        cfg = resolve_config(parse_args(["--config", str(REPO / "configs/smoke.yaml"), "--resume", written]))
+        assert prepare_run_dir(cfg, resume=True) == (run_dir, None)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.yaml").write_text((run_dir / "config.yaml").read_text())  # names run_dir, not other
+    with pytest.raises(ConfigError, match="but the config's run.out_dir is"):
+        resolve_config(parse_args(["--resume", str(other)]))

@@ -200,3 +200,25 @@ def test_live_run_refuses_second_writers_and_a_killed_one_does_not_block(tmp_pat
     finally:
         _stop(proc)
         _stop(victim_proc)
+
+
+def test_a_new_run_is_refused_when_another_wrote_its_directory_after_the_check(tmp_path: Path) -> None:
+    """A new run checks its (not yet existing) directory before building, and takes the lock only once the
+    directory is created. Another run that wrote there meanwhile (and finished, or was killed) is not trained over:
+    the new run is refused with the lock released, and the other run's files stay."""
+    from streaming_ssl.config import load_config
+    from streaming_ssl.runner import RunError, create_run_dir, prepare_run_dir
+    from streaming_ssl.runlock import RunLock
+
+    run_dir = tmp_path / "run"
+    cfg = load_config(REPO / "configs/smoke.yaml", [f"run.out_dir={run_dir}"])
+    assert prepare_run_dir(cfg) == (run_dir, None)  # nothing there yet
+    run_dir.mkdir()  # the other run, done with the directory
+    (run_dir / "config.yaml").write_text("the other run's config\n")
+    (run_dir / "metrics.jsonl").write_text('{"experience": 0}\n')
+    before = _digest(run_dir)
+    lock = RunLock(run_dir)
+    with pytest.raises(RunError, match="is not empty"):
+        create_run_dir(cfg, run_dir, fresh=False, lock=lock)
+    assert not lock.locked and holder(run_dir) is None
+    assert _digest(run_dir) == before

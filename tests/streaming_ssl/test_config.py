@@ -322,3 +322,25 @@ def test_a_value_yaml_reads_as_a_mapping_says_so() -> None:
         load_config(None, ["data.dataset=folder:"])
     with pytest.raises(ConfigError, match=r"^data\.dataset: 'folder:' names no path"):
         load_config(None, ["data.dataset='folder:'"])
+
+
+def test_save_config_replaces_the_file_atomically(tmp_path, monkeypatch):
+    """A run rewrites its config.yaml on every resume: killed mid-write, the old file must still be whole (a
+    truncated one resumes with defaults for the sections it lost). The new text goes to a temporary file renamed
+    over the old one, so a failure before the rename leaves the old file as it was."""
+    import os
+
+    import streaming_ssl.atomic as atomic
+
+    path = tmp_path / "config.yaml"
+    save_config(load_config(None, ["cl.replay.size=50", "cl.replay.batch=5"]), path)
+    before = path.read_text()
+
+    def killed(*args, **kwargs):
+        raise OSError("killed before the rename")
+
+    monkeypatch.setattr(atomic.os, "replace", killed)
+    with pytest.raises(OSError, match="killed before the rename"):
+        save_config(load_config(None), path)
+    monkeypatch.setattr(atomic.os, "replace", os.replace)
+    assert path.read_text() == before and load_config(path).cl.replay.size == 50
