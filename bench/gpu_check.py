@@ -510,6 +510,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="JSON result path (default: bench/results/gpu_check.json on CUDA; "
                    "WORKDIR/gpu_check_dry.json in --dry-run, so a dry run never overwrites the GPU's result)")
     p.add_argument("--workdir", default=None, help="run directories and logs (default: runs/gpu_check)")
+    p.add_argument("--results-dir", default=None, help="also copy the JSON, the Markdown and a tar.gz of the logs "
+                   "there (scripts/gpu_check.sh passes the device tool's $OUT: only what lands there comes back)")
     p.add_argument("--data", default=None, help="folder of cifar10.npz (default: $STREAMING_SSL_DATA, .gpu/data)")
     p.add_argument("--strict-targets", action="store_true", help="a missed speed/memory target fails the check")
     p.add_argument("--preflight", action="store_true", help="only check that CUDA is there (exit 2 if not)")
@@ -631,21 +633,48 @@ def main(argv=None) -> int:
     if missing and not args.dry_run:  # said first, so a compile failure further down is not a mystery
         print(f"gpu_check: no {', no '.join(missing)} here: torch.compile on CUDA (Triton builds its launcher with "
               "them) will fail, and with it the compiled test and speed cases", file=sys.stderr)
-    t0 = time.monotonic()
-    results = run_checks(ctx, only, args.strict_targets)
-    for name, r in results.items():
-        r["summary"] = summarize(name, r)
-    report = {"mode": "dry-run (cpu, tiny)" if args.dry_run else "cuda", "tolerances": TOL,
-              "seconds": round(time.monotonic() - t0, 1), "budget_seconds": args.budget, "env": env,
-              "checks": results, "ok": all(r["ok"] for r in results.values())}
+    t0, written = time.monotonic(), []
     out = Path(args.out) if args.out else RESULT if not args.dry_run else workdir / "gpu_check_dry.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2, default=str))
-    out.with_suffix(".md").write_text(markdown(report))
-    print_table(results)
-    print(f"\n{'all checks passed' if report['ok'] else 'FAILED'} in {report['seconds']} s; wrote {out} and "
-          f"{out.with_suffix('.md').name}")
-    return 0 if report["ok"] else 1
+    try:
+        results = run_checks(ctx, only, args.strict_targets)
+        for name, r in results.items():
+            r["summary"] = summarize(name, r)
+        report = {"mode": "dry-run (cpu, tiny)" if args.dry_run else "cuda", "tolerances": TOL,
+                  "seconds": round(time.monotonic() - t0, 1), "budget_seconds": args.budget, "env": env,
+                  "checks": results, "ok": all(r["ok"] for r in results.values())}
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2, default=str))
+        out.with_suffix(".md").write_text(markdown(report))
+        written += [out, out.with_suffix(".md")]
+        print_table(results)
+        print(f"\n{'all checks passed' if report['ok'] else 'FAILED'} in {report['seconds']} s; wrote {out} and "
+              f"{out.with_suffix('.md').name}")
+        return 0 if report["ok"] else 1
+    finally:  # the logs also when a check raised
+        if args.results_dir:
+            try:
+                export_results(written, workdir, Path(args.results_dir))
+            except OSError as err:  # the report stays in the checkout; the exit code stays the checks'
+                print(f"gpu_check: could not copy the results to {args.results_dir}: {err}", file=sys.stderr)
+
+
+def export_results(reports: list[Path], workdir: Path, dest: Path) -> list[Path]:
+    """Copy the reports this call wrote (never an earlier try's) and one tar.gz of the logs and small run files of
+    `workdir` (no checkpoints, no events) to `dest`. On the GPU machine only what lands in the device tool's $OUT
+    comes back, 8 files at most."""
+    import tarfile
+
+    dest.mkdir(parents=True, exist_ok=True)
+    copied = [dest / path.name for path in reports]
+    for path, copy in zip(reports, copied):
+        if not copy.exists() or not copy.samefile(path):  # --out may already point into dest
+            shutil.copy2(path, copy)
+    logs = dest / "gpu_check_logs.tar.gz"
+    with tarfile.open(logs, "w:gz") as tar:
+        for path in sorted(workdir.rglob("*")):
+            if path.is_file() and path.suffix in (".log", ".json", ".jsonl", ".yaml", ".txt", ".md"):
+                tar.add(path, arcname=str(path.relative_to(workdir)))
+    return [*copied, logs]
 
 
 def markdown(report: dict) -> str:

@@ -21,7 +21,11 @@ MISSING="avalanche-lib dill GPUtil pytorchcv qpsolvers gdown wandb"
 IMPORTED="requests urllib3 idna certifi charset-normalizer beautifulsoup4 soupsieve click platformdirs pydantic
 pydantic-core typing-inspection annotated-types typing-extensions opentelemetry-api xxhash protobuf"
 
-mkdir -p .gpu/wheels .gpu/data
+# a fresh folder, swapped in whole at the end: a wheel left by an earlier fetch (another version of one package)
+# would stop gpu_check.sh's install there (pip: ResolutionImpossible), and a failed download keeps the old set
+new=.gpu/wheels.new
+rm -rf "$new"
+mkdir -p "$new" .gpu/data
 pins=()
 for dist in $MISSING $IMPORTED; do
     version=$("$PY" -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$dist")
@@ -33,10 +37,12 @@ for pin in "${pins[@]}"; do
 done
 "$PY" -m pip download --quiet --only-binary=:all: --python-version "$PYVER" --implementation cp \
     --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
-    --platform any --no-deps -d .gpu/wheels "${binary[@]}"
+    --platform any --no-deps -d "$new" "${binary[@]}"
 # a pure-python sdist: build its wheel here (py3-none-any)
-"$PY" -m pip wheel --quiet --no-deps -w .gpu/wheels "${sdist[@]}"
-rm -f .gpu/wheels/*.tar.gz
+"$PY" -m pip wheel --quiet --no-deps -w "$new" "${sdist[@]}"
+rm -f "$new"/*.tar.gz
+rm -rf .gpu/wheels
+mv "$new" .gpu/wheels
 
 data=${STREAMING_SSL_DATA:?set STREAMING_SSL_DATA to the folder holding cifar10.npz}
 [ -f "$data" ] || data="$data/cifar10.npz"

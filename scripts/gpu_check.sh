@@ -3,7 +3,8 @@
 #   bash scripts/gpu_check.sh [bench/gpu_check.py arguments, e.g. --only tests,e2e]
 # Uses the machine's own python3 and torch (no venv, no torch install, no network): installs the wheels
 # of .gpu/wheels (scripts/fetch_gpu_wheels.sh; avalanche-lib and what it imports) into .gpu/site,
-# reads CIFAR-10 from .gpu/data, then runs bench/gpu_check.py. Exits 2 at once without CUDA.
+# reads CIFAR-10 from .gpu/data, then runs bench/gpu_check.py (with --results-dir "$OUT" where $OUT is set). Exits 2
+# at once without CUDA.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -35,4 +36,5 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
 fi
 export PYTHONPATH="$PWD/.gpu/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export STREAMING_SSL_DATA="${STREAMING_SSL_DATA:-$PWD/.gpu/data}"
-exec "$PY" bench/gpu_check.py "$@"
+# the device tool brings back only what lands in its $OUT: the report and a tar.gz of the logs go there too
+exec "$PY" bench/gpu_check.py ${OUT:+--results-dir "$OUT"} "$@"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -152,3 +153,119 @@ def test_dry_run_passes_every_check(tmp_path):
                                    "ours_over_ours_minred@0.125", "ours_minred_over_ours_replay@0.125"}, info
     assert all(v > 0 for v in info["ratios"].values()) and info["errors"] == []
     assert "| | ours_minred_over_ours_replay@0.125 |" in md
+
+
+def _fake_speed(ctx, strict):
+    """check_speed's record without running speed.py (for the tests of the report's plumbing)."""
+    return {"ok": True, "problems": [], "targets": [], "targets_missed": [], "first_loss_rel": {}, "peak_cuda_MB": {},
+            "cases": [], "info": {}}
+
+
+def _work_with_logs(tmp_path: Path) -> Path:
+    work = tmp_path / "work"
+    (work / "plain").mkdir(parents=True)
+    (work / "e2e_plain.log").write_text("the plain run's console\n")
+    (work / "plain" / "train.log").write_text("world 1\n")
+    (work / "plain" / "ckpt_000000005.pt").write_bytes(b"0" * 1000)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "cifar10.npz").write_bytes(b"")
+    return work
+
+
+def test_report_and_logs_are_copied_to_the_results_dir(tmp_path, monkeypatch):
+    """On the GPU machine only what lands in the device tool's $OUT comes back (8 files at most): with
+    --results-dir the report, its Markdown and one tar.gz of the logs and small run files (no checkpoints) go there,
+    also when a check raised, and never an earlier try's report."""
+    import tarfile
+
+    gc = load_module()
+    work, out, dest = _work_with_logs(tmp_path), tmp_path / "gpu_check.json", tmp_path / "OUT"
+    argv = ["--dry-run", "--only", "speed", "--data", str(tmp_path / "data"), "--workdir", str(work), "--out",
+            str(out), "--results-dir", str(dest)]
+    monkeypatch.setattr(gc, "check_speed", _fake_speed)
+    assert gc.main(argv) == 0
+    assert sorted(p.name for p in dest.iterdir()) == ["gpu_check.json", "gpu_check.md", "gpu_check_logs.tar.gz"]
+    assert json.loads((dest / "gpu_check.json").read_text())["checks"]["speed"]["ok"]
+    with tarfile.open(dest / "gpu_check_logs.tar.gz") as tar:
+        names = tar.getnames()
+    assert "e2e_plain.log" in names and "plain/train.log" in names and not any(n.endswith(".pt") for n in names)
+
+    def broken(ctx, strict):
+        raise RuntimeError("a check's own fault")
+
+    shutil.rmtree(dest)
+    monkeypatch.setattr(gc, "check_speed", broken)
+    with pytest.raises(RuntimeError):
+        gc.main(argv)
+    assert sorted(p.name for p in dest.iterdir()) == ["gpu_check_logs.tar.gz"]  # not the first call's report
+
+    # --out already inside the results folder (a command that names $OUT/gpu_check.json): written once, logs too
+    shutil.rmtree(dest)
+    monkeypatch.setattr(gc, "check_speed", _fake_speed)
+    assert gc.main([*argv[:-4], "--out", str(dest / "gpu_check.json"), "--results-dir", str(dest)]) == 0
+    assert sorted(p.name for p in dest.iterdir()) == ["gpu_check.json", "gpu_check.md", "gpu_check_logs.tar.gz"]
+
+
+def test_gpu_check_sh_hands_the_device_out_folder_to_the_check(tmp_path):
+    """scripts/gpu_check.sh passes $OUT (set by the device tool) as --results-dir, and nothing without it. Run on a
+    copy of the script in a scratch tree whose wheels are already installed, with a python that records its
+    arguments."""
+    (tmp_path / "scripts").mkdir()
+    shutil.copy(ROOT / "scripts" / "gpu_check.sh", tmp_path / "scripts")
+    (tmp_path / ".gpu" / "wheels").mkdir(parents=True)
+    (tmp_path / ".gpu" / "wheels" / "demo-1.0-py3-none-any.whl").write_text("")
+    (tmp_path / ".gpu" / "site").mkdir()
+    stamp = subprocess.run("ls .gpu/wheels | sha256sum | cut -d' ' -f1", shell=True, cwd=tmp_path, text=True,
+                           capture_output=True, check=True).stdout
+    (tmp_path / ".gpu" / "site" / ".installed").write_text(stamp)
+    fake = tmp_path / "python"
+    fake.write_text(f"#!/bin/sh\nfor a in \"$@\"; do echo \"$a\"; done >> {tmp_path / 'argv'}\necho -- >> "
+                    f"{tmp_path / 'argv'}\n")
+    fake.chmod(0o755)
+    for out in ("", str(tmp_path / "out dir")):
+        (tmp_path / "argv").unlink(missing_ok=True)
+        env = {k: v for k, v in os.environ.items() if k != "OUT"}
+        env.update({"PYTHON": str(fake), **({"OUT": out} if out else {})})
+        proc = subprocess.run(["bash", str(tmp_path / "scripts" / "gpu_check.sh"), "--only", "tests"], env=env,
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        preflight, check = (call.strip("\n").split("\n") for call in
+                            (tmp_path / "argv").read_text().split("--\n") if call)
+        assert preflight == ["bench/gpu_check.py", "--preflight", "--only", "tests"]
+        assert check == ["bench/gpu_check.py", *(["--results-dir", out] if out else []), "--only", "tests"]
+
+
+def test_fetch_gpu_wheels_replaces_the_wheels_of_an_earlier_fetch(tmp_path):
+    """Two versions of one package in .gpu/wheels stop gpu_check.sh's install on the GPU machine (pip:
+    ResolutionImpossible): a new fetch leaves only its own wheels. Run on a copy of the script, with a python that
+    fakes pip and the versions of the .venv."""
+    (tmp_path / "scripts").mkdir()
+    shutil.copy(ROOT / "scripts" / "fetch_gpu_wheels.sh", tmp_path / "scripts")
+    (tmp_path / ".gpu" / "wheels").mkdir(parents=True)
+    (tmp_path / ".gpu" / "wheels" / "requests-0.9-py3-none-any.whl").write_text("")  # an earlier fetch's
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "cifar10.npz").write_text("")
+    fake = tmp_path / "python"
+    fake.write_text(f"#!{sys.executable}\n" + "\n".join([
+        "import pathlib, sys",
+        "a = sys.argv[1:]",
+        "if a[0] == '-c':",
+        "    print('1.0')",
+        "elif a[:2] == ['-m', 'pip']:",
+        "    folder = a[a.index('-d' if a[2] == 'download' else '-w') + 1]",
+        "    for pin in [x for x in a if '==' in x]:",
+        "        name, version = pin.split('==')",
+        "        pathlib.Path(folder, f\"{name.replace('-', '_')}-{version}-py3-none-any.whl\").write_text('')",
+        "elif a[0] == 'bench/gpu_check.py':",
+        "    pathlib.Path(a[a.index('--write-data') + 2]).write_text('npz')",
+        "else:",
+        "    sys.exit(f'unexpected {a}')"]) + "\n")
+    fake.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(fake), "STREAMING_SSL_DATA": str(tmp_path / "data")}
+    proc = subprocess.run(["bash", str(tmp_path / "scripts" / "fetch_gpu_wheels.sh")], capture_output=True, text=True,
+                          timeout=60, env=env)
+    assert proc.returncode == 0, proc.stderr
+    wheels = sorted(p.name for p in (tmp_path / ".gpu" / "wheels").iterdir())
+    assert "requests-1.0-py3-none-any.whl" in wheels and "requests-0.9-py3-none-any.whl" not in wheels, wheels
+    assert len(wheels) == 24 and all(w.endswith("-1.0-py3-none-any.whl") for w in wheels), wheels
+    assert (tmp_path / ".gpu" / "data" / "cifar10.npz").read_text() == "npz"
