@@ -171,7 +171,8 @@ def build_augment(cfg: Config, splits: DatasetSplits | TrainingData) -> MultiPat
     return MultiPatchAugment(a.n_patches, size, crop_area=a.crop_area,
                              crop_ratio=tuple(a.crop_ratio), flip_p=a.flip_p, jitter=tuple(a.jitter),
                              jitter_p=a.jitter_p, gray_p=a.gray_p, blur_p=a.blur_p, blur_sigma=tuple(a.blur_sigma),
-                             blur_kernel_size=a.blur_kernel, solarize_p=a.solarize_p, mean=tuple(splits.mean), std=tuple(splits.std),
+                             blur_kernel_size=a.blur_kernel, solarize_p=a.solarize_p, mean=tuple(splits.mean),
+                             std=tuple(splits.std),
                              sync_free=a.sync_free, compiled=a.compile, compile_backend=cfg.train.compile_backend)
 
 

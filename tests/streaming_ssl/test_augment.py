@@ -639,7 +639,8 @@ def test_integer_like_arguments() -> None:
         MultiPatchAugment(2, True)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize(("override", "taps"), [([], 13), (["augment.blur_kernel=3"], 3), (["augment.blur_kernel=7"], 7)])
+@pytest.mark.parametrize(("override", "taps"),
+                         [([], 13), (["augment.blur_kernel=3"], 3), (["augment.blur_kernel=7"], 7)])
 def test_the_config_sets_the_blur_kernel(override: list[str], taps: int) -> None:
     from streaming_ssl.build import TrainingData, build_augment
     from streaming_ssl.config import load_config
