@@ -192,6 +192,15 @@ def gaussian_kernel_size(out_size: int, sigma_max: float = 2.0) -> int:
     return max(3, min(k, 2 * int(out_size) - 1))
 
 
+def tenth_kernel_size(out_size: int) -> int:
+    """torchvision's / SimCLR's blur kernel: the odd number near 10% of ``out_size``, at least 3 (3 at 32 px, 7 at
+    64, 23 at 224). What ``blur_kernel_size=0`` selects, and what every run made before the +-3 sigma default used."""
+    k = int(0.1 * out_size)
+    if k % 2 == 0:
+        k += 1
+    return max(3, k)
+
+
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
     """Separable Gaussian blur with a per-image sigma and reflect padding (torchvision semantics).
 
@@ -286,9 +295,9 @@ class MultiPatchAugment(torch.nn.Module):
         blur_p: probability of a Gaussian blur.
         blur_sigma: range of the blur sigma, in output pixels.
         blur_kernel_size: taps of the blur kernel, odd, 3 to ``2 * out_size - 1``; ``None`` (default): enough for
-            +-3 times the largest sigma (13 for sigma up to 2, :func:`gaussian_kernel_size`). 3 on 32 px patches
-            reproduces runs made before this default (torchvision's 10% of the image), which blurred at most
-            like sigma 0.8.
+            +-3 times the largest sigma (13 for sigma up to 2, :func:`gaussian_kernel_size`); 0: torchvision's 10% of
+            the patch (:func:`tenth_kernel_size`), as every run made before this default (3 taps on 32 px patches,
+            where sigma 2 blurs like sigma 0.8).
         solarize_p: probability of solarizing.
         mean: per-channel mean for the final normalisation.
         std: per-channel std for the final normalisation.
@@ -369,6 +378,8 @@ class MultiPatchAugment(torch.nn.Module):
         self.compile_backend = compile_backend
         if blur_kernel_size is None:
             self.blur_kernel_size = gaussian_kernel_size(self.out_size, self.blur_sigma[1])
+        elif blur_kernel_size == 0 and not isinstance(blur_kernel_size, bool):
+            self.blur_kernel_size = min(tenth_kernel_size(self.out_size), 2 * self.out_size - 1)
         else:
             k = _check_int("blur_kernel_size", blur_kernel_size, 3)
             if k % 2 == 0 or k > 2 * self.out_size - 1:

@@ -74,7 +74,8 @@ class AugmentConfig:
     blur_p: float = 0.1
     blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])
     # taps of the blur kernel (odd); null: +-3 times the largest sigma (13), so that sigma 2 blurs like sigma 2 on
-    # 32 px patches too, as the authors' PIL blur does. 3 reproduces runs made before this default (at most ~0.8)
+    # 32 px patches too, as the authors' PIL blur does; 0: torchvision's 10% of the patch (3 at 32 px, where sigma 2
+    # blurs like 0.8), as runs made before this default (a run saved without this key resumes with 0)
     blur_kernel: int | None = None
     solarize_p: float = 0.1
     # apply the ops that act on random subsets of patches by masking (no host sync) or by indexing (less compute,
@@ -442,8 +443,9 @@ def validate(cfg: Config) -> None:
     _check(len(a.blur_sigma) == 2 and 0 < a.blur_sigma[0] <= a.blur_sigma[1], "augment.blur_sigma",
            f"must be [low, high] with 0 < low <= high, got {a.blur_sigma}")
     _check(a.size is None or a.size >= 8, "augment.size", f"must be >= 8 pixels, got {a.size}")
-    _check(a.blur_kernel is None or (isinstance(a.blur_kernel, int) and a.blur_kernel >= 3 and a.blur_kernel % 2 == 1),
-           "augment.blur_kernel", f"must be null (+-3 sigma) or an odd number of taps >= 3, got {a.blur_kernel!r}")
+    _check(a.blur_kernel is None or a.blur_kernel == 0 or (a.blur_kernel >= 3 and a.blur_kernel % 2 == 1),
+           "augment.blur_kernel", f"must be null (+-3 sigma), 0 (10% of the patch) or an odd number of taps >= 3, "
+           f"got {a.blur_kernel!r}")
     _check(not (a.compile and a.sync_free is False), "augment.compile",
            "compiles the masked path, so it cannot be combined with augment.sync_free=false; "
            "set augment.sync_free=null or augment.compile=false")

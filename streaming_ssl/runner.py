@@ -48,6 +48,12 @@ def dict_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
     return out
 
 
+def _predates_blur_kernel(raw) -> bool:
+    """Whether a saved config (its YAML mapping) was written before `augment.blur_kernel` existed (every resolved
+    config written since holds every key)."""
+    return isinstance(raw, dict) and "blur_kernel" not in (raw.get("augment") or {})
+
+
 def prepare_run_dir(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> tuple[Path, dict | None]:
     """Check the run directory; with `resume` return the checkpoint to continue from (None: start afresh)."""
     run_dir = Path(cfg.run.out_dir)
@@ -55,7 +61,13 @@ def prepare_run_dir(cfg: Config, *, resume: bool = False, overwrite: bool = Fals
         saved_cfg_path = run_dir / "config.yaml"
         if not saved_cfg_path.is_file():
             raise RunError(f"cannot resume {str(run_dir)!r}: it holds no config.yaml (not a run directory)")
-        saved = config_from_dict(yaml.safe_load(saved_cfg_path.read_text()))
+        raw = yaml.safe_load(saved_cfg_path.read_text())
+        saved = config_from_dict(raw)
+        if _predates_blur_kernel(raw) and cfg.augment.blur_kernel is None:
+            # saved before augment.blur_kernel existed: it trained with the 10% kernel, and resumes with it
+            saved.augment.blur_kernel = cfg.augment.blur_kernel = 0
+            log.info("this run was saved before augment.blur_kernel existed: it resumes with the blur it trained with "
+                     "(augment.blur_kernel=0, 10%% of the patch; the default now spans +-3 sigma)")
         if Path(saved.run.out_dir).resolve() == run_dir.resolve():  # the same directory, however it is written
             saved.run.out_dir = cfg.run.out_dir
         diffs = dict_diff(saved.to_dict(), cfg.to_dict())

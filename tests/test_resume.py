@@ -218,3 +218,35 @@ def test_resume_with_the_config_accepts_the_run_directory_however_it_is_written(
     (other / "config.yaml").write_text((run_dir / "config.yaml").read_text())  # names run_dir, not other
     with pytest.raises(ConfigError, match="but the config's run.out_dir is"):
         resolve_config(parse_args(["--resume", str(other)]))
+
+
+def test_a_run_saved_before_blur_kernel_existed_resumes_with_the_blur_it_trained_with(tmp_path: Path) -> None:
+    """Runs saved before augment.blur_kernel existed blurred with torchvision's 10% kernel (3 taps at 32 px); the
+    default now spans +-3 sigma (13). Resumed, such a run keeps its kernel (0: the 10% rule), so that it continues as
+    it trained; a run saved since keeps its own value, and an override that changes the blur is refused."""
+    import yaml
+
+    from streaming_ssl.build import TrainingData, build_augment
+    from streaming_ssl.cli.train import parse_args, resolve_config
+    from streaming_ssl.config import load_config, save_config
+    from streaming_ssl.runner import RunError, prepare_run_dir
+
+    data = TrainingData("cifar10", 32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), 10)
+    old, new = tmp_path / "old", tmp_path / "new"
+    for run_dir in (old, new):
+        run_dir.mkdir()
+        save_config(load_config(REPO / "configs/smoke.yaml", [f"run.out_dir={run_dir}"]), run_dir / "config.yaml")
+    raw = yaml.safe_load((old / "config.yaml").read_text())
+    del raw["augment"]["blur_kernel"]  # as written before the key existed
+    (old / "config.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+
+    for argv in (["--resume", str(old)], ["--config", str(REPO / "configs/smoke.yaml"), "--resume", str(old)]):
+        cfg = resolve_config(parse_args(argv))
+        assert cfg.augment.blur_kernel is None
+        assert prepare_run_dir(cfg, resume=True) == (old, None)
+        assert cfg.augment.blur_kernel == 0 and build_augment(cfg, data).blur_kernel_size == 3
+    cfg = resolve_config(parse_args(["--resume", str(new)]))
+    prepare_run_dir(cfg, resume=True)
+    assert cfg.augment.blur_kernel is None and build_augment(cfg, data).blur_kernel_size == 13
+    with pytest.raises(RunError, match="augment.blur_kernel"):
+        prepare_run_dir(resolve_config(parse_args(["--resume", str(old), "augment.blur_kernel=13"])), resume=True)

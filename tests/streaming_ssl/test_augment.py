@@ -330,10 +330,12 @@ def test_kernel_size() -> None:
     assert gaussian_kernel_size(2, 2.0) == 3 and gaussian_kernel_size(32, 0.3) == 3
     assert MultiPatchAugment(2, 32).blur_kernel_size == 13
     assert MultiPatchAugment(2, 32, blur_sigma=(0.1, 1.0)).blur_kernel_size == 7
-    assert MultiPatchAugment(2, 32, blur_kernel_size=3).blur_kernel_size == 3  # runs made before this default
+    assert MultiPatchAugment(2, 32, blur_kernel_size=3).blur_kernel_size == 3
+    # 0: torchvision's 10% of the patch, as runs made before the +-3 sigma default
+    assert [MultiPatchAugment(2, s, blur_kernel_size=0).blur_kernel_size for s in (2, 32, 64, 224)] == [3, 3, 7, 23]
 
 
-@pytest.mark.parametrize("k", [4, 1, 65, True, 2.0])
+@pytest.mark.parametrize("k", [4, 1, 65, True, False, 2.0, -3])
 def test_bad_blur_kernel_size_is_refused(k) -> None:
     with pytest.raises(ValueError, match="blur_kernel_size"):
         MultiPatchAugment(2, 32, blur_kernel_size=k)
@@ -640,7 +642,8 @@ def test_integer_like_arguments() -> None:
 
 
 @pytest.mark.parametrize(("override", "taps"),
-                         [([], 13), (["augment.blur_kernel=3"], 3), (["augment.blur_kernel=7"], 7)])
+                         [([], 13), (["augment.blur_kernel=3"], 3), (["augment.blur_kernel=7"], 7),
+                          (["augment.blur_kernel=0"], 3)])
 def test_the_config_sets_the_blur_kernel(override: list[str], taps: int) -> None:
     from streaming_ssl.build import TrainingData, build_augment
     from streaming_ssl.config import load_config
