@@ -324,7 +324,11 @@ class EMPSSLStrategy(SupervisedTemplate):
         super()._before_forward(**kwargs)
 
     def forward(self) -> torch.Tensor:
-        patches = self.augment(self.mb_x, self.aug_generator, n_patches=self.n_patches)
+        if len(self.mb_x):
+            patches = self.augment(self.mb_x, self.aug_generator, n_patches=self.n_patches)
+        else:  # DDP, a global batch smaller than the world: no image here, but this rank still joins the collectives
+            size = self.augment.out_size
+            patches = torch.zeros(0, 3, size, size, device=self.mb_x.device)
         if self.channels_last:
             patches = patches.contiguous(memory_format=torch.channels_last)
         self.mb_patches = patches

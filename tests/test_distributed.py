@@ -9,6 +9,9 @@
   logged evaluations are those of the checkpointed model;
 * in the spawned launch, run_stream.py's training whose rank 1 alone gets SIGTERM stops every rank after the same
   update, and resumes to exactly what the uninterrupted torchrun launch writes.
+* a third launch trains EMPSSLStrategy on a stream whose experiences end with a batch of one image, so that rank 1
+  holds no image in those updates: it still joins every collective, and the run is one process's (also with
+  CaSSLe's term, whose mean over no patch must not make the loss NaN).
 
 Every process uses 1 thread; the launches run concurrently, so the file takes about a minute on 2 cores
 (most of it is interpreter start-up: importing torch/avalanche in 8 processes).
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import re
 import signal
@@ -303,6 +307,123 @@ def test_extract_features_with_patches_sharded_equals_one_process(spawned) -> No
         torch.testing.assert_close(spawned["ranks"][r]["features_patches"], ref, rtol=1e-4, atol=1e-5)
 
 
+# ------------------------------------------------------------------------------------------ a rank without images
+TAIL_BATCH = 7  # experiences of 22 images: batches of 7, 7, 7 and 1 (rank 0 holds the one image, rank 1 none)
+TAIL_CASES = ("plain", "distill")
+
+
+class TinyNoBN(torch.nn.Module):
+    """(h, z) without BatchNorm: one process and N processes on shares of a batch compute the same function."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 32), torch.nn.ReLU())
+        self.proj = torch.nn.Linear(32, 16)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.enc(x)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.enc(x)
+        return h, torch.nn.functional.normalize(self.proj(h), dim=-1)
+
+
+def _train_tail(case: str) -> dict:
+    """A tiny run whose experiences end with a one-image batch (under DDP when the group exists)."""
+    from avalanche.core import SupervisedPlugin
+
+    from scenarios.datasets import ImageData
+    from scenarios.streams import build_stream
+    from streaming_ssl import distributed as ddp
+    from streaming_ssl.augment import MultiPatchAugment
+    from streaming_ssl.cl import DistillPlugin
+    from streaming_ssl.lars import LARS, param_groups
+    from streaming_ssl.strategy import EMPSSLStrategy
+
+    torch.manual_seed(0)
+    model = TinyNoBN()
+    plugins = [DistillPlugin(model, dim=16, hidden_dim=8, every=2)] if case == "distill" else []
+    groups = param_groups(model, 1e-4) + [g for p in plugins for m in p.trainable_modules
+                                          for g in param_groups(m, 1e-4)]
+    train_model = torch.nn.parallel.DistributedDataParallel(model) if ddp.is_dist() else model
+    augment = MultiPatchAugment(2, 8, crop_area=1.0, flip_p=0, jitter_p=0, gray_p=0, blur_p=0, solarize_p=0)
+    gen = torch.Generator().manual_seed(0)
+    data = ImageData(torch.randint(0, 256, (44, 3, 8, 8), dtype=torch.uint8, generator=gen),
+                     torch.arange(4).repeat_interleave(11))
+    stream = build_stream(data, 4, mode="class_incremental", experience_classes=[[0, 1], [2, 3]])
+    losses: list[float] = []
+
+    class Losses(SupervisedPlugin):
+        def after_backward(self, strategy, **kwargs) -> None:
+            losses.append(float(strategy.loss.detach()))
+
+    strategy = EMPSSLStrategy(model=train_model, optimizer=LARS(groups, lr=0.3), augment=augment, n_patches=2,
+                              batch_size=TAIL_BATCH, total_updates=stream.n_updates(TAIL_BATCH), device="cpu",
+                              channels_last=False, plugins=[*plugins, Losses()])
+    strategy.train(list(stream), eval_streams=[])
+    return {"model": model.state_dict(), "counters": strategy.counters.state_dict(), "losses": losses,
+            "updates": strategy.global_step}
+
+
+def _tail_main(workdir: Path) -> None:
+    """One rank of the `tail_runs` launch -> tail<r>.pt."""
+    import torch.distributed as dist
+
+    from streaming_ssl import distributed as ddp
+
+    import streaming_ssl.cl  # noqa: F401 - Avalanche refuses to be imported first in a non-main rank
+    import streaming_ssl.strategy  # noqa: F401
+
+    torch.set_num_threads(1)
+    assert ddp.init_from_env("cpu") and dist.get_backend() == "gloo"
+    try:
+        torch.save({case: _train_tail(case) for case in TAIL_CASES}, workdir / f"tail{ddp.rank()}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def tail_runs(tmp_path_factory) -> dict:
+    workdir = tmp_path_factory.mktemp("tail")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD), "--master_addr",
+           "127.0.0.1", "--master_port", str(free_ports(1)[0]), __file__, str(workdir), "tail"]
+    with open(workdir / "torchrun.log", "wb") as fh:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=launch_env(), stdout=fh, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = {case: _train_tail(case) for case in TAIL_CASES}
+    finally:
+        torch.set_num_threads(threads)
+    rc = _wait({"tail": proc}, time.monotonic() + TIMEOUT)["tail"]
+    assert rc == 0, (workdir / "torchrun.log").read_text(errors="replace")[-3000:]
+    return {"single": single, "ranks": [torch.load(workdir / f"tail{r}.pt", weights_only=True) for r in range(WORLD)]}
+
+
+def test_a_batch_smaller_than_the_world_leaves_a_rank_empty_and_trains_as_one_process(tail_runs) -> None:
+    one, ranks = tail_runs["single"]["plain"], [r["plain"] for r in tail_runs["ranks"]]
+    assert one["updates"] == 8 and one["counters"]["stream_images"] == 44
+    for r in range(WORLD):
+        assert ranks[r]["counters"] == one["counters"], f"rank {r}"
+        assert ranks[r]["losses"] == pytest.approx(one["losses"], rel=1e-4), f"rank {r}"
+    for name, w in one["model"].items():  # float32 rounding of the all-reduce's order (see test_cl_end_to_end)
+        torch.testing.assert_close(ranks[0]["model"][name], w, rtol=1e-4, atol=1e-4 * float(w.abs().max()))
+        assert torch.equal(ranks[0]["model"][name], ranks[1]["model"][name])
+
+
+def test_distillation_on_a_rank_without_images_adds_nothing_and_stays_finite(tail_runs) -> None:
+    """The predictor's BatchNorm normalises each rank's own patches on gloo, so the weights are not one process's
+    here; the losses are finite, the ranks agree, and the counters are one process's."""
+    one, ranks = tail_runs["single"]["distill"], [r["distill"] for r in tail_runs["ranks"]]
+    assert one["counters"]["frozen_forwards"] > 0
+    for r in range(WORLD):
+        assert ranks[r]["counters"] == one["counters"], f"rank {r}"
+        assert len(ranks[r]["losses"]) == 8 and all(math.isfinite(v) for v in ranks[r]["losses"]), f"rank {r}"
+    for name, w in ranks[0]["model"].items():
+        assert torch.equal(w, ranks[1]["model"][name]), name
+
+
 # ------------------------------------------------------------------------------------------ torchrun launches
 def _torchrun(args: list[str], out_dir: Path, log: Path) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "torch.distributed.run", *args, "--master_addr", "127.0.0.1",
@@ -517,8 +638,11 @@ def test_overwrite_deletes_only_once_the_inputs_are_good(tmp_path, monkeypatch) 
     assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml"]
 
 
-if __name__ == "__main__":  # a rank of the `spawned` fixture's torchrun launch
-    _rank_main(Path(sys.argv[1]))
+if __name__ == "__main__":  # a rank of the `spawned` (or, with "tail", the `tail_runs`) fixture's torchrun launch
+    if sys.argv[2:] == ["tail"]:
+        _tail_main(Path(sys.argv[1]))
+    else:
+        _rank_main(Path(sys.argv[1]))
 
 
 def test_torchrun_with_one_process_makes_a_group(tmp_path) -> None:

@@ -158,8 +158,10 @@ class DistillPlugin(SupervisedPlugin):
         z_frozen = z_frozen.clone()  # a normal tensor (inference tensors cannot be saved for backward)
         with autocast(strategy.device, strategy.amp_dtype):
             pred = self.predictor(z)
-        term = distill_loss(pred, z_frozen)
         local_images = len(z) // strategy.n_patches
+        # DDP, a global batch smaller than the world: no patch here, and the mean over none would be NaN; a zero that
+        # still reaches the predictor, so that every rank has its gradients to average
+        term = distill_loss(pred, z_frozen) if local_images else pred.sum() * 0.0
         global_images = global_update_images(strategy, local_images)
         scale = local_images * ddp.world_size() / global_images
         strategy.loss = strategy.loss + (self.weight * scale) * term
