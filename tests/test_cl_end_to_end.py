@@ -20,11 +20,11 @@ import socket
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = os.environ.get("STREAMING_SSL_DATA")
@@ -160,22 +160,6 @@ GLOBAL_BATCH = 7  # uneven shares (4 + 3), and a last batch of 3 (2 + 1) in each
 REPLAY = {"size": 10, "batch": 3}  # uneven replay shares too (2 + 1)
 
 
-class TinyNoBN(torch.nn.Module):
-    """(h, z) without BatchNorm: one process and N processes on shares of a batch compute the same function."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.enc = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 32), torch.nn.ReLU())
-        self.proj = torch.nn.Linear(32, 16)
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.enc(x)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.enc(x)
-        return h, F.normalize(self.proj(h), dim=-1)
-
-
 def _train(case: str) -> dict:
     """One tiny run of `case` in this process (under DDP when the group exists); what the test compares."""
     from avalanche.core import SupervisedPlugin
@@ -187,6 +171,7 @@ def _train(case: str) -> dict:
     from streaming_ssl.cl import DistillPlugin, MixupPlugin, ReplayBufferPlugin
     from streaming_ssl.lars import LARS, param_groups
     from streaming_ssl.strategy import EMPSSLStrategy
+    from tests.streaming_ssl.cl.tiny import TinyNoBN
 
     fp16 = case.endswith("_fp16")  # float16 autocast with loss scaling, from a scale at which distillation overflows
     case = case.removesuffix("_fp16")
@@ -335,4 +320,7 @@ def test_ddp_ranks_keep_identical_predictor_and_buffer_with_all_three(ddp_runs, 
 
 
 if __name__ == "__main__":  # a rank of the `ddp_runs` fixture's torchrun launch
+    # avalanche-lib installs a package named `tests`, which would shadow this folder here (pytest maps it itself)
+    sys.modules["tests"] = types.ModuleType("tests")
+    sys.modules["tests"].__path__ = [str(ROOT / "tests")]
     _rank_main(Path(sys.argv[1]))

@@ -29,6 +29,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -312,22 +313,6 @@ TAIL_BATCH = 7  # experiences of 22 images: batches of 7, 7, 7 and 1 (rank 0 hol
 TAIL_CASES = ("plain", "distill")
 
 
-class TinyNoBN(torch.nn.Module):
-    """(h, z) without BatchNorm: one process and N processes on shares of a batch compute the same function."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.enc = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 32), torch.nn.ReLU())
-        self.proj = torch.nn.Linear(32, 16)
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.enc(x)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.enc(x)
-        return h, torch.nn.functional.normalize(self.proj(h), dim=-1)
-
-
 def _train_tail(case: str) -> dict:
     """A tiny run whose experiences end with a one-image batch (under DDP when the group exists)."""
     from avalanche.core import SupervisedPlugin
@@ -339,6 +324,7 @@ def _train_tail(case: str) -> dict:
     from streaming_ssl.cl import DistillPlugin
     from streaming_ssl.lars import LARS, param_groups
     from streaming_ssl.strategy import EMPSSLStrategy
+    from tests.streaming_ssl.cl.tiny import TinyNoBN
 
     torch.manual_seed(0)
     model = TinyNoBN()
@@ -639,6 +625,9 @@ def test_overwrite_deletes_only_once_the_inputs_are_good(tmp_path, monkeypatch) 
 
 
 if __name__ == "__main__":  # a rank of the `spawned` (or, with "tail", the `tail_runs`) fixture's torchrun launch
+    # avalanche-lib installs a package named `tests`, which would shadow this folder here (pytest maps it itself)
+    sys.modules["tests"] = types.ModuleType("tests")
+    sys.modules["tests"].__path__ = [str(ROOT / "tests")]
     if sys.argv[2:] == ["tail"]:
         _tail_main(Path(sys.argv[1]))
     else:

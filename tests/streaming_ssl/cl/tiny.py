@@ -20,6 +20,23 @@ PER_CLASS, BATCH, N_PATCHES, SIZE = 12, 8, 2, 8
 PROJ_DIM = 16
 
 
+class TinyNoBN(torch.nn.Module):
+    """(h, z) without BatchNorm: one process and N processes on shares of a batch compute the same function (DDP
+    tests compare them)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 32), torch.nn.ReLU())
+        self.proj = torch.nn.Linear(32, 16)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.enc(x)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.enc(x)
+        return h, torch.nn.functional.normalize(self.proj(h), dim=-1)
+
+
 def tiny_model() -> EMPSSLModel:
     return EMPSSLModel(width=0.125, feature_dim=32, proj_hidden_dim=32, proj_dim=PROJ_DIM)
 
