@@ -13,6 +13,7 @@ A plugin that holds state worth resuming (a replay buffer, a frozen model) expos
 from __future__ import annotations
 
 import logging
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -119,6 +120,14 @@ class ProgressPlugin(SupervisedPlugin):
             self.bar = None
 
 
+def free_space(path: Path) -> str:
+    """'123.4 MB free there' (or why that is unknown), for the message of a checkpoint that could not be written."""
+    try:
+        return f"{shutil.disk_usage(path).free / 1e6:.1f} MB free there"
+    except OSError as err:
+        return f"free space unknown: {err.strerror or err}"
+
+
 class CheckpointPlugin(SupervisedPlugin):
     """Atomic checkpoints of everything a run needs to continue bit for bit, and the restore.
 
@@ -173,15 +182,25 @@ class CheckpointPlugin(SupervisedPlugin):
 
     def save(self, strategy) -> None:
         payload = self.payload(strategy)
+        failed: BaseException | None = None
         if ddp.is_main():
             try:
                 ckpt.save_rotating(payload, self.run_dir, strategy.global_step, self.keep_last)
-            except OSError as err:
-                raise CheckpointWriteError(
-                    f"could not write a checkpoint into {str(self.run_dir)!r} ({err.strerror or err}); the previous "
-                    "checkpoints are intact: free disk space (or move run.out_dir), then "
-                    f"{ddp.relaunch()} --resume {self.run_dir}") from err
-        ddp.barrier()
+            except Exception as err:  # noqa: BLE001 - every rank learns of it below, then it is raised
+                failed = err
+        # instead of a barrier: every rank learns whether rank 0 wrote, and all stop together if not (a bare barrier
+        # left the other ranks waiting there, on other nodes until the collective timeout)
+        if bool(ddp.any_rank_flag(failed is not None, strategy.device).item()):
+            fix = (f"the previous checkpoints are intact: free disk space (or move run.out_dir), then "
+                   f"{ddp.relaunch()} --resume {self.run_dir}")
+            if failed is None:
+                raise CheckpointWriteError(f"rank 0 could not write a checkpoint into {str(self.run_dir)!r} (its log "
+                                           f"says why); {fix}")
+            # a full disk reaches torch.save as an OSError or, from its zip writer, a RuntimeError ("unexpected pos")
+            what = failed.strerror if isinstance(failed, OSError) and failed.strerror else failed
+            raise CheckpointWriteError(
+                f"could not write a checkpoint into {str(self.run_dir)!r} ({type(failed).__name__}: {what}; "
+                f"{free_space(self.run_dir)}); {fix}") from failed
         self.last_saved = (strategy.global_step, strategy.stream_step)
 
     def restore(self, strategy, state: dict) -> None:

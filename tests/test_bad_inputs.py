@@ -312,6 +312,29 @@ def test_disk_full_during_a_run_names_the_fix(tmp_path: Path, monkeypatch, caplo
     assert ckpt.load(ckpt.latest(tmp_path / "out"))["position"]["global_step"] == 1
 
 
+def test_a_checkpoint_cut_short_by_the_file_system_names_the_fix(tmp_path: Path) -> None:
+    """A real short write (the process's file-size limit, as a full disk cuts a file short): torch.save's zip writer
+    reports it as a RuntimeError ("unexpected pos"), not an OSError. The run still ends with exit 2 and the message
+    with the fix, keeps the row it had written, and leaves no partial checkpoint or temporary file."""
+    import resource
+
+    run_dir = tmp_path / "out"
+
+    def file_size_limit() -> None:  # the smoke model's checkpoint is about 1.8 MB; logs and rows stay far below
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, 1_000_000))
+
+    proc = subprocess.run([sys.executable, "run_stream.py", "--config", "configs/smoke.yaml", f"run.out_dir={run_dir}",
+                           f"data.root={Path(DATA).resolve()}", *TINY], cwd=REPO, preexec_fn=file_size_limit,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    err = proc.stderr.strip().splitlines()[-1]
+    assert "CheckpointWriteError: could not write a checkpoint into" in err and "MB free there" in err, err
+    assert err.endswith(f"python run_stream.py --resume {run_dir}")
+    assert sorted(p.name for p in run_dir.iterdir()) == [".lock", "config.yaml", "log.txt", "metrics.jsonl",
+                                                          "train.log"]  # no checkpoint, no temporary file
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 1
+
+
 def test_ctrl_c_saves_and_exits_cleanly(zygote, tmp_path: Path) -> None:
     """SIGINT (Ctrl-C) to a training process (forked with the imports done, tests/zygote.py): it finishes the
     update, saves, names the --resume command and exits 130, leaving no temporary file."""
