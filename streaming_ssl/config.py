@@ -17,8 +17,8 @@ from typing import Any
 import yaml
 
 from scenarios.datasets import DataError, check_dataset_name
-from streaming_ssl.atomic import atomic_write_text
 from scenarios.streams import MODES, ONLINE_BASES  # the stream-mode registry (cheap: no Avalanche import)
+from streaming_ssl.atomic import atomic_write_text
 
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
