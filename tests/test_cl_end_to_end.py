@@ -164,14 +164,11 @@ def _train(case: str) -> dict:
     """One tiny run of `case` in this process (under DDP when the group exists); what the test compares."""
     from avalanche.core import SupervisedPlugin
 
-    from scenarios.datasets import ImageData
-    from scenarios.streams import build_stream
     from streaming_ssl import distributed as ddp
-    from streaming_ssl.augment import MultiPatchAugment
     from streaming_ssl.cl import DistillPlugin, MixupPlugin, ReplayBufferPlugin
-    from streaming_ssl.lars import LARS, param_groups
+    from streaming_ssl.lars import LARS
     from streaming_ssl.strategy import EMPSSLStrategy
-    from tests.streaming_ssl.cl.tiny import TinyNoBN
+    from tests.streaming_ssl.cl.tiny import TinyNoBN, ddp_run_parts
 
     fp16 = case.endswith("_fp16")  # float16 autocast with loss scaling, from a scale at which distillation overflows
     case = case.removesuffix("_fp16")
@@ -198,14 +195,7 @@ def _train(case: str) -> dict:
             self.shares.append((strategy.rank_shares(), len(strategy.mb_x)))  # (every rank's, this rank's)
 
     appended = Appended()
-    groups = param_groups(model, 1e-4) + [g for p in plugins for m in getattr(p, "trainable_modules", [])
-                                          for g in param_groups(m, 1e-4)]
-    train_model = torch.nn.parallel.DistributedDataParallel(model) if ddp.is_dist() else model
-    augment = MultiPatchAugment(2, 8, crop_area=1.0, flip_p=0, jitter_p=0, gray_p=0, blur_p=0, solarize_p=0)
-    gen = torch.Generator().manual_seed(0)
-    data = ImageData(torch.randint(0, 256, (48, 3, 8, 8), dtype=torch.uint8, generator=gen),
-                     torch.arange(4).repeat_interleave(12))
-    stream = build_stream(data, 4, mode="class_incremental", experience_classes=[[0, 1], [2, 3]])
+    groups, train_model, augment, stream = ddp_run_parts(model, plugins, 12)
     # float16 steps LARS's multi-tensor path, CUDA's, which skips an overflowed update on the device
     optimizer = LARS(groups, lr=0.3, foreach=True if fp16 else None)
     strategy = EMPSSLStrategy(model=train_model, optimizer=optimizer, augment=augment, n_patches=2,

@@ -317,26 +317,15 @@ def _train_tail(case: str) -> dict:
     """A tiny run whose experiences end with a one-image batch (under DDP when the group exists)."""
     from avalanche.core import SupervisedPlugin
 
-    from scenarios.datasets import ImageData
-    from scenarios.streams import build_stream
-    from streaming_ssl import distributed as ddp
-    from streaming_ssl.augment import MultiPatchAugment
     from streaming_ssl.cl import DistillPlugin
-    from streaming_ssl.lars import LARS, param_groups
+    from streaming_ssl.lars import LARS
     from streaming_ssl.strategy import EMPSSLStrategy
-    from tests.streaming_ssl.cl.tiny import TinyNoBN
+    from tests.streaming_ssl.cl.tiny import TinyNoBN, ddp_run_parts
 
     torch.manual_seed(0)
     model = TinyNoBN()
     plugins = [DistillPlugin(model, dim=16, hidden_dim=8, every=2)] if case == "distill" else []
-    groups = param_groups(model, 1e-4) + [g for p in plugins for m in p.trainable_modules
-                                          for g in param_groups(m, 1e-4)]
-    train_model = torch.nn.parallel.DistributedDataParallel(model) if ddp.is_dist() else model
-    augment = MultiPatchAugment(2, 8, crop_area=1.0, flip_p=0, jitter_p=0, gray_p=0, blur_p=0, solarize_p=0)
-    gen = torch.Generator().manual_seed(0)
-    data = ImageData(torch.randint(0, 256, (44, 3, 8, 8), dtype=torch.uint8, generator=gen),
-                     torch.arange(4).repeat_interleave(11))
-    stream = build_stream(data, 4, mode="class_incremental", experience_classes=[[0, 1], [2, 3]])
+    groups, train_model, augment, stream = ddp_run_parts(model, plugins, 11)
     losses: list[float] = []
 
     class Losses(SupervisedPlugin):

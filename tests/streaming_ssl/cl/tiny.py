@@ -10,7 +10,8 @@ import torch
 from avalanche.core import SupervisedPlugin
 
 from scenarios.datasets import ImageData
-from scenarios.streams import build_stream
+from scenarios.streams import SSLStream, build_stream
+from streaming_ssl import distributed as ddp
 from streaming_ssl.augment import MultiPatchAugment
 from streaming_ssl.lars import LARS, param_groups
 from streaming_ssl.models import EMPSSLModel
@@ -35,6 +36,22 @@ class TinyNoBN(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.enc(x)
         return h, torch.nn.functional.normalize(self.proj(h), dim=-1)
+
+
+def ddp_run_parts(model: torch.nn.Module, plugins: list, per_class: int
+                  ) -> tuple[list[dict], torch.nn.Module, MultiPatchAugment, SSLStream]:
+    """What the DDP tests train with: LARS groups of `model` and of the plugins' trainable modules, the model in DDP
+    when a group exists, an augmentation that only cuts 2 whole-image patches of 8x8 images, and a class-incremental
+    stream of 2 experiences of 4 classes x `per_class` seeded images."""
+    groups = param_groups(model, 1e-4) + [g for p in plugins for m in getattr(p, "trainable_modules", [])
+                                          for g in param_groups(m, 1e-4)]
+    train_model = torch.nn.parallel.DistributedDataParallel(model) if ddp.is_dist() else model
+    augment = MultiPatchAugment(2, 8, crop_area=1.0, flip_p=0, jitter_p=0, gray_p=0, blur_p=0, solarize_p=0)
+    gen = torch.Generator().manual_seed(0)
+    data = ImageData(torch.randint(0, 256, (4 * per_class, 3, 8, 8), dtype=torch.uint8, generator=gen),
+                     torch.arange(4).repeat_interleave(per_class))
+    stream = build_stream(data, 4, mode="class_incremental", experience_classes=[[0, 1], [2, 3]])
+    return groups, train_model, augment, stream
 
 
 def tiny_model() -> EMPSSLModel:
