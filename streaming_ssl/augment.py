@@ -379,7 +379,7 @@ class MultiPatchAugment(torch.nn.Module):
         if blur_kernel_size is None:
             self.blur_kernel_size = gaussian_kernel_size(self.out_size, self.blur_sigma[1])
         elif blur_kernel_size == 0 and not isinstance(blur_kernel_size, bool):
-            self.blur_kernel_size = min(tenth_kernel_size(self.out_size), 2 * self.out_size - 1)
+            self.blur_kernel_size = tenth_kernel_size(self.out_size)  # (always below 2 * out_size)
         else:
             k = _check_int("blur_kernel_size", blur_kernel_size, 3)
             if k % 2 == 0 or k > 2 * self.out_size - 1:
