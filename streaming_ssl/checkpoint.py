@@ -36,6 +36,32 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, truncated, or does not match the run; the message says what to do."""
 
 
+def nonfinite_names(tree, prefix: str = "") -> list[str]:
+    """The dotted names of the floating-point tensors in `tree` (nested dicts, lists, tuples) holding a NaN or an
+    infinity, in `tree`'s order. One host read per device, however many tensors: a check before a save does not
+    wait on the device once per tensor."""
+    named: dict[torch.device, list[tuple[str, torch.Tensor]]] = {}
+
+    def walk(node, name: str) -> None:
+        if isinstance(node, torch.Tensor):
+            if node.is_floating_point() or node.is_complex():
+                named.setdefault(node.device, []).append((name, node))
+        elif isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{name}.{key}" if name else str(key))
+        elif isinstance(node, (list, tuple)):
+            for i, value in enumerate(node):
+                walk(value, f"{name}.{i}" if name else str(i))
+
+    walk(tree, prefix)
+    order = {name: i for i, (name, _) in enumerate(item for items in named.values() for item in items)}
+    bad = []
+    for items in named.values():
+        finite = torch.stack([torch.isfinite(t).all() for _, t in items]).tolist()
+        bad += [name for (name, _), ok in zip(items, finite) if not ok]
+    return sorted(bad, key=order.__getitem__)
+
+
 def rng_state() -> dict:
     """Python, NumPy and torch (CPU and CUDA) RNG states as weights_only-safe values."""
     py = random.getstate()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -196,8 +197,10 @@ class JSONLLogger(BaseLogger):
     def log_metrics(self, metric_values: list[MetricValue]) -> None:
         row = {mv.name: mv.value for mv in metric_values if isinstance(mv.origin, ProbeMetric)}
         if row and ddp.is_main():
-            with self.path.open("a") as fh:
+            with self.path.open("a") as fh:  # on disk before the checkpoint that counts it (a crash keeps the row)
                 fh.write(json.dumps(row, allow_nan=True) + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
 
 
 class ScalarTensorboardLogger(BaseLogger):

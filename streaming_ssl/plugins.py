@@ -163,19 +163,22 @@ class CheckpointPlugin(SupervisedPlugin):
 
         if hasattr(strategy, "check_finite"):
             strategy.check_finite()
-        bad = [n for n, t in self.model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+        model, optimizer = self.model.state_dict(), self.optimizer.state_dict()
+        plugins = {p.state_key: p.state_dict() for p in strategy.plugins if hasattr(p, "state_key")}
+        # what training goes on from (not the evaluator's history: a class without test images is a NaN accuracy)
+        bad = ckpt.nonfinite_names({"model": model, "optimizer": optimizer["state"], "plugins": plugins})
         if bad:
             raise NonFiniteLossError(
-                f"the weights became non-finite at update {strategy.global_step} (first: {bad[0]}); this state was not "
-                "saved and the last checkpoint is intact. Lower optim.lr or check the input data.")
+                f"the training state became non-finite at update {strategy.global_step} (first: {bad[0]}); this state "
+                "was not saved and the last checkpoint is intact. Lower optim.lr or check the input data.")
         scaler = getattr(strategy, "grad_scaler", None)
-        return {"format": ckpt.FORMAT_VERSION, "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "position": strategy.position(), "rng": ckpt.rng_state(),
+        return {"format": ckpt.FORMAT_VERSION, "model": model,
+                "optimizer": optimizer, "position": strategy.position(), "rng": ckpt.rng_state(),
                 "aug_generator": ddp.all_gather_object(strategy.aug_generator.get_state().cpu()),
                 "aug_device": strategy.aug_generator.device.type,
                 "evaluator": self.evaluator.state_dict(), "counters": strategy.counters.state_dict(),
                 "grad_scaler": None if scaler is None else scaler.state_dict(),
-                "plugins": {p.state_key: p.state_dict() for p in strategy.plugins if hasattr(p, "state_key")},
+                "plugins": plugins,
                 "metrics_rows": len(read_rows(self.metrics_path)) if ddp.is_main() else 0,
                 "wall_seconds": self.metric.time_offset + time.time() - self.metric.start_time,
                 "config": self.config, **({"data": self.data} if self.data is not None else {})}

@@ -179,6 +179,8 @@ CASES = {
     "resume with another config": (lambda t, g: run_stream.main(["--resume", str(g), "optim.lr=0.1"]),
                                    r"different config.*optim.lr"),
     "resume a folder that is no run": (lambda t, g: run_stream.main(["--resume", str(t)]), r"no config.yaml"),
+    "resume and overwrite at once": (lambda t, g: run_stream.main(["--resume", str(g), "--overwrite"]),
+                                     r"continues that run and --overwrite deletes it: pass one of them"),
     "truncated checkpoint": (lambda t, g: evaluate.main(["--checkpoint", str(_truncated_ckpt(t, g))]),
                              r"truncated or corrupted.*earlier ckpt_"),
     "not a checkpoint": (lambda t, g: evaluate.main(["--checkpoint", str(_foreign_ckpt(t))]), r"not a streaming-ssl checkpoint"),
@@ -275,6 +277,51 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path, ca
     last = ckpt.load(ckpt.latest(run_dir))  # loads fine: weights_only, complete
     assert last["position"]["global_step"] >= 1
     assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
+
+
+def test_a_non_finite_optimizer_state_is_never_saved(tmp_path: Path, monkeypatch, caplog) -> None:
+    """The weights are still finite after the update that breaks the momentum: the check before a save covers the
+    optimizer's state too (and the plugins'), so the checkpoint a resume would start from is the last good one."""
+    from streaming_ssl.lars import LARS
+
+    real_step, steps = LARS.step, {"n": 0}
+
+    def step(self, *args, **kwargs):
+        out = real_step(self, *args, **kwargs)
+        steps["n"] += 1
+        if steps["n"] == 2:  # one momentum buffer goes NaN; the parameters it would move next are still finite
+            next(iter(self.state.values()))["momentum_buffer"].fill_(float("nan"))
+        return out
+
+    monkeypatch.setattr(LARS, "step", step)
+    with caplog.at_level("ERROR"):
+        rc = _runs(tmp_path, "run.checkpoint_every=1")
+    assert rc == 2
+    msg = " ".join(r.getMessage() for r in caplog.records if r.levelname == "ERROR")
+    assert "training state became non-finite at update 2 (first: optimizer." in msg, msg
+    assert "last checkpoint is intact" in msg
+    last = ckpt.load(ckpt.latest(tmp_path / "out"))
+    assert last["position"]["global_step"] == 1
+    assert not ckpt.nonfinite_names({"model": last["model"], "optimizer": last["optimizer"]["state"]})
+
+
+def test_each_metrics_row_is_on_disk_before_the_checkpoint_that_counts_it(tmp_path: Path, monkeypatch) -> None:
+    """A checkpoint says how many metrics.jsonl rows it covers, and a resume keeps that many: a row still in the
+    page cache when the machine died would be lost for good. Each row is fsynced before the next checkpoint."""
+    real_fsync, events = os.fsync, []
+
+    def fsync(fd):
+        name = os.path.basename(os.readlink(f"/proc/self/fd/{fd}")) if os.path.exists(f"/proc/self/fd/{fd}") else "?"
+        events.append(name)
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    assert _runs(tmp_path) == 0
+    rows = len((tmp_path / "out" / "metrics.jsonl").read_text().splitlines())
+    # each experience: its row, then its checkpoint (written to a temporary name, then renamed)
+    kinds = ["row" if name == "metrics.jsonl" else "ckpt" for name in events
+             if name == "metrics.jsonl" or name.lstrip(".").startswith("ckpt_")]
+    assert rows == 2 and kinds == ["row", "ckpt"] * rows, events
 
 
 def test_atomic_save_keeps_the_old_file_when_the_disk_is_full(tmp_path: Path, monkeypatch) -> None:

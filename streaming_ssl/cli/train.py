@@ -41,6 +41,9 @@ def resolve_config(args: argparse.Namespace):
     from streaming_ssl.config import ConfigError, load_config
     from streaming_ssl.runner import RunError
 
+    if args.resume and args.overwrite:
+        raise RunError(f"--resume {args.resume} continues that run and --overwrite deletes it: pass one of them (to "
+                       f"start it afresh: python run_stream.py --config CONFIG run.out_dir={args.resume} --overwrite)")
     if args.resume:
         saved = Path(args.resume) / "config.yaml"
         if not saved.is_file():

@@ -206,3 +206,16 @@ def test_a_release_file_without_a_marker_is_refused(tmp_path: Path, monkeypatch:
     with pytest.raises(ValueError, match=ckpt.PAUSE_MARKER_ENV):
         ckpt.atomic_save(_state(1), tmp_path / "ckpt_000000001.pt")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_nonfinite_names_finds_each_bad_float_tensor_in_order_and_ignores_the_rest() -> None:
+    nan, inf = float("nan"), float("inf")
+    tree = {"model": {"a.weight": torch.ones(3), "b.weight": torch.tensor([1.0, nan]), "n": torch.tensor(7)},
+            "optimizer": {0: {"momentum_buffer": torch.tensor([-inf]).to(torch.bfloat16)}, 1: {"step": 3}},
+            "plugins": {"replay": {"images": torch.zeros(2, 3, dtype=torch.uint8), "feats": [torch.zeros(2),
+                                                                                              torch.full((2,), nan)]}},
+            "note": "text", "scale": nan}  # a Python float is not a tensor: not the check's business
+    assert ckpt.nonfinite_names(tree) == ["model.b.weight", "optimizer.0.momentum_buffer", "plugins.replay.feats.1"]
+    assert ckpt.nonfinite_names({"w": torch.ones(2), "empty": torch.empty(0)}) == []
+    assert ckpt.nonfinite_names({}) == []
+    assert ckpt.nonfinite_names([torch.zeros(1), torch.tensor([inf])], prefix="x") == ["x.1"]
