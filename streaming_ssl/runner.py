@@ -94,22 +94,37 @@ def create_run_dir(cfg: Config, run_dir: Path, *, fresh: bool, lock: RunLock | N
     """Called once data, stream and model are known to be good: nothing is written or deleted before.
 
     `fresh` empties the directory (all but its lock file: deleting a held lock file would let a second
-    writer lock a new one). `lock` (rank 0), if not yet held, is taken right after the directory exists."""
+    writer lock a new one). `lock` (rank 0), if not yet held, is taken right after the directory exists.
+
+    Under DDP every rank learns whether rank 0 could prepare the directory, and all stop together if not (with a
+    bare barrier, the other ranks waited there for the collective timeout: on other nodes nothing ends them)."""
+    failed: Exception | None = None
     if ddp.is_main():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if lock is not None and not lock.locked:  # a new run: prepare_run_dir saw no directory, and held no lock
-            lock.acquire()
-            if not fresh and run_files(run_dir):  # another run wrote there since: not ours to train over
-                lock.release()
-                raise RunError(f"run directory {str(run_dir)!r} was written by another run while this one was being "
-                               f"built; pass --resume {run_dir} to continue it, --overwrite to replace it, or choose "
-                               "another run.out_dir (it is not empty; nothing was changed)")
-        for path in remove_stale_temp_files(run_dir) if lock is not None else []:
-            log.info("removed %s, left by a writer that was killed mid-write", path.name)
-        for path in run_files(run_dir) if fresh else []:
-            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
-        save_config(cfg, run_dir / "config.yaml")
-    ddp.barrier()
+        try:
+            _create_run_dir(cfg, run_dir, fresh=fresh, lock=lock)
+        except Exception as err:  # noqa: BLE001 - every rank learns of it below, then it is raised
+            failed = err
+    said = ddp.all_gather_object(None if failed is None else f"{type(failed).__name__}: {failed}")[0]
+    if failed is not None:
+        raise failed
+    if said is not None:
+        raise RunError(f"rank 0 could not prepare the run directory {str(run_dir)!r} ({said})")
+
+
+def _create_run_dir(cfg: Config, run_dir: Path, *, fresh: bool, lock: RunLock | None) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if lock is not None and not lock.locked:  # a new run: prepare_run_dir saw no directory, and held no lock
+        lock.acquire()
+        if not fresh and run_files(run_dir):  # another run wrote there since: not ours to train over
+            lock.release()
+            raise RunError(f"run directory {str(run_dir)!r} was written by another run while this one was being "
+                           f"built; pass --resume {run_dir} to continue it, --overwrite to replace it, or choose "
+                           "another run.out_dir (it is not empty; nothing was changed)")
+    for path in remove_stale_temp_files(run_dir) if lock is not None else []:
+        log.info("removed %s, left by a writer that was killed mid-write", path.name)
+    for path in run_files(run_dir) if fresh else []:
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+    save_config(cfg, run_dir / "config.yaml")
 
 
 def setup_logging(run_dir: Path | None) -> logging.Handler | None:

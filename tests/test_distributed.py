@@ -613,6 +613,71 @@ def test_overwrite_deletes_only_once_the_inputs_are_good(tmp_path, monkeypatch) 
     assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml"]
 
 
+def _launch(args: list[str], timeout: float, **kwargs) -> tuple[int | None, str]:
+    """torchrun ARGS in its own session; (exit code, output), or (None, output) when it ran past `timeout`: then the
+    whole launch is killed (a hang must fail the test, not wait for the collective timeout)."""
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--master_addr", "127.0.0.1", *args],
+                            cwd=ROOT, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, **kwargs)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+        return proc.returncode, out
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        return None, proc.communicate()[0]
+
+
+def test_a_run_directory_rank_0_refuses_stops_every_rank(tmp_path) -> None:
+    """Rank 0 alone prepares the run directory; when it refuses (here: another run wrote there while this one was
+    built), the other ranks get the reason at once and stop with it, instead of waiting in a barrier."""
+    run_dir = tmp_path / "run"
+    script = tmp_path / "prepare.py"
+    script.write_text(
+        "import sys\nfrom pathlib import Path\nsys.path.insert(0, sys.argv[1])\n"
+        "from streaming_ssl import distributed as d\nfrom streaming_ssl.config import load_config\n"
+        "from streaming_ssl.runlock import RunLock\nfrom streaming_ssl.runner import create_run_dir\n"
+        "d.init_from_env('cpu')\nrun_dir = Path(sys.argv[2])\n"
+        "cfg = load_config(Path(sys.argv[1]) / 'configs/smoke.yaml', [f'run.out_dir={run_dir}'])\n"
+        "if d.rank() == 0:\n    run_dir.mkdir()\n    (run_dir / 'other.txt').write_text('x')\n"
+        "try:\n    create_run_dir(cfg, run_dir, fresh=False, lock=RunLock(run_dir) if d.rank() == 0 else None)\n"
+        "    print(f'rank{d.rank()} created', flush=True)\n"
+        "except Exception as err:\n    print(f'rank{d.rank()} {type(err).__name__}: {err}', flush=True)\n"
+        "d.leave()\n")
+    rc, out = _launch(["--nproc_per_node", "2", "--master_port", str(free_ports(1)[0]), str(script), str(ROOT),
+                       str(run_dir)], timeout=120)
+    assert rc == 0, out[-3000:]
+    assert f"rank0 RunError: run directory {str(run_dir)!r} was written by another run" in out, out[-3000:]
+    assert (f"rank1 RunError: rank 0 could not prepare the run directory {str(run_dir)!r} (RunError: run directory "
+            f"{str(run_dir)!r} was written by another run") in out, out[-3000:]
+    assert sorted(p.name for p in run_dir.iterdir()) == [".lock", "other.txt"]  # nothing written
+
+
+@needs_data
+def test_a_checkpoint_rank_0_cannot_write_stops_every_rank_with_the_fix(tmp_path) -> None:
+    """A real short write on rank 0 (the launch's file-size limit: the smoke model's checkpoint is about 1.8 MB):
+    both ranks stop after the same update with exit 2 and the fix, rank 1 told by rank 0 (no barrier left waiting),
+    and the run keeps its row and holds no partial checkpoint."""
+    import resource
+
+    def file_size_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, 1_000_000))
+
+    run_dir = tmp_path / "run"
+    rc, out = _launch(["--nproc_per_node", "2", "--master_port", str(free_ports(1)[0]), "run_stream.py", "--config",
+                       "configs/smoke.yaml", f"run.out_dir={run_dir}", f"data.root={Path(DATA).resolve()}",
+                       *STREAM_OVERRIDES], timeout=240, preexec_fn=file_size_limit)
+    assert rc not in (None, 0), out[-3000:]
+    fix = f"free disk space (or move run.out_dir), then the same torchrun command with run_stream.py --resume {run_dir}"
+    errors = [line for line in out.splitlines() if "CheckpointWriteError" in line]
+    assert any("could not write a checkpoint into" in e and "MB free there" in e and e.endswith(fix) for e in errors), \
+        out[-3000:]
+    assert any(f"rank 0 could not write a checkpoint into {str(run_dir)!r}" in e and e.endswith(fix) for e in errors), \
+        out[-3000:]
+    assert sorted(p.name for p in run_dir.iterdir()) == [".lock", "config.yaml", "log.txt", "metrics.jsonl",
+                                                          "train.log"]
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 1
+
+
 if __name__ == "__main__":  # a rank of the `spawned` (or, with "tail", the `tail_runs`) fixture's torchrun launch
     # avalanche-lib installs a package named `tests`, which would shadow this folder here (pytest maps it itself)
     sys.modules["tests"] = types.ModuleType("tests")
