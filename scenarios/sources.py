@@ -102,6 +102,7 @@ _NPZ_FIX = (
     "integer labels) and optionally class_names, mean, std, as in shared/data/README.md; re-create it "
     "with numpy.savez."
 )
+_NPZ_HELP = _NPZ_FIX[0].upper() + _NPZ_FIX[1:]  # the same, as a sentence of its own (after a full stop)
 
 Stats = tuple[tuple[float, float, float], tuple[float, float, float]]
 
@@ -289,17 +290,18 @@ def _load_npz(ref: SourceRef, image_size: int | None) -> DatasetSplits:
     path = ref.path
     if not path.is_file():
         what = "is not a file" if path.exists() else "does not exist"
-        raise DataError(f"npz source {path} {what}; give the path of an .npz file, e.g. npz:/data/digits.npz. {_NPZ_FIX}")
+        raise DataError(f"npz source {path} {what}; give the path of an .npz file, e.g. npz:/data/digits.npz. "
+                        f"{_NPZ_HELP}")
     arrays = read_npz_arrays(path, _NPZ_REQUIRED, _NPZ_OPTIONAL, fix=_NPZ_FIX)
     x_train = _npz_images(arrays["x_train"], f"{path} key x_train")
     x_test = _npz_images(arrays["x_test"], f"{path} key x_test")
     if len(x_train) == 0:
         raise DataError(f"npz source {path}: key x_train holds no image; an npz source needs training images. "
-                        f"{_NPZ_FIX}")
+                        f"{_NPZ_HELP}")
     if len(x_test) == 0:
         raise DataError(
             f"npz source {path}: key x_test holds no image; every evaluation probes the test split, so add test "
-            f"images (x_test, y_test), e.g. held out from the training images. {_NPZ_FIX}"
+            f"images (x_test, y_test), e.g. held out from the training images. {_NPZ_HELP}"
         )
     if x_train.shape[-2:] != x_test.shape[-2:] and image_size is None:
         raise DataError(
@@ -308,8 +310,8 @@ def _load_npz(ref: SourceRef, image_size: int | None) -> DatasetSplits:
         )
     names, num_classes = _npz_classes(arrays, path)
     how = "class_names" if "class_names" in arrays else "max(y_train) + 1"
-    y_train = _check_labels(arrays["y_train"], len(x_train), num_classes, f"{path} key y_train ({how} classes)")
-    y_test = _check_labels(arrays["y_test"], len(x_test), num_classes, f"{path} key y_test ({how} classes)")
+    y_train = _npz_labels(arrays, "y_train", len(x_train), names, how, path)
+    y_test = _npz_labels(arrays, "y_test", len(x_test), names, how, path)
     _check_npz_class_counts(path, names, how, y_train, y_test)
     size = image_size or min(int(x_train.shape[-2]), int(x_train.shape[-1]))
     x_train, x_test = _fit(x_train, size), _fit(x_test, size)
@@ -327,19 +329,59 @@ def _load_npz(ref: SourceRef, image_size: int | None) -> DatasetSplits:
 def _npz_images(x: np.ndarray, where: str) -> torch.Tensor:
     """uint8 ``(N, H, W)`` or ``(N, H, W, C)`` (C 1, 3 or 4) -> contiguous RGB ``(N, 3, H, W)``."""
     if x.dtype != np.uint8:
-        raise DataError(
-            f"{where} has dtype {x.dtype}; images must be uint8 0..255 (convert floats in [0, 1] with "
-            f"(x * 255).round().astype(numpy.uint8)). {_NPZ_FIX}"
-        )
+        raise DataError(f"{where} has dtype {x.dtype}; images must be uint8 0..255. {_to_uint8(x)} {_NPZ_HELP}")
     if x.ndim == 3:
         x = x[..., None]
     if x.ndim != 4 or x.shape[-1] not in (1, 3, 4):
         raise DataError(
             f"{where} has shape {tuple(x.shape)}; expected (N, H, W, C) with C 1 or 3 (channels last) or "
-            f"(N, H, W) grayscale. {_NPZ_FIX}"
+            f"(N, H, W) grayscale. {_NPZ_HELP}"
         )
     images = torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2)[:, :3]
     return images.expand(-1, 3, -1, -1).contiguous()
+
+
+def _to_uint8(x: np.ndarray) -> str:
+    """How to convert images of another dtype to uint8 0..255, judged by the range of their values."""
+    floating = np.issubdtype(x.dtype, np.floating)
+    values = x[np.isfinite(x)] if floating else x
+    if not (floating or np.issubdtype(x.dtype, np.integer)) or values.size == 0:  # bool, complex, str, ...
+        return "Store the pixel values as numpy.uint8 (0 black, 255 white) with numpy.savez."
+    lo, hi = values.min().item(), values.max().item()
+    found = f"Its values lie in [{lo:g}, {hi:g}]" if floating else f"Its values lie in [{lo}, {hi}]"
+    if values.size < x.size:
+        found = f"It holds NaN or infinite values (replace them first); its other values lie in [{lo:g}, {hi:g}]"
+    stretch = "((x - x.min()) * 255.0 / (x.max() - x.min())).round().astype(numpy.uint8)"
+    if lo < 0:
+        if floating and lo >= -1 and hi <= 1:
+            return f"{found} (normalised to [-1, 1]?): convert with ((x + 1) * 127.5).round().astype(numpy.uint8)."
+        return (f"{found}, below 0 (normalised with a mean and std?): undo that (x * std + mean) or scale them to "
+                f"0..255, e.g. {stretch}.")
+    if floating and hi <= 1:
+        return f"{found}, so they are fractions of full intensity: convert with (x * 255).round().astype(numpy.uint8)."
+    if hi <= 255:
+        convert = "x.round().clip(0, 255).astype(numpy.uint8)" if floating else "x.astype(numpy.uint8)"
+        return f"{found}, so they are 0..255 pixel values already: convert with {convert}."
+    if hi <= 65535:
+        return (f"{found}, beyond 0..255: if they are 16-bit pixels (0..65535), convert with "
+                f"(x // 257).astype(numpy.uint8); for another range scale them to 0..255, e.g. {stretch}.")
+    return f"{found}, beyond 0..255: scale them to 0..255, e.g. {stretch}."
+
+
+def _npz_labels(arrays: dict[str, np.ndarray], key: str, n: int, names: list[str], how: str,
+                path: pathlib.Path) -> torch.Tensor:
+    """The labels of one split, checked against its images (``n``) and the classes (``names``, from ``how``)."""
+    y = np.asarray(arrays[key])
+    flat = y[:, 0] if y.ndim == 2 and y.shape[1] == 1 else y
+    images = "x" + key[1:]
+    if flat.ndim == 1 and np.issubdtype(flat.dtype, np.integer):
+        if len(flat) != n:
+            raise DataError(f"{path}: {key} has {len(flat)} labels but {images} holds {n} images; give one label per "
+                            f"image (label i is the class of image i). {_NPZ_HELP}")
+        if how == "class_names" and flat.size and int(flat.max()) >= len(names):
+            raise DataError(f"{path}: {key} has labels up to {int(flat.max())} but class_names lists {len(names)} "
+                            f"names (0..{len(names) - 1}): add the missing names to class_names or fix the labels.")
+    return _check_labels(y, n, len(names), f"{path} key {key} ({how} classes)")
 
 
 def _npz_classes(arrays: dict[str, np.ndarray], path: pathlib.Path) -> tuple[list[str], int]:
@@ -351,9 +393,9 @@ def _npz_classes(arrays: dict[str, np.ndarray], path: pathlib.Path) -> tuple[lis
         return names, len(names)
     y = np.asarray(arrays["y_train"])
     if y.size == 0:
-        raise DataError(f"{path} key y_train is empty: an npz source needs training images. {_NPZ_FIX}")
+        raise DataError(f"{path} key y_train is empty: an npz source needs training images. {_NPZ_HELP}")
     if not np.issubdtype(y.dtype, np.integer):
-        raise DataError(f"{path} key y_train has dtype {y.dtype}; labels must be integers 0..C-1. {_NPZ_FIX}")
+        raise DataError(f"{path} key y_train has dtype {y.dtype}; labels must be integers 0..C-1. {_NPZ_HELP}")
     count = max(int(y.max()) + 1, 1)
     return [str(i) for i in range(count)], count
 

@@ -142,8 +142,24 @@ def _read(path: Path) -> dict:
     try:
         state = torch.load(fh, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for truncated zips and bad pickles
-        raise CheckpointError(f"checkpoint {str(path)!r} is truncated or corrupted ({type(err).__name__}: "
-                              f"{str(err)[:200]}); use an earlier ckpt_*.pt of the same run") from err
+        import zipfile  # only on this error path
+
+        fh.seek(0)
+        head = fh.read(4)
+        foreign = head != b"PK\x03\x04" and head[:1] != b"\x80"  # torch.save writes a zip; torch < 1.6 a pickle
+        if head == b"PK\x03\x04":  # torch's zip holds a data.pkl (an .npz does not); one cut short has no directory
+            try:
+                with zipfile.ZipFile(fh) as archive:
+                    foreign = not any(n == "data.pkl" or n.endswith("/data.pkl") for n in archive.namelist())
+            except (zipfile.BadZipFile, OSError, ValueError):
+                pass
+        detail = f"{type(err).__name__}: {str(err)[:200]}"
+        if foreign:
+            raise CheckpointError(f"{str(path)!r} is not a PyTorch checkpoint (not a file torch.save wrote; {detail}); "
+                                  "pass a run directory holding ckpt_*.pt checkpoints, or one of its ckpt_*.pt "
+                                  "files") from err
+        raise CheckpointError(f"checkpoint {str(path)!r} is truncated or corrupted ({detail}); use an earlier "
+                              "ckpt_*.pt of the same run") from err
     finally:
         fh.close()
     if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION or "model" not in state:
@@ -154,13 +170,14 @@ def _read(path: Path) -> dict:
 def load(path: str | Path) -> dict:
     """Load a checkpoint with weights_only=True; a clear CheckpointError if it is missing or damaged."""
     path = Path(path)
+    if path.is_dir():  # only a Python caller gets here: the command lines load through load_latest
+        raise CheckpointError(f"{str(path)!r} is a directory, not a checkpoint file; pass a ckpt_*.pt file (to load "
+                              "the newest checkpoint of a run directory use load_latest)")
     try:
-        if path.is_dir():
-            raise IsADirectoryError(path)
         return _read(path)
-    except (FileNotFoundError, IsADirectoryError):
-        raise CheckpointError(f"checkpoint {str(path)!r} does not exist; pass a ckpt_*.pt file or a run directory "
-                              "(to load the newest checkpoint of a run directory use load_latest)") from None
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist; check the path, and pass a run directory "
+                              "holding ckpt_*.pt checkpoints or one of its ckpt_*.pt files") from None
 
 
 def load_latest(path: str | Path, attempts: int = 5) -> tuple[Path, dict]:
@@ -215,7 +232,8 @@ def resolve(path: str | Path) -> Path:
     if path.is_dir():
         found = latest(path)
         if found is None:
-            raise CheckpointError(f"run directory {str(path)!r} holds no ckpt_*.pt checkpoint")
+            raise CheckpointError(f"run directory {str(path)!r} holds no ckpt_*.pt checkpoint; pass a run directory "
+                                  "that has saved one (see run.checkpoint_every), or a ckpt_*.pt file")
         return found
     return path
 

@@ -182,9 +182,19 @@ def probe_checkpoint(req: ProbeRequest) -> dict:
     named = [("--dataset" if req.datasets else IN_DOMAIN, n) for n in in_domain] if req.in_domain else []
     named += [("--transfer", n) for n in req.transfer]
     check_result_names(named)
-    run = load_checkpoint_model(req.checkpoint, data_root=req.data_root, device=req.device,
-                                random_init=req.random_init, loaded=(path, state),
-                                need_data=any(name == trained_on for _, name in named))
+    try:
+        run = load_checkpoint_model(req.checkpoint, data_root=req.data_root, device=req.device,
+                                    random_init=req.random_init, loaded=(path, state),
+                                    need_data=any(name == trained_on for _, name in named))
+    except DataError as err:  # the run's own data: a folder: or npz: source may have moved since it trained
+        if not is_generic(trained_on) or parse_source(trained_on).path.exists():
+            raise
+        ref = parse_source(trained_on)
+        fix = (f"if it moved, pass --dataset {ref.kind}:NEWPATH; to probe other datasets only, pass --no-in-domain "
+               "--transfer DATASET" if state.get("data") else
+               f"put it back at {ref.path}: this checkpoint is older than the image size and normalisation kept in "
+               "checkpoints, so its model is rebuilt from that data")
+        raise DataError(f"{err} The run trained on {trained_on} (its data.dataset), which is gone: {fix}.") from None
     path, state, cfg, train_splits = run.path, run.state, run.cfg, run.train_splits
     n_recal = cfg.eval.bn_recalibrate if req.bn_recalibrate is None else req.bn_recalibrate
     cfg.eval.batch_size = cfg.eval.batch_size if req.batch_size is None else req.batch_size

@@ -207,6 +207,30 @@ def test_folder_errors_name_the_problem(tmp_path):
         load_dataset(f"folder:{root}")
 
 
+@pytest.mark.parametrize("kept", [True, False], ids=["checkpoint keeps its data", "older checkpoint"])
+def test_evaluating_a_run_whose_folder_is_gone_names_the_flags(tmp_path, kept):
+    """evaluate.py on a run trained on a folder: source that has moved since: --dataset NEWPATH or --no-in-domain
+    (a checkpoint that keeps the training data's size and normalisation needs no data to rebuild its model)."""
+    from streaming_ssl import checkpoint as ckpt
+    from streaming_ssl.probe_run import ProbeRequest, probe_checkpoint
+
+    gone = tmp_path / "shapes"
+    cfg = load_config(None, [f"data.dataset=folder:{gone}"])
+    data = {"name": "shapes", "image_size": 12, "mean": [0.5] * 3, "std": [0.25] * 3, "num_classes": 3}
+    state = {"format": ckpt.FORMAT_VERSION, "model": {}, "config": cfg.to_dict(), **({"data": data} if kept else {})}
+    (tmp_path / "run").mkdir()
+    ckpt.atomic_save(state, tmp_path / "run" / "ckpt_000000001.pt")
+    with pytest.raises(DataError) as err:
+        probe_checkpoint(ProbeRequest(checkpoint=str(tmp_path / "run"), device="cpu"))
+    message = str(err.value)
+    assert f"folder source {gone} does not exist" in message
+    assert f"The run trained on folder:{gone} (its data.dataset), which is gone" in message
+    if kept:
+        assert "pass --dataset folder:NEWPATH; to probe other datasets only, pass --no-in-domain --transfer" in message
+    else:
+        assert f"put it back at {gone}" in message and "--dataset" not in message
+
+
 def gray16_png(path: pathlib.Path, values: np.ndarray) -> None:
     """Write a 16-bit grayscale PNG (PIL mode I;16) of uint16 ``values``."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -333,7 +357,8 @@ def test_npz_errors_name_the_problem(tmp_path):
     with pytest.raises(DataError, match=r"a\.npz lacks the key\(s\) y_test \(has: x_train, y_train, x_test\)"):
         load_dataset(f"npz:{p}")
     p = save_npz(tmp_path / "b.npz", x_train=x, y_train=y, x_test=x, y_test=np.array([0, 1]))
-    with pytest.raises(DataError, match=r"b\.npz key y_test .*has 2 labels but there are 3 images"):
+    with pytest.raises(DataError, match=r"b\.npz: y_test has 2 labels but x_test holds 3 images; give one label per "
+                                        r"image"):
         load_dataset(f"npz:{p}")
     p = save_npz(tmp_path / "c.npz", x_train=x, y_train=y, x_test=x, y_test=np.array([0, 1, 2]))
     with pytest.raises(DataError, match=r"c\.npz key y_test \(max\(y_train\) \+ 1 classes\) has labels out of range "
@@ -393,6 +418,42 @@ def test_npz_classes_without_training_images_are_refused(tmp_path):
                  y_test=np.array([0, 1, 1, 0]), class_names=np.array(["cat", "dog", "eel"]))
     with pytest.raises(DataError, match=r"names\.npz: class\(es\) 2 \('eel'\) of the 3 \(class_names\) have no "
                                         r"training image.*remove the names of the empty classes from class_names"):
+        load_dataset(f"npz:{p}")
+
+
+@pytest.mark.parametrize(("x", "found", "fix"), [
+    (np.linspace(0, 1, 3 * 64, dtype=np.float32), r"\[0, 1\], so they are fractions of full intensity",
+     r"\(x \* 255\)\.round\(\)\.astype\(numpy\.uint8\)"),
+    (np.linspace(0, 255, 3 * 64), r"\[0, 255\], so they are 0\.\.255 pixel values already",
+     r"x\.round\(\)\.clip\(0, 255\)\.astype\(numpy\.uint8\)"),
+    (np.arange(3 * 64, dtype=np.uint16) * 256, r"\[0, 48896\], beyond 0\.\.255: if they are 16-bit pixels",
+     r"\(x // 257\)\.astype\(numpy\.uint8\)"),
+    (np.arange(3 * 64, dtype=np.int64), r"\[0, 191\], so they are 0\.\.255 pixel values already",
+     r"convert with x\.astype\(numpy\.uint8\)"),
+    (np.linspace(-1, 1, 3 * 64, dtype=np.float32), r"\[-1, 1\] \(normalised to \[-1, 1\]\?\)",
+     r"\(\(x \+ 1\) \* 127\.5\)\.round\(\)\.astype\(numpy\.uint8\)"),
+    (np.arange(3 * 64) % 2 == 0, r"", r"Store the pixel values as numpy\.uint8"),
+], ids=["float 0..1", "float 0..255", "uint16", "int64 0..255", "float -1..1", "bool"])
+def test_npz_dtype_errors_give_the_fix_for_the_values_found(tmp_path, x, found, fix):
+    """Each dtype gets the conversion its values need, in a sentence of its own before the general help."""
+    x = x.reshape(3, 8, 8)
+    p = save_npz(tmp_path / "v.npz", x_train=x, y_train=np.array([0, 1, 1]), x_test=x, y_test=np.array([0, 1, 1]))
+    found = rf"Its values lie in {found}" if found else ""
+    with pytest.raises(DataError, match=rf"v\.npz key x_train has dtype {x.dtype}; images must be uint8 0\.\.255\. "
+                                        rf"{found}.*{fix}.*\. An npz source holds x_train"):
+        load_dataset(f"npz:{p}")
+
+
+def test_npz_class_names_shorter_than_the_labels_say_so(tmp_path):
+    x = np.zeros((3, 8, 8), dtype=np.uint8)
+    p = save_npz(tmp_path / "n.npz", x_train=x, y_train=np.array([0, 1, 2]), x_test=x, y_test=np.array([0, 1, 2]),
+                 class_names=np.array(["cat", "dog"]))
+    with pytest.raises(DataError, match=r"n\.npz: y_train has labels up to 2 but class_names lists 2 names \(0\.\.1\): "
+                                        r"add the missing names to class_names or fix the labels"):
+        load_dataset(f"npz:{p}")
+    p = save_npz(tmp_path / "t.npz", x_train=x, y_train=np.array([0, 1, 1]), x_test=x, y_test=np.array([0, 3, 1]),
+                 class_names=np.array(["cat", "dog"]))
+    with pytest.raises(DataError, match=r"t\.npz: y_test has labels up to 3 but class_names lists 2 names"):
         load_dataset(f"npz:{p}")
 
 

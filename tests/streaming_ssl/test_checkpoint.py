@@ -219,3 +219,47 @@ def test_nonfinite_names_finds_each_bad_float_tensor_in_order_and_ignores_the_re
     assert ckpt.nonfinite_names({"w": torch.ones(2), "empty": torch.empty(0)}) == []
     assert ckpt.nonfinite_names({}) == []
     assert ckpt.nonfinite_names([torch.zeros(1), torch.tensor([inf])], prefix="x") == ["x.1"]
+
+
+def test_a_missing_checkpoint_names_the_path_and_what_to_pass(tmp_path: Path) -> None:
+    """What evaluate.py --checkpoint / --resume users see: the path and the fix, no Python function names."""
+    missing = tmp_path / "runs" / "nonexist"
+    with pytest.raises(ckpt.CheckpointError) as err:
+        ckpt.load_latest(missing)
+    message = str(err.value)
+    assert f"checkpoint {str(missing)!r} does not exist" in message
+    assert "pass a run directory holding ckpt_*.pt checkpoints or one of its ckpt_*.pt files" in message
+    assert "load_latest" not in message
+    with pytest.raises(ckpt.CheckpointError, match=r"holds no ckpt_\*\.pt checkpoint; pass a run directory that has "
+                                                   r"saved one \(see run\.checkpoint_every\), or a ckpt_\*\.pt file"):
+        ckpt.resolve(tmp_path)
+
+
+def _write_npz(path: Path) -> None:
+    """An .npz: a zip archive like torch.save's, but without its data.pkl."""
+    import numpy as np
+
+    np.savez(path, x=np.zeros(3))
+
+
+@pytest.mark.parametrize("name, write", [
+    ("arrays.npz", _write_npz),
+    ("notes.txt", lambda p: p.write_text("not a checkpoint\n")),
+    ("ckpt_000000001.pt", lambda p: p.write_bytes(b"")),
+])
+def test_a_file_that_never_was_a_checkpoint_says_so(tmp_path: Path, name: str, write) -> None:
+    write(tmp_path / name)
+    with pytest.raises(ckpt.CheckpointError, match=r"is not a PyTorch checkpoint \(not a file torch\.save wrote; .*\); "
+                                                   r"pass a run directory holding ckpt_\*\.pt checkpoints, or one of "
+                                                   r"its ckpt_\*\.pt files") as err:
+        ckpt.load_latest(tmp_path / name)
+    assert "truncated" not in str(err.value)
+
+
+def test_a_checkpoint_cut_short_is_truncated_not_foreign(tmp_path: Path) -> None:
+    ckpt.atomic_save(_state(1), tmp_path / "ckpt_000000001.pt")
+    whole = (tmp_path / "ckpt_000000001.pt").read_bytes()
+    (tmp_path / "ckpt_000000002.pt").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(ckpt.CheckpointError, match=r"ckpt_000000002\.pt' is truncated or corrupted .*; use an earlier "
+                                                   r"ckpt_\*\.pt of the same run"):
+        ckpt.load_latest(tmp_path)
