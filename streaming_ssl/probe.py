@@ -23,7 +23,10 @@ from streaming_ssl.seeds import derive_seed
 def _probe_input(augment: MultiPatchAugment, x: torch.Tensor, patches: int, patch_seed: int) -> torch.Tensor:
     """What a probe reads of a batch: the whole images (patches=0) or `patches` plain patches each, drawn from a
     CPU generator seeded with `patch_seed`: the same crops on every device (CPU and CUDA generators give
-    different numbers for one seed), so a checkpoint's bag features do not depend on where it is probed."""
+    different numbers for one seed), so a checkpoint's bag features do not depend on where it is probed.
+    Grayscale images (B, 1, H, W) are read as three equal channels, as the strategy trains on them."""
+    if x.dim() == 4 and x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
     if not patches:
         return augment.whole_image(x)
     return augment.eval_patches(x, patches, torch.Generator().manual_seed(patch_seed))
@@ -37,7 +40,8 @@ def extract_features(model: torch.nn.Module, images, augment: MultiPatchAugment,
 
     Args:
         model: has .features(x) -> (N, D); put in eval mode here and restored after.
-        images: uint8 (N, 3, H, W) tensor or anything indexable by a LongTensor the same way.
+        images: uint8 (N, 3, H, W) tensor (or (N, 1, H, W): grayscale, read as three equal channels), or anything
+            indexable by a LongTensor the same way.
         patches: 0 for the whole image, else the number P of random patches averaged per image.
         seed: seeds the patch positions, so features are reproducible.
     Under DDP each rank extracts a contiguous share and the shares are gathered on every rank.

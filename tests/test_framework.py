@@ -188,6 +188,20 @@ def test_grayscale_benchmark_is_repeated_to_three_channels() -> None:
     assert strategy.global_step == 4
 
 
+@pytest.mark.parametrize("patches", [0, 2])
+def test_grayscale_images_are_probed_as_three_equal_channels(patches: int) -> None:
+    """The probes read a grayscale benchmark's images as the strategy trained on them (they raised before)."""
+    from streaming_ssl import extract_features
+
+    x, _ = _images()
+    model, augment = _tiny_model_and_augment()
+    gray = x[:, :1]
+    kw = dict(device=torch.device("cpu"), batch_size=10, patches=patches, channels_last=False, seed=3)
+    got = extract_features(model, gray, augment, **kw)
+    rgb = extract_features(model, gray.expand(-1, 3, -1, -1), augment, **kw)
+    assert got.shape == (24, 32) and torch.equal(got, rgb)
+
+
 # ------------------------------------------------------------------------------------------ the example
 @pytest.mark.skipif(not DATA.exists(), reason="needs the real CIFAR-10 (STREAMING_SSL_DATA)")
 def test_example_trains_with_avalanche_replay_and_prints_the_matrix(capsys) -> None:

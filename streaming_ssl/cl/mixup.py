@@ -70,9 +70,17 @@ class MixupPlugin(SupervisedPlugin):
         super().__init__()
         if alpha <= 0:
             raise ValueError(f"alpha must be > 0 (lambda ~ Beta(alpha, alpha)), got {alpha}")
+        if not isinstance(replay, ReplayBufferPlugin):
+            raise TypeError(f"MixupPlugin mixes with the buffer of a ReplayBufferPlugin, got {type(replay).__name__}: "
+                            "pass the ReplayBufferPlugin (size > 0) that is in the strategy's plugins too")
         self.replay, self.alpha = replay, float(alpha)
         self.rng = np.random.default_rng(derive_seed(seed, "mixup"))
         self.last_lam: float | None = None
+
+    def before_training(self, strategy, **kwargs) -> None:
+        if not any(p is self.replay for p in strategy.plugins):  # its buffer would stay empty: no image mixed
+            raise ValueError("MixupPlugin's ReplayBufferPlugin is not among the strategy's plugins, so its buffer "
+                             "never fills and nothing would be mixed: pass it in plugins=[replay, mixup, ...] too")
 
     def before_forward(self, strategy, **kwargs) -> None:
         buffer = self.replay.buffer

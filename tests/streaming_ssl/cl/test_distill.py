@@ -195,3 +195,14 @@ def test_frozen_bn_batch_round_trips_in_its_mode() -> None:
         assert torch.equal(again.frozen(x)[1], distill.frozen(x)[1])
     assert again.frozen.training and not any(m.track_running_stats for m in again.frozen.modules()
                                              if isinstance(m, torch.nn.modules.batchnorm._BatchNorm))
+
+
+def test_a_predictor_missing_from_the_optimizer_is_refused_before_any_update() -> None:
+    """The term would be added against a predictor that never trains (a random map), silently."""
+    distill = DistillPlugin(tiny_model(), dim=PROJ_DIM, hidden_dim=8, weight=1.0)
+    modules, distill.trainable_modules = distill.trainable_modules, []  # the optimizer is built without them
+    stream, strategy, _ = build_strategy([distill])
+    distill.trainable_modules = modules
+    with pytest.raises(ValueError, match=r"predictor is not in the strategy's optimizer.*plugin.trainable_modules"):
+        strategy.train(list(stream), eval_streams=[])
+    assert strategy.global_step == 0

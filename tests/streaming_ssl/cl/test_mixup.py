@@ -122,3 +122,14 @@ def test_mixup_state_round_trips() -> None:
     a.rng.random(7)
     b.load_state_dict(a.state_dict())
     assert sample_mixup(a.rng, 0.4, 5, 9)[1].tolist() == sample_mixup(b.rng, 0.4, 5, 9)[1].tolist()
+
+
+def test_mixup_without_its_replay_plugin_in_the_strategy_is_refused() -> None:
+    """Its buffer would never fill, and nothing would be mixed, silently."""
+    with pytest.raises(TypeError, match=r"mixes with the buffer of a ReplayBufferPlugin, got NoneType"):
+        MixupPlugin(None)
+    replay = ReplayBufferPlugin(size=10, batch=3, policy="reservoir", seed=1)
+    stream, strategy, _ = build_strategy([MixupPlugin(replay, alpha=0.4)])
+    with pytest.raises(ValueError, match=r"ReplayBufferPlugin is not among the strategy's plugins.*plugins=\[replay"):
+        strategy.train(list(stream), eval_streams=[])
+    assert strategy.global_step == 0
