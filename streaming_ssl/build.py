@@ -213,14 +213,16 @@ def build_evaluator(cfg: Config, splits: DatasetSplits, stream: SSLStream, augme
 
 
 def build_loggers(cfg: Config, run_dir: Path) -> list:
-    """metrics.jsonl, log.txt (Avalanche TextLogger) and TensorBoard; rank 0 only. Close them after the run."""
-    from avalanche.logging import TensorboardLogger, TextLogger
+    """metrics.jsonl, log.txt (Avalanche's TextLogger, one row per evaluation) and TensorBoard; rank 0 only. Close
+    them after the run."""
+    from avalanche.logging import TensorboardLogger
 
-    from streaming_ssl.evaluation import JSONLLogger, ScalarTensorboardLogger
+    from streaming_ssl.evaluation import ExperienceTextLogger, JSONLLogger, ScalarTensorboardLogger
 
     if not ddp.is_main():
         return []
-    loggers = [JSONLLogger(run_dir / "metrics.jsonl"), TextLogger(open(run_dir / "log.txt", "a"))]  # noqa: SIM115
+    text = ExperienceTextLogger(open(run_dir / "log.txt", "a"))  # noqa: SIM115 - closed by close_loggers
+    loggers = [JSONLLogger(run_dir / "metrics.jsonl"), text]
     if cfg.run.tensorboard:
         loggers.append(ScalarTensorboardLogger(TensorboardLogger(run_dir / "tb")))
     return loggers

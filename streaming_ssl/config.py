@@ -39,7 +39,8 @@ class DataConfig:
     dataset: str = "cifar10"  # a name of the registry scenarios/datasets.py DATASETS, or folder:PATH / npz:PATH
     root: str | None = None  # folder holding the data; None: $STREAMING_SSL_DATA
     download: bool = False  # CIFAR only: fetch through torchvision when missing (needs internet)
-    image_size: int | None = None  # ImageNet-100: stored image side (default 224)
+    image_size: int | None = None  # side images are resized to: ImageNet-100 (default 224) and folder:/npz: sources
+    # (default: their own size; needed when their sizes differ); CIFAR / Tiny ImageNet accept only their own
     train_per_class: int | None = None  # keep the first N training images of each class (tests, quick runs)
     test_per_class: int | None = None  # likewise for the test split
 

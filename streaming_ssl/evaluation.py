@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from avalanche.evaluation.metric_definitions import PluginMetric
 from avalanche.evaluation.metric_results import MetricValue
-from avalanche.logging import BaseLogger
+from avalanche.logging import BaseLogger, TextLogger
 
 from streaming_ssl import distributed as ddp
 from streaming_ssl.augment import MultiPatchAugment
@@ -201,6 +201,26 @@ class JSONLLogger(BaseLogger):
                 fh.write(json.dumps(row, allow_nan=True) + "\n")
                 fh.flush()
                 os.fsync(fh.fileno())
+
+
+class ExperienceTextLogger(TextLogger):
+    """Avalanche's TextLogger (log.txt), printing each evaluation under the experience it follows.
+
+    TextLogger prints what it holds at the end of each epoch, but ProbeMetric reports after the experience, later:
+    each row came out under the next experience's header, and the last one never. Here the row is printed, and
+    the file flushed, after the experience (one evaluation per experience, or per evaluated one online)."""
+
+    def after_training_epoch(self, strategy, metric_values, **kwargs) -> None:
+        pass  # the epoch's line and the metrics held are printed after the experience
+
+    def after_training_exp(self, strategy, metric_values, **kwargs) -> None:
+        super().after_training_exp(strategy, metric_values, **kwargs)
+        if self.metric_vals:
+            print(f"-- Evaluation after training experience {strategy.experience.current_experience} --",
+                  file=self.file)
+            self.print_current_metrics()
+            self.metric_vals = {}
+        self.file.flush()
 
 
 class ScalarTensorboardLogger(BaseLogger):

@@ -57,6 +57,12 @@ def _predates_blur_kernel(raw) -> bool:
 def prepare_run_dir(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> tuple[Path, dict | None]:
     """Check the run directory; with `resume` return the checkpoint to continue from (None: start afresh)."""
     run_dir = Path(cfg.run.out_dir)
+    for path in (run_dir, *run_dir.parents):  # the nearest existing path must be a folder
+        if path.exists():
+            if not path.is_dir():
+                raise RunError(f"run.out_dir {str(run_dir)!r} cannot be a run directory: {str(path)!r} is a file, not "
+                               "a folder; choose another run.out_dir")
+            break
     if resume:
         saved_cfg_path = run_dir / "config.yaml"
         if not saved_cfg_path.is_file():
@@ -75,8 +81,9 @@ def prepare_run_dir(cfg: Config, *, resume: bool = False, overwrite: bool = Fals
         diffs = [d for d in diffs if d not in changed]
         if diffs:
             raise RunError(f"cannot resume {str(run_dir)!r} with a different config ({'; '.join(diffs[:5])}); "
-                           "resume without --config/overrides (only "
-                           f"{', '.join(oom.RESUMABLE)} may change), or start a new run with another run.out_dir")
+                           f"continue it as it was saved ({ddp.relaunch()} --resume {run_dir}, no overrides; "
+                           "with --auto-resume: the run's own config and overrides), change only "
+                           f"{', '.join(oom.RESUMABLE)}, or start a new run with another run.out_dir")
         for diff in changed:
             log.info("resuming with %s (%s)", diff, oom.RESUMABLE[diff.split(":")[0]])
         path = ckpt.latest(run_dir)
@@ -189,6 +196,8 @@ def _train(cfg: Config, *, resume: bool, overwrite: bool, lock: RunLock | None) 
                  ddp.world_size(), allocator.in_effect(dict(os.environ)))
         if device.type == "cpu":  # speed and bf16 figures compare only within one CPU kind: say which
             log.info("CPU: %s", cpu_kind())
+        for line in experience_classes_lines(stream.parent_classes, splits.class_names):
+            log.info("%s", line)
         if cfg.train.compile:
             log.info("train.compile: the training forward is compiled (%s) at the first update (and at a new batch "
                      "size)", cfg.train.compile_backend)
@@ -205,6 +214,19 @@ def _train(cfg: Config, *, resume: bool, overwrite: bool, lock: RunLock | None) 
         atomic_write_text(run_dir / "summary.json", json.dumps(rows[-1], indent=2))
         log.info("done: %s", json.dumps({k: v for k, v in rows[-1].items() if not isinstance(v, list)}))
     return rows[-1] if rows else {}
+
+
+def experience_classes_lines(parent_classes: list[list[int]], class_names: list[str]) -> list[str]:
+    """What train.log says of the stream's experiences: the classes of each (the columns of the accuracy matrix),
+    with their names where there are few."""
+    n_classes = len(class_names)
+    if all(sorted(c) == list(range(n_classes)) for c in parent_classes):
+        return [f"experiences (accuracy-matrix columns): {len(parent_classes)}, each of all {n_classes} classes"]
+    lines = ["experiences (accuracy-matrix columns) and their classes:"]
+    for j, classes in enumerate(parent_classes):
+        names = f" ({', '.join(class_names[c] for c in classes)})" if len(classes) <= 20 else ""
+        lines.append(f"  experience {j}: classes {list(classes)}{names}")
+    return lines
 
 
 def out_of_memory_message(run, err: BaseException) -> str:
@@ -230,6 +252,9 @@ def _fit(run, state: dict | None) -> None:
         run.checkpoint.restore(strategy, state)
         log.info("resumed at update %d (experience %d, batch %d)", strategy.global_step, strategy.stream_step,
                  strategy.batch_in_epoch)
+    if strategy.stream_step >= len(run.stream):
+        log.info("the run is complete (all %d experiences trained): nothing to train; its plot and summary.json are "
+                 "written again", len(run.stream))
     try:
         if strategy.stream_step < len(run.stream):
             strategy.train(itertools.islice(iter(run.stream), strategy.stream_step, None), eval_streams=[])

@@ -177,8 +177,14 @@ CASES = {
                                                                          f"run.out_dir={g}", f"data.root={t / 'nowhere'}"]),
                                            r"nowhere"),
     "resume with another config": (lambda t, g: run_stream.main(["--resume", str(g), "optim.lr=0.1"]),
-                                   r"different config.*optim.lr"),
+                                   r"different config.*optim.lr.*--resume \S+, no overrides; with --auto-resume: the "
+                                   r"run.s own config and overrides"),
     "resume a folder that is no run": (lambda t, g: run_stream.main(["--resume", str(t)]), r"no config.yaml"),
+    "run.out_dir is a file": (lambda t, g: _runs(t, f"run.out_dir={g / 'config.yaml'}"),
+                              r"run.out_dir '\S*config.yaml' cannot be a run directory: '\S*config.yaml' is a file"),
+    "run.out_dir inside a file": (lambda t, g: _runs(t, f"run.out_dir={g / 'config.yaml' / 'run'}"),
+                                  r"run.out_dir '\S*config.yaml/run' cannot be .*: '\S*config.yaml' is a file, not a "
+                                  r"folder; choose another run.out_dir"),
     "resume and overwrite at once": (lambda t, g: run_stream.main(["--resume", str(g), "--overwrite"]),
                                      r"continues that run and --overwrite deletes it: pass one of them"),
     "truncated checkpoint": (lambda t, g: evaluate.main(["--checkpoint", str(_truncated_ckpt(t, g))]),
@@ -192,6 +198,8 @@ CASES = {
                                           r"eval.transfer\[1\]: 'npz:\S*digits.npz' and 'folder:\S*digits' would "
                                           r"both be reported as transfer/digits.*rename one folder or .npz file"),
     # evaluate.py checks every argument before it probes anything (_evaluates: no features were extracted)
+    "evaluate: nothing to probe": (lambda t, g: _evaluates(t, g, "--no-in-domain"),
+                                   r"--no-in-domain without --transfer leaves nothing to probe: add --transfer"),
     "evaluate: unknown --transfer": (lambda t, g: _evaluates(t, g, "--transfer", "svhn"),
                                      r"--transfer: unknown value 'svhn'. Valid: cifar10"),
     "evaluate: missing --transfer folder": (lambda t, g: _evaluates(t, g, "--transfer", f"folder:{t / 'svhn'}"),

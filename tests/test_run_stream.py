@@ -6,6 +6,8 @@ import json
 import math
 import os
 import pickle
+import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -85,6 +87,50 @@ def test_split_stream_writes_every_output(split_run: Path) -> None:
     assert list((split_run / "tb").glob("events.out.tfevents.*"))
     assert (split_run / "config.yaml").is_file() and load_config(split_run / "config.yaml").stream.n_experiences == 3
     assert ckpt.latest(split_run) is not None and (split_run / "ckpt.pt").resolve() == ckpt.latest(split_run).resolve()
+
+
+def test_log_txt_prints_each_evaluation_under_its_experience(split_run: Path) -> None:
+    """Avalanche's TextLogger printed ProbeMetric's row under the next experience's header, and the last row never."""
+    blocks = (split_run / "log.txt").read_text().split("-- Starting training on experience ")[1:]
+    assert [int(b.split()[0]) for b in blocks] == [0, 1, 2]
+    for t, block in enumerate(blocks):
+        assert f"-- Evaluation after training experience {t} --" in block, block
+        assert re.findall(r"\texperience = (\d+)", block) == [str(t)], block
+        assert "probe/acc_matrix_row = [" in block
+
+
+def test_train_log_names_each_experiences_classes(split_run: Path) -> None:
+    """A[t, j] needs the classes of experience j: train.log lists them (the smoke split: 4, 3 and 3 classes)."""
+    lines = re.findall(r"experience (\d): classes \[([\d, ]+)\] \(([^)]*)\)", (split_run / "train.log").read_text())
+    classes = [[int(c) for c in ids.split(", ")] for _, ids, _ in lines]
+    assert [int(j) for j, _, _ in lines] == [0, 1, 2] and [len(c) for c in classes] == [4, 3, 3]
+    assert sorted(c for cs in classes for c in cs) == list(range(10))
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    assert [n.split(", ") for _, _, n in lines] == [[names[c] for c in cs] for cs in classes]
+
+
+def test_experience_classes_lines_of_data_incremental_and_large_experiences() -> None:
+    from streaming_ssl.runner import experience_classes_lines
+
+    assert experience_classes_lines([[2, 0, 1], [0, 1, 2]], ["a", "b", "c"]) == [
+        "experiences (accuracy-matrix columns): 2, each of all 3 classes"]
+    names = [f"c{i}" for i in range(42)]
+    assert experience_classes_lines([list(range(21)), list(range(21, 42))], names)[1:] == [
+        f"  experience 0: classes {list(range(21))}", f"  experience 1: classes {list(range(21, 42))}"]
+    assert experience_classes_lines([[1], [0]], ["x", "y"])[1:] == ["  experience 0: classes [1] (y)",
+                                                                   "  experience 1: classes [0] (x)"]
+
+
+def test_resuming_a_complete_run_says_so_and_changes_no_result(split_run: Path, tmp_path: Path, caplog) -> None:
+    run = tmp_path / "copy"
+    shutil.copytree(split_run, run, symlinks=True)
+    (run / "config.yaml").write_text((run / "config.yaml").read_text().replace(str(split_run), str(run)))
+    rows, ckpts = _rows(run), sorted(p.name for p in run.glob("ckpt_*.pt"))
+    with caplog.at_level("INFO"):
+        assert run_stream.main(["--resume", str(run)]) == 0
+    assert "the run is complete (all 3 experiences trained): nothing to train" in caplog.text
+    assert _rows(run) == rows and sorted(p.name for p in run.glob("ckpt_*.pt")) == ckpts
+    assert json.loads((run / "summary.json").read_text()) == rows[-1]
 
 
 def test_last_probe_beats_random_init(split_run: Path, data_root: Path, capsys) -> None:

@@ -36,7 +36,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "name (the folder's name, the .npz file's stem), which must be unique")
     p.add_argument("--no-in-domain", action="store_true", help="skip the in-domain probe (only --transfer)")
     p.add_argument("--patches", type=int, default=None,
-                   help="0: whole-image features; P: bag of features over P patches (paper: 128; costs P forwards)")
+                   help="0: whole-image features; P: bag of features over P patches (paper: 128; costs P forwards); "
+                        "default: the checkpoint config's eval.patches")
     p.add_argument("--knn", action="store_true", help="also report weighted kNN accuracy (k from the config)")
     p.add_argument("--train-per-class", type=int, default=None,
                    help="fit the probe on the first N training images per class (default: all) to save time")
@@ -118,6 +119,9 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
         check_out(args.out)
+        if args.no_in_domain and not args.transfer:
+            raise ConfigError("--no-in-domain without --transfer leaves nothing to probe: add --transfer DATASET "
+                              "(e.g. --transfer cifar100 folder:/data/svhn), or drop --no-in-domain")
         result = probe_checkpoint(request_from_args(args))
     except (DataError, CheckpointError, ConfigError, ProbeOutOfMemory) as err:
         log.error("%s: %s", type(err).__name__, err)

@@ -111,8 +111,8 @@ def test_resume_accepts_only_the_resumable_changes(tmp_path: Path, caplog):
                  "eval.batch_size: run has 256, now 64"):
         assert f"resuming with {line}" in said
     for other in ("train.batch_size=10", "augment.n_patches=8", "eval.patches=4"):
-        with pytest.raises(RunError, match=re.escape(other.split("=")[0]) + r".*only model\.recompute_stages, "
-                           r"model\.recompute_bn_relu, eval\.batch_size may change"):
+        with pytest.raises(RunError, match=re.escape(other.split("=")[0]) + r".*change only model\.recompute_stages, "
+                           r"model\.recompute_bn_relu, eval\.batch_size, or start a new run"):
             prepare_run_dir(load_config("configs/smoke.yaml", base + changes + [other]), resume=True)
 
 
