@@ -26,6 +26,7 @@ from streaming_ssl.augment import MultiPatchAugment
 from streaming_ssl.config import Config, ConfigError
 from streaming_ssl.device import resolve_device, resolve_precision
 from streaming_ssl.evaluation import ProbeMetric, ProbeSet, StreamEvaluator
+from streaming_ssl.features_cache import data_fingerprint
 from streaming_ssl.lars import LARS, param_groups
 from streaming_ssl.models import EMPSSLModel
 from streaming_ssl.strategy import EMPSSLStrategy
@@ -117,6 +118,13 @@ class TrainingData:
     def from_state(cls, state: dict) -> TrainingData:
         return cls(str(state["name"]), int(state["image_size"]), tuple(map(float, state["mean"])),
                    tuple(map(float, state["std"])), int(state["num_classes"]))
+
+
+def stream_data(splits: DatasetSplits) -> dict:
+    """What a resume checks it trains on the same data (saved with every checkpoint, in `state["data"]`): the number
+    of training images and a digest of them and their labels (features_cache.data_fingerprint, without file times)."""
+    return {"images": len(splits.train), "digest": data_fingerprint(splits.train.images, splits.train.targets,
+                                                                    mtimes=False)}
 
 
 # ------------------------------------------------------------------------------------------ model
@@ -290,7 +298,7 @@ def build_run(cfg: Config, run_dir: Path, *, device: torch.device, amp_dtype: to
     checkpoint = CheckpointPlugin(run_dir, model=model, optimizer=optimizer, evaluator=evaluator, metric=metric,
                                   config=cfg.to_dict(), keep_last=cfg.run.keep_last, every=cfg.run.checkpoint_every,
                                   each_experience=cfg.stream.mode != "online",
-                                  data=TrainingData.of(splits).state_dict())
+                                  data={**TrainingData.of(splits).state_dict(), "stream_data": stream_data(splits)})
     stop = GracefulStop(checkpoint)
     total_updates = stream.n_updates(cfg.train.batch_size)
     progress = ProgressPlugin(total_updates, desc=f"{cfg.stream.mode} {splits.name}", log_every=cfg.train.log_every)

@@ -42,11 +42,12 @@ def entry_path(folder: str | Path, key: dict) -> Path:
     return Path(folder) / f"{stem}_{digest}.pt"
 
 
-def data_fingerprint(*parts: torch.Tensor | LazyImageFolder) -> str:
+def data_fingerprint(*parts: torch.Tensor | LazyImageFolder, mtimes: bool = True) -> str:
     """A digest of the data features are computed from, for a cache key.
 
     A tensor counts by its dtype, shape and bytes (the images themselves: about a second per GB); a
-    LazyImageFolder (images decoded on demand) by its image size and each file's path, size and modification time.
+    LazyImageFolder (images decoded on demand) by its image size and each file's path, size and modification time
+    (without `mtimes`: path and size only, so that a copy staged afresh at the same path is the same data).
     """
     digest = hashlib.sha1()
     for part in parts:
@@ -54,7 +55,8 @@ def data_fingerprint(*parts: torch.Tensor | LazyImageFolder) -> str:
             digest.update(f"lazy {part.image_size} {len(part)}\n".encode())
             for p in part.paths:
                 st = os.stat(p)
-                digest.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
+                stamp = f"{st.st_size}\0{st.st_mtime_ns}" if mtimes else f"{st.st_size}"
+                digest.update(f"{p}\0{stamp}\n".encode("utf-8", "surrogateescape"))
         elif isinstance(part, torch.Tensor):
             t = part.detach().cpu().contiguous()
             digest.update(f"tensor {t.dtype} {tuple(t.shape)}\n".encode())

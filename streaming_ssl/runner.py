@@ -186,6 +186,8 @@ def _train(cfg: Config, *, resume: bool, overwrite: bool, lock: RunLock | None) 
     if state is not None:
         ckpt.check_model_matches(state, model, str(run_dir))
     run = build.build_run(cfg, run_dir, device=device, amp_dtype=amp_dtype, splits=splits, stream=stream, model=model)
+    if state is not None:
+        check_same_training_data(state, run.checkpoint.data, cfg.data.dataset, run_dir)
     create_run_dir(cfg, run_dir, fresh=overwrite and not resume, lock=lock)
     if resume and state is None and ddp.is_main():  # killed before its first checkpoint: its rows are computed again
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
@@ -214,6 +216,17 @@ def _train(cfg: Config, *, resume: bool, overwrite: bool, lock: RunLock | None) 
         atomic_write_text(run_dir / "summary.json", json.dumps(rows[-1], indent=2))
         log.info("done: %s", json.dumps({k: v for k, v in rows[-1].items() if not isinstance(v, list)}))
     return rows[-1] if rows else {}
+
+
+def check_same_training_data(state: dict, now: dict, dataset: str, run_dir: Path) -> None:
+    """RunError when the training data differs from what the checkpoint's run trained on (build.stream_data; a
+    checkpoint written before it was kept is not checked): the resumed run would train on another stream."""
+    saved = (state.get("data") or {}).get("stream_data")
+    if saved and saved["digest"] != now["stream_data"]["digest"]:
+        raise RunError(f"cannot resume {str(run_dir)!r}: its training data {dataset} changed since the run was saved "
+                       f"({saved['images']} training images then, {now['stream_data']['images']} now; not the same "
+                       "images or labels), and a resumed run must see the stream it started on; restore that data, "
+                       "or start a new run with another run.out_dir")
 
 
 def experience_classes_lines(parent_classes: list[list[int]], class_names: list[str]) -> list[str]:

@@ -250,3 +250,31 @@ def test_a_run_saved_before_blur_kernel_existed_resumes_with_the_blur_it_trained
     assert cfg.augment.blur_kernel is None and build_augment(cfg, data).blur_kernel_size == 13
     with pytest.raises(RunError, match="augment.blur_kernel"):
         prepare_run_dir(resolve_config(parse_args(["--resume", str(old), "augment.blur_kernel=13"])), resume=True)
+
+
+def test_resume_refuses_training_data_changed_since_the_run_was_saved(tmp_path: Path, caplog) -> None:
+    """A source rewritten at the same path (here one label changed) would make the resumed run train on another
+    stream, silently; it is refused before anything is written. The same data resumes."""
+    import numpy as np
+
+    from streaming_ssl.cli import train as run_stream
+
+    with np.load(Path(DATA) / "cifar10.npz") as z:
+        keep = {k: z[k][:200] if k.startswith(("x_", "y_")) else z[k] for k in z.files}
+    source = tmp_path / "src.npz"
+    np.savez(source, **keep)
+    run_dir = tmp_path / "run"
+    args = [f"run.out_dir={run_dir}", f"data.dataset=npz:{source}", "data.train_per_class=4", "data.test_per_class=2",
+            "stream.n_experiences=2", "eval.probe_epochs=1", "run.tensorboard=false", "run.plot=false"]
+    assert run_stream.main(["--config", str(REPO / "configs/smoke.yaml"), *args]) == 0
+    assert run_stream.main(["--resume", str(run_dir)]) == 0  # the same data: accepted (a complete run)
+    # every file but the lock (which records its holder) stays as it was
+    before = {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir() if p.name != ".lock"}
+    first = int(np.flatnonzero(keep["y_train"] == 0)[0])  # an image the 4-per-class slice trains on
+    keep["y_train"][first] = 1
+    np.savez(source, **keep)
+    with caplog.at_level("ERROR"):
+        assert run_stream.main(["--resume", str(run_dir)]) == 2
+    assert f"its training data npz:{source} changed since the run was saved (40 training images then, 40 now" in \
+        caplog.text
+    assert {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir() if p.name != ".lock"} == before
