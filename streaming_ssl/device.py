@@ -15,13 +15,16 @@ from streaming_ssl.config import ConfigError
 log = logging.getLogger(__name__)
 
 
-def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
-    """'auto' -> cuda:<local_rank> when CUDA is available, else cpu; 'cuda' without CUDA is an error."""
+def resolve_device(name: str = "auto", local_rank: int = 0, *, setting: str = "train.device") -> torch.device:
+    """'auto' -> cuda:<local_rank> when CUDA is available, else cpu; 'cuda' without CUDA is an error naming
+    `setting`, where the device was asked for (a config key, or a command-line flag such as "--device")."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
         if not torch.cuda.is_available():
-            raise ConfigError("train.device is 'cuda' but no CUDA device is visible; use train.device=cpu or auto")
+            sep = " " if setting.startswith("-") else "="
+            raise ConfigError(f"{setting} is 'cuda' but no CUDA device is visible; use {setting}{sep}cpu or "
+                              f"{setting}{sep}auto")
         return torch.device("cuda", local_rank)
     return torch.device(name)
 

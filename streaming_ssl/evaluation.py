@@ -180,7 +180,10 @@ class ProbeMetric(PluginMetric):
 
 
 def _pct(v) -> str:
-    return "-" if v is None else f"{100 * v:.2f}%"
+    """'12.34%'; '-' where there is no value yet (None) and 'n/a' where it is undefined (NaN: no test image)."""
+    if v is None:
+        return "-"
+    return "n/a" if v != v else f"{100 * v:.2f}%"
 
 
 def _is_scalar(v) -> bool:

@@ -94,7 +94,7 @@ def load_checkpoint_model(checkpoint: str | Path, *, data_root: str | None = Non
     cfg = config_from_dict(state["config"])
     cfg.data.root = data_root or cfg.data.root
     cfg.train.device = device or "auto"
-    dev = resolve_device(cfg.train.device)
+    dev = resolve_device(cfg.train.device, setting="--device")
     precision = cfg.train.precision
     if precision == "fp16" and dev.type == "cpu":  # float16 is emulated on most CPUs (many times slower)
         log.info("the run trained in fp16 (for GPUs without bf16); on the CPU its features are computed in precision "

@@ -233,6 +233,9 @@ CASES = {
 if not torch.cuda.is_available():
     CASES["CUDA asked for, none visible"] = (lambda t, g: _runs(t, "train.device=cuda"),
                                              r"train.device is 'cuda' but no CUDA device is visible; use train.device=cpu")
+    CASES["evaluate: --device cuda, none visible"] = (lambda t, g: _evaluates(t, g, "--device", "cuda"),
+                                                      r"--device is 'cuda' but no CUDA device is visible; use --device "
+                                                      r"cpu or --device auto")
 
 
 def _truncated_ckpt(tmp: Path, good: Path) -> Path:
