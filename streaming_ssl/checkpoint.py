@@ -154,7 +154,7 @@ def _read(path: Path) -> dict:
             except (zipfile.BadZipFile, OSError, ValueError):
                 pass
         detail = f"{type(err).__name__}: {str(err)[:200]}"
-        if foreign:
+        if foreign and not (_NAME.fullmatch(path.name) or path.name == "ckpt.pt"):  # ours by name: damaged
             raise CheckpointError(f"{str(path)!r} is not a PyTorch checkpoint (not a file torch.save wrote; {detail}); "
                                   "pass a run directory holding ckpt_*.pt checkpoints, or one of its ckpt_*.pt "
                                   "files") from err
@@ -176,8 +176,8 @@ def load(path: str | Path) -> dict:
     try:
         return _read(path)
     except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {str(path)!r} does not exist; check the path, and pass a run directory "
-                              "holding ckpt_*.pt checkpoints or one of its ckpt_*.pt files") from None
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist; check the path: give a ckpt_*.pt file (a "
+                              "run directory holding them: evaluate.py --checkpoint, load_latest)") from None
 
 
 def load_latest(path: str | Path, attempts: int = 5) -> tuple[Path, dict]:

@@ -46,17 +46,20 @@ def data_fingerprint(*parts: torch.Tensor | LazyImageFolder, mtimes: bool = True
     """A digest of the data features are computed from, for a cache key.
 
     A tensor counts by its dtype, shape and bytes (the images themselves: about a second per GB); a
-    LazyImageFolder (images decoded on demand) by its image size and each file's path, size and modification time
-    (without `mtimes`: path and size only, so that a copy staged afresh at the same path is the same data).
+    LazyImageFolder (images decoded on demand) by its image size and each file's path, size and modification time.
+    Without `mtimes`: each file's path below the files' common folder, and size, so that the same files copied
+    afresh, at the same place or another (a job staging the data on its node), are the same data.
     """
     digest = hashlib.sha1()
     for part in parts:
         if isinstance(part, LazyImageFolder):
             digest.update(f"lazy {part.image_size} {len(part)}\n".encode())
+            base = os.path.commonpath([os.fspath(p) for p in part.paths]) if part.paths and not mtimes else None
             for p in part.paths:
                 st = os.stat(p)
                 stamp = f"{st.st_size}\0{st.st_mtime_ns}" if mtimes else f"{st.st_size}"
-                digest.update(f"{p}\0{stamp}\n".encode("utf-8", "surrogateescape"))
+                name = p if base is None else os.path.relpath(p, base)
+                digest.update(f"{name}\0{stamp}\n".encode("utf-8", "surrogateescape"))
         elif isinstance(part, torch.Tensor):
             t = part.detach().cpu().contiguous()
             digest.update(f"tensor {t.dtype} {tuple(t.shape)}\n".encode())

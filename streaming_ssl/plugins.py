@@ -167,9 +167,11 @@ class CheckpointPlugin(SupervisedPlugin):
         plugins = {p.state_key: p.state_dict() for p in strategy.plugins if hasattr(p, "state_key")}
         # what training goes on from (not the evaluator's history: a class without test images is a NaN accuracy)
         bad = ckpt.nonfinite_names({"model": model, "optimizer": optimizer["state"], "plugins": plugins})
-        if bad:
+        # every rank stops together: some state is one rank's own (MinRed's stored features live on rank 0)
+        if bool(ddp.any_rank_flag(bool(bad), strategy.device).item()):
+            where = bad[0] if bad else f"on another rank than rank {ddp.rank()}: its log names it"
             raise NonFiniteLossError(
-                f"the training state became non-finite at update {strategy.global_step} (first: {bad[0]}); this state "
+                f"the training state became non-finite at update {strategy.global_step} (first: {where}); this state "
                 "was not saved and the last checkpoint is intact. Lower optim.lr or check the input data.")
         scaler = getattr(strategy, "grad_scaler", None)
         return {"format": ckpt.FORMAT_VERSION, "model": model,

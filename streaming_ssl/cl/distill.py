@@ -140,7 +140,7 @@ class DistillPlugin(SupervisedPlugin):
 
     def before_training(self, strategy, **kwargs) -> None:
         optimized = {id(p) for group in strategy.optimizer.param_groups for p in group["params"]}
-        if not all(id(p) in optimized for p in self.predictor.parameters()):
+        if not all(id(p) in optimized for p in self.predictor.parameters() if p.requires_grad):
             # the term would still be added, against a predictor that never learns
             raise ValueError("DistillPlugin's predictor is not in the strategy's optimizer, so it would never train: "
                              "give the optimizer its parameters too, e.g. LARS(param_groups(model, wd) + "

@@ -228,8 +228,7 @@ def test_a_missing_checkpoint_names_the_path_and_what_to_pass(tmp_path: Path) ->
         ckpt.load_latest(missing)
     message = str(err.value)
     assert f"checkpoint {str(missing)!r} does not exist" in message
-    assert "pass a run directory holding ckpt_*.pt checkpoints or one of its ckpt_*.pt files" in message
-    assert "load_latest" not in message
+    assert "give a ckpt_*.pt file (a run directory holding them: evaluate.py --checkpoint, load_latest)" in message
     with pytest.raises(ckpt.CheckpointError, match=r"holds no ckpt_\*\.pt checkpoint; pass a run directory that has "
                                                    r"saved one \(see run\.checkpoint_every\), or a ckpt_\*\.pt file"):
         ckpt.resolve(tmp_path)
@@ -245,7 +244,7 @@ def _write_npz(path: Path) -> None:
 @pytest.mark.parametrize("name, write", [
     ("arrays.npz", _write_npz),
     ("notes.txt", lambda p: p.write_text("not a checkpoint\n")),
-    ("ckpt_000000001.pt", lambda p: p.write_bytes(b"")),
+    ("weights.pt", lambda p: p.write_bytes(b"")),
 ])
 def test_a_file_that_never_was_a_checkpoint_says_so(tmp_path: Path, name: str, write) -> None:
     write(tmp_path / name)
@@ -254,6 +253,17 @@ def test_a_file_that_never_was_a_checkpoint_says_so(tmp_path: Path, name: str, w
                                                    r"its ckpt_\*\.pt files") as err:
         ckpt.load_latest(tmp_path / name)
     assert "truncated" not in str(err.value)
+
+
+@pytest.mark.parametrize("content", [b"", bytes(4096), b"not a checkpoint\n"])
+def test_a_damaged_file_under_a_checkpoint_name_is_damaged_not_foreign(tmp_path: Path, content: bytes) -> None:
+    """An empty or zero-filled ckpt_*.pt (a crash, a copy cut short) in a run directory: the user gave the run
+    directory already; the advice is an earlier checkpoint, not another kind of file."""
+    ckpt.atomic_save(_state(1), tmp_path / "ckpt_000000001.pt")
+    (tmp_path / "ckpt_000000002.pt").write_bytes(content)
+    with pytest.raises(ckpt.CheckpointError, match=r"ckpt_000000002\.pt' is truncated or corrupted .*; use an earlier "
+                                                   r"ckpt_\*\.pt of the same run"):
+        ckpt.load(tmp_path / "ckpt_000000002.pt")
 
 
 def test_a_checkpoint_cut_short_is_truncated_not_foreign(tmp_path: Path) -> None:

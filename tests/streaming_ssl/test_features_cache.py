@@ -137,3 +137,30 @@ def test_data_fingerprint_of_a_lazy_folder_follows_its_files(tmp_path: Path) -> 
     assert data_fingerprint(LazyImageFolder(paths, 8)) != base
     with pytest.raises(TypeError, match="takes tensors and LazyImageFolders"):
         data_fingerprint(np.zeros(3))
+
+
+def test_without_mtimes_a_lazy_folder_copied_elsewhere_is_the_same_data(tmp_path: Path) -> None:
+    """What a resume compares (build.stream_data): a requeued job that stages the same files afresh on its node (new
+    times, another folder) resumes; a file of another size, or another name, is other data."""
+    import shutil
+
+    rng = np.random.default_rng(0)
+    first = tmp_path / "job1" / "imagenet100" / "train"
+    for i in range(3):
+        (first / f"n0{i}").mkdir(parents=True)
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(first / f"n0{i}" / "a.png")
+    second = tmp_path / "job2" / "scratch" / "imagenet100" / "train"
+    shutil.copytree(first, second)  # new modification times too
+
+    def lazy(root: Path) -> LazyImageFolder:
+        return LazyImageFolder(sorted(root.rglob("*.png")), 8)
+
+    base = data_fingerprint(lazy(first), mtimes=False)
+    assert data_fingerprint(lazy(second), mtimes=False) == base
+    assert data_fingerprint(lazy(second)) != data_fingerprint(lazy(first))  # the features cache: by path and time
+    (second / "n02" / "a.png").rename(second / "n02" / "b.png")
+    assert data_fingerprint(lazy(second), mtimes=False) != base
+    (second / "n02" / "b.png").rename(second / "n02" / "a.png")
+    with open(second / "n01" / "a.png", "ab") as fh:
+        fh.write(b"x")
+    assert data_fingerprint(lazy(second), mtimes=False) != base

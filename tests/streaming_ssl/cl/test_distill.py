@@ -206,3 +206,14 @@ def test_a_predictor_missing_from_the_optimizer_is_refused_before_any_update() -
     with pytest.raises(ValueError, match=r"predictor is not in the strategy's optimizer.*plugin.trainable_modules"):
         strategy.train(list(stream), eval_streams=[])
     assert strategy.global_step == 0
+
+
+def test_a_predictor_with_frozen_parameters_is_accepted() -> None:
+    """Only what can train must be in the optimizer (param_groups leaves out parameters without requires_grad)."""
+    distill = DistillPlugin(tiny_model(), dim=PROJ_DIM, hidden_dim=8, weight=1.0)
+    frozen = [p for p in distill.predictor.parameters() if p.ndim == 1]
+    for p in frozen:
+        p.requires_grad_(False)
+    stream, strategy, _ = build_strategy([distill])
+    strategy.train(list(stream), eval_streams=[])
+    assert strategy.global_step > 0 and frozen
