@@ -40,12 +40,12 @@ def nonfinite_names(tree, prefix: str = "") -> list[str]:
     """The dotted names of the floating-point tensors in `tree` (nested dicts, lists, tuples) holding a NaN or an
     infinity, in `tree`'s order. One host read per device, however many tensors: a check before a save does not
     wait on the device once per tensor."""
-    named: dict[torch.device, list[tuple[str, torch.Tensor]]] = {}
+    named: list[tuple[str, torch.Tensor]] = []
 
     def walk(node, name: str) -> None:
         if isinstance(node, torch.Tensor):
             if node.is_floating_point() or node.is_complex():
-                named.setdefault(node.device, []).append((name, node))
+                named.append((name, node))
         elif isinstance(node, dict):
             for key, value in node.items():
                 walk(value, f"{name}.{key}" if name else str(key))
@@ -54,12 +54,14 @@ def nonfinite_names(tree, prefix: str = "") -> list[str]:
                 walk(value, f"{name}.{i}" if name else str(i))
 
     walk(tree, prefix)
-    order = {name: i for i, (name, _) in enumerate(item for items in named.values() for item in items)}
-    bad = []
-    for items in named.values():
-        finite = torch.stack([torch.isfinite(t).all() for _, t in items]).tolist()
-        bad += [name for (name, _), ok in zip(items, finite) if not ok]
-    return sorted(bad, key=order.__getitem__)
+    by_device: dict[torch.device, list[int]] = {}
+    for i, (_, t) in enumerate(named):
+        by_device.setdefault(t.device, []).append(i)
+    finite = [True] * len(named)
+    for rows in by_device.values():
+        for i, ok in zip(rows, torch.stack([torch.isfinite(named[i][1]).all() for i in rows]).tolist()):
+            finite[i] = ok
+    return [name for (name, _), ok in zip(named, finite) if not ok]
 
 
 def rng_state() -> dict:

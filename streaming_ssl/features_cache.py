@@ -54,8 +54,9 @@ def data_fingerprint(*parts: torch.Tensor | LazyImageFolder, mtimes: bool = True
     for part in parts:
         if isinstance(part, LazyImageFolder):
             digest.update(f"lazy {part.image_size} {len(part)}\n".encode())
-            base = os.path.commonpath([os.fspath(p) for p in part.paths]) if part.paths and not mtimes else None
-            for p in part.paths:
+            paths = part.paths  # a copy of the list: taken once
+            base = os.path.commonpath(paths) if paths and not mtimes else None
+            for p in paths:
                 st = os.stat(p)
                 stamp = f"{st.st_size}\0{st.st_mtime_ns}" if mtimes else f"{st.st_size}"
                 name = p if base is None else os.path.relpath(p, base)

@@ -187,9 +187,9 @@ def probe_checkpoint(req: ProbeRequest) -> dict:
                                     random_init=req.random_init, loaded=(path, state),
                                     need_data=any(name == trained_on for _, name in named))
     except DataError as err:  # the run's own data: a folder: or npz: source may have moved since it trained
-        if not is_generic(trained_on) or parse_source(trained_on).path.exists():
+        ref = parse_source(trained_on) if is_generic(trained_on) else None
+        if ref is None or ref.path.exists():
             raise
-        ref = parse_source(trained_on)
         fix = (f"if it moved, pass --dataset {ref.kind}:NEWPATH; to probe other datasets only, pass --no-in-domain "
                "--transfer DATASET" if state.get("data") else
                f"put it back at {ref.path}: this checkpoint is older than the image size and normalisation kept in "
