@@ -76,7 +76,7 @@ class CheckpointModel:
 
 def load_checkpoint_model(checkpoint: str | Path, *, data_root: str | None = None, device: str | None = None,
                           random_init: bool = False, loaded: tuple[Path, dict] | None = None,
-                          need_data: bool = True) -> CheckpointModel:
+                          need_data: bool = True, device_setting: str = "device") -> CheckpointModel:
     """The model and augmentation of a checkpoint file or run directory (its newest checkpoint).
 
     The checkpoint's config builds them; its weights are loaded (weights_only) unless `random_init`, which keeps
@@ -84,6 +84,7 @@ def load_checkpoint_model(checkpoint: str | Path, *, data_root: str | None = Non
     config's); `device` is where it runs (None: CUDA when visible, else the CPU, wherever the run trained). The run's
     precision is kept, except that an fp16 run probed on a CPU runs in precision auto there. `loaded`: the
     (file, state) that checkpoint.load_latest(checkpoint) returned, when the caller has read it already.
+    `device_setting`: what an error about `device` calls it (the caller's argument, or a flag such as "--device").
 
     The training data's image size and normalisation come from the checkpoint (`state["data"]`): with `need_data`
     False the training data is not loaded at all (train_splits None); loaded, a difference from the checkpoint's
@@ -94,7 +95,7 @@ def load_checkpoint_model(checkpoint: str | Path, *, data_root: str | None = Non
     cfg = config_from_dict(state["config"])
     cfg.data.root = data_root or cfg.data.root
     cfg.train.device = device or "auto"
-    dev = resolve_device(cfg.train.device, setting="--device")
+    dev = resolve_device(cfg.train.device, setting=device_setting)
     precision = cfg.train.precision
     if precision == "fp16" and dev.type == "cpu":  # float16 is emulated on most CPUs (many times slower)
         log.info("the run trained in fp16 (for GPUs without bf16); on the CPU its features are computed in precision "
@@ -185,7 +186,7 @@ def probe_checkpoint(req: ProbeRequest) -> dict:
     try:
         run = load_checkpoint_model(req.checkpoint, data_root=req.data_root, device=req.device,
                                     random_init=req.random_init, loaded=(path, state),
-                                    need_data=any(name == trained_on for _, name in named))
+                                    need_data=any(name == trained_on for _, name in named), device_setting="--device")
     except DataError as err:  # the run's own data: a folder: or npz: source may have moved since it trained
         ref = parse_source(trained_on) if is_generic(trained_on) else None
         if ref is None or ref.path.exists():

@@ -19,7 +19,7 @@ import streaming_ssl.cli.evaluate as evaluate
 import streaming_ssl.cli.train as run_stream
 from streaming_ssl import build
 from streaming_ssl import checkpoint as ckpt
-from streaming_ssl.config import load_config
+from streaming_ssl.config import ConfigError, load_config
 from streaming_ssl.objective import emp_ssl_loss
 from streaming_ssl.probe import WEIGHT_DECAY_GRID
 
@@ -302,6 +302,9 @@ def test_transfer_probes_need_no_training_data(split_run: Path, data_root: Path,
         run = load_checkpoint_model(ckpt_file, data_root=str(data_root), device="cpu")
     assert run.augment.mean.flatten().tolist() == [0.25, 0.5, 0.75] and run.train_splits is not None
     assert "is not what the run trained on" in caplog.text
+    if not torch.cuda.is_available():  # from Python the error names the argument, not evaluate.py's flag
+        with pytest.raises(ConfigError, match=r"^device is 'cuda' but no CUDA device is visible; use device=cpu"):
+            load_checkpoint_model(ckpt_file, data_root=str(data_root), device="cuda")
 
 
 def test_evaluate_bn_recalibrate(split_run: Path, data_root: Path, tmp_path: Path, capsys) -> None:
