@@ -678,6 +678,35 @@ def test_a_checkpoint_rank_0_cannot_write_stops_every_rank_with_the_fix(tmp_path
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 1
 
 
+@needs_data
+def test_a_non_finite_state_on_one_rank_stops_every_rank_and_saves_nothing(tmp_path) -> None:
+    """Some training state is one rank's own (MinRed's stored features live on rank 0): here rank 1 alone holds a
+    NaN momentum buffer when the first checkpoint is due. Both ranks stop before saving, rank 1 naming the tensor
+    and rank 0 pointing at the other rank's log, and no checkpoint is written."""
+    script = tmp_path / "nan_on_rank1.py"
+    script.write_text(
+        "import sys\nsys.path.insert(0, sys.argv[1])\nimport torch\n"
+        "from streaming_ssl import distributed as d\nfrom streaming_ssl.strategy import EMPSSLStrategy\n"
+        "check = EMPSSLStrategy.check_finite\n"
+        "def check_finite(self):  # called right before a checkpoint's state is read\n"
+        "    check(self)\n"
+        "    if d.rank() == 1:\n"
+        "        for state in self.optimizer.state.values():\n"
+        "            for t in state.values():\n"
+        "                if torch.is_tensor(t) and t.is_floating_point() and t.dim():\n"
+        "                    t.fill_(float('nan'))\n"
+        "EMPSSLStrategy.check_finite = check_finite\n"
+        "from streaming_ssl.cli import train\nsys.exit(train.main(sys.argv[2:]))\n")
+    run_dir = tmp_path / "run"
+    rc, out = _launch(["--nproc_per_node", "2", "--master_port", str(free_ports(1)[0]), str(script), str(ROOT),
+                       "--config", "configs/smoke.yaml", f"run.out_dir={run_dir}",
+                       f"data.root={Path(DATA).resolve()}", *STREAM_OVERRIDES], timeout=240)
+    assert rc not in (None, 0), out[-3000:]
+    errors = [line for line in out.splitlines() if "NonFiniteLossError: the training state became non-finite" in line]
+    assert any(re.search(r"\(first: optimizer\.\S+\)", e) for e in errors), out[-3000:]
+    assert any("(first: on another rank than rank 0: its log names it)" in e for e in errors), out[-3000:]
+    assert not list(run_dir.glob("ckpt*")), sorted(p.name for p in run_dir.iterdir())
+
 if __name__ == "__main__":  # a rank of the `spawned` (or, with "tail", the `tail_runs`) fixture's torchrun launch
     # avalanche-lib installs a package named `tests`, which would shadow this folder here (pytest maps it itself)
     sys.modules["tests"] = types.ModuleType("tests")
