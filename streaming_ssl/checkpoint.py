@@ -11,6 +11,7 @@ also survives the rotation deleting the file it chose.
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import random
@@ -62,6 +63,36 @@ def nonfinite_names(tree, prefix: str = "") -> list[str]:
         for i, ok in zip(rows, torch.stack([torch.isfinite(named[i][1]).all() for i in rows]).tolist()):
             finite[i] = ok
     return [name for (name, _), ok in zip(named, finite) if not ok]
+
+
+# what torch.load(weights_only=True) rebuilds without an allow-list: besides tensors and containers of them
+_SAFE_LEAVES = (int, float, bool, complex, str, bytes, type(None), torch.dtype, torch.device, torch.Size,
+                torch.layout, torch.memory_format)
+
+
+def unloadable_names(tree, prefix: str = "") -> list[str]:
+    """'name (type)' of every value in `tree` that torch.load(weights_only=True) would refuse, in tree order: what
+    is not a tensor, a Python number, string, bytes or None, a torch dtype/device/Size, or a dict (str or int
+    keys), list or tuple of these; e.g. a numpy scalar or array, a set, or an object of a user's class."""
+    found: list[str] = []
+
+    def walk(node, name: str) -> None:
+        if isinstance(node, torch.Tensor) or type(node) in _SAFE_LEAVES:
+            return
+        if type(node) in (dict, collections.OrderedDict):
+            for key, value in node.items():
+                if type(key) not in (str, int):
+                    found.append(f"{name}[{key!r}] (a key of type {type(key).__module__}.{type(key).__qualname__})")
+                else:
+                    walk(value, f"{name}.{key}" if name else str(key))
+        elif type(node) in (list, tuple):
+            for i, value in enumerate(node):
+                walk(value, f"{name}[{i}]")
+        else:
+            found.append(f"{name} ({type(node).__module__}.{type(node).__qualname__})")
+
+    walk(tree, prefix)
+    return found
 
 
 def rng_state() -> dict:
@@ -155,6 +186,13 @@ def _read(path: Path) -> dict:
                     foreign = not any(n == "data.pkl" or n.endswith("/data.pkl") for n in archive.namelist())
             except (zipfile.BadZipFile, OSError, ValueError):
                 pass
+        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        if refused and not foreign:  # whole, but holding an object the safe loader does not rebuild
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} holds a {refused.group(1)} object, which loading with weights_only=True "
+                "refuses (it could run code); this version of streaming-ssl saves no such object, so a plugin's "
+                "state_dict() or a newer/other program put it there: store tensors, Python numbers, strings, "
+                "lists and dicts only") from err
         detail = f"{type(err).__name__}: {str(err)[:200]}"
         if foreign and not (_NAME.fullmatch(path.name) or path.name == "ckpt.pt"):  # ours by name: damaged
             raise CheckpointError(f"{str(path)!r} is not a PyTorch checkpoint (not a file torch.save wrote; {detail}); "

@@ -165,13 +165,24 @@ class CheckpointPlugin(SupervisedPlugin):
             strategy.check_finite()
         model, optimizer = self.model.state_dict(), self.optimizer.state_dict()
         plugins = {p.state_key: p.state_dict() for p in strategy.plugins if hasattr(p, "state_key")}
+        unloadable = ckpt.unloadable_names(plugins, "plugins")  # a user's plugin: refused now, not at every resume
         # what training goes on from (not the evaluator's history: a class without test images is a NaN accuracy)
         bad = ckpt.nonfinite_names({"model": model, "optimizer": optimizer["state"], "plugins": plugins})
         # every rank stops together: some state is one rank's own (MinRed's stored features live on rank 0)
-        if bool(ddp.any_rank_flag(bool(bad), strategy.device).item()):
-            where = bad[0] if bad else f"on another rank than rank {ddp.rank()}: its log names it"
+        if bool(ddp.any_rank_flag(bool(bad or unloadable), strategy.device).item()):
+            kept = "Nothing was saved at this update and the last checkpoint is intact"
+            if unloadable:
+                raise ckpt.CheckpointError(
+                    f"a plugin's state_dict() holds what a checkpoint cannot load safely (weights_only=True): "
+                    f"{', '.join(unloadable[:3])}; return tensors, Python numbers, strings, lists and dicts only "
+                    f"(e.g. float(x), x.tolist() or torch.as_tensor(x) for numpy values). {kept}")
+            if not bad:
+                raise NonFiniteLossError(
+                    f"the training state of another rank than rank {ddp.rank()} cannot be saved at update "
+                    f"{strategy.global_step} (non-finite, or a plugin state a checkpoint cannot load): that rank's "
+                    f"log names it. {kept}")
             raise NonFiniteLossError(
-                f"the training state became non-finite at update {strategy.global_step} (first: {where}); this state "
+                f"the training state became non-finite at update {strategy.global_step} (first: {bad[0]}); this state "
                 "was not saved and the last checkpoint is intact. Lower optim.lr or check the input data.")
         scaler = getattr(strategy, "grad_scaler", None)
         return {"format": ckpt.FORMAT_VERSION, "model": model,
@@ -220,6 +231,12 @@ class CheckpointPlugin(SupervisedPlugin):
         if scaler is not None and state.get("grad_scaler"):  # float16: the loss scale and its growth count go on
             scaler.load_state_dict(state["grad_scaler"])
         saved = state.get("plugins", {})
+        unused = sorted(set(saved) - {p.state_key for p in strategy.plugins if hasattr(p, "state_key")})
+        if unused:  # silently dropped, the resumed run would train on without a method the run had
+            raise ckpt.CheckpointError(
+                f"the checkpoint holds the state of {', '.join(map(repr, unused))}, a plugin this run lacks: it was "
+                "written with a method the resumed run does not build; resume with the same plugins (the config saved "
+                "in the run, or from Python the same plugin list)")
         for p in strategy.plugins:
             if hasattr(p, "state_key"):
                 if p.state_key not in saved:

@@ -316,6 +316,32 @@ def test_a_non_finite_optimizer_state_is_never_saved(tmp_path: Path, monkeypatch
     assert not ckpt.nonfinite_names({"model": last["model"], "optimizer": last["optimizer"]["state"]})
 
 
+def test_a_plugin_state_a_checkpoint_cannot_load_is_refused_when_saved(tmp_path: Path, monkeypatch, caplog) -> None:
+    """A plugin whose state_dict() holds a numpy scalar: torch.save writes it, but torch.load(weights_only=True)
+    refuses it, so every later checkpoint would be unloadable by --resume and evaluate.py. It is refused at the
+    save that would hold it, naming the value and its type; the checkpoint before stays loadable."""
+    import numpy as np
+
+    from streaming_ssl.cl.replay import ReplayBufferPlugin
+
+    real_state_dict, calls = ReplayBufferPlugin.state_dict, {"n": 0}
+
+    def state_dict(self):
+        calls["n"] += 1
+        return {**real_state_dict(self), **({"note": np.float64(0.5)} if calls["n"] >= 2 else {})}
+
+    monkeypatch.setattr(ReplayBufferPlugin, "state_dict", state_dict)
+    with caplog.at_level("ERROR"):
+        rc = _runs(tmp_path, "run.checkpoint_every=1", "cl.replay.policy=reservoir", "cl.replay.size=8",
+                   "cl.replay.batch=4")
+    assert rc == 2
+    msg = " ".join(r.getMessage() for r in caplog.records if r.levelname == "ERROR")
+    assert "plugins.cl.replay.note (numpy.float64)" in msg and "cannot load safely" in msg, msg
+    assert "last checkpoint is intact" in msg
+    last = ckpt.load(ckpt.latest(tmp_path / "out"))  # weights_only: the one before loads
+    assert last["position"]["global_step"] == 1 and "note" not in last["plugins"]["cl.replay"]
+
+
 def test_each_metrics_row_is_on_disk_before_the_checkpoint_that_counts_it(tmp_path: Path, monkeypatch) -> None:
     """A checkpoint says how many metrics.jsonl rows it covers, and a resume keeps that many: a row still in the
     page cache when the machine died would be lost for good. Each row is fsynced before the next checkpoint."""

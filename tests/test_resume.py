@@ -278,3 +278,54 @@ def test_resume_refuses_training_data_changed_since_the_run_was_saved(tmp_path: 
     assert f"its training data npz:{source} changed since the run was saved (40 training images then, 40 now" in \
         caplog.text
     assert {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir() if p.name != ".lock"} == before
+
+
+def test_resume_refuses_a_checkpoint_holding_a_method_the_resumed_run_lacks(tmp_path: Path, monkeypatch,
+                                                                            caplog) -> None:
+    """A run stopped with a replay buffer, resumed by a build without it (a plugin list from Python, a user's
+    method whose import is missing): the buffer's saved state must not be dropped in silence, or the run trains on
+    without the method it had. The reverse, a method the checkpoint has no state for, is refused too."""
+    import streaming_ssl.cl as cl
+    from streaming_ssl.cli import train as run_stream
+    from streaming_ssl.strategy import EMPSSLStrategy
+
+    backward = EMPSSLStrategy.backward
+
+    def fail_at_update_3(self):
+        if self.global_step == 2:
+            raise RuntimeError("injected failure")
+        backward(self)
+
+    run_dir = tmp_path / "run"
+    args = ["--config", str(REPO / "configs/smoke.yaml"), f"run.out_dir={run_dir}", f"data.root={Path(DATA).resolve()}",
+            "data.train_per_class=10", "data.test_per_class=2", "eval.probe_epochs=1", "run.tensorboard=false",
+            "run.plot=false", "run.checkpoint_every=1", "train.threads=1"]
+    monkeypatch.setattr(EMPSSLStrategy, "backward", fail_at_update_3)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        run_stream.main([*args, "cl.replay.policy=reservoir", "cl.replay.size=8", "cl.replay.batch=4"])
+    monkeypatch.setattr(EMPSSLStrategy, "backward", backward)
+    assert "cl.replay" in ckpt.load(ckpt.latest(run_dir))["plugins"]
+    real_build = cl.build_cl_plugins
+    monkeypatch.setattr(cl, "build_cl_plugins", lambda *a, **kw: [])
+    with caplog.at_level("ERROR"):
+        assert run_stream.main(["--resume", str(run_dir)]) == 2
+    assert "the checkpoint holds the state of 'cl.replay', a plugin this run lacks" in caplog.text
+    assert ckpt.load(ckpt.latest(run_dir))["position"]["global_step"] == 2  # nothing saved over it
+    monkeypatch.setattr(cl, "build_cl_plugins", real_build)
+    assert run_stream.main(["--resume", str(run_dir)]) == 0  # the run's own plugins: it resumes
+
+    plain = tmp_path / "plain"
+    monkeypatch.setattr(EMPSSLStrategy, "backward", fail_at_update_3)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        run_stream.main([*args[:3], f"run.out_dir={plain}", *args[4:]])
+    monkeypatch.setattr(EMPSSLStrategy, "backward", backward)
+
+    def with_replay(cfg, **kw):
+        cfg.cl.replay.policy, cfg.cl.replay.size, cfg.cl.replay.batch = "reservoir", 8, 4
+        return real_build(cfg, **kw)
+
+    monkeypatch.setattr(cl, "build_cl_plugins", with_replay)
+    caplog.clear()
+    with caplog.at_level("ERROR"):
+        assert run_stream.main(["--resume", str(plain)]) == 2
+    assert "the checkpoint holds no state for 'cl.replay'" in caplog.text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import subprocess
@@ -219,6 +220,42 @@ def test_nonfinite_names_finds_each_bad_float_tensor_in_order_and_ignores_the_re
     assert ckpt.nonfinite_names({"w": torch.ones(2), "empty": torch.empty(0)}) == []
     assert ckpt.nonfinite_names({}) == []
     assert ckpt.nonfinite_names([torch.zeros(1), torch.tensor([inf])], prefix="x") == ["x.1"]
+
+
+def test_unloadable_names_lists_what_weights_only_loading_refuses() -> None:
+    import collections
+
+    import numpy as np
+
+    class Mine:
+        pass
+
+    ok = {"t": torch.ones(2), "n": 3, "x": 0.5, "s": "a", "b": b"z", "none": None, "d": torch.float32,
+          "dev": torch.device("cpu"), "size": torch.Size([2]), 7: [1, (2.0, {"k": torch.zeros(1)})],
+          "od": collections.OrderedDict(a=1)}
+    assert ckpt.unloadable_names(ok) == []
+    bad = {"a": np.float64(1.0), "b": [1, np.zeros(2)], "c": {"d": {1, 2}}, "e": Mine(), (1, 2): 0}
+    assert ckpt.unloadable_names(bad, "plugins") == [
+        "plugins.a (numpy.float64)", "plugins.b[1] (numpy.ndarray)", "plugins.c.d (builtins.set)",
+        f"plugins.e ({__name__}.test_unloadable_names_lists_what_weights_only_loading_refuses.<locals>.Mine)",
+        "plugins[(1, 2)] (a key of type builtins.tuple)"]
+    for value in ok.values():  # each kind the check passes really loads with weights_only=True
+        buf = io.BytesIO()
+        torch.save({"v": value}, buf)
+        buf.seek(0)
+        torch.load(buf, weights_only=True)
+
+
+def test_a_checkpoint_holding_an_object_weights_only_refuses_says_so(tmp_path: Path) -> None:
+    """Not "truncated or corrupted" (an earlier checkpoint of the same run would not help): the refused type."""
+    import numpy as np
+
+    path = tmp_path / "ckpt_000000003.pt"
+    torch.save({**_state(3), "plugins": {"mine": {"note": np.float64(1.0)}}}, path)
+    with pytest.raises(ckpt.CheckpointError, match=r"holds a numpy\S*scalar object, which loading with "
+                                                   r"weights_only=True refuses.*plugin's state_dict\(\)") as err:
+        ckpt.load(path)
+    assert "truncated" not in str(err.value)
 
 
 def test_a_missing_checkpoint_names_the_path_and_what_to_pass(tmp_path: Path) -> None:
