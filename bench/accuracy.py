@@ -262,10 +262,10 @@ def report(results: dict, out: Path, patches: int = 16) -> None:
         if len(matrix) < 2:
             continue
         lines += ["", f"Accuracy matrix of {name} (whole-image probe after each evaluation; row t: after experience "
-                  "t, column j: test classes of experience j):", "",
-                  "| after | " + " | ".join(f"exp {j + 1}" for j in range(len(matrix[0]))) + " |",
+                  "t, column j: test classes of experience j; numbered from 0, as in train.log):", "",
+                  "| after | " + " | ".join(f"exp {j}" for j in range(len(matrix[0]))) + " |",
                   "| --- |" + " --- |" * len(matrix[0])]
-        lines += [f"| {t + 1} | " + " | ".join(f"{100 * a:.1f}" for a in row) + " |" for t, row in enumerate(matrix)]
+        lines += [f"| {t} | " + " | ".join(f"{100 * a:.1f}" for a in row) + " |" for t, row in enumerate(matrix)]
     recal = [n for n in keys if "probe_whole_bn" in results[n] or f"{bag}_bn" in results[n]]
     if recal:
         lines += ["", "Same checkpoints, BatchNorm running statistics re-estimated before probing (`evaluate.py "

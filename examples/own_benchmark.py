@@ -7,6 +7,7 @@ EMPSSLStrategy on it (no labels used), and prints the linear-probe accuracy matr
 """
 
 import argparse
+import math
 
 import numpy as np
 import torch
@@ -49,6 +50,9 @@ def main(argv=None) -> list[list[float]]:
                                 parent_classes=classes, augment=augment, device=torch.device("cpu"))
     strategy = EMPSSLStrategy(model=model, optimizer=LARS(param_groups(model, 1e-4), lr=0.3), augment=augment,
                               batch_size=50, plugins=[ReplayPlugin(mem_size=100)],
+                              # the learning rate's cosine decay spans the whole stream, as in run_stream.py (without
+                              # total_updates it stays at lr)
+                              total_updates=sum(math.ceil(len(e.dataset) / 50) for e in bench.train_stream),
                               evaluator=EvaluationPlugin(ProbeMetric(evaluator, model)))
     for experience in bench.train_stream:
         strategy.train(experience)

@@ -31,10 +31,10 @@ _EXPORTS = {
     "streaming_ssl.probe_run": ["load_checkpoint_model", "CheckpointModel", "probe_checkpoint", "ProbeRequest",
                                  "ProbeOutOfMemory"],
     "streaming_ssl.evaluation": ["StreamEvaluator", "ProbeSet", "ProbeMetric", "JSONLLogger",
-                                 "ScalarTensorboardLogger", "forgetting", "plot_run", "read_rows"],
+                                 "ScalarTensorboardLogger", "forgetting", "backward_transfer", "plot_run", "read_rows"],
     # run machinery
     "streaming_ssl.plugins": ["EvalSchedule", "CheckpointPlugin", "GracefulStop", "ProgressPlugin", "SyncBuffers",
-                              "Interrupted", "CheckpointWriteError"],
+                              "Interrupted", "EvaluationInterrupted", "CheckpointWriteError"],
     "streaming_ssl.accounting": ["ComputeCounters"],
     "streaming_ssl.runlock": ["RunLock", "RunLocked"],
     # continual-learning methods
@@ -44,7 +44,7 @@ _EXPORTS = {
     # data, streams, config, assembly
     "scenarios.streams": ["build_stream", "SSLStream", "plan_class_split", "as_avalanche_dataset", "StreamError"],
     "scenarios.datasets": ["load_dataset", "dataset_spec", "DatasetSplits", "ImageData", "DataError"],
-    "streaming_ssl.checkpoint": ["CheckpointError"],
+    "streaming_ssl.checkpoint": ["CheckpointError", "load_checkpoint", "load_latest_checkpoint"],
     "streaming_ssl.config": ["Config", "load_config", "ConfigError"],
     "streaming_ssl.build": ["build_run"],
     "streaming_ssl.runner": ["train", "RunError", "OutOfMemory"],

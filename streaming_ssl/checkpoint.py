@@ -302,3 +302,8 @@ def check_model_matches(state: dict, model: torch.nn.Module, where: str) -> None
         raise CheckpointError(f"checkpoint {where} does not fit this model ({detail}); it was trained with another "
                               "architecture, width or head size: use the model settings it was saved with "
                               "(they are in its config)")
+
+
+# the names the package exports (streaming_ssl.load_checkpoint, streaming_ssl.load_latest_checkpoint)
+load_checkpoint = load
+load_latest_checkpoint = load_latest

@@ -54,6 +54,18 @@ def forgetting(history: list[list[float]], row: list[float], n_seen: int) -> lis
     return out
 
 
+def backward_transfer(history: list[list[float]], row: list[float], n_seen: int) -> float | None:
+    """BWT (Lopez-Paz and Ranzato, 2017): mean over j < n_seen - 1 of A[t, j] - A[j, j], where A[j, j] is the
+    accuracy on experience j at the last evaluation with j the newest experience seen (its end; history rows as in
+    `forgetting`). Experiences never evaluated at their end are left out; None when none is left (t = 0)."""
+    gaps = []
+    for j in range(min(len(row), n_seen - 1)):
+        at_end = [h[j] for h in history if int(h[-1]) == j + 1]
+        if at_end:
+            gaps.append(row[j] - at_end[-1])
+    return sum(gaps) / len(gaps) if gaps else None
+
+
 class StreamEvaluator:
     """Fits the probes on frozen features and returns one evaluation row (a flat dict)."""
 
@@ -124,6 +136,7 @@ class StreamEvaluator:
         row["probe/forgetting"] = forget
         values = [f for f in forget if f is not None]
         row["probe/avg_forgetting"] = sum(values) / len(values) if values else None
+        row["probe/bwt"] = backward_transfer(self.history, a_row, n_seen)
         self.history.append(a_row + [float(n_seen)])
         if self.knn_k:
             knn = knn_predict(tr, d.train_labels, te, d.num_classes, k=self.knn_k, temperature=self.knn_temperature)
@@ -167,7 +180,11 @@ class ProbeMetric(PluginMetric):
         n_seen = getattr(strategy, "eval_seen", strategy.stream_step)
         row = {"experience": strategy.stream_step - 1, "parent_experience": n_seen - 1,
                "samples_seen": strategy.samples_seen, "updates": strategy.global_step}
-        row.update(self.evaluator.evaluate(self.model, n_seen))
+        strategy.evaluating = True  # a stop now may cut it short (GracefulStop), when a checkpoint precedes it
+        try:
+            row.update(self.evaluator.evaluate(self.model, n_seen))
+        finally:
+            strategy.evaluating = False
         if hasattr(strategy, "counters"):
             row.update(strategy.counters.as_row())
         row["time/wall_seconds"] = self.time_offset + time.time() - self.start_time
@@ -268,13 +285,13 @@ def plot_run(rows: list[dict], path: str | Path, title: str = "") -> None:
     if not rows:
         return
     mat = torch.tensor([r["probe/acc_matrix_row"] for r in rows], dtype=torch.float32) * 100
-    xs = [r["experience"] + 1 for r in rows]
+    xs = [r["experience"] for r in rows]  # numbered from 0, as metrics.jsonl, log.txt and train.log number them
     fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(12, 4.8))
     im = ax0.imshow(mat.numpy(), cmap="viridis", vmin=0, vmax=100, aspect="auto")
     ax0.set_xlabel("test classes of experience j")
     ax0.set_ylabel("after experience (evaluation) t")
     ax0.set_yticks(range(len(xs)), [str(x) for x in xs])
-    ax0.set_xticks(range(mat.shape[1]), [str(j + 1) for j in range(mat.shape[1])])
+    ax0.set_xticks(range(mat.shape[1]), [str(j) for j in range(mat.shape[1])])
     ax0.set_title("accuracy matrix A[t, j] (%)")
     if mat.numel() <= 400:
         for i in range(mat.shape[0]):

@@ -30,7 +30,17 @@ log = logging.getLogger(__name__)
 
 
 class Interrupted(Exception):
-    """Ctrl-C / SIGTERM arrived; the run saved a checkpoint at the last finished update."""
+    """Ctrl-C / SIGTERM (or SIGHUP, SIGUSR1, SIGUSR2) arrived; the run saved a checkpoint at the last finished
+    update."""
+
+
+class EvaluationInterrupted(Interrupted):
+    """The stop arrived during an evaluation: it was cut short, and the checkpoint saved right before it (at the
+    same update) is the one to resume from; the resumed run evaluates again."""
+
+
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGUSR1", "SIGUSR2")
+                     if hasattr(signal, name))
 
 
 class CheckpointWriteError(RuntimeError):
@@ -60,6 +70,9 @@ class EvalSchedule(SupervisedPlugin):
         if self.every == 0:
             return self.is_parent_end(done - 1)
         return done % self.every == 0
+
+    def before_training_exp(self, strategy, **kwargs) -> None:
+        strategy.eval_due_next = self.due(strategy.stream_step + 1)  # read by CheckpointPlugin before the evaluation
 
     def after_training_exp(self, strategy, **kwargs) -> None:
         done = strategy.stream_step
@@ -154,6 +167,20 @@ class CheckpointPlugin(SupervisedPlugin):
         if self.every and strategy.global_step % self.every == 0:
             self.save(strategy)
 
+    def after_training_epoch(self, strategy, **kwargs) -> None:
+        """Right before an evaluation (the experience's last epoch is done, one is due): save, so that a stop during
+        the evaluation need not wait for it (a scheduler's SIGKILL may come first). The save after the evaluation
+        has the same update and replaces this file."""
+        last_epoch = strategy.epoch_in_exp >= getattr(strategy, "train_epochs", 1) - 1
+        if last_epoch and getattr(strategy, "eval_due_next", True) and \
+                self.last_saved != (strategy.global_step, strategy.stream_step):
+            self.save(strategy)
+
+    def saved_before_evaluation(self, strategy) -> bool:
+        """Whether the newest checkpoint holds this update with the experience just trained not yet evaluated (the
+        evaluation running now, which advanced stream_step, can be thrown away and run again on resume)."""
+        return self.last_saved == (strategy.global_step, strategy.stream_step - 1)
+
     def after_training_exp(self, strategy, **kwargs) -> None:
         if self.each_experience or getattr(strategy, "eval_due", True) or getattr(strategy, "at_boundary", True):
             self.save(strategy)
@@ -201,6 +228,7 @@ class CheckpointPlugin(SupervisedPlugin):
         failed: BaseException | None = None
         if ddp.is_main():
             try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)  # a run built in Python names a new folder
                 ckpt.save_rotating(payload, self.run_dir, strategy.global_step, self.keep_last)
             except Exception as err:  # noqa: BLE001 - every rank learns of it below, then it is raised
                 failed = err
@@ -265,7 +293,10 @@ class CheckpointPlugin(SupervisedPlugin):
 
 
 class GracefulStop(SupervisedPlugin):
-    """SIGINT/SIGTERM: finish the current update, save (through `checkpoint`), raise Interrupted.
+    """SIGINT, SIGTERM, SIGHUP, SIGUSR1, SIGUSR2: finish the current update, save (through `checkpoint`), raise
+    Interrupted. During an evaluation that `checkpoint` saved right before, the evaluation is cut short at once
+    (EvaluationInterrupted): that checkpoint is the one to resume from, and a scheduler's grace period (30 s for
+    SLURM and torchrun) need not cover the rest of the evaluation.
 
     Under DDP every rank stops after the same update, whichever ranks the signal reached and whenever: a rank
     that stopped alone would leave the others waiting in the next collective, and the checkpoint is written
@@ -274,8 +305,10 @@ class GracefulStop(SupervisedPlugin):
     update it just launched (the stop comes at most `lag` updates late). At the end of an experience that was
     evaluated it is read at once (the evaluation has synchronised anyway).
 
-    A second signal leaves at once (KeyboardInterrupt). Handlers are installed for the training and
-    restored after it (call `close()` in a `finally` too: an exception skips after_training).
+    A second Ctrl-C (SIGINT) leaves at once (KeyboardInterrupt); any other repeated signal is ignored, so that a
+    stop delivered twice (srun signals every process of the step, and torchrun forwards its own) does not cut a
+    checkpoint write short. Handlers are installed for the training and restored after it (call `close()` in a
+    `finally` too: an exception skips after_training).
     """
 
     runs_after_evaluator = True
@@ -287,17 +320,28 @@ class GracefulStop(SupervisedPlugin):
         self.signal: int | None = None
         self._old: dict = {}
         self._pending: list = []  # CUDA under DDP: (event, pinned host copy) of flags not read yet, oldest first
+        self._strategy = None
 
     def _on_signal(self, signum, frame) -> None:
         if self.signal is not None:
-            raise KeyboardInterrupt
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            log.warning("signal %d: already stopping (signal %d); ignored", signum, self.signal)
+            return
         self.signal = signum
+        strategy = self._strategy
+        if strategy is not None and getattr(strategy, "evaluating", False) and self.checkpoint is not None and \
+                self.checkpoint.saved_before_evaluation(strategy):
+            raise EvaluationInterrupted(
+                f"stopped by signal {signum} during the evaluation after update {strategy.global_step}: the "
+                "checkpoint saved right before it is kept, and the resumed run evaluates again")
         log.warning("signal %d: finishing the current update, saving a checkpoint, then stopping%s", signum,
                     " (all ranks after the same update)" if ddp.is_dist() else "")
 
     def before_training(self, strategy, **kwargs) -> None:
-        self._old = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        self._old = {sig: signal.signal(sig, self._on_signal) for sig in STOP_SIGNALS}
         self._pending = []
+        self._strategy = strategy
 
     def _stop_now(self, strategy, at_once: bool) -> bool:
         """Whether every rank stops here (the same answer on every rank)."""
@@ -341,3 +385,4 @@ class GracefulStop(SupervisedPlugin):
         for sig, handler in self._old.items():
             signal.signal(sig, handler)
         self._old = {}
+        self._strategy = None

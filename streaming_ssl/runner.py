@@ -258,7 +258,7 @@ def out_of_memory_message(run, err: BaseException) -> str:
 
 def _fit(run, state: dict | None) -> None:
     """Restore (if resuming) and train the strategy over the rest of the stream."""
-    from streaming_ssl.plugins import Interrupted
+    from streaming_ssl.plugins import EvaluationInterrupted, Interrupted
 
     strategy = run.strategy
     if state is not None:
@@ -271,9 +271,10 @@ def _fit(run, state: dict | None) -> None:
     try:
         if strategy.stream_step < len(run.stream):
             strategy.train(itertools.islice(iter(run.stream), strategy.stream_step, None), eval_streams=[])
-    except Interrupted:
+    except Interrupted as err:
         if ddp.is_main():
-            log.warning("stopped by signal at update %d; continue with: %s --resume %s", strategy.global_step,
+            cut = "; the evaluation was cut short and runs again" if isinstance(err, EvaluationInterrupted) else ""
+            log.warning("stopped by signal at update %d%s; continue with: %s --resume %s", strategy.global_step, cut,
                         ddp.relaunch(), run.run_dir)
         raise
     except RuntimeError as err:  # torch.OutOfMemoryError is one

@@ -355,10 +355,11 @@ def test_each_metrics_row_is_on_disk_before_the_checkpoint_that_counts_it(tmp_pa
     monkeypatch.setattr(os, "fsync", fsync)
     assert _runs(tmp_path) == 0
     rows = len((tmp_path / "out" / "metrics.jsonl").read_text().splitlines())
-    # each experience: its row, then its checkpoint (written to a temporary name, then renamed)
+    # each experience: a checkpoint before its evaluation, its row, then the checkpoint that counts the row
+    # (each written to a temporary name, then renamed)
     kinds = ["row" if name == "metrics.jsonl" else "ckpt" for name in events
              if name == "metrics.jsonl" or name.lstrip(".").startswith("ckpt_")]
-    assert rows == 2 and kinds == ["row", "ckpt"] * rows, events
+    assert rows == 2 and kinds == ["ckpt", "row", "ckpt"] * rows, events
 
 
 def test_atomic_save_keeps_the_old_file_when_the_disk_is_full(tmp_path: Path, monkeypatch) -> None:
@@ -414,9 +415,8 @@ def test_a_checkpoint_cut_short_by_the_file_system_names_the_fix(tmp_path: Path)
     err = proc.stderr.strip().splitlines()[-1]
     assert "CheckpointWriteError: could not write a checkpoint into" in err and "MB free there" in err, err
     assert err.endswith(f"python run_stream.py --resume {run_dir}")
-    assert sorted(p.name for p in run_dir.iterdir()) == [".lock", "config.yaml", "log.txt", "metrics.jsonl",
-                                                          "train.log"]  # no checkpoint, no temporary file
-    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 1
+    # the first write (before the first evaluation) failed: no checkpoint, no temporary file, no row
+    assert sorted(p.name for p in run_dir.iterdir()) == [".lock", "config.yaml", "log.txt", "train.log"]
 
 
 def test_ctrl_c_saves_and_exits_cleanly(zygote, tmp_path: Path) -> None:

@@ -39,8 +39,8 @@ def test_report_only_renders_table_matrix_and_figure(tmp_path):
     assert "55.0% / 60.0% (wd 0.02)" in table[3] and "70.0% / 74.0% (wd 0.005)" in table[3]
     assert "50.0% / 66.0%" in table[3] and "1.2 pts" in table[3] and "60 min" in table[3]
     assert "| - |" in table[2]  # no forgetting for a single evaluation
-    # the 2 x 2 accuracy matrix, in percent, row t = after experience t
-    assert "| 1 | 90.0 | 0.0 |" in md and "| 2 | 81.2 | 70.0 |" in md
+    # the 2 x 2 accuracy matrix, in percent, row t = after experience t, numbered from 0 as train.log numbers them
+    assert "| after | exp 0 | exp 1 |" in md and "| 0 | 90.0 | 0.0 |" in md and "| 1 | 81.2 | 70.0 |" in md
     png = (tmp_path / "accuracy.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     assert md in proc.stdout

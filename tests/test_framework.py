@@ -108,11 +108,11 @@ def _tiny_model_and_augment(seed: int = 0):
     return EMPSSLModel(stem="cifar", width=0.125, feature_dim=32, proj_hidden_dim=32, proj_dim=16), MultiPatchAugment(2, 8)
 
 
-def _strategy(model, augment, **kw):
+def _strategy(model, augment, optimizer=None, **kw):
     from streaming_ssl import LARS, EMPSSLStrategy, param_groups
 
-    return EMPSSLStrategy(model=model, optimizer=LARS(param_groups(model, 1e-4), lr=0.1), augment=augment,
-                          batch_size=6, channels_last=False, total_updates=4, **kw)
+    return EMPSSLStrategy(model=model, optimizer=optimizer or LARS(param_groups(model, 1e-4), lr=0.1),
+                          augment=augment, batch_size=6, channels_last=False, total_updates=4, **kw)
 
 
 def _images(n=24, seed=0):
@@ -290,3 +290,50 @@ def test_stream_modes_and_datasets_have_one_home() -> None:
     for mode in STREAM_MODES:
         stream = build_stream(ImageData(x, y), 4, mode=mode, n_experiences=2, online_experience_size=4)
         assert stream.mode == mode and sum(stream.step_sizes) == 16
+
+
+def _checkpointed_run(run_dir, x, y):
+    """What the README's "Resume from Python" builds: a strategy with a replay buffer, an evaluator and a
+    CheckpointPlugin saving into `run_dir` after each experience."""
+    from avalanche.training.plugins import EvaluationPlugin
+
+    from streaming_ssl import LARS, CheckpointPlugin, ProbeMetric, ProbeSet, ReplayBufferPlugin, StreamEvaluator, \
+        param_groups
+
+    model, augment = _tiny_model_and_augment()
+    evaluator = StreamEvaluator(in_domain=ProbeSet("mine", x, y, x, y, 4), transfer=[], parent_classes=[[0, 1], [2, 3]],
+                                augment=augment, device=torch.device("cpu"), channels_last=False, knn_k=0,
+                                probe_kwargs={"epochs": 2})
+    metric = ProbeMetric(evaluator, model)
+    optimizer = LARS(param_groups(model, 1e-4), lr=0.1)
+    saver = CheckpointPlugin(run_dir, model=model, optimizer=optimizer, evaluator=evaluator, metric=metric,
+                             config={})
+    strategy = _strategy(model, augment, optimizer=optimizer, plugins=[ReplayBufferPlugin(size=4, batch=2), saver],
+                         evaluator=EvaluationPlugin(metric))
+    return model, strategy, saver
+
+
+def test_a_python_run_resumes_from_its_checkpoint_bit_for_bit(tmp_path) -> None:
+    """The steps the README gives for resuming a run built in Python: build everything as before (same plugins,
+    same total_updates), load the newest checkpoint, restore, train the experiences from strategy.stream_step."""
+    from scenarios.datasets import ImageData
+    from scenarios.streams import build_stream
+    from streaming_ssl import load_latest_checkpoint
+
+    x, y = _images()
+    stream = list(build_stream(ImageData(x, y), 4, mode="class_incremental", n_experiences=2))
+    full_model, full, full_saver = _checkpointed_run(tmp_path / "full", x, y)
+    for experience in stream:
+        full.train(experience)
+    _, first, _ = _checkpointed_run(tmp_path / "stopped", x, y)
+    first.train(stream[0])  # ... and the process dies here: experience 0's checkpoint is on disk
+
+    model, strategy, saver = _checkpointed_run(tmp_path / "stopped", x, y)
+    _, state = load_latest_checkpoint(tmp_path / "stopped")
+    saver.restore(strategy, state)
+    assert strategy.stream_step == 1
+    for experience in stream[strategy.stream_step:]:
+        strategy.train(experience)
+    assert strategy.global_step == full.global_step
+    assert all(torch.equal(full_model.state_dict()[k], v) for k, v in model.state_dict().items())
+    assert saver.evaluator.history == full_saver.evaluator.history and len(saver.evaluator.history) == 2

@@ -154,28 +154,34 @@ def test_out_of_memory_names_the_fix_keeps_the_checkpoint_and_resumes_with_it(zy
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
-def test_killed_inside_its_first_checkpoint_write_resumes_without_a_duplicate_row(zygote, tmp_path: Path) -> None:
-    """A run SIGKILLed inside its first checkpoint write (after the first evaluation wrote its metrics.jsonl row)
-    holds that row and no checkpoint; --resume starts it from the beginning and every evaluation is in
-    metrics.jsonl exactly once, as in an uninterrupted run."""
-    full, killed, marker = tmp_path / "full", tmp_path / "killed", tmp_path / "marker"
+def test_killed_inside_a_checkpoint_write_after_a_row_resumes_without_a_duplicate_row(zygote, tmp_path: Path) -> None:
+    """A run SIGKILLed inside the checkpoint write after its first evaluation (which wrote its metrics.jsonl row)
+    holds that row and the checkpoint saved before the evaluation; --resume drops the row, evaluates again, and
+    every evaluation is in metrics.jsonl exactly once, as in an uninterrupted run."""
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    marker, release = tmp_path / "marker", tmp_path / "release"
+    release.write_text("the first write\n")  # the first write (before the evaluation) goes through; the second waits
     tiny = ["stream.n_experiences=2", "data.train_per_class=10", "data.test_per_class=5", "run.checkpoint_every=0"]
     ref = zygote.start(_cmd(full, *tiny)[2:], tmp_path / "full.log")
     pid = zygote.start(_cmd(killed, *tiny)[2:], tmp_path / "killed.log",
-                       env={ckpt.PAUSE_MARKER_ENV: str(marker), ckpt.PAUSE_ENV: "120"})
+                       env={ckpt.PAUSE_MARKER_ENV: str(marker), ckpt.PAUSE_ENV: "120",
+                            ckpt.PAUSE_RELEASE_ENV: str(release)})
     deadline = time.time() + 240
     try:
-        while time.time() < deadline and not (marker.exists() and marker.read_text()):
+        while time.time() < deadline and not (marker.exists() and len(marker.read_text().splitlines()) == 2):
             assert zygote.running(pid), (tmp_path / "killed.log").read_text(errors="replace")[-3000:]
             time.sleep(0.01)
     finally:
         zygote.kill(pid)
     assert zygote.wait(pid, 60) == -signal.SIGKILL
-    assert not ckpt.list_checkpoints(killed) and len(_rows(killed)) == 1  # the row of experience 0, no checkpoint
+    (saved,) = ckpt.list_checkpoints(killed)
+    state = ckpt.load(saved)
+    assert state["position"]["stream_step"] == 0 and state["metrics_rows"] == 0  # saved before the evaluation
+    assert len(_rows(killed)) == 1  # the row of experience 0
 
     log = tmp_path / "resume.log"
     assert zygote.run(["--resume", str(killed)], log, 240) == 0, log.read_text(errors="replace")[-3000:]
-    assert "starting the run from the beginning" in log.read_text(errors="replace")
+    assert f"resumed at update {state['position']['global_step']}" in log.read_text(errors="replace")
     assert zygote.wait(ref, 240) == 0, (tmp_path / "full.log").read_text(errors="replace")[-3000:]
     assert [r["experience"] for r in _rows(killed)] == [0, 1]
     assert _rows(killed) == _rows(full)
@@ -329,3 +335,81 @@ def test_resume_refuses_a_checkpoint_holding_a_method_the_resumed_run_lacks(tmp_
     with caplog.at_level("ERROR"):
         assert run_stream.main(["--resume", str(plain)]) == 2
     assert "the checkpoint holds no state for 'cl.replay'" in caplog.text
+
+
+SLOW_FIRST_EVALUATION = """
+import os, pathlib, time
+from streaming_ssl.evaluation import StreamEvaluator
+real, calls = StreamEvaluator.evaluate, []
+def evaluate(self, model, n_seen):
+    calls.append(n_seen)
+    if len(calls) == 1:  # as long as a large evaluation: far longer than a scheduler's grace period
+        pathlib.Path(os.environ["TEST_EVAL_MARKER"]).write_text("evaluating")
+        end = time.monotonic() + 600
+        while time.monotonic() < end:
+            time.sleep(0.01)
+    return real(self, model, n_seen)
+StreamEvaluator.evaluate = evaluate
+"""
+
+
+def test_a_stop_during_an_evaluation_cuts_it_short_and_the_resumed_run_evaluates_again(zygote, tmp_path) -> None:
+    """A scheduler's SIGKILL follows its SIGTERM after a grace period (30 s for SLURM and torchrun), and an
+    evaluation can take longer. The state is saved right before each evaluation, so a stop during one ends the run
+    at once (no checkpoint at all existed before, with checkpoint_every 0); the resumed run evaluates again and
+    ends as an uninterrupted one, rows and weights."""
+    full, stopped, marker = tmp_path / "full", tmp_path / "stopped", tmp_path / "evaluating"
+    ref = zygote.start(_cmd(full, "run.checkpoint_every=0")[2:], tmp_path / "full.log")
+    pid = zygote.start(_cmd(stopped, "run.checkpoint_every=0")[2:], tmp_path / "stopped.log",
+                       env={"TEST_EVAL_MARKER": str(marker)}, prelude=SLOW_FIRST_EVALUATION)
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline and not marker.exists():
+            assert zygote.running(pid), (tmp_path / "stopped.log").read_text(errors="replace")[-3000:]
+            time.sleep(0.01)
+        os.kill(pid, signal.SIGTERM)
+        rc = zygote.wait(pid, 120)  # the evaluation it interrupts would sleep 600 s
+    finally:
+        zygote.kill(pid)
+    said = (tmp_path / "stopped.log").read_text(errors="replace")
+    assert rc == 130, said[-3000:]
+    assert "stopped by signal at update 8; the evaluation was cut short and runs again; continue with: python " \
+           f"run_stream.py --resume {stopped}" in said
+    state = ckpt.load(ckpt.latest(stopped))  # experience 0 (8 updates) trained, not yet evaluated
+    assert state["position"] == {"global_step": 8, "stream_step": 0, "epoch_in_exp": 0, "batch_in_epoch": 8,
+                                 "samples_seen": 160}
+    rows = stopped / "metrics.jsonl"
+    assert state["metrics_rows"] == 0 and (not rows.exists() or rows.read_text() == "")
+    assert zygote.wait(ref, 240) == 0, (tmp_path / "full.log").read_text(errors="replace")[-3000:]
+    assert zygote.run(["--resume", str(stopped)], tmp_path / "resumed.log", 240) == 0
+    assert _rows(stopped) == _rows(full)
+    a, b = ckpt.load(ckpt.latest(full)), ckpt.load(ckpt.latest(stopped))
+    assert a["position"] == b["position"] and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_a_repeated_stop_signal_does_not_cut_the_checkpoint_write_short(zygote, tmp_path) -> None:
+    """srun signals every process of a job step and torchrun forwards its own SIGTERM, so a rank may get two; and
+    SLURM's --signal habit sends SIGUSR1. SIGUSR1 stops like SIGTERM; the second signal, arriving while the
+    checkpoint is being written, is ignored: the write completes and the run exits 130 (not killed, not left
+    without that checkpoint)."""
+    run, marker, release = tmp_path / "run", tmp_path / "writing", tmp_path / "release"
+    env = {ckpt.PAUSE_MARKER_ENV: str(marker), ckpt.PAUSE_ENV: "600", ckpt.PAUSE_RELEASE_ENV: str(release)}
+    pid = zygote.start(_cmd(run)[2:], tmp_path / "run.log", env=env)
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline and not marker.exists():  # inside the write of ckpt_000000003.pt
+            assert zygote.running(pid), (tmp_path / "run.log").read_text(errors="replace")[-3000:]
+            time.sleep(0.01)
+        os.kill(pid, signal.SIGUSR1)
+        time.sleep(0.3)
+        os.kill(pid, signal.SIGTERM)
+        time.sleep(0.3)
+        release.write_text("all\n")
+        rc = zygote.wait(pid, 120)
+    finally:
+        zygote.kill(pid)
+    said = (tmp_path / "run.log").read_text(errors="replace")
+    assert rc == 130, said[-3000:]
+    assert f"signal {int(signal.SIGTERM)}: already stopping (signal {int(signal.SIGUSR1)}); ignored" in said
+    assert ckpt.load(run / "ckpt_000000003.pt")["position"]["global_step"] == 3
+    assert not list(run.glob("*.tmp*"))

@@ -79,6 +79,9 @@ def test_split_stream_writes_every_output(split_run: Path) -> None:
                 assert f[j] == pytest.approx(best - matrix[t][j], abs=1e-6)
             else:
                 assert f[j] is None
+        # backward transfer: mean over j < t of A[t, j] - A[j, j]; none after the first experience
+        bwt = sum(matrix[t][j] - matrix[j][j] for j in range(t)) / t if t else None
+        assert r["probe/bwt"] == (None if bwt is None else pytest.approx(bwt, abs=1e-6))
     assert all(0 <= r["transfer/cifar100"] <= 1 for r in rows)
     assert all(0 <= r["knn/acc_all"] <= 1 for r in rows)
     assert rows[0]["probe/acc_seen"] is not None and rows[-1]["probe/acc_seen"] == rows[-1]["probe/acc_all"]
@@ -144,6 +147,27 @@ def test_last_probe_beats_random_init(split_run: Path, data_root: Path, capsys) 
                           "--test-per-class", "20"]) == 0
     again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["cifar10"]["linear"]
     assert again == pytest.approx(last, abs=1e-6)
+
+
+def test_evaluate_extracts_features_in_the_memory_layout_the_run_used(split_run: Path, data_root: Path,
+                                                                       monkeypatch, capsys) -> None:
+    """The run's evaluations extract features channels_last (train.channels_last); under bf16 the layout changes
+    the features (by up to 0.06 on a full-size run, 60.16% logged against 60.29% from evaluate.py), so
+    evaluate.py extracts as the run did."""
+    import streaming_ssl.probe_run as probe_run
+    from streaming_ssl.config import config_from_dict
+
+    real, layouts = probe_run.extract_features, []
+
+    def extract(*args, **kwargs):
+        layouts.append(kwargs["channels_last"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(probe_run, "extract_features", extract)
+    assert evaluate.main(["--checkpoint", str(split_run), "--data-root", str(data_root), "--train-per-class", "4",
+                          "--test-per-class", "2"]) == 0
+    cfg = config_from_dict(ckpt.load(ckpt.latest(split_run))["config"])
+    assert layouts and set(layouts) == {build.uses_channels_last(cfg, torch.device("cpu"))} == {True}
 
 
 def test_evaluate_batch_size_and_out_of_memory(split_run: Path, data_root: Path, tmp_path: Path, monkeypatch,

@@ -111,7 +111,7 @@ def _refused(caplog, action) -> str:
 
 def _check_evaluate_reads_previous_checkpoint(run: Path, marker: Path, proc, evaluate, capsys) -> None:
     t0 = time.time()
-    writing = Path(_marker_lines(marker)[1].removeprefix("writing "))
+    writing = Path(_marker_lines(marker)[-1].removeprefix("writing "))
     previous = ckpt.list_checkpoints(run)
     assert len(previous) == 1 and not writing.exists(), (previous, writing)
     before = _digest(run)
@@ -123,7 +123,7 @@ def _check_evaluate_reads_previous_checkpoint(run: Path, marker: Path, proc, eva
     assert result["updates"] == ckpt.load(previous[0])["position"]["global_step"]
     assert _digest(run) == before
     assert time.time() - t0 < PAUSE_S, "evaluate took longer than the holder's pause: raise PAUSE_S"
-    assert len(_marker_lines(marker)) == 2 and proc.poll() is None  # the holder was still paused throughout
+    assert len(_marker_lines(marker)) == 3 and proc.poll() is None  # the holder was still paused throughout
 
 
 def test_live_run_refuses_second_writers_and_a_killed_one_does_not_block(tmp_path: Path, caplog, capsys) -> None:
@@ -146,7 +146,7 @@ def test_live_run_refuses_second_writers_and_a_killed_one_does_not_block(tmp_pat
         record = holder(run)
         assert record is not None and record["pid"] == proc.pid and record["alive"] is True, record
         before = _digest(run)
-        assert "config.yaml" in before and "metrics.jsonl" in before, before
+        assert "config.yaml" in before and "train.log" in before, before  # (its first write precedes any row)
         lock_before = (run / LOCK_NAME).read_bytes()
         actions = {
             "new run": lambda: run_stream.main(_train_args(run)),
@@ -161,19 +161,20 @@ def test_live_run_refuses_second_writers_and_a_killed_one_does_not_block(tmp_pat
             assert (run / LOCK_NAME).read_bytes() == lock_before, f"{name} changed the holder's lock record"
         assert time.time() - t0 < PAUSE_S, "the checks took longer than the holder's pause: raise PAUSE_S"
         assert len(_marker_lines(marker)) == 1 and proc.poll() is None  # the holder was still paused throughout
-        _release(release, 1)
+        _release(release, 2)  # its first checkpoint, written before the evaluation, then again after it
 
-        # --- next, in whichever order they come: the holder paused inside its second write (evaluate reads
-        # the first, complete checkpoint and succeeds); the victim paused inside its second write (SIGKILLed)
+        # --- next, in whichever order they come: the holder paused inside its third write, the first of a new
+        # file (evaluate reads the first, complete checkpoint and succeeds); the victim paused inside its second
+        # write, the rewrite after its first evaluation (SIGKILLed: the one before the evaluation is kept)
         saved, evaluated, deadline = None, False, time.time() + STARTUP_S
         while saved is None or not evaluated:
-            assert time.time() < deadline, "the runs did not reach their second checkpoint write"
+            assert time.time() < deadline, "the runs did not reach the checkpoint writes the checks wait for"
             if saved is None and len(_marker_lines(victim_marker)) >= 2:
                 assert victim_proc.poll() is None, victim_log.read_text()[-3000:]
                 saved = ckpt.load(ckpt.latest(victim))["position"]["global_step"]
                 victim_proc.send_signal(signal.SIGKILL)
                 assert victim_proc.wait(timeout=60) == -signal.SIGKILL
-            if not evaluated and len(_marker_lines(marker)) >= 2:
+            if not evaluated and len(_marker_lines(marker)) >= 3:
                 _check_evaluate_reads_previous_checkpoint(run, marker, proc, evaluate, capsys)
                 _release(release, "all")
                 evaluated = True

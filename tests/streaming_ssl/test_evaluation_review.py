@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from streaming_ssl.augment import MultiPatchAugment
@@ -64,3 +65,36 @@ def test_knn_predict_reads_bfloat16_features():
     labels = torch.arange(40) % 3
     ours = knn_predict(train, labels, test, 3, k=5)
     assert torch.equal(ours, knn_predict(train.float(), labels, test.float(), 3, k=5))
+
+
+def test_the_accuracy_figure_numbers_experiences_as_the_logs_do(tmp_path, monkeypatch) -> None:
+    """metrics.jsonl, log.txt and train.log number experiences from 0 ("experience 1: classes [3, 9]"); a heatmap
+    numbered from 1 would put those classes under the label of the next experience."""
+    import matplotlib.figure
+
+    from streaming_ssl.evaluation import plot_run
+
+    saved = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: saved.append(fig))
+    rows = [{"experience": t, "probe/acc_matrix_row": [0.5, 0.4, 0.3], "probe/acc_all": 0.4} for t in range(3)]
+    plot_run(rows, tmp_path / "accuracy.png")
+    heatmap = saved[0].axes[0]
+    assert [t.get_text() for t in heatmap.get_xticklabels()] == ["0", "1", "2"]
+    assert [t.get_text() for t in heatmap.get_yticklabels()] == ["0", "1", "2"]
+
+
+def test_backward_transfer_compares_each_experience_with_its_accuracy_at_its_own_end() -> None:
+    """Online: several evaluations per parent experience (history rows end with the parents seen); A[j, j] is the
+    last one with j the newest, and a parent never evaluated at its end is left out."""
+    from streaming_ssl.evaluation import backward_transfer, forgetting
+
+    history = [[0.7, 0.0, 0.0, 1.0], [0.6, 0.1, 0.0, 1.0],  # parent 0: two evaluations, its end is the second
+               [0.5, 0.3, 0.0, 2.0]]                        # parent 1's end
+    now = [0.4, 0.5, 0.7]
+    assert backward_transfer(history, now, 3) == pytest.approx(((0.4 - 0.6) + (0.5 - 0.3)) / 2)
+    assert backward_transfer(history, now, 1) is None and backward_transfer([], [0.5], 1) is None
+    # parent 0 never evaluated with it newest (evaluation every k mini-experiences): only parent 1 counts
+    assert backward_transfer(history[2:], now, 3) == pytest.approx(0.5 - 0.3)
+    # not minus the average forgetting: that takes the best earlier accuracy, this the one at the end
+    f = [x for x in forgetting(history, now, 3) if x is not None]
+    assert -sum(f) / len(f) != pytest.approx(backward_transfer(history, now, 3))
