@@ -41,6 +41,7 @@ _EXPORTS = {
     "streaming_ssl.cl.replay": ["ReplayBufferPlugin", "ImageBuffer", "reservoir_slots", "minred_keep"],
     "streaming_ssl.cl.distill": ["DistillPlugin", "distill_loss"],
     "streaming_ssl.cl.mixup": ["MixupPlugin", "mix_images"],
+    "streaming_ssl.cl.registry": ["register_method"],
     # data, streams, config, assembly
     "scenarios.streams": ["build_stream", "SSLStream", "plan_class_split", "as_avalanche_dataset", "StreamError"],
     "scenarios.datasets": ["load_dataset", "dataset_spec", "DatasetSplits", "ImageData", "DataError"],

@@ -220,11 +220,23 @@ class MixupConfig:
 
 @dataclass
 class ClConfig:
-    """Continual-learning methods (streaming_ssl/cl/), all off by default and composable."""
+    """Continual-learning methods (streaming_ssl/cl/), all off by default and composable; methods of your own
+    (streaming_ssl/cl/registry.py) are sections beside ours, read as attributes too (cfg.cl.l2reg)."""
 
     replay: ReplayConfig = field(default_factory=ReplayConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     mixup: MixupConfig = field(default_factory=MixupConfig)
+    # modules (names on the Python path, or .py files) to import before the rest of the config is read: each
+    # registers its methods with streaming_ssl.register_method, whose sections then stand here (cl.<name>.<key>)
+    imports: list[str] = field(default_factory=list)
+    # the registered methods' sections by name (filled from cl.<name>; written back there in config.yaml)
+    methods: dict = field(default_factory=dict, metadata={"internal": True})
+
+    def __getattr__(self, name: str) -> Any:
+        methods = self.__dict__.get("methods") or {}
+        if name in methods:
+            return methods[name]
+        raise AttributeError(f"'ClConfig' object has no attribute {name!r}")
 
 
 @dataclass
@@ -241,7 +253,9 @@ class Config:
     cl: ClConfig = field(default_factory=ClConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        out["cl"].update(out["cl"].pop("methods"))  # a method of your own is cl.<name>, as written
+        return out
 
 
 # ----------------------------------------------------------------------------------------------- parsing
@@ -305,13 +319,20 @@ def _unknown_key(key: str, prefix: str, valid: list[str]) -> ConfigError:
                        f"{', '.join(valid)}")
 
 
-def _build(cls: type, data: Any, prefix: str) -> Any:
+def _build(cls: type, data: Any, prefix: str, lenient: bool = False) -> Any:
+    """`cls` from the mapping `data`, every value checked. Under cl, a registered method's section is built from its
+    dataclass; with `lenient` (a saved config read without importing its methods) an unknown cl section is kept as
+    it was written."""
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
     kwargs = {}
+    methods: dict[str, Any] = {}
     for key, value in data.items():
+        if cls is ClConfig and key not in fields:
+            methods[key] = _method_section(str(key), value, prefix, list(fields), lenient)
+            continue
         if key not in fields:
             raise _unknown_key(str(key), prefix, list(fields))
         tp = hints[key]
@@ -325,7 +346,27 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
             hint = f" Did you mean {close[0]!r}?" if close else ""
             raise ConfigError(f"{prefix}{key}: unknown value {coerced!r}.{hint} Valid: {', '.join(choices)}")
         kwargs[key] = coerced
+    if methods:
+        kwargs["methods"] = methods
     return cls(**kwargs)
+
+
+def _method_section(key: str, value: Any, prefix: str, ours: list[str], lenient: bool) -> Any:
+    """cl.<key>: the section of a method registered with streaming_ssl.register_method (its dataclass, checked)."""
+    from streaming_ssl.cl.registry import registered
+
+    method = registered().get(key)
+    if method is None:
+        if lenient and isinstance(value, dict):
+            return value
+        err = _unknown_key(key, prefix, ours + sorted(registered()))
+        raise ConfigError(f"{err} (a method of your own: name the module that registers it in cl.imports)")
+    try:
+        return _build(method.config, value if value is not None else {}, f"{prefix}{key}.")
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as err:  # the method's own checks (its dataclass's __post_init__)
+        raise ConfigError(f"{prefix}{key}: {err}") from err
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
@@ -359,11 +400,27 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def config_from_dict(data: dict) -> Config:
-    """Build and validate a Config from a nested dict."""
-    cfg = _build(Config, data or {}, "")
+def config_from_dict(data: dict, *, import_methods: bool = True) -> Config:
+    """Build and validate a Config from a nested dict. The modules in cl.imports are imported first (their methods'
+    sections are then known); with `import_methods` False they are not, and the sections of methods not registered
+    are kept unchecked (a saved config read for its model and data alone, as evaluate.py does)."""
+    data = dict(data or {})
+    if isinstance(data.get("cl"), dict) and data["cl"].get("imports"):
+        data["cl"] = {**data["cl"], "imports": _method_imports(data["cl"]["imports"])}
+        if import_methods:
+            from streaming_ssl.cl.registry import import_methods as do_import
+
+            do_import(data["cl"]["imports"])
+    cfg = _build(Config, data, "", lenient=not import_methods)
     validate(cfg)
     return cfg
+
+
+def _method_imports(names: Any) -> list[str]:
+    """cl.imports checked, each .py path made absolute (a run resumed from another directory imports the same)."""
+    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+        raise ConfigError(f"cl.imports: expected a list of module names or .py files, got {names!r}")
+    return [str(Path(n).expanduser().resolve()) if n.endswith(".py") else n for n in names]
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

@@ -264,7 +264,7 @@ class CheckpointPlugin(SupervisedPlugin):
             raise ckpt.CheckpointError(
                 f"the checkpoint holds the state of {', '.join(map(repr, unused))}, a plugin this run lacks: it was "
                 "written with a method the resumed run does not build; resume with the same plugins (the config saved "
-                "in the run, or from Python the same plugin list)")
+                "in the run, which names your methods' modules in cl.imports, or from Python the same plugin list)")
         for p in strategy.plugins:
             if hasattr(p, "state_key"):
                 if p.state_key not in saved:

@@ -18,9 +18,11 @@ What plugins may use (the contract the cl/ plugins rely on):
         appended images across DDP ranks with distributed.shard_bounds also appends that number to
         `strategy.mb_segments`: every rank then knows every rank's share of the update without asking
         (no host synchronisation in the objective's all-gather).
-    after_forward / before_backward: `strategy.mb_patches` (the augmented patches, patch-major) and
-        `strategy.mb_output` (z); a plugin may add a term to `strategy.loss` and its values to
-        `strategy.last_stats`.
+    after_forward / before_backward: `strategy.mb_patches` (the augmented patches, patch-major),
+        `strategy.mb_output` (z) and `strategy.mb_features` (h, the features the probes read; set to None
+        after backward, so that it holds no memory between updates); a plugin may add a term to
+        `strategy.loss` and its values to `strategy.last_stats` (in before_backward: the objective sets it
+        after forward).
     always: `strategy.counters` (accounting.ComputeCounters), `strategy.core_model` (without DDP),
         `strategy.amp_dtype`, `strategy.global_step`, `strategy.stream_step`.
 """
@@ -244,6 +246,7 @@ class EMPSSLStrategy(SupervisedTemplate):
         self.samples_seen = 0  # training samples consumed (global, all ranks)
         self.last_stats: dict[str, torch.Tensor] = {}
         self.mb_patches: torch.Tensor | None = None
+        self.mb_features: torch.Tensor | None = None  # h of the update's patches, from forward to backward
         self.mb_added = 0  # global images plugins appended to this update's batch
         self.mb_segments: list[int] = []  # the parts of mb_added split across ranks with shard_bounds, in order
         self._nonfinite: torch.Tensor | None = None  # CUDA: non-finite losses since the last check
@@ -333,8 +336,12 @@ class EMPSSLStrategy(SupervisedTemplate):
             patches = patches.contiguous(memory_format=torch.channels_last)
         self.mb_patches = patches
         with autocast(self.device, self.amp_dtype):
-            _, z = self.model(patches)
+            self.mb_features, z = self.model(patches)
         return z
+
+    def _after_backward(self, **kwargs) -> None:
+        super()._after_backward(**kwargs)
+        self.mb_features = None
 
     def criterion(self) -> torch.Tensor:
         loss, self.last_stats = emp_ssl_loss(self.mb_output, self.n_patches, eps2=self.eps2, lam=self.lam,

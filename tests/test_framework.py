@@ -337,3 +337,26 @@ def test_a_python_run_resumes_from_its_checkpoint_bit_for_bit(tmp_path) -> None:
     assert strategy.global_step == full.global_step
     assert all(torch.equal(full_model.state_dict()[k], v) for k, v in model.state_dict().items())
     assert saver.evaluator.history == full_saver.evaluator.history and len(saver.evaluator.history) == 2
+
+
+def test_a_plugin_reads_h_before_backward_and_it_is_freed_after() -> None:
+    """A method regularising the features the probes read needs h, not only z: `strategy.mb_features` holds it from
+    forward to backward (in the graph, so a term on it trains), then None (no memory held between updates)."""
+    from avalanche.core import SupervisedPlugin
+
+    seen: dict = {}
+
+    class Reader(SupervisedPlugin):
+        def before_backward(self, strategy, **kwargs):
+            h = strategy.mb_features
+            seen["shape"], seen["grad"] = tuple(h.shape), h.requires_grad
+            seen["h_of_patches"] = torch.equal(h, strategy.core_model(strategy.mb_patches)[0])
+
+        def after_update(self, strategy, **kwargs):
+            seen["after"] = strategy.mb_features
+
+    model, augment = _tiny_model_and_augment()
+    strategy = _strategy(model, augment, plugins=[Reader()])
+    strategy.train(_foreign(*_images()))
+    assert seen["shape"] == (6 * 2, 32) and seen["grad"] and seen["after"] is None  # 6 images x 2 patches, h of 32
+    assert seen["h_of_patches"]

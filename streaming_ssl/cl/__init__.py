@@ -3,6 +3,7 @@
 * replay.py  -- ReplayBufferPlugin: a buffer of past uint8 images (reservoir or MinRed) joining each update.
 * distill.py -- DistillPlugin: CaSSLe, a predictor maps current z to a frozen copy's z of the same patches.
 * mixup.py   -- MixupPlugin: LUMP, stream images mixed with buffer images before augmentation.
+* registry.py -- register_method: a method of your own, a config section under cl plus a plugin builder.
 
 `build_cl_plugins` turns the config's `cl` section into plugins (the adapter for this package; only
 build.py calls it). Every method is off by default; they compose, in the order mixup (mixes the stream
@@ -17,11 +18,13 @@ import torch
 from streaming_ssl import distributed as ddp
 from streaming_ssl.cl.distill import DistillPlugin, build_predictor, distill_loss, frozen_copy
 from streaming_ssl.cl.mixup import MixupPlugin, mix_images, sample_mixup
+from streaming_ssl.cl.registry import register_method, registered
 from streaming_ssl.cl.replay import ImageBuffer, ReplayBufferPlugin, minred_keep, reservoir_slots
 from streaming_ssl.config import ConfigError
 
 __all__ = ["DistillPlugin", "ImageBuffer", "MixupPlugin", "ReplayBufferPlugin", "build_cl_plugins", "build_predictor",
-           "distill_loss", "frozen_copy", "minred_keep", "mix_images", "reservoir_slots", "sample_mixup"]
+           "distill_loss", "frozen_copy", "minred_keep", "mix_images", "register_method", "reservoir_slots",
+           "sample_mixup"]
 
 
 def build_cl_plugins(cfg, *, model: torch.nn.Module, train_size: int, device: torch.device) -> list:
@@ -34,7 +37,8 @@ def build_cl_plugins(cfg, *, model: torch.nn.Module, train_size: int, device: to
         device: the training device (buffer images and the predictor live there).
 
     Returns:
-        [mixup?, replay?, distill?] in that order. Raises ConfigError for a buffer larger than the data.
+        [mixup?, replay?, distill?] in that order, then the plugins of registered methods (registry.py) in the
+        order of their sections. Raises ConfigError for a buffer larger than the data.
     """
     section = getattr(cfg, "cl", None)
     if section is None:
@@ -59,4 +63,12 @@ def build_cl_plugins(cfg, *, model: torch.nn.Module, train_size: int, device: to
         plugins.append(DistillPlugin(model, dim=cfg.model.proj_dim, hidden_dim=d.hidden_dim, weight=d.weight,
                                      every=d.every, device=device, frozen_bn=d.frozen_bn,
                                      sync_bn=ddp.syncs_batchnorm(cfg.model.sync_bn, device.type)))
+    for name, own in getattr(section, "methods", {}).items():  # methods of your own (registry.py), after ours
+        method = registered().get(name)
+        if method is None or not isinstance(own, method.config):
+            raise ConfigError(f"cl.{name}: no method of that name is registered; name the module that registers it "
+                              "in cl.imports")
+        built = method.build(own, model=model, train_size=train_size, device=device, seed=cfg.train.seed,
+                             plugins=list(plugins))
+        plugins.extend([] if built is None else built if isinstance(built, (list, tuple)) else [built])
     return plugins
