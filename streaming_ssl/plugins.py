@@ -307,8 +307,9 @@ class GracefulStop(SupervisedPlugin):
 
     A second Ctrl-C (SIGINT) leaves at once (KeyboardInterrupt); any other repeated signal is ignored, so that a
     stop delivered twice (srun signals every process of the step, and torchrun forwards its own) does not cut a
-    checkpoint write short. Handlers are installed for the training and restored after it (call `close()` in a
-    `finally` too: an exception skips after_training).
+    checkpoint write short. A signal the process was started ignoring (SIGHUP under `nohup`) stays ignored.
+    Handlers are installed for the training and restored after it (call `close()` in a `finally` too: an exception
+    skips after_training).
     """
 
     runs_after_evaluator = True
@@ -339,7 +340,9 @@ class GracefulStop(SupervisedPlugin):
                     " (all ranks after the same update)" if ddp.is_dist() else "")
 
     def before_training(self, strategy, **kwargs) -> None:
-        self._old = {sig: signal.signal(sig, self._on_signal) for sig in STOP_SIGNALS}
+        # a signal the process was started ignoring stays ignored: `nohup` runs go on when the terminal closes
+        self._old = {sig: signal.signal(sig, self._on_signal) for sig in STOP_SIGNALS
+                     if signal.getsignal(sig) is not signal.SIG_IGN}
         self._pending = []
         self._strategy = strategy
 

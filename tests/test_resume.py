@@ -391,15 +391,19 @@ def test_a_repeated_stop_signal_does_not_cut_the_checkpoint_write_short(zygote, 
     """srun signals every process of a job step and torchrun forwards its own SIGTERM, so a rank may get two; and
     SLURM's --signal habit sends SIGUSR1. SIGUSR1 stops like SIGTERM; the second signal, arriving while the
     checkpoint is being written, is ignored: the write completes and the run exits 130 (not killed, not left
-    without that checkpoint)."""
+    without that checkpoint). A SIGHUP the process was started ignoring (nohup) stays ignored."""
     run, marker, release = tmp_path / "run", tmp_path / "writing", tmp_path / "release"
     env = {ckpt.PAUSE_MARKER_ENV: str(marker), ckpt.PAUSE_ENV: "600", ckpt.PAUSE_RELEASE_ENV: str(release)}
-    pid = zygote.start(_cmd(run)[2:], tmp_path / "run.log", env=env)
+    # started as `nohup` starts it: SIGHUP ignored, which the run must leave so (it goes on when a terminal closes)
+    pid = zygote.start(_cmd(run)[2:], tmp_path / "run.log", env=env,
+                       prelude="import signal\nsignal.signal(signal.SIGHUP, signal.SIG_IGN)\n")
     deadline = time.time() + 240
     try:
         while time.time() < deadline and not marker.exists():  # inside the write of ckpt_000000003.pt
             assert zygote.running(pid), (tmp_path / "run.log").read_text(errors="replace")[-3000:]
             time.sleep(0.01)
+        os.kill(pid, signal.SIGHUP)  # ignored
+        time.sleep(0.3)
         os.kill(pid, signal.SIGUSR1)
         time.sleep(0.3)
         os.kill(pid, signal.SIGTERM)
@@ -411,5 +415,6 @@ def test_a_repeated_stop_signal_does_not_cut_the_checkpoint_write_short(zygote, 
     said = (tmp_path / "run.log").read_text(errors="replace")
     assert rc == 130, said[-3000:]
     assert f"signal {int(signal.SIGTERM)}: already stopping (signal {int(signal.SIGUSR1)}); ignored" in said
+    assert f"signal {int(signal.SIGHUP)}:" not in said
     assert ckpt.load(run / "ckpt_000000003.pt")["position"]["global_step"] == 3
     assert not list(run.glob("*.tmp*"))
