@@ -47,7 +47,7 @@ class CheckpointWriteError(RuntimeError):
     """A checkpoint could not be written; the previous ones are intact."""
 
 
-class EvalSchedule(SupervisedPlugin):
+class EvalSchedule(SupervisedPlugin, supports_distributed=True):
     """Decides after which training experiences the evaluation runs, and how many parents were seen.
 
     Sets `strategy.eval_due`, `strategy.eval_seen` (parent experiences seen so far) and
@@ -81,7 +81,7 @@ class EvalSchedule(SupervisedPlugin):
         strategy.at_boundary = self.is_parent_end(done - 1)
 
 
-class SyncBuffers(SupervisedPlugin):
+class SyncBuffers(SupervisedPlugin, supports_distributed=True):
     """DDP without SyncBatchNorm: every rank evaluates rank 0's model (the one checkpointed).
 
     Each rank's last forward updated its BatchNorm running statistics with its own share of the batch;
@@ -97,7 +97,7 @@ class SyncBuffers(SupervisedPlugin):
         ddp.broadcast_buffers(self.model)
 
 
-class ProgressPlugin(SupervisedPlugin):
+class ProgressPlugin(SupervisedPlugin, supports_distributed=True):
     """A tqdm bar over the updates of the run, with loss, coding rate and invariance every `log_every` (in float16
     also the loss scale and the updates it skipped)."""
 
@@ -141,7 +141,7 @@ def free_space(path: Path) -> str:
         return f"free space unknown: {err.strerror or err}"
 
 
-class CheckpointPlugin(SupervisedPlugin):
+class CheckpointPlugin(SupervisedPlugin, supports_distributed=True):
     """Atomic checkpoints of everything a run needs to continue bit for bit, and the restore.
 
     Saved: model, optimizer, stream position, every RNG state, each rank's augmentation generator, float16's loss
@@ -292,7 +292,7 @@ class CheckpointPlugin(SupervisedPlugin):
         self.last_saved = (strategy.global_step, strategy.stream_step)
 
 
-class GracefulStop(SupervisedPlugin):
+class GracefulStop(SupervisedPlugin, supports_distributed=True):
     """SIGINT, SIGTERM, SIGHUP, SIGUSR1, SIGUSR2: finish the current update, save (through `checkpoint`), raise
     Interrupted. During an evaluation that `checkpoint` saved right before, the evaluation is cut short at once
     (EvaluationInterrupted): that checkpoint is the one to resume from, and a scheduler's grace period (30 s for

@@ -360,3 +360,23 @@ def test_a_plugin_reads_h_before_backward_and_it_is_freed_after() -> None:
     strategy.train(_foreign(*_images()))
     assert seen["shape"] == (6 * 2, 32) and seen["grad"] and seen["after"] is None  # 6 images x 2 patches, h of 32
     assert seen["h_of_patches"]
+
+
+def test_every_plugin_of_ours_declares_it_runs_under_ddp() -> None:
+    """Avalanche warns under torchrun about each plugin without supports_distributed (all of ours, before): they
+    are tested with two ranks (tests/test_distributed.py), so they say so."""
+    import inspect
+
+    from avalanche.core import SupervisedPlugin
+
+    import streaming_ssl.cl.distill
+    import streaming_ssl.cl.mixup
+    import streaming_ssl.cl.replay
+    import streaming_ssl.plugins
+
+    ours = {cls for module in (streaming_ssl.plugins, streaming_ssl.cl.replay, streaming_ssl.cl.mixup,
+                               streaming_ssl.cl.distill)
+            for _, cls in inspect.getmembers(module, inspect.isclass)
+            if issubclass(cls, SupervisedPlugin) and cls.__module__ == module.__name__}
+    assert len(ours) == 8 and all(cls.supports_distributed for cls in ours), \
+        sorted(cls.__name__ for cls in ours if not cls.supports_distributed)

@@ -98,7 +98,7 @@ def frozen_copy(model: torch.nn.Module, bn: str = "running") -> torch.nn.Module:
 
 
 # ------------------------------------------------------------------------------------------ the plugin
-class DistillPlugin(SupervisedPlugin):
+class DistillPlugin(SupervisedPlugin, supports_distributed=True):
     """CaSSLe distillation (see the module docstring).
 
     Args:

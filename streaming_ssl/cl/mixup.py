@@ -61,7 +61,7 @@ def sample_mixup(rng: np.random.Generator, alpha: float, n: int, buffer_len: int
     return lam, np.concatenate(parts).astype(np.int64)
 
 
-class MixupPlugin(SupervisedPlugin):
+class MixupPlugin(SupervisedPlugin, supports_distributed=True):
     """LUMP mixup of the stream images with images of `replay`'s buffer (see the module docstring)."""
 
     state_key = "cl.mixup"

@@ -29,7 +29,8 @@ run's config.yaml, compared on --resume, and the module is imported again on res
 (an instance of the dataclass), the model being trained (without its DDP wrapper), the number of training images,
 the device, the run's seed and the plugins built so far (ours: mixup, replay, distillation, in that order); it
 returns a plugin, a list of plugins, or None. A plugin with `trainable_modules` has them trained too; one with
-`state_key` / `state_dict` / `load_state_dict` is checkpointed (see streaming_ssl/plugins.py).
+`state_key` / `state_dict` / `load_state_dict` is checkpointed (see streaming_ssl/plugins.py); one that works under
+torchrun says so, `class L2RegPlugin(SupervisedPlugin, supports_distributed=True)`, or Avalanche warns there.
 """
 
 from __future__ import annotations

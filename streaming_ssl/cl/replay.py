@@ -220,7 +220,7 @@ def model_features(model: torch.nn.Module, images: torch.Tensor, augment, *, whi
     return torch.cat(out)
 
 
-class ReplayBufferPlugin(SupervisedPlugin):
+class ReplayBufferPlugin(SupervisedPlugin, supports_distributed=True):
     """Replay of past stream images (see the module docstring): `policy` reservoir or minred.
 
     Args:
