@@ -134,11 +134,21 @@ class ProgressPlugin(SupervisedPlugin, supports_distributed=True):
 
 
 def free_space(path: Path) -> str:
-    """'123.4 MB free there' (or why that is unknown), for the message of a checkpoint that could not be written."""
+    """'123.4 MB free there' (or why that is unknown), and the process's file-size limit where one is set (a full
+    disk and `ulimit -f` look alike to torch.save), for the message of a checkpoint that could not be written."""
     try:
-        return f"{shutil.disk_usage(path).free / 1e6:.1f} MB free there"
+        out = f"{shutil.disk_usage(path).free / 1e6:.1f} MB free there"
     except OSError as err:
-        return f"free space unknown: {err.strerror or err}"
+        out = f"free space unknown: {err.strerror or err}"
+    try:
+        import resource
+
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    except (ImportError, OSError, ValueError):
+        return out
+    if limit != resource.RLIM_INFINITY:
+        out += f", but this process may write files of at most {limit / 1e6:.1f} MB (its file-size limit, ulimit -f)"
+    return out
 
 
 class CheckpointPlugin(SupervisedPlugin, supports_distributed=True):
