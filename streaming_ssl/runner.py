@@ -74,8 +74,9 @@ def prepare_run_dir(cfg: Config, *, resume: bool = False, overwrite: bool = Fals
             saved.augment.blur_kernel = cfg.augment.blur_kernel = 0
             log.info("this run was saved before augment.blur_kernel existed: it resumes with the blur it trained with "
                      "(augment.blur_kernel=0, 10%% of the patch; the default now spans +-3 sigma)")
-        if Path(saved.run.out_dir).resolve() == run_dir.resolve():  # the same directory, however it is written
-            saved.run.out_dir = cfg.run.out_dir
+        if Path(saved.run.out_dir).resolve() != run_dir.resolve():  # not a difference: the run is where it is
+            log.info("the run was saved in %s and continues in %s (moved or copied)", saved.run.out_dir, run_dir)
+        saved.run.out_dir = cfg.run.out_dir
         diffs = dict_diff(saved.to_dict(), cfg.to_dict())
         changed = [d for d in diffs if d.split(":")[0] in oom.RESUMABLE]
         diffs = [d for d in diffs if d not in changed]

@@ -208,7 +208,8 @@ def test_auto_resume_refuses_resume_and_overwrite(tmp_path: Path, caplog, extra,
 
 def test_resume_with_the_config_accepts_the_run_directory_however_it_is_written(tmp_path: Path) -> None:
     """`--config C --resume RUN/` (a trailing slash, as shell completion writes it) or the same directory by another
-    path names the same run: resumed, not refused as a different config. Another directory is still refused."""
+    path names the same run: resumed, not refused as a different config. A run directory moved or copied elsewhere
+    resumes where it now is (its config.yaml names the old place); an override naming yet another is refused."""
     from streaming_ssl.cli.train import parse_args, resolve_config
     from streaming_ssl.config import ConfigError, load_config, save_config
     from streaming_ssl.runner import prepare_run_dir
@@ -222,8 +223,10 @@ def test_resume_with_the_config_accepts_the_run_directory_however_it_is_written(
     other = tmp_path / "other"
     other.mkdir()
     (other / "config.yaml").write_text((run_dir / "config.yaml").read_text())  # names run_dir, not other
+    cfg = resolve_config(parse_args(["--resume", str(other)]))
+    assert Path(cfg.run.out_dir) == other and prepare_run_dir(cfg, resume=True) == (other, None)
     with pytest.raises(ConfigError, match="but the config's run.out_dir is"):
-        resolve_config(parse_args(["--resume", str(other)]))
+        resolve_config(parse_args(["--resume", str(other), f"run.out_dir={tmp_path / 'third'}"]))
 
 
 def test_a_run_saved_before_blur_kernel_existed_resumes_with_the_blur_it_trained_with(tmp_path: Path) -> None:
@@ -418,3 +421,36 @@ def test_a_repeated_stop_signal_does_not_cut_the_checkpoint_write_short(zygote, 
     assert f"signal {int(signal.SIGHUP)}:" not in said
     assert ckpt.load(run / "ckpt_000000003.pt")["position"]["global_step"] == 3
     assert not list(run.glob("*.tmp*"))
+
+
+def test_a_copied_run_directory_resumes_where_it_now_is(tmp_path: Path, monkeypatch, caplog) -> None:
+    """cp -r RUN COPY, then --resume COPY: the copy continues (its own lock, its own files) and ends as the
+    original does; before, its config.yaml naming RUN refused it, and the suggested command failed again."""
+    import shutil
+
+    from streaming_ssl.cli import train as run_stream
+    from streaming_ssl.strategy import EMPSSLStrategy
+
+    backward = EMPSSLStrategy.backward
+
+    def fail_at_update_4(self):
+        if self.global_step == 3:
+            raise RuntimeError("injected failure")
+        backward(self)
+
+    run_dir, copy = tmp_path / "run", tmp_path / "copy"
+    monkeypatch.setattr(EMPSSLStrategy, "backward", fail_at_update_4)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        run_stream.main(["--config", str(REPO / "configs/smoke.yaml"), f"run.out_dir={run_dir}",
+                         f"data.root={Path(DATA).resolve()}", "data.train_per_class=10", "data.test_per_class=2",
+                         "stream.n_experiences=2", "eval.probe_epochs=1", "run.tensorboard=false", "run.plot=false",
+                         "train.threads=1", "train.deterministic=true"])
+    monkeypatch.setattr(EMPSSLStrategy, "backward", backward)
+    shutil.copytree(run_dir, copy)
+    with caplog.at_level("INFO"):
+        assert run_stream.main(["--resume", str(copy)]) == 0
+    assert f"the run was saved in {run_dir} and continues in {copy}" in caplog.text
+    assert run_stream.main(["--resume", str(run_dir)]) == 0  # the original, untouched by the copy's resume
+    assert _rows(copy) == _rows(run_dir) and len(_rows(copy)) == 2
+    a, b = ckpt.load(ckpt.latest(run_dir)), ckpt.load(ckpt.latest(copy))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])

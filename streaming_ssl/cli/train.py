@@ -50,8 +50,8 @@ def resolve_config(args: argparse.Namespace):
             raise RunError(f"cannot resume {args.resume!r}: no config.yaml there (is it a run directory?)")
         if args.config:
             cfg = load_config(args.config, args.overrides + [f"run.out_dir={args.resume}"])
-        else:
-            cfg = load_config(saved, args.overrides)
+        else:  # the run is where its config.yaml is, wherever it was saved (a run directory moved or copied)
+            cfg = load_config(saved, [f"run.out_dir={args.resume}", *args.overrides])
         if Path(cfg.run.out_dir).resolve() != Path(args.resume).resolve():
             raise ConfigError(f"--resume {args.resume} but the config's run.out_dir is {cfg.run.out_dir}")
         return cfg
