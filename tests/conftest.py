@@ -3,7 +3,8 @@
 Both trees are written once per test session into a temporary folder (a few images per class, small
 sizes) and are meant to be read through `scenarios.datasets.load_dataset` / `data.root`. Also
 `child_env`, the environment of a Python subprocess that imports this checkout (`from tests.conftest import ...`),
-and `zygote`, the session's helper that forks training processes with the heavy modules imported (tests/zygote.py).
+`zygote`, the session's helper that forks training processes with the heavy modules imported (tests/zygote.py),
+and `dies_after`, which ends a training run in this process as if it were killed after N updates.
 """
 
 from __future__ import annotations
@@ -123,3 +124,28 @@ def zygote():
         yield z
     finally:
         z.close()
+
+
+@pytest.fixture
+def dies_after(monkeypatch):
+    """dies_after(n, fn, *args): run fn(*args) (a training run in this process) and let it die once n updates are
+    done, as a killed process would: the backward of the next update raises RuntimeError("injected failure ..."),
+    nothing of that update applied, and the test fails unless it does. The real backward is back afterwards."""
+    from streaming_ssl.strategy import EMPSSLStrategy
+
+    backward = EMPSSLStrategy.backward
+
+    def run(n: int, fn, *args):
+        def failing(self):
+            if self.global_step == n:
+                raise RuntimeError(f"injected failure after {n} updates")
+            backward(self)
+
+        monkeypatch.setattr(EMPSSLStrategy, "backward", failing)
+        try:
+            with pytest.raises(RuntimeError, match="injected failure"):
+                fn(*args)
+        finally:
+            monkeypatch.setattr(EMPSSLStrategy, "backward", backward)
+
+    return run
