@@ -31,10 +31,11 @@ _EXPORTS = {
     "streaming_ssl.probe_run": ["load_checkpoint_model", "CheckpointModel", "probe_checkpoint", "ProbeRequest",
                                  "ProbeOutOfMemory"],
     "streaming_ssl.evaluation": ["StreamEvaluator", "ProbeSet", "ProbeMetric", "JSONLLogger",
-                                 "ScalarTensorboardLogger", "forgetting", "backward_transfer", "plot_run", "read_rows"],
+                                 "ScalarTensorboardLogger", "forgetting", "backward_transfer", "plot_run", "plot_train",
+                                 "read_rows"],
     # run machinery
     "streaming_ssl.plugins": ["EvalSchedule", "CheckpointPlugin", "GracefulStop", "ProgressPlugin", "SyncBuffers",
-                              "Interrupted", "EvaluationInterrupted", "CheckpointWriteError"],
+                              "TrainLog", "Interrupted", "EvaluationInterrupted", "CheckpointWriteError"],
     "streaming_ssl.accounting": ["ComputeCounters"],
     "streaming_ssl.runlock": ["RunLock", "RunLocked"],
     # continual-learning methods

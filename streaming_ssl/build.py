@@ -259,6 +259,7 @@ class Run:
     checkpoint: object
     stop: object
     progress: object
+    train_log: object = None
     loggers: list = field(default_factory=list)
     device: torch.device | None = None
     amp_dtype: torch.dtype | None = None
@@ -283,7 +284,8 @@ def build_run(cfg: Config, run_dir: Path, *, device: torch.device, amp_dtype: to
     from avalanche.training.plugins import EvaluationPlugin
 
     from streaming_ssl.cl import build_cl_plugins
-    from streaming_ssl.plugins import CheckpointPlugin, EvalSchedule, GracefulStop, ProgressPlugin, SyncBuffers
+    from streaming_ssl.plugins import (CheckpointPlugin, EvalSchedule, GracefulStop, ProgressPlugin, SyncBuffers,
+                                       TrainLog)
 
     channels_last = uses_channels_last(cfg, device)
     if channels_last:
@@ -302,10 +304,11 @@ def build_run(cfg: Config, run_dir: Path, *, device: torch.device, amp_dtype: to
     stop = GracefulStop(checkpoint)
     total_updates = stream.n_updates(cfg.train.batch_size)
     progress = ProgressPlugin(total_updates, desc=f"{cfg.stream.mode} {splits.name}", log_every=cfg.train.log_every)
+    train_log = TrainLog(run_dir, every=cfg.train.log_every, tensorboard=cfg.run.tensorboard)
     plugins = [EvalSchedule(stream.step_parent, cfg.stream.eval_every)]
     if ddp.is_dist():
         plugins.append(SyncBuffers(model))
-    plugins += [*cl_plugins, progress, checkpoint, stop]
+    plugins += [*cl_plugins, progress, train_log, checkpoint, stop]
     loggers: list = []
     with warnings.catch_warnings():  # the loggers join once the run directory exists
         warnings.filterwarnings("ignore", message="No loggers specified")
@@ -316,5 +319,5 @@ def build_run(cfg: Config, run_dir: Path, *, device: torch.device, amp_dtype: to
     if cfg.train.compile:  # compiles lazily, at the first update (and at a new batch size)
         train_model.compile(backend=cfg.train.compile_backend)
     return Run(cfg=cfg, run_dir=run_dir, splits=splits, stream=stream, model=model, strategy=strategy, metric=metric,
-               checkpoint=checkpoint, stop=stop, progress=progress, loggers=loggers, device=device,
-               amp_dtype=amp_dtype)
+               checkpoint=checkpoint, stop=stop, progress=progress, train_log=train_log, loggers=loggers,
+               device=device, amp_dtype=amp_dtype)

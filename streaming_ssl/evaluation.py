@@ -311,6 +311,44 @@ def plot_run(rows: list[dict], path: str | Path, title: str = "") -> None:
     ax1.grid(alpha=0.3)
     ax1.legend(fontsize=8)
     ax1.set_title("accuracy after each evaluation")
+    _save_figure(fig, path, title)
+
+
+def plot_train(rows: list[dict], path: str | Path, title: str = "") -> None:
+    """The training curves of train.jsonl (plugins.TrainLog): one panel per logged value (loss, coding rate,
+    invariance, the learning rate and any a method adds) against the update, experience boundaries dotted."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    skip = {"update", "experience", "samples_seen"}
+    keys = [k for k in dict.fromkeys(k for r in rows for k in r) if k not in skip and k != "lr"]
+    keys += ["lr"] if any(_is_scalar(r.get("lr")) for r in rows) else []
+    if not rows or not keys:
+        return
+    cols = min(len(keys), 3)
+    nrows = -(-len(keys) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.2 * nrows), squeeze=False)
+    xs = [r["update"] for r in rows]
+    bounds = [r["update"] for prev, r in zip(rows, rows[1:]) if r.get("experience") != prev.get("experience")]
+    for ax, key in zip(axes.flat, keys):
+        pts = [(x, r[key]) for x, r in zip(xs, rows) if _is_scalar(r.get(key))]
+        if pts:
+            ax.plot(*zip(*pts), lw=1)
+        for b in bounds if len(bounds) <= 50 else []:  # online: a boundary every update or few, not drawn
+            ax.axvline(b, color="0.7", ls=":", lw=0.8)
+        ax.set_title(key)
+        ax.set_xlabel("update")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    _save_figure(fig, path, title)
+
+
+def _save_figure(fig, path: str | Path, title: str) -> None:
+    import matplotlib.pyplot as plt
+
     if title:
         fig.suptitle(title)
     fig.tight_layout()

@@ -12,7 +12,9 @@ A plugin that holds state worth resuming (a replay buffer, a frozen model) expos
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import shutil
 import signal
 import time
@@ -98,8 +100,8 @@ class SyncBuffers(SupervisedPlugin, supports_distributed=True):
 
 
 class ProgressPlugin(SupervisedPlugin, supports_distributed=True):
-    """A tqdm bar over the updates of the run, with loss, coding rate and invariance every `log_every` (in float16
-    also the loss scale and the updates it skipped)."""
+    """A tqdm bar over the updates of the run, with the loss and the values of `strategy.last_stats` (coding rate,
+    invariance, and a method's own) every `log_every` (in float16 also the loss scale and the updates it skipped)."""
 
     def __init__(self, total_updates: int, *, desc: str = "", log_every: int = 20) -> None:
         super().__init__()
@@ -117,7 +119,8 @@ class ProgressPlugin(SupervisedPlugin, supports_distributed=True):
             return
         self.bar.update(1)
         if strategy.global_step % self.log_every == 0 and strategy.last_stats:
-            stats = {k: f"{float(v):.3f}" for k, v in strategy.last_stats.items() if k in ("tcr", "inv", "distill")}
+            stats = {k: f"{float(v):.3f}" for k, v in list(strategy.last_stats.items())[:6]  # a method's own too
+                     if not isinstance(v, torch.Tensor) or v.numel() == 1}
             if getattr(strategy, "grad_scaler", None) is not None:  # float16: the loss scale and the skipped updates
                 stats["scale"] = f"{strategy.grad_scaler.get_scale():.0f}"
                 strategy.counters.flush()  # (the loss read below waits for the device anyway)
@@ -131,6 +134,111 @@ class ProgressPlugin(SupervisedPlugin, supports_distributed=True):
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+class TrainLog(SupervisedPlugin, supports_distributed=True):
+    """The training curves: every `every` updates one row of train.jsonl (and TensorBoard's `train/*`, when
+    `tensorboard`), with the update, experience, samples seen, learning rate, loss and every value in
+    `strategy.last_stats` (the objective's `tcr` and `inv`, and whatever a method adds there, as `distill`).
+
+    The values stay on the device until a flush (every `flush_rows` (50) rows, after an evaluated experience, and in
+    `state_dict()`, which the checkpoint calls), so logging adds no host sync to the other updates. The number of
+    rows written is checkpointed: a resumed run first drops the rows logged after its checkpoint (and TensorBoard
+    purges those steps), so train.jsonl equals an uninterrupted run's. Rank 0's values, written by rank 0.
+    Place it before CheckpointPlugin, so that the row of a checkpointed update is in that checkpoint."""
+
+    state_key = "train_log"
+    state_optional = True  # a checkpoint from before the curves were logged resumes without it
+    flush_rows = 50
+
+    def __init__(self, run_dir: str | Path, *, every: int = 20, tensorboard: bool = False) -> None:
+        super().__init__()
+        self.path = Path(run_dir) / "train.jsonl"
+        self.every, self.tensorboard = max(int(every), 1), tensorboard
+        self.pending: list[tuple[dict, list[str], torch.Tensor, dict]] = []
+        self.rows, self.unsynced = 0, False  # rows in train.jsonl; some not yet fsynced
+        self.writer = None
+
+    def before_training(self, strategy, **kwargs) -> None:
+        if self.tensorboard and ddp.is_main() and self.writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # a resumed run: the steps logged after its checkpoint are hidden, as the rows are dropped
+            self.writer = SummaryWriter(str(self.path.parent / "tb"),
+                                        purge_step=strategy.global_step + 1 if strategy.global_step else None)
+
+    def after_training_iteration(self, strategy, **kwargs) -> None:
+        if strategy.global_step % self.every or not ddp.is_main() or strategy.loss is None:
+            return
+        loss = strategy.loss.detach().reshape(-1)[0]
+        keys, tensors, numbers = ["loss"], [loss.float()], {}
+        for key, value in strategy.last_stats.items():
+            if isinstance(value, torch.Tensor) and value.numel() == 1:
+                keys.append(key)
+                tensors.append(value.detach().reshape(()).to(device=loss.device, dtype=torch.float32))
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                numbers[key] = float(value)
+        groups = getattr(strategy.optimizer, "param_groups", None) or [{}]
+        meta = {"update": strategy.global_step, "experience": strategy.stream_step,
+                "samples_seen": strategy.samples_seen, "lr": groups[0].get("lr")}
+        self.pending.append((meta, keys, torch.stack(tensors), numbers))
+        if len(self.pending) >= self.flush_rows:
+            self.flush()
+
+    def after_training_exp(self, strategy, **kwargs) -> None:
+        if getattr(strategy, "eval_due", True):  # the evaluation waits for the device anyway
+            self.flush()
+
+    def after_training(self, strategy, **kwargs) -> None:
+        self.flush()
+        if self.writer is not None:
+            self.writer.flush()
+
+    def flush(self, sync: bool = False) -> None:
+        """Read the pending rows back from the device (one sync) and append them to train.jsonl and TensorBoard;
+        `sync`: every row written is on disk before returning (a checkpoint is about to count them)."""
+        if not self.pending:
+            if sync and self.unsynced and self.path.exists():
+                with self.path.open("a") as fh:
+                    os.fsync(fh.fileno())
+                self.unsynced = False
+            return
+        values = torch.cat([t for _, _, t, _ in self.pending]).cpu().tolist()
+        lines, at = [], 0
+        for meta, keys, _, numbers in self.pending:
+            row = {**meta, **dict(zip(keys, values[at:at + len(keys)])), **numbers}
+            at += len(keys)
+            lines.append(json.dumps(row, allow_nan=True) + "\n")
+            if self.writer is not None:
+                for key, value in row.items():
+                    if key not in ("update", "experience") and isinstance(value, (int, float)):
+                        self.writer.add_scalar(f"train/{key}", value, meta["update"])
+        self.pending = []
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as fh:
+            fh.write("".join(lines))
+            if sync:
+                fh.flush()
+                os.fsync(fh.fileno())
+        self.rows, self.unsynced = self.rows + len(lines), not sync
+
+    def state_dict(self) -> dict:
+        self.flush(sync=True)
+        if self.writer is not None:
+            self.writer.flush()
+        return {"rows": self.rows if ddp.is_main() else 0}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.pending, self.rows = [], int(state["rows"])
+        if ddp.is_main():  # drop the rows written after the checkpoint (they are logged again)
+            lines = self.path.read_text().splitlines(keepends=True) if self.path.exists() else []
+            atomic_write_text(self.path, "".join(lines[: self.rows]))
+            self.rows = min(self.rows, len(lines))
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
 
 
 def free_space(path: Path) -> str:
@@ -269,7 +377,9 @@ class CheckpointPlugin(SupervisedPlugin, supports_distributed=True):
         if scaler is not None and state.get("grad_scaler"):  # float16: the loss scale and its growth count go on
             scaler.load_state_dict(state["grad_scaler"])
         saved = state.get("plugins", {})
-        unused = sorted(set(saved) - {p.state_key for p in strategy.plugins if hasattr(p, "state_key")})
+        # (the training curves' row count is no method: a strategy without TrainLog resumes without it)
+        unused = sorted(set(saved) - {p.state_key for p in strategy.plugins if hasattr(p, "state_key")}
+                        - {TrainLog.state_key})
         if unused:  # silently dropped, the resumed run would train on without a method the run had
             raise ckpt.CheckpointError(
                 f"the checkpoint holds the state of {', '.join(map(repr, unused))}, a plugin this run lacks: it was "
@@ -278,6 +388,8 @@ class CheckpointPlugin(SupervisedPlugin, supports_distributed=True):
         for p in strategy.plugins:
             if hasattr(p, "state_key"):
                 if p.state_key not in saved:
+                    if getattr(p, "state_optional", False):
+                        continue
                     raise ckpt.CheckpointError(f"the checkpoint holds no state for {p.state_key!r}: it was written by "
                                                "a run without that method; resume with the config saved in the run")
                 p.load_state_dict(saved[p.state_key])

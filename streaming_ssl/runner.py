@@ -174,7 +174,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict
 
 def _train(cfg: Config, *, resume: bool, overwrite: bool, lock: RunLock | None) -> dict:
     from streaming_ssl import allocator, build
-    from streaming_ssl.evaluation import plot_run, read_rows
+    from streaming_ssl.evaluation import plot_run, plot_train, read_rows
 
     run_dir, state = prepare_run_dir(cfg, resume=resume, overwrite=overwrite)
     device, amp_dtype = build.setup_runtime(cfg)
@@ -192,6 +192,7 @@ def _train(cfg: Config, *, resume: bool, overwrite: bool, lock: RunLock | None) 
     create_run_dir(cfg, run_dir, fresh=overwrite and not resume, lock=lock)
     if resume and state is None and ddp.is_main():  # killed before its first checkpoint: its rows are computed again
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        (run_dir / "train.jsonl").unlink(missing_ok=True)
     setup_logging(run_dir)
     run.loggers.extend(build.build_loggers(cfg, run_dir))
     try:
@@ -213,6 +214,9 @@ def _train(cfg: Config, *, resume: bool, overwrite: bool, lock: RunLock | None) 
     rows = read_rows(run_dir / "metrics.jsonl") if ddp.is_main() else []
     if ddp.is_main() and cfg.run.plot and rows:
         plot_run(rows, run_dir / "accuracy.png", title=f"{cfg.stream.mode} {splits.name} ({run_dir.name})")
+    if ddp.is_main() and cfg.run.plot:
+        plot_train(read_rows(run_dir / "train.jsonl"), run_dir / "train_curves.png",
+                   title=f"{cfg.stream.mode} {splits.name} ({run_dir.name}): training")
     if ddp.is_main() and rows:
         atomic_write_text(run_dir / "summary.json", json.dumps(rows[-1], indent=2))
         log.info("done: %s", json.dumps({k: v for k, v in rows[-1].items() if not isinstance(v, list)}))
@@ -285,3 +289,5 @@ def _fit(run, state: dict | None) -> None:
     finally:
         run.progress.close()
         run.stop.close()
+        if run.train_log is not None:
+            run.train_log.close()

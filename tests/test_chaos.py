@@ -1,5 +1,6 @@
 """Kill it anywhere (issue 19): a tiny real stream SIGKILLed at least 8 times, resumed after each kill, ends
-bitwise equal to an uninterrupted run, with every evaluation in metrics.jsonl exactly once.
+bitwise equal to an uninterrupted run, with every evaluation in metrics.jsonl exactly once (and every update in
+train.jsonl).
 
 The kill points follow a seeded schedule of four kinds, each at least twice:
   update      a random delay after the session announced training ("INFO run ... on cpu"),
@@ -42,7 +43,7 @@ pytestmark = pytest.mark.skipif(not DATA or not (Path(DATA) / "cifar10.npz").is_
 REPO = Path(__file__).resolve().parents[1]
 BASE = ["data.train_per_class=40", "data.test_per_class=5", "stream.n_experiences=5", "train.batch_size=10",
         "eval.probe_epochs=2", "eval.knn_k=3", "model.width=0.125", "train.deterministic=true", "train.threads=1",
-        "run.tensorboard=false", "run.plot=false", "run.keep_last=3"]
+        "run.tensorboard=false", "run.plot=false", "run.keep_last=3", "train.log_every=1"]
 MODES = {
     "class_incremental": ["run.checkpoint_every=3"],
     "online": ["stream.mode=online", "stream.online_experience_size=10", "stream.eval_every=4",
@@ -217,6 +218,9 @@ def _chaos(zygote: Zygote, tmp_path: Path, mode: str, seed: int) -> None:
     got, want = _rows(run_dir), _rows(full)
     assert [(r["experience"], r["updates"]) for r in got] == [(r["experience"], r["updates"]) for r in want], report()
     assert got == want, report()
+    curves = [[json.loads(line) for line in (d / "train.jsonl").read_text().splitlines()] for d in (run_dir, full)]
+    assert [r["update"] for r in curves[0]] == list(range(1, len(curves[1]) + 1)), report()  # each update once
+    assert curves[0] == curves[1], report()
 
     a, b = ckpt.load(ckpt.latest(full)), ckpt.load(ckpt.latest(run_dir))
     assert a["position"] == b["position"], report()

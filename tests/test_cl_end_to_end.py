@@ -37,7 +37,7 @@ CL_ARGS = ["cl.replay.policy=reservoir", "cl.replay.size=50", "cl.replay.batch=1
            "cl.distill.hidden_dim=32", "cl.mixup.enabled=true"]
 RUN_ARGS = ["train.deterministic=true", "train.threads=1", "data.train_per_class=20", "data.test_per_class=5",
             "eval.probe_epochs=2", "run.checkpoint_every=3", "run.keep_last=50", "run.tensorboard=false",
-            "run.plot=false", *CL_ARGS]
+            "run.plot=false", "train.log_every=1", *CL_ARGS]
 
 
 def _cmd(run_dir: Path, extra: tuple[str, ...] = ()) -> list[str]:
@@ -102,7 +102,11 @@ def _kill_and_resume(zygote, tmp_path: Path, extra: tuple[str, ...] = ()) -> tup
     a, b = ckpt.load(ckpt.latest(full)), ckpt.load(ckpt.latest(killed))
     for key in ("position", "model", "optimizer", "counters", "plugins"):
         _assert_equal(a[key], b[key], key)
-    assert set(a["plugins"]) == {"cl.replay", "cl.distill", "cl.mixup"}
+    assert set(a["plugins"]) == {"cl.replay", "cl.distill", "cl.mixup", "train_log"}
+    # the training curves too, each update once, with the distillation term once there is a frozen model
+    curves = [[json.loads(line) for line in (d / "train.jsonl").read_text().splitlines()] for d in (full, killed)]
+    assert curves[0] == curves[1] and [r["update"] for r in curves[0]] == list(range(1, 11))
+    assert [("distill" in r) for r in curves[0]] == [r["experience"] > 0 for r in curves[0]]
     assert a["plugins"]["cl.replay"]["buffer"]["seen"] == 200
     return full, state
 

@@ -378,5 +378,5 @@ def test_every_plugin_of_ours_declares_it_runs_under_ddp() -> None:
                                streaming_ssl.cl.distill)
             for _, cls in inspect.getmembers(module, inspect.isclass)
             if issubclass(cls, SupervisedPlugin) and cls.__module__ == module.__name__}
-    assert len(ours) == 8 and all(cls.supports_distributed for cls in ours), \
+    assert len(ours) == 9 and all(cls.supports_distributed for cls in ours), \
         sorted(cls.__name__ for cls in ours if not cls.supports_distributed)

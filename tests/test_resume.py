@@ -430,3 +430,39 @@ def test_a_copied_run_directory_resumes_where_it_now_is(tmp_path: Path, caplog, 
     assert _rows(copy) == _rows(run_dir) and len(_rows(copy)) == 2
     a, b = ckpt.load(ckpt.latest(run_dir)), ckpt.load(ckpt.latest(copy))
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_training_curves_of_a_resumed_run_equal_an_uninterrupted_runs(tmp_path: Path, monkeypatch,
+                                                                        dies_after) -> None:
+    """A run that dies after its train.jsonl got rows past the checkpoint (flushed every 2 rows here) resumes with
+    those rows dropped and logged again: train.jsonl and TensorBoard's train/* equal an uninterrupted run's, each
+    update once."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from streaming_ssl.cli import train as run_stream
+    from streaming_ssl.plugins import TrainLog
+
+    monkeypatch.setattr(TrainLog, "flush_rows", 2)
+
+    def args(run_dir: Path) -> list[str]:
+        return ["--config", str(REPO / "configs/smoke.yaml"), f"run.out_dir={run_dir}",
+                f"data.root={Path(DATA).resolve()}", "data.train_per_class=10", "data.test_per_class=2",
+                "stream.n_experiences=2", "eval.probe_epochs=1", "eval.knn_k=0", "run.plot=false",
+                "train.threads=1", "train.deterministic=true", "train.log_every=1", "run.checkpoint_every=0"]
+
+    def curves(run_dir: Path) -> tuple[list[dict], dict]:
+        rows = [json.loads(line) for line in (run_dir / "train.jsonl").read_text().splitlines()]
+        events = EventAccumulator(str(run_dir / "tb"))
+        events.Reload()
+        return rows, {k: [(s.step, s.value) for s in events.Scalars(f"train/{k}")] for k in ("loss", "tcr", "lr")}
+
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    assert run_stream.main(args(full)) == 0
+    dies_after(5, run_stream.main, args(killed))  # updates 1-3 are experience 0 (checkpointed), 4-5 are not
+    state = ckpt.load(ckpt.latest(killed))
+    assert state["position"]["global_step"] == 3 and state["plugins"]["train_log"] == {"rows": 3}
+    assert [json.loads(line)["update"] for line in (killed / "train.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5]
+    assert run_stream.main(["--resume", str(killed)]) == 0
+    rows, tb = curves(killed)
+    assert [r["update"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert (rows, tb) == curves(full)

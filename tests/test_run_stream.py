@@ -92,6 +92,36 @@ def test_split_stream_writes_every_output(split_run: Path) -> None:
     assert ckpt.latest(split_run) is not None and (split_run / "ckpt.pt").resolve() == ckpt.latest(split_run).resolve()
 
 
+def test_training_curves_are_logged_every_log_every_updates(split_run: Path) -> None:
+    """train.jsonl: one row per train.log_every (5) updates, each the values of that very update (the loss is the
+    objective of its coding rate and invariance, the learning rate the schedule's at that update); TensorBoard's
+    train/* hold the same values at the same steps; train_curves.png draws them."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from streaming_ssl.lars import cosine_lr
+
+    cfg = load_config(split_run / "config.yaml")
+    rows = [json.loads(line) for line in (split_run / "train.jsonl").read_text().splitlines()]
+    assert [r["update"] for r in rows] == [5, 10, 15, 20]
+    assert [r["experience"] for r in rows] == [0, 1, 2, 2]  # updates 1-8, 9-14, 15-20
+    assert [r["samples_seen"] for r in rows] == [100, 200, 300, 400]
+    for r in rows:
+        assert {"loss", "tcr", "inv", "lr"} <= set(r)
+        assert r["loss"] == pytest.approx(-r["tcr"] - cfg.objective.lam * r["inv"], rel=1e-5, abs=1e-4)
+        o = cfg.optim
+        assert r["lr"] == pytest.approx(cosine_lr(r["update"] - 1, 20, o.lr, warmup_steps=o.warmup_steps,
+                                                  final_lr=o.final_lr))
+    assert len({r["loss"] for r in rows}) == 4  # four updates' own values, not one repeated
+    events = EventAccumulator(str(split_run / "tb"))
+    events.Reload()
+    for key in ("loss", "tcr", "inv", "lr"):
+        scalars = events.Scalars(f"train/{key}")
+        assert [s.step for s in scalars] == [5, 10, 15, 20]
+        assert [s.value for s in scalars] == pytest.approx([r[key] for r in rows], rel=1e-6)
+    png = (split_run / "train_curves.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
 def test_log_txt_prints_each_evaluation_under_its_experience(split_run: Path) -> None:
     """Avalanche's TextLogger printed ProbeMetric's row under the next experience's header, and the last row never."""
     blocks = (split_run / "log.txt").read_text().split("-- Starting training on experience ")[1:]
