@@ -31,6 +31,9 @@ the device, the run's seed and the plugins built so far (ours: mixup, replay, di
 returns a plugin, a list of plugins, or None. A plugin with `trainable_modules` has them trained too; one with
 `state_key` / `state_dict` / `load_state_dict` is checkpointed (see streaming_ssl/plugins.py); one that works under
 torchrun says so, `class L2RegPlugin(SupervisedPlugin, supports_distributed=True)`, or Avalanche warns there.
+What the plugin puts in `strategy.last_stats` (0-dim tensors, in before_backward) joins the training curves
+(train.jsonl, TensorBoard's train/*, the progress bar); what it spends it counts with
+`strategy.counters.add("name", n)` (compute/name in every evaluation row, checkpointed).
 """
 
 from __future__ import annotations

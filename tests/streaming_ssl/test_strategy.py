@@ -228,6 +228,32 @@ def test_skipped_updates_are_summed_unread_until_reported_or_saved() -> None:
     assert counters.skipped_updates == 5
 
 
+def test_a_methods_own_counters_are_reported_saved_and_restored() -> None:
+    """counters.add(name, n): ours add to ours, a new name starts at 0; both are in the row (compute/<name>) and the
+    state, a restored state replaces them (a counter the state lacks is gone); device tensors and bad names are
+    refused."""
+    from streaming_ssl.accounting import ComputeCounters
+
+    counters = ComputeCounters()
+    counters.add("frozen_forwards", 7)
+    counters.add("teacher_images", 3)
+    counters.add("teacher_images", 2)
+    assert counters.frozen_forwards == 7 and counters.extra == {"teacher_images": 5}
+    row = counters.as_row()
+    assert row["compute/frozen_forwards"] == 7 and row["compute/teacher_images"] == 5 and "compute/extra" not in row
+    saved = counters.state_dict()
+    counters.add("teacher_images", 100)
+    counters.add("other", 1)
+    counters.load_state_dict(saved)
+    assert counters.extra == {"teacher_images": 5} and counters.frozen_forwards == 7
+    counters.load_state_dict({"stream_images": 4})  # a checkpoint from before a method's counters existed
+    assert counters.extra == {} and counters.stream_images == 4 and counters.frozen_forwards == 0
+    with pytest.raises(TypeError, match="Python int"):
+        counters.add("teacher_images", torch.tensor(1))
+    with pytest.raises(ValueError, match="without '/'"):
+        counters.add("a/b", 1)
+
+
 def test_n_patches_argument_sets_the_patches_of_every_update() -> None:
     """`n_patches` overrides the augmentation's default: the update cuts each image into that many patches, so the
     objective's (n, B, d) blocks hold patch i of every image (the augmentation's 4 patches viewed as 2 blocks would

@@ -4,6 +4,7 @@ again, and evaluate.py reads the run without it."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -38,7 +39,8 @@ class PullConfig:
 
 
 class PullPlugin(SupervisedPlugin):
-    """Pulls z towards 0 (weight x mean z^2) and counts its updates: state worth resuming."""
+    """Pulls z towards 0 (weight x mean z^2) and counts its updates: state worth resuming. Logs its term (train.jsonl)
+    and counts the images it saw (a compute counter of its own)."""
 
     state_key = "mine.pull"
 
@@ -47,7 +49,10 @@ class PullPlugin(SupervisedPlugin):
         self.weight, self.updates = weight, 0
 
     def before_backward(self, strategy, **kwargs):
-        strategy.loss = strategy.loss + self.weight * strategy.mb_output.float().pow(2).mean()
+        term = self.weight * strategy.mb_output.float().pow(2).mean()
+        strategy.loss = strategy.loss + term
+        strategy.last_stats["pull"] = term.detach()
+        strategy.counters.add("pull_images", len(strategy.mb_x))
         self.updates += 1
 
     def state_dict(self):
@@ -130,7 +135,7 @@ def test_a_method_of_ones_own_trains_checkpoints_and_resumes_in_a_new_process(me
 
     run_dir = tmp_path / "run"
     args = ["--config", str(REPO / "configs/smoke.yaml"), f"run.out_dir={run_dir}", f"data.root={Path(DATA).resolve()}",
-            *TINY, f"cl.imports=[{method_file}]", "cl.pull.enabled=true", "cl.pull.weight=0.5"]
+            *TINY, f"cl.imports=[{method_file}]", "cl.pull.enabled=true", "cl.pull.weight=0.5", "train.log_every=1"]
     dies_after(3, run_stream.main, args)
     state = ckpt.load(ckpt.latest(run_dir))  # saved before experience 0's evaluation
     assert state["plugins"]["mine.pull"] == {"updates": 3} and state["config"]["cl"]["pull"]["weight"] == 0.5
@@ -143,6 +148,11 @@ def test_a_method_of_ones_own_trains_checkpoints_and_resumes_in_a_new_process(me
     final = ckpt.load(ckpt.latest(run_dir))
     assert final["plugins"]["mine.pull"] == {"updates": final["position"]["global_step"]} and \
         final["position"]["global_step"] == 6  # 50 + 50 images, batch 20: 3 + 3 updates, each pulled
+    # its counter went on from the checkpoint's, and its term is in the training curves, update by update
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["compute/pull_images"] for r in rows] == [50, 100]
+    curves = [json.loads(line) for line in (run_dir / "train.jsonl").read_text().splitlines()]
+    assert [r["update"] for r in curves] == [1, 2, 3, 4, 5, 6] and all(r["pull"] > 0 for r in curves)
 
     # evaluate.py needs the model and data, not the method: it reads the run with the module gone
     method_file.rename(tmp_path / "elsewhere.py")
