@@ -112,7 +112,7 @@ class OptimConfig:
 @dataclass
 class StreamConfig:
     mode: str = field(default="class_incremental", metadata=_choices(*MODES))
-    n_experiences: int = 5  # class/data-incremental: number of experiences
+    n_experiences: int = 5  # class/data-incremental: number of experiences (set by the two below when given)
     classes_per_experience: list[int] | None = None  # uneven class-incremental split, e.g. [50, 10, 10, 10, 10, 10]
     experience_classes: list[list[int]] | None = None  # explicit classes of each experience (overrides the two above)
     class_order_seed: int = 0  # seeded class order (ignored with experience_classes)
@@ -164,7 +164,7 @@ class TrainConfig:
     # aot_eager and eager run the same captured graphs with no code generation: to tell a fault of the compiler from
     # one of ours, or to check a compiled config in seconds instead of minutes
     compile_backend: str = "inductor"
-    log_every: int = 20  # updates between progress/loss logs
+    log_every: int = 20  # updates between progress-bar values and train.jsonl rows (the training curves)
 
 
 @dataclass
@@ -413,6 +413,10 @@ def config_from_dict(data: dict, *, import_methods: bool = True) -> Config:
             do_import(data["cl"]["imports"])
     cfg = _build(Config, data, "", lenient=not import_methods)
     validate(cfg)
+    s = cfg.stream
+    split = s.experience_classes if s.experience_classes is not None else s.classes_per_experience
+    if split is not None:  # they set the number of experiences: config.yaml says so, not a stale n_experiences
+        s.n_experiences = len(split)
     return cfg
 
 
@@ -535,15 +539,7 @@ def validate(cfg: Config) -> None:
     _check(t.batch_size >= 2, "train.batch_size", f"must be >= 2 (the coding rate needs a batch), got {t.batch_size}")
     _check(t.threads is None or t.threads >= 1, "train.threads", f"must be >= 1, got {t.threads}")
     _check(t.log_every >= 1, "train.log_every", f"must be >= 1, got {t.log_every}")
-    _check(s.n_experiences >= 1, "stream.n_experiences", f"must be >= 1, got {s.n_experiences}")
-    _check(s.epochs >= 1, "stream.epochs", f"must be >= 1, got {s.epochs}")
-    _check(s.mode == "offline" or s.epochs == 1, "stream.epochs",
-           f"a stream sees each sample once: epochs must be 1 in mode {s.mode!r} (use stream.mode=offline for E epochs)")
-    _check(s.online_experience_size >= 2, "stream.online_experience_size", f"must be >= 2, got {s.online_experience_size}")
-    _check(s.eval_every >= 0, "stream.eval_every", f"must be >= 0, got {s.eval_every}")
-    if s.classes_per_experience is not None:
-        _check(all(c >= 1 for c in s.classes_per_experience), "stream.classes_per_experience",
-               f"every experience needs at least one class, got {s.classes_per_experience}")
+    _validate_stream(s)
     _check(e.patches >= 0, "eval.patches", f"must be >= 0 (0: whole image), got {e.patches}")
     _check(e.probe_epochs >= 1, "eval.probe_epochs", f"must be >= 1, got {e.probe_epochs}")
     _check(e.probe_lr > 0, "eval.probe_lr", f"must be > 0, got {e.probe_lr}")
@@ -562,6 +558,26 @@ def validate(cfg: Config) -> None:
     _check(cfg.run.checkpoint_every >= 0, "run.checkpoint_every", f"must be >= 0, got {cfg.run.checkpoint_every}")
     _check(cfg.run.keep_last >= 1, "run.keep_last", f"must be >= 1, got {cfg.run.keep_last}")
     _validate_cl(cfg.cl, cfg.stream)
+
+
+def _validate_stream(s: StreamConfig) -> None:
+    """The stream section: ranges, and a class split only where the stream is split by class."""
+    _check(s.n_experiences >= 1, "stream.n_experiences", f"must be >= 1, got {s.n_experiences}")
+    _check(s.epochs >= 1, "stream.epochs", f"must be >= 1, got {s.epochs}")
+    _check(s.mode == "offline" or s.epochs == 1, "stream.epochs",
+           f"a stream sees each sample once: epochs must be 1 in mode {s.mode!r} (use stream.mode=offline for E epochs)")
+    _check(s.online_experience_size >= 2, "stream.online_experience_size", f"must be >= 2, got {s.online_experience_size}")
+    _check(s.eval_every >= 0, "stream.eval_every", f"must be >= 0, got {s.eval_every}")
+    if s.classes_per_experience is not None:
+        _check(all(c >= 1 for c in s.classes_per_experience), "stream.classes_per_experience",
+               f"every experience needs at least one class, got {s.classes_per_experience}")
+    split_by_class = s.mode == "class_incremental" or (s.mode == "online" and s.online_base == "class_incremental")
+    for key in ("experience_classes", "classes_per_experience"):  # else silently ignored: another stream than meant
+        _check(getattr(s, key) is None or split_by_class, f"stream.{key}",
+               f"splits the classes of a class-incremental stream (stream.mode=class_incremental, or online with "
+               f"stream.online_base=class_incremental), but this stream is {s.mode!r}"
+               f"{f' on {s.online_base!r}' if s.mode == 'online' else ''}; remove it (stream.{key}=null) or change "
+               "the mode")
 
 
 def _validate_cl(cl: ClConfig, s: StreamConfig) -> None:

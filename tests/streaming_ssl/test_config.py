@@ -226,6 +226,29 @@ def test_epochs_above_one_are_fine_offline():
     assert load_config(None, ["stream.mode=offline", "stream.epochs=5"]).stream.epochs == 5
 
 
+def test_a_class_split_sets_the_number_of_experiences(tmp_path):
+    """stream.classes_per_experience (or experience_classes) decides how many experiences there are: the resolved
+    config, which config.yaml records, says so, instead of a recipe's n_experiences that the stream ignores."""
+    cfg = load_config(None, ["stream.n_experiences=10", "stream.classes_per_experience=[5, 2, 3]"])
+    assert cfg.stream.n_experiences == 3
+    cfg = load_config(None, ["stream.classes_per_experience=[5, 5]", "stream.experience_classes=[[0], [1], [2]]"])
+    assert cfg.stream.n_experiences == 3  # the explicit classes win, as in the stream
+    assert load_config(None, ["stream.n_experiences=7"]).stream.n_experiences == 7
+    save_config(cfg, tmp_path / "c.yaml")
+    assert load_config(tmp_path / "c.yaml") == cfg
+
+
+@pytest.mark.parametrize("overrides", [
+    ["stream.mode=data_incremental", "stream.classes_per_experience=[5, 5]"],
+    ["stream.mode=online", "stream.online_base=data_incremental", "stream.experience_classes=[[0], [1]]"],
+    ["stream.mode=offline", "stream.classes_per_experience=[5, 5]"],
+])
+def test_a_class_split_of_a_stream_not_split_by_class_is_refused(overrides):
+    key = overrides[-1].split("=")[0]
+    with pytest.raises(ConfigError, match=rf"{key}: splits the classes of a class-incremental stream.*remove it"):
+        load_config(None, overrides)
+
+
 def test_missing_config_file(tmp_path):
     missing = tmp_path / "nope.yaml"
     with pytest.raises(ConfigError, match=r"config file '.*nope\.yaml' not found"):
