@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 # source the child runs before main, e.g. to raise an error a test needs at a given point);
 # {"op": "wait", "pid"} -> {"pid", "status"} (exit code, or -signal).
 SOURCE = r"""
-import json, os, sys, traceback
+import json, os, signal, sys, traceback
 import scenarios.datasets, scenarios.streams
 import streaming_ssl.build, streaming_ssl.cli.train, streaming_ssl.plugins, streaming_ssl.runner
 print(json.dumps({"ready": os.getpid()}), flush=True)
@@ -39,6 +39,8 @@ for line in sys.stdin:
             rc = 99
             try:
                 os.environ.update(req["env"])
+                # Ctrl-C as from a prompt, also when pytest runs in a script's background (its SIGINT ignored)
+                signal.signal(signal.SIGINT, signal.default_int_handler)
                 exec(req.get("prelude") or "", {"__name__": "prelude"})
                 fd = os.open(req["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
                 os.dup2(fd, 1)
