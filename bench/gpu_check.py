@@ -205,19 +205,21 @@ def read_rows(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
-def last_progress(output: str) -> dict:
-    """Loss, coding rate and invariance of the last update shown by the progress bar (train.log_every=1)."""
-    found = re.findall(r"inv=([-\d.]+), loss=([-\d.]+), tcr=([-\d.]+)", output)
-    if not found:
+def last_progress(run_dir: Path) -> dict:
+    """Loss, coding rate and invariance of the last update, from the run's training curves (train.log_every=1)."""
+    path = run_dir / "train.jsonl"
+    lines = [line for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    if not lines:
         return {}
-    inv, loss, tcr = (float(v) for v in found[-1])
-    return {"loss": loss, "tcr": tcr, "inv": inv}
+    row = json.loads(lines[-1])
+    return {key: row[key] for key in ("loss", "tcr", "inv") if key in row}
 
 
 def run_outputs(run_dir: Path, n_experiences: int) -> list[str]:
     """What is missing or wrong among the outputs every run writes."""
     problems = [f"{name} missing" for name in ("config.yaml", "metrics.jsonl", "summary.json", "accuracy.png",
-                                                "train.log") if not (run_dir / name).is_file()]
+                                                "train.log", "train.jsonl", "train_curves.png")
+                if not (run_dir / name).is_file()]
     if not list((run_dir / "tb").rglob("events.out.tfevents*")):
         problems.append("no TensorBoard events in tb/")
     if not list(run_dir.glob("ckpt_*.pt")):
@@ -225,6 +227,11 @@ def run_outputs(run_dir: Path, n_experiences: int) -> list[str]:
     experiences = [r.get("experience") for r in read_rows(run_dir)]
     if experiences != list(range(n_experiences)):
         problems.append(f"metrics rows of experiences {experiences}, expected {list(range(n_experiences))}")
+    rows, path = read_rows(run_dir), run_dir / "train.jsonl"
+    logged = [json.loads(line)["update"] for line in path.read_text().splitlines()] if path.is_file() else []
+    if rows and logged != list(range(1, rows[-1]["updates"] + 1)):  # train.log_every=1: each update once
+        problems.append(f"train.jsonl holds updates {logged[:5]}...{logged[-3:]} ({len(logged)} rows), expected "
+                        f"1..{rows[-1]['updates']} once each")
     return problems
 
 
@@ -232,7 +239,7 @@ def compare_runs(ref_rows: list[dict], ref_prog: dict, rows: list[dict], prog: d
     """Differences between two runs of the same config, and which exceed TOL."""
     diffs, problems = {}, []
     if not (ref_prog and prog):
-        return diffs, ["no progress line with the loss (train.log_every=1) in one of the runs"]
+        return diffs, ["no train.jsonl row with the loss (train.log_every=1) in one of the runs"]
     if not (ref_rows and rows):
         return diffs, ["a run has no metrics rows"]
     diffs["loss_rel"] = abs(prog["loss"] - ref_prog["loss"]) / max(abs(ref_prog["loss"]), 1e-9)
@@ -290,7 +297,7 @@ def check_e2e(ctx: Ctx, plain: dict) -> dict:
         problems.append(f"--resume: exit {resume['rc']}" + (" (timed out)" if resume["timed_out"] else ""))
     problems += [f"resumed run: {p}" for p in run_outputs(resumed_dir, n_exp)]
     diffs, bad = compare_runs(plain["rows"], plain["progress"], read_rows(resumed_dir),
-                              last_progress(resume["output"]))
+                              last_progress(resumed_dir))
     problems += [f"resumed vs plain: {p}" for p in bad]
     evaluated = check_evaluate(ctx, evaluating, plain["rows"])
     evaluate_step = evaluated.pop("step")
@@ -334,7 +341,7 @@ def check_ddp(ctx: Ctx, plain: dict, step: dict) -> dict:
     problems = [] if step["rc"] == 0 else [f"torchrun: exit {step['rc']}" + (" (timed out)" if step["timed_out"]
                                                                            else "")]
     problems += [f"torchrun run: {p}" for p in run_outputs(run_dir, 3)]
-    diffs, bad = compare_runs(plain["rows"], plain["progress"], read_rows(run_dir), last_progress(step["output"]))
+    diffs, bad = compare_runs(plain["rows"], plain["progress"], read_rows(run_dir), last_progress(run_dir))
     problems += [f"torchrun vs plain: {p}" for p in bad]
     log = (run_dir / "train.log").read_text(errors="replace") if (run_dir / "train.log").is_file() else ""
     world = re.search(r"world (\d+)", log)
@@ -369,7 +376,7 @@ def launch_cli_runs(ctx: Ctx, torchrun: bool = True) -> dict:
     plain = steps["plain"]
     problems = [] if plain["rc"] == 0 else [f"exit {plain['rc']}" + (" (timed out)" if plain["timed_out"] else "")]
     problems += run_outputs(plain_dir, 3)
-    return {"plain": {"step": plain, "rows": read_rows(plain_dir), "progress": last_progress(plain["output"]),
+    return {"plain": {"step": plain, "rows": read_rows(plain_dir), "progress": last_progress(plain_dir),
                       "problems": problems, "stopped": stopped},
             "torchrun": steps.get("torchrun")}
 

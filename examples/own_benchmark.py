@@ -16,7 +16,8 @@ from avalanche.benchmarks.utils import as_classification_dataset
 from avalanche.training.plugins import EvaluationPlugin, ReplayPlugin
 from torch.utils.data import TensorDataset
 
-from streaming_ssl import LARS, EMPSSLModel, EMPSSLStrategy, MultiPatchAugment, ProbeMetric, ProbeSet, StreamEvaluator, param_groups
+from streaming_ssl import (LARS, EMPSSLModel, EMPSSLStrategy, MultiPatchAugment, ProbeMetric, ProbeSet,
+                           StreamEvaluator, TrainLog, param_groups)
 
 
 def tensors(npz, split: str, per_class: int):
@@ -39,6 +40,7 @@ def main(argv=None) -> list[list[float]]:
     p.add_argument("--per-class", type=int, default=200, help="training images per class (fewer: faster)")
     p.add_argument("--experiences", type=int, default=5)
     p.add_argument("--width", type=float, default=0.25, help="ResNet-18 channel multiplier")
+    p.add_argument("--curves", help="a folder for the training curves (train.jsonl, TensorBoard's train/*)")
     args = p.parse_args(argv)
     npz = np.load(args.npz)
     (xtr, ytr), (xte, yte) = tensors(npz, "train", args.per_class), tensors(npz, "test", args.per_class // 2)
@@ -49,7 +51,9 @@ def main(argv=None) -> list[list[float]]:
     evaluator = StreamEvaluator(in_domain=ProbeSet("mine", xtr, ytr, xte, yte, int(ytr.max()) + 1), transfer=[],
                                 parent_classes=classes, augment=augment, device=torch.device("cpu"))
     strategy = EMPSSLStrategy(model=model, optimizer=LARS(param_groups(model, 1e-4), lr=0.3), augment=augment,
-                              batch_size=50, plugins=[ReplayPlugin(mem_size=100)],
+                              batch_size=50, plugins=[ReplayPlugin(mem_size=100),
+                                                      *([TrainLog(args.curves, every=1, tensorboard=True)]
+                                                        if args.curves else [])],
                               # the learning rate's cosine decay spans the whole stream, as in run_stream.py (without
                               # total_updates it stays at lr)
                               total_updates=sum(math.ceil(len(e.dataset) / 50) for e in bench.train_stream),

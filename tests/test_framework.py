@@ -4,6 +4,7 @@ short functions, and EMPSSLStrategy on a foreign Avalanche benchmark (fast path 
 from __future__ import annotations
 
 import ast
+import json
 import os
 import shutil
 import subprocess
@@ -204,14 +205,21 @@ def test_grayscale_images_are_probed_as_three_equal_channels(patches: int) -> No
 
 # ------------------------------------------------------------------------------------------ the example
 @pytest.mark.skipif(not DATA.exists(), reason="needs the real CIFAR-10 (STREAMING_SSL_DATA)")
-def test_example_trains_with_avalanche_replay_and_prints_the_matrix(capsys) -> None:
+def test_example_trains_with_avalanche_replay_and_prints_the_matrix(capsys, tmp_path) -> None:
     sys.path.insert(0, str(REPO / "examples"))
     try:
         import own_benchmark
     finally:
         sys.path.remove(str(REPO / "examples"))
-    matrix = own_benchmark.main(["--npz", str(DATA), "--per-class", "10", "--width", "0.125", "--experiences", "2"])
+    matrix = own_benchmark.main(["--npz", str(DATA), "--per-class", "10", "--width", "0.125", "--experiences", "2",
+                                 "--curves", str(tmp_path)])
     assert len(matrix) == 2 and all(len(row) == 2 for row in matrix)
+    # TrainLog in a strategy of one's own: a row per update (50 images per experience, batch 50: one update each;
+    # Avalanche's replay loads its 50 memory images with the 2nd, and samples_seen counts what the loader gave)
+    curves = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
+    assert [r["update"] for r in curves] == [1, 2] and [r["samples_seen"] for r in curves] == [50, 150]
+    assert {"loss", "tcr", "inv", "lr"} <= set(curves[-1])
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
     assert all(0.0 <= a <= 1.0 for row in matrix for a in row)
     out = capsys.readouterr().out
     assert "after experience 1:" in out and "after experience 2:" in out
