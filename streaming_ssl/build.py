@@ -220,19 +220,20 @@ def build_evaluator(cfg: Config, splits: DatasetSplits, stream: SSLStream, augme
                            probe_kwargs=probe_kwargs(cfg), seed=cfg.train.seed, bn_recalibrate=e.bn_recalibrate)
 
 
-def build_loggers(cfg: Config, run_dir: Path) -> list:
+def build_loggers(cfg: Config, run_dir: Path, *, resumed_after: int | None = None) -> list:
     """metrics.jsonl, log.txt (Avalanche's TextLogger, one row per evaluation) and TensorBoard; rank 0 only. Close
-    them after the run."""
-    from avalanche.logging import TensorboardLogger
-
-    from streaming_ssl.evaluation import ExperienceTextLogger, JSONLLogger, ScalarTensorboardLogger
+    them after the run. `resumed_after`: the experiences trained at the checkpoint a resumed run continues from
+    (TensorBoard then hides the evaluations logged after it, which are logged again)."""
+    from streaming_ssl.evaluation import (ExperienceTextLogger, JSONLLogger, ResumedTensorboardLogger,
+                                          ScalarTensorboardLogger)
 
     if not ddp.is_main():
         return []
     text = ExperienceTextLogger(open(run_dir / "log.txt", "a"))  # noqa: SIM115 - closed by close_loggers
     loggers = [JSONLLogger(run_dir / "metrics.jsonl"), text]
     if cfg.run.tensorboard:
-        loggers.append(ScalarTensorboardLogger(TensorboardLogger(run_dir / "tb")))
+        purge = None if resumed_after is None else resumed_after + 1
+        loggers.append(ScalarTensorboardLogger(ResumedTensorboardLogger(run_dir / "tb", purge_step=purge)))
     return loggers
 
 

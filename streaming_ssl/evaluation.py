@@ -15,13 +15,14 @@ import json
 import logging
 import os
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from avalanche.evaluation.metric_definitions import PluginMetric
 from avalanche.evaluation.metric_results import MetricValue
-from avalanche.logging import BaseLogger, TextLogger
+from avalanche.logging import BaseLogger, TensorboardLogger, TextLogger
 
 from streaming_ssl import distributed as ddp
 from streaming_ssl.augment import MultiPatchAugment
@@ -241,6 +242,22 @@ class ExperienceTextLogger(TextLogger):
             self.print_current_metrics()
             self.metric_vals = {}
         self.file.flush()
+
+
+class ResumedTensorboardLogger(TensorboardLogger):
+    """Avalanche's TensorboardLogger whose writer starts with `purge_step`: TensorBoard hides what the directory
+    holds at steps >= purge_step (a resumed run: the evaluations logged after its checkpoint, logged again)."""
+
+    def __init__(self, tb_log_dir: str | Path, purge_step: int | None = None) -> None:
+        self.purge_step = purge_step
+        super().__init__(tb_log_dir)
+
+    def _make_writer(self, tb_log_dir, filename_suffix):
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(tb_log_dir, filename_suffix=filename_suffix, purge_step=self.purge_step)
+        weakref.finalize(self, SummaryWriter.close, writer)  # as Avalanche's: closed when collected
+        return writer
 
 
 class ScalarTensorboardLogger(BaseLogger):

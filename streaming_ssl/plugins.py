@@ -137,8 +137,8 @@ class ProgressPlugin(SupervisedPlugin, supports_distributed=True):
 
 
 class TrainLog(SupervisedPlugin, supports_distributed=True):
-    """The training curves: every `every` updates one row of train.jsonl (and TensorBoard's `train/*`, when
-    `tensorboard`), with the update, experience, samples seen, learning rate, loss and every value in
+    """The training curves: every `every` updates one row of train.jsonl (and TensorBoard's `train/*` in tb/train,
+    when `tensorboard`), with the update, experience, samples seen, learning rate, loss and every value in
     `strategy.last_stats` (the objective's `tcr` and `inv`, and whatever a method adds there, as `distill`).
 
     The values stay on the device until a flush (every `flush_rows` (50) rows, after an evaluated experience, and in
@@ -163,8 +163,10 @@ class TrainLog(SupervisedPlugin, supports_distributed=True):
         if self.tensorboard and ddp.is_main() and self.writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
-            # a resumed run: the steps logged after its checkpoint are hidden, as the rows are dropped
-            self.writer = SummaryWriter(str(self.path.parent / "tb"),
+            # a resumed run: the steps logged after its checkpoint are hidden, as the rows are dropped. A folder of
+            # its own (TensorBoard's run "train"): a purge hides every tag's steps from there on, and the
+            # evaluations in tb/ count experiences, not updates
+            self.writer = SummaryWriter(str(self.path.parent / "tb" / "train"),
                                         purge_step=strategy.global_step + 1 if strategy.global_step else None)
 
     def after_training_iteration(self, strategy, **kwargs) -> None:

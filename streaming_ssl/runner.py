@@ -194,7 +194,8 @@ def _train(cfg: Config, *, resume: bool, overwrite: bool, lock: RunLock | None) 
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
         (run_dir / "train.jsonl").unlink(missing_ok=True)
     setup_logging(run_dir)
-    run.loggers.extend(build.build_loggers(cfg, run_dir))
+    resumed_after = None if state is None else int(state["position"]["stream_step"])
+    run.loggers.extend(build.build_loggers(cfg, run_dir, resumed_after=resumed_after))
     try:
         log.info("run %s on %s (precision %s, world %d, allocator %s)", run_dir, device, amp_dtype or "fp32",
                  ddp.world_size(), allocator.in_effect(dict(os.environ)))

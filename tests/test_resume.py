@@ -161,7 +161,8 @@ def test_killed_inside_a_checkpoint_write_after_a_row_resumes_without_a_duplicat
     full, killed = tmp_path / "full", tmp_path / "killed"
     marker, release = tmp_path / "marker", tmp_path / "release"
     release.write_text("the first write\n")  # the first write (before the evaluation) goes through; the second waits
-    tiny = ["stream.n_experiences=2", "data.train_per_class=10", "data.test_per_class=5", "run.checkpoint_every=0"]
+    tiny = ["stream.n_experiences=2", "data.train_per_class=10", "data.test_per_class=5", "run.checkpoint_every=0",
+            "run.tensorboard=true"]
     ref = zygote.start(_cmd(full, *tiny)[2:], tmp_path / "full.log")
     pid = zygote.start(_cmd(killed, *tiny)[2:], tmp_path / "killed.log",
                        env={ckpt.PAUSE_MARKER_ENV: str(marker), ckpt.PAUSE_ENV: "120",
@@ -185,6 +186,18 @@ def test_killed_inside_a_checkpoint_write_after_a_row_resumes_without_a_duplicat
     assert zygote.wait(ref, 240) == 0, (tmp_path / "full.log").read_text(errors="replace")[-3000:]
     assert [r["experience"] for r in _rows(killed)] == [0, 1]
     assert _rows(killed) == _rows(full)
+    # TensorBoard too: the killed run's evaluation of experience 0 is hidden (purged), its new one shown once
+    assert _tensorboard(killed, "probe/acc_all") == _tensorboard(full, "probe/acc_all")
+    assert [step for step, _ in _tensorboard(killed, "probe/acc_all")] == [1, 2]
+
+
+def _tensorboard(run_dir: Path, tag: str) -> list[tuple[int, float]]:
+    """(step, value) of a tag in the run's tb/ as TensorBoard shows it (steps a resumed run purged left out)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tb"))
+    events.Reload()
+    return [(s.step, s.value) for s in events.Scalars(tag)]
 
 
 @pytest.mark.parametrize("extra, expected", [
@@ -452,7 +465,7 @@ def test_training_curves_of_a_resumed_run_equal_an_uninterrupted_runs(tmp_path: 
 
     def curves(run_dir: Path) -> tuple[list[dict], dict]:
         rows = [json.loads(line) for line in (run_dir / "train.jsonl").read_text().splitlines()]
-        events = EventAccumulator(str(run_dir / "tb"))
+        events = EventAccumulator(str(run_dir / "tb" / "train"))
         events.Reload()
         return rows, {k: [(s.step, s.value) for s in events.Scalars(f"train/{k}")] for k in ("loss", "tcr", "lr")}
 

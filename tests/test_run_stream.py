@@ -95,7 +95,7 @@ def test_split_stream_writes_every_output(split_run: Path) -> None:
 def test_training_curves_are_logged_every_log_every_updates(split_run: Path) -> None:
     """train.jsonl: one row per train.log_every (5) updates, each the values of that very update (the loss is the
     objective of its coding rate and invariance, the learning rate the schedule's at that update); TensorBoard's
-    train/* hold the same values at the same steps; train_curves.png draws them."""
+    train/* (tb/train) hold the same values at the same steps; train_curves.png draws them."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from streaming_ssl.lars import cosine_lr
@@ -112,7 +112,7 @@ def test_training_curves_are_logged_every_log_every_updates(split_run: Path) -> 
         assert r["lr"] == pytest.approx(cosine_lr(r["update"] - 1, 20, o.lr, warmup_steps=o.warmup_steps,
                                                   final_lr=o.final_lr))
     assert len({r["loss"] for r in rows}) == 4  # four updates' own values, not one repeated
-    events = EventAccumulator(str(split_run / "tb"))
+    events = EventAccumulator(str(split_run / "tb" / "train"))
     events.Reload()
     for key in ("loss", "tcr", "inv", "lr"):
         scalars = events.Scalars(f"train/{key}")
