@@ -75,7 +75,7 @@ def main(argv=None) -> int:
         buffers = image_buffers(state.get("plugins", {}))
         entry = {"checkpoint": str(path), "updates": state.get("position"),
                  "buffers": {key: class_histogram(images, index, n_classes) for key, images in buffers}}
-        cfg = config_from_dict(state["config"], import_methods=False)
+        cfg = config_from_dict(state["config"], import_methods=False, saved=True)
         split = experience_split(cfg, n_classes)
         if split is not None and cfg.data.dataset == args.dataset:
             targets = per_class_subset(splits.train, cfg.data.train_per_class).targets

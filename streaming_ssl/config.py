@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,6 +20,8 @@ import yaml
 from scenarios.datasets import DataError, check_dataset_name
 from scenarios.streams import MODES, ONLINE_BASES  # the stream-mode registry (cheap: no Avalanche import)
 from streaming_ssl.atomic import atomic_write_text
+
+log = logging.getLogger(__name__)
 
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
@@ -400,10 +403,12 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def config_from_dict(data: dict, *, import_methods: bool = True) -> Config:
+def config_from_dict(data: dict, *, import_methods: bool = True, saved: bool = False) -> Config:
     """Build and validate a Config from a nested dict. The modules in cl.imports are imported first (their methods'
     sections are then known); with `import_methods` False they are not, and the sections of methods not registered
-    are kept unchecked (a saved config read for its model and data alone, as evaluate.py does)."""
+    are kept unchecked (a saved config read for its model and data alone, as evaluate.py does). `saved`: the config
+    of a run written earlier, read to resume or probe it; what older versions accepted and ignored is dropped with
+    a warning there instead of refused (a class split on a stream not split by class)."""
     data = dict(data or {})
     if isinstance(data.get("cl"), dict) and data["cl"].get("imports"):
         data["cl"] = {**data["cl"], "imports": _method_imports(data["cl"]["imports"])}
@@ -412,6 +417,8 @@ def config_from_dict(data: dict, *, import_methods: bool = True) -> Config:
 
             do_import(data["cl"]["imports"])
     cfg = _build(Config, data, "", lenient=not import_methods)
+    if saved:
+        _drop_ignored_split(cfg.stream)
     validate(cfg)
     s = cfg.stream
     split = s.experience_classes if s.experience_classes is not None else s.classes_per_experience
@@ -427,8 +434,23 @@ def _method_imports(names: Any) -> list[str]:
     return [str(Path(n).expanduser().resolve()) if n.endswith(".py") else n for n in names]
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML recipe (safe_load), apply dotted overrides, validate."""
+def _splits_by_class(s: StreamConfig) -> bool:
+    return s.mode == "class_incremental" or (s.mode == "online" and s.online_base == "class_incremental")
+
+
+def _drop_ignored_split(s: StreamConfig) -> None:
+    """A saved run's class split on a stream not split by class: its stream never used it (refused since)."""
+    for key in ("experience_classes", "classes_per_experience"):
+        if getattr(s, key) is not None and not _splits_by_class(s):
+            log.warning("the run's config sets stream.%s on a %s stream, which never used it: ignored, as when the "
+                        "run was trained", key, s.mode)
+            setattr(s, key, None)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, *,
+                saved: bool = False) -> Config:
+    """Read a YAML recipe (safe_load), apply dotted overrides, validate. `saved`: a run's own config.yaml (see
+    config_from_dict)."""
     data: dict = {}
     if path is not None:
         path = Path(path)
@@ -441,7 +463,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(data, dict):
             raise ConfigError(f"config file {str(path)!r}: expected a mapping of sections (data:, model:, ...), "
                               f"got {type(data).__name__}")
-    return config_from_dict(_merge(data, parse_overrides(overrides or [])))
+    return config_from_dict(_merge(data, parse_overrides(overrides or [])), saved=saved)
 
 
 # -------------------------------------------------------------------------------------------- validation
@@ -571,9 +593,8 @@ def _validate_stream(s: StreamConfig) -> None:
     if s.classes_per_experience is not None:
         _check(all(c >= 1 for c in s.classes_per_experience), "stream.classes_per_experience",
                f"every experience needs at least one class, got {s.classes_per_experience}")
-    split_by_class = s.mode == "class_incremental" or (s.mode == "online" and s.online_base == "class_incremental")
     for key in ("experience_classes", "classes_per_experience"):  # else silently ignored: another stream than meant
-        _check(getattr(s, key) is None or split_by_class, f"stream.{key}",
+        _check(getattr(s, key) is None or _splits_by_class(s), f"stream.{key}",
                f"splits the classes of a class-incremental stream (stream.mode=class_incremental, or online with "
                f"stream.online_base=class_incremental), but this stream is {s.mode!r}"
                f"{f' on {s.online_base!r}' if s.mode == 'online' else ''}; remove it (stream.{key}=null) or change "

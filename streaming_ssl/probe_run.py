@@ -92,7 +92,7 @@ def load_checkpoint_model(checkpoint: str | Path, *, data_root: str | None = Non
     was saved take them from the loaded data.
     """
     path, state = loaded or ckpt.load_latest(checkpoint)
-    cfg = config_from_dict(state["config"], import_methods=False)
+    cfg = config_from_dict(state["config"], import_methods=False, saved=True)
     cfg.data.root = data_root or cfg.data.root
     cfg.train.device = device or "auto"
     dev = resolve_device(cfg.train.device, setting=device_setting)
@@ -178,7 +178,7 @@ def probe_checkpoint(req: ProbeRequest) -> dict:
     """
     check_request(req)
     path, state = ckpt.load_latest(req.checkpoint)
-    trained_on = config_from_dict(state["config"], import_methods=False).data.dataset
+    trained_on = config_from_dict(state["config"], import_methods=False, saved=True).data.dataset
     in_domain = req.datasets or [trained_on]
     named = [("--dataset" if req.datasets else IN_DOMAIN, n) for n in in_domain] if req.in_domain else []
     named += [("--transfer", n) for n in req.transfer]

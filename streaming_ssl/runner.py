@@ -68,7 +68,7 @@ def prepare_run_dir(cfg: Config, *, resume: bool = False, overwrite: bool = Fals
         if not saved_cfg_path.is_file():
             raise RunError(f"cannot resume {str(run_dir)!r}: it holds no config.yaml (not a run directory)")
         raw = yaml.safe_load(saved_cfg_path.read_text())
-        saved = config_from_dict(raw)
+        saved = config_from_dict(raw, saved=True)
         if _predates_blur_kernel(raw) and cfg.augment.blur_kernel is None:
             # saved before augment.blur_kernel existed: it trained with the 10% kernel, and resumes with it
             saved.augment.blur_kernel = cfg.augment.blur_kernel = 0

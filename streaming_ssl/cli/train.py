@@ -51,7 +51,7 @@ def resolve_config(args: argparse.Namespace):
         if args.config:
             cfg = load_config(args.config, args.overrides + [f"run.out_dir={args.resume}"])
         else:  # the run is where its config.yaml is, wherever it was saved (a run directory moved or copied)
-            cfg = load_config(saved, [f"run.out_dir={args.resume}", *args.overrides])
+            cfg = load_config(saved, [f"run.out_dir={args.resume}", *args.overrides], saved=True)
         if Path(cfg.run.out_dir).resolve() != Path(args.resume).resolve():
             raise ConfigError(f"--resume {args.resume} but the config's run.out_dir is {cfg.run.out_dir}")
         return cfg

@@ -249,6 +249,20 @@ def test_a_class_split_of_a_stream_not_split_by_class_is_refused(overrides):
         load_config(None, overrides)
 
 
+def test_a_saved_runs_ignored_class_split_is_dropped_with_a_warning(tmp_path, caplog):
+    """A run saved before the refusal, with a class split its data-incremental stream never used: its config still
+    loads to resume or probe it (saved=True), the split dropped and named."""
+    data = {"stream": {"mode": "data_incremental", "n_experiences": 4, "classes_per_experience": [5, 5]}}
+    with pytest.raises(ConfigError, match="classes_per_experience"):
+        config_from_dict(data)
+    with caplog.at_level("WARNING"):
+        cfg = config_from_dict(data, saved=True)
+    assert cfg.stream.classes_per_experience is None and cfg.stream.n_experiences == 4
+    assert "stream.classes_per_experience on a data_incremental stream, which never used it" in caplog.text
+    path = write(tmp_path, "stream: {mode: offline, experience_classes: [[0], [1]]}\n")
+    assert load_config(path, saved=True).stream.experience_classes is None
+
+
 def test_missing_config_file(tmp_path):
     missing = tmp_path / "nope.yaml"
     with pytest.raises(ConfigError, match=r"config file '.*nope\.yaml' not found"):
