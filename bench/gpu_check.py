@@ -205,14 +205,21 @@ def read_rows(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
+def train_rows(run_dir: Path) -> list[dict]:
+    """The rows of the run's train.jsonl; a partial last line (a process killed mid-append) is left out."""
+    path, rows = run_dir / "train.jsonl", []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return rows
+
+
 def last_progress(run_dir: Path) -> dict:
     """Loss, coding rate and invariance of the last update, from the run's training curves (train.log_every=1)."""
-    path = run_dir / "train.jsonl"
-    lines = [line for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
-    if not lines:
-        return {}
-    row = json.loads(lines[-1])
-    return {key: row[key] for key in ("loss", "tcr", "inv") if key in row}
+    rows = train_rows(run_dir)
+    return {key: rows[-1][key] for key in ("loss", "tcr", "inv") if key in rows[-1]} if rows else {}
 
 
 def run_outputs(run_dir: Path, n_experiences: int) -> list[str]:
@@ -227,8 +234,7 @@ def run_outputs(run_dir: Path, n_experiences: int) -> list[str]:
     experiences = [r.get("experience") for r in read_rows(run_dir)]
     if experiences != list(range(n_experiences)):
         problems.append(f"metrics rows of experiences {experiences}, expected {list(range(n_experiences))}")
-    rows, path = read_rows(run_dir), run_dir / "train.jsonl"
-    logged = [json.loads(line)["update"] for line in path.read_text().splitlines()] if path.is_file() else []
+    rows, logged = read_rows(run_dir), [r.get("update") for r in train_rows(run_dir)]
     if rows and logged != list(range(1, rows[-1]["updates"] + 1)):  # train.log_every=1: each update once
         problems.append(f"train.jsonl holds updates {logged[:5]}...{logged[-3:]} ({len(logged)} rows), expected "
                         f"1..{rows[-1]['updates']} once each")

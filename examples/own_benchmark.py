@@ -40,7 +40,7 @@ def main(argv=None) -> list[list[float]]:
     p.add_argument("--per-class", type=int, default=200, help="training images per class (fewer: faster)")
     p.add_argument("--experiences", type=int, default=5)
     p.add_argument("--width", type=float, default=0.25, help="ResNet-18 channel multiplier")
-    p.add_argument("--curves", help="a folder for the training curves (train.jsonl, TensorBoard's train/*)")
+    p.add_argument("--curves", help="a folder for the training curves (train.jsonl; TensorBoard: tb/train)")
     args = p.parse_args(argv)
     npz = np.load(args.npz)
     (xtr, ytr), (xte, yte) = tensors(npz, "train", args.per_class), tensors(npz, "test", args.per_class // 2)

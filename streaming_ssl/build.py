@@ -232,7 +232,8 @@ def build_loggers(cfg: Config, run_dir: Path, *, resumed_after: int | None = Non
     text = ExperienceTextLogger(open(run_dir / "log.txt", "a"))  # noqa: SIM115 - closed by close_loggers
     loggers = [JSONLLogger(run_dir / "metrics.jsonl"), text]
     if cfg.run.tensorboard:
-        purge = None if resumed_after is None else resumed_after + 1
+        # a new run too (1): what a run killed before its first checkpoint logged is hidden
+        purge = (resumed_after or 0) + 1
         loggers.append(ScalarTensorboardLogger(ResumedTensorboardLogger(run_dir / "tb", purge_step=purge)))
     return loggers
 

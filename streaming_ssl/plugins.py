@@ -100,8 +100,11 @@ class SyncBuffers(SupervisedPlugin, supports_distributed=True):
 
 
 class ProgressPlugin(SupervisedPlugin, supports_distributed=True):
-    """A tqdm bar over the updates of the run, with the loss and the values of `strategy.last_stats` (coding rate,
-    invariance, and a method's own) every `log_every` (in float16 also the loss scale and the updates it skipped)."""
+    """A tqdm bar over the updates of the run, with the loss and the first six values of `strategy.last_stats`
+    (coding rate, invariance, and a method's own) every `log_every` (in float16 also the loss scale and the updates
+    it skipped)."""
+
+    TAKEN = ("loss", "scale", "skipped", "refresh", "ordered_dict")  # the bar's own, or set_postfix's arguments
 
     def __init__(self, total_updates: int, *, desc: str = "", log_every: int = 20) -> None:
         super().__init__()
@@ -120,7 +123,7 @@ class ProgressPlugin(SupervisedPlugin, supports_distributed=True):
         self.bar.update(1)
         if strategy.global_step % self.log_every == 0 and strategy.last_stats:
             stats = {k: f"{float(v):.3f}" for k, v in list(strategy.last_stats.items())[:6]  # a method's own too
-                     if not isinstance(v, torch.Tensor) or v.numel() == 1}
+                     if (not isinstance(v, torch.Tensor) or v.numel() == 1) and k not in self.TAKEN}
             if getattr(strategy, "grad_scaler", None) is not None:  # float16: the loss scale and the skipped updates
                 stats["scale"] = f"{strategy.grad_scaler.get_scale():.0f}"
                 strategy.counters.flush()  # (the loss read below waits for the device anyway)
@@ -139,17 +142,22 @@ class ProgressPlugin(SupervisedPlugin, supports_distributed=True):
 class TrainLog(SupervisedPlugin, supports_distributed=True):
     """The training curves: every `every` updates one row of train.jsonl (and TensorBoard's `train/*` in tb/train,
     when `tensorboard`), with the update, experience, samples seen, learning rate, loss and every value in
-    `strategy.last_stats` (the objective's `tcr` and `inv`, and whatever a method adds there, as `distill`).
+    `strategy.last_stats` (the objective's `tcr` and `inv`, and whatever a method adds there, as `distill`; a
+    method's value named as one of the row's own fields, ROW_FIELDS, is left out with a warning).
 
-    The values stay on the device until a flush (every `flush_rows` (50) rows, after an evaluated experience, and in
-    `state_dict()`, which the checkpoint calls), so logging adds no host sync to the other updates. The number of
-    rows written is checkpointed: a resumed run first drops the rows logged after its checkpoint (and TensorBoard
-    purges those steps), so train.jsonl equals an uninterrupted run's. Rank 0's values, written by rank 0.
-    Place it before CheckpointPlugin, so that the row of a checkpointed update is in that checkpoint."""
+    The values stay on the device until a flush (every `flush_rows` (50) rows, after an evaluated experience, in
+    `state_dict()`, which the checkpoint calls, and in `close()`, also after an error), so logging adds no host sync
+    to the other updates. The number of rows written is checkpointed: a resumed run first drops the rows logged
+    after its checkpoint (and TensorBoard hides those steps), so train.jsonl equals an uninterrupted run's; a new
+    run (update 0, no checkpoint) starts the file afresh. Rank 0's values, written by rank 0; a failed write (a
+    full disk) is logged and tried again at the next flush, never raised (under DDP the other ranks would wait
+    for rank 0 in the checkpoint's collectives). Place it before CheckpointPlugin, so that the row of a
+    checkpointed update is in that checkpoint."""
 
     state_key = "train_log"
     state_optional = True  # a checkpoint from before the curves were logged resumes without it
     flush_rows = 50
+    ROW_FIELDS = ("update", "experience", "samples_seen", "lr", "loss")
 
     def __init__(self, run_dir: str | Path, *, every: int = 20, tensorboard: bool = False) -> None:
         super().__init__()
@@ -157,17 +165,30 @@ class TrainLog(SupervisedPlugin, supports_distributed=True):
         self.every, self.tensorboard = max(int(every), 1), tensorboard
         self.pending: list[tuple[dict, list[str], torch.Tensor, dict]] = []
         self.rows, self.unsynced = 0, False  # rows in train.jsonl; some not yet fsynced
+        self.keep: int | None = None  # rows of the file to keep at the start (load_state_dict: the checkpoint's)
+        self.started = False
         self.writer = None
+        self.warned: set[str] = set()
 
     def before_training(self, strategy, **kwargs) -> None:
-        if self.tensorboard and ddp.is_main() and self.writer is None:
+        if self.started or not ddp.is_main():
+            return
+        self.started = True
+        keep = self.keep if self.keep is not None else 0 if strategy.global_step == 0 else None
+        if keep is not None and self.path.exists():  # rows past the checkpoint, or of an earlier run: logged again
+            lines = self.path.read_text().splitlines(keepends=True)
+            if len(lines) != keep:
+                atomic_write_text(self.path, "".join(lines[:keep]))
+            self.rows = min(keep, len(lines))
+        elif keep is None and self.path.exists():  # resumed without a count (an older checkpoint): append
+            self.rows = len(self.path.read_text().splitlines())
+        if self.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            # a resumed run: the steps logged after its checkpoint are hidden, as the rows are dropped. A folder of
-            # its own (TensorBoard's run "train"): a purge hides every tag's steps from there on, and the
-            # evaluations in tb/ count experiences, not updates
-            self.writer = SummaryWriter(str(self.path.parent / "tb" / "train"),
-                                        purge_step=strategy.global_step + 1 if strategy.global_step else None)
+            # the steps logged after the checkpoint (all of them in a new run) are hidden, as the rows are dropped.
+            # A folder of its own (TensorBoard's run "train"): a purge hides every tag's steps from there on, and
+            # the evaluations in tb/ count experiences, not updates
+            self.writer = SummaryWriter(str(self.path.parent / "tb" / "train"), purge_step=strategy.global_step + 1)
 
     def after_training_iteration(self, strategy, **kwargs) -> None:
         if strategy.global_step % self.every or not ddp.is_main() or strategy.loss is None:
@@ -175,7 +196,10 @@ class TrainLog(SupervisedPlugin, supports_distributed=True):
         loss = strategy.loss.detach().reshape(-1)[0]
         keys, tensors, numbers = ["loss"], [loss.float()], {}
         for key, value in strategy.last_stats.items():
-            if isinstance(value, torch.Tensor) and value.numel() == 1:
+            if key in self.ROW_FIELDS:
+                self._warn(key, f"strategy.last_stats[{key!r}] is not logged: {key!r} is a field of every row of "
+                                f"{self.path.name}; give the value another name")
+            elif isinstance(value, torch.Tensor) and value.numel() == 1:
                 keys.append(key)
                 tensors.append(value.detach().reshape(()).to(device=loss.device, dtype=torch.float32))
             elif isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -200,29 +224,46 @@ class TrainLog(SupervisedPlugin, supports_distributed=True):
         """Read the pending rows back from the device (one sync) and append them to train.jsonl and TensorBoard;
         `sync`: every row written is on disk before returning (a checkpoint is about to count them)."""
         if not self.pending:
-            if sync and self.unsynced and self.path.exists():
-                with self.path.open("a") as fh:
-                    os.fsync(fh.fileno())
-                self.unsynced = False
+            if sync and self.unsynced:
+                self._append([], sync=True)
             return
         values = torch.cat([t for _, _, t, _ in self.pending]).cpu().tolist()
-        lines, at = [], 0
+        rows, at = [], 0
         for meta, keys, _, numbers in self.pending:
-            row = {**meta, **dict(zip(keys, values[at:at + len(keys)])), **numbers}
+            rows.append({**meta, **dict(zip(keys, values[at:at + len(keys)])), **numbers})
             at += len(keys)
-            lines.append(json.dumps(row, allow_nan=True) + "\n")
-            if self.writer is not None:
-                for key, value in row.items():
-                    if key not in ("update", "experience") and isinstance(value, (int, float)):
-                        self.writer.add_scalar(f"train/{key}", value, meta["update"])
+        if not self._append([json.dumps(row, allow_nan=True) + "\n" for row in rows], sync=sync):
+            return  # kept pending, tried again at the next flush
         self.pending = []
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a") as fh:
-            fh.write("".join(lines))
-            if sync:
-                fh.flush()
-                os.fsync(fh.fileno())
+        for row in rows if self.writer is not None else []:
+            for key, value in row.items():
+                if key not in ("update", "experience") and isinstance(value, (int, float)):
+                    self.writer.add_scalar(f"train/{key}", value, row["update"])
+
+    def _append(self, lines: list[str], *, sync: bool) -> bool:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a") as fh:
+                fh.write("".join(lines))
+                if sync:
+                    fh.flush()
+                    os.fsync(fh.fileno())
+        except OSError as err:
+            where = free_space(self.path.parent)
+            self._warn("write", f"could not append to {self.path} ({err.strerror or err}; {where}): its rows are "
+                                "kept and written at the next flush")
+            try:  # no partial row left behind for the next append to follow
+                atomic_write_text(self.path, "".join(self.path.read_text().splitlines(keepends=True)[: self.rows]))
+            except OSError:
+                pass
+            return False
         self.rows, self.unsynced = self.rows + len(lines), not sync
+        return True
+
+    def _warn(self, what: str, message: str) -> None:
+        if what not in self.warned:
+            self.warned.add(what)
+            log.warning("%s", message)
 
     def state_dict(self) -> dict:
         self.flush(sync=True)
@@ -231,13 +272,17 @@ class TrainLog(SupervisedPlugin, supports_distributed=True):
         return {"rows": self.rows if ddp.is_main() else 0}
 
     def load_state_dict(self, state: dict) -> None:
-        self.pending, self.rows = [], int(state["rows"])
-        if ddp.is_main():  # drop the rows written after the checkpoint (they are logged again)
-            lines = self.path.read_text().splitlines(keepends=True) if self.path.exists() else []
-            atomic_write_text(self.path, "".join(lines[: self.rows]))
-            self.rows = min(self.rows, len(lines))
+        """The rows of train.jsonl the checkpoint counted; the ones after them are dropped when training starts
+        (not here: a resume refused after this must leave the run directory as it was)."""
+        self.pending, self.keep, self.rows, self.started = [], int(state["rows"]), int(state["rows"]), False
 
     def close(self) -> None:
+        """Write what is pending (after an error too: the rows up to a non-finite loss are what one looks at), and
+        close the TensorBoard writer."""
+        try:
+            self.flush()
+        except Exception as err:  # noqa: BLE001 - must not hide the error the run is ending with
+            log.warning("the last %d rows of %s were not written: %s", len(self.pending), self.path.name, err)
         if self.writer is not None:
             self.writer.close()
             self.writer = None

@@ -219,7 +219,7 @@ def test_example_trains_with_avalanche_replay_and_prints_the_matrix(capsys, tmp_
     curves = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
     assert [r["update"] for r in curves] == [1, 2] and [r["samples_seen"] for r in curves] == [50, 150]
     assert {"loss", "tcr", "inv", "lr"} <= set(curves[-1])
-    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    assert list((tmp_path / "tb" / "train").glob("events.out.tfevents.*"))
     assert all(0.0 <= a <= 1.0 for row in matrix for a in row)
     out = capsys.readouterr().out
     assert "after experience 1:" in out and "after experience 2:" in out
@@ -368,6 +368,65 @@ def test_a_plugin_reads_h_before_backward_and_it_is_freed_after() -> None:
     strategy.train(_foreign(*_images()))
     assert seen["shape"] == (6 * 2, 32) and seen["grad"] and seen["after"] is None  # 6 images x 2 patches, h of 32
     assert seen["h_of_patches"]
+
+
+def test_train_log_in_a_strategy_of_ones_own(tmp_path, caplog) -> None:
+    """TrainLog beside a user's plugin: a value named as a row field is left out with a warning (and does not break
+    the progress bar); a new strategy on the same folder starts train.jsonl afresh; a run that dies keeps its rows
+    up to the error (close); a write that fails keeps the rows for the next flush; load_state_dict leaves the
+    file alone until training starts."""
+    from avalanche.core import SupervisedPlugin
+
+    from streaming_ssl import ProgressPlugin, TrainLog
+
+    class Clash(SupervisedPlugin):
+        def __init__(self, fail_at=None):
+            super().__init__()
+            self.fail_at = fail_at
+
+        def before_backward(self, strategy, **kwargs):
+            strategy.last_stats["loss"] = torch.tensor(123.0)
+            strategy.last_stats["mine"] = torch.tensor(float(strategy.global_step))
+            if strategy.global_step == self.fail_at:
+                raise RuntimeError("the user's plugin failed")
+
+    def run(fail_at=None) -> TrainLog:
+        model, augment = _tiny_model_and_augment()
+        log = TrainLog(tmp_path, every=1)
+        strategy = _strategy(model, augment, plugins=[Clash(fail_at), ProgressPlugin(4, log_every=1), log])
+        try:
+            strategy.train(_foreign(*_images()))
+        finally:
+            log.close()
+        return log
+
+    def rows() -> list[dict]:
+        return [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
+
+    with caplog.at_level("WARNING"):
+        run()
+    assert [r["update"] for r in rows()] == [1, 2, 3, 4] and [r["mine"] for r in rows()] == [0.0, 1.0, 2.0, 3.0]
+    assert all(r["loss"] < 0 for r in rows())  # the objective's, not the plugin's 123
+    assert "strategy.last_stats['loss'] is not logged" in caplog.text
+    run()  # the same folder again: a new run, not appended to the last
+    assert [r["update"] for r in rows()] == [1, 2, 3, 4]
+    with pytest.raises(RuntimeError, match="the user's plugin failed"):
+        run(fail_at=2)  # dies in its third update, two done: both rows written by close()
+    assert [r["update"] for r in rows()] == [1, 2]
+
+    log = TrainLog(tmp_path, every=1)
+    log.load_state_dict({"rows": 1})
+    assert len(rows()) == 2  # until training starts
+    (tmp_path / "train.jsonl").unlink()
+    (tmp_path / "train.jsonl").mkdir()  # appending fails
+    log.pending = [({"update": 7, "experience": 0, "samples_seen": 1, "lr": 0.1}, ["loss"], torch.tensor([-1.0]),
+                    {})]
+    with caplog.at_level("WARNING"):
+        log.flush()
+    assert "could not append to" in caplog.text and len(log.pending) == 1
+    (tmp_path / "train.jsonl").rmdir()
+    log.flush()
+    assert [r["update"] for r in rows()] == [7] and not log.pending
 
 
 def test_every_plugin_of_ours_declares_it_runs_under_ddp() -> None:

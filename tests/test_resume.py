@@ -479,3 +479,26 @@ def test_training_curves_of_a_resumed_run_equal_an_uninterrupted_runs(tmp_path: 
     rows, tb = curves(killed)
     assert [r["update"] for r in rows] == [1, 2, 3, 4, 5, 6]
     assert (rows, tb) == curves(full)
+
+
+def test_a_run_saved_with_a_class_split_its_stream_ignored_still_resumes(tmp_path: Path, dies_after) -> None:
+    """A data-incremental run whose config.yaml holds a class split (accepted and ignored before it was refused)
+    resumes, and ends as the run without it."""
+    import yaml
+
+    from streaming_ssl.cli import train as run_stream
+
+    def args(run_dir: Path) -> list[str]:
+        return ["--config", str(REPO / "configs/smoke.yaml"), f"run.out_dir={run_dir}",
+                f"data.root={Path(DATA).resolve()}", "data.train_per_class=10", "data.test_per_class=2",
+                "stream.mode=data_incremental", "stream.n_experiences=2", "eval.probe_epochs=1", "eval.knn_k=0",
+                "run.tensorboard=false", "run.plot=false", "train.threads=1", "train.deterministic=true"]
+
+    old, plain = tmp_path / "old", tmp_path / "plain"
+    dies_after(3, run_stream.main, args(old))
+    saved = yaml.safe_load((old / "config.yaml").read_text())
+    saved["stream"]["classes_per_experience"] = [5, 5]  # as an older version wrote it
+    (old / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert run_stream.main(["--resume", str(old)]) == 0
+    assert run_stream.main(args(plain)) == 0
+    assert _rows(old) == _rows(plain) and len(_rows(old)) == 2

@@ -33,7 +33,7 @@ returns a plugin, a list of plugins, or None. A plugin with `trainable_modules` 
 torchrun says so, `class L2RegPlugin(SupervisedPlugin, supports_distributed=True)`, or Avalanche warns there.
 What the plugin puts in `strategy.last_stats` (0-dim tensors, in before_backward) joins the training curves
 (train.jsonl, TensorBoard's train/*, the progress bar); what it spends it counts with
-`strategy.counters.add("name", n)` (compute/name in every evaluation row, checkpointed).
+`strategy.counters.add("name", n)` (compute/name in every evaluation row from its first add on, checkpointed).
 """
 
 from __future__ import annotations
