@@ -113,9 +113,10 @@ def _refusal(run_dir: Path) -> str:
 class RunLock:
     """Exclusive lock of one run directory (see the module docstring). Not reentrant."""
 
-    def __init__(self, run_dir: str | Path) -> None:
+    def __init__(self, run_dir: str | Path, wait: float = 0.0) -> None:
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / LOCK_NAME
+        self.wait = max(float(wait), 0.0)  # seconds acquire waits for a holder to let go (0: refused at once)
         self._fd: int | None = None
 
     @property
@@ -124,16 +125,28 @@ class RunLock:
         return self._fd is not None
 
     def acquire(self) -> RunLock:
-        """Take the lock or raise RunLocked at once (never waits); creates run_dir if needed. Returns self."""
+        """Take the lock or raise RunLocked: at once, or after `wait` seconds of another process holding it (a
+        requeued job whose predecessor is still saving); creates run_dir if needed. Returns self."""
         if self._fd is not None:
             raise RuntimeError(f"RunLock of {self.run_dir} is already held by this object; release it first")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        deadline, told = time.monotonic() + self.wait, False
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise RunLocked(_refusal(self.run_dir)) from None
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        waited = f" (after waiting {self.wait:.0f} s)" if self.wait else ""
+                        raise RunLocked(_refusal(self.run_dir) + waited) from None
+                    if not told:  # say what it waits for, once
+                        told = True
+                        log.warning("waiting up to %.0f s for the lock of %s: %s", self.wait, self.run_dir,
+                                    _refusal(self.run_dir).split("; ")[0])
+                    time.sleep(min(0.5, left))
         except BaseException:
             os.close(fd)
             raise

@@ -147,15 +147,16 @@ def setup_logging(run_dir: Path | None) -> logging.Handler | None:
     return handler
 
 
-def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict:
+def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, lock_wait: float = 0.0) -> dict:
     """Train and evaluate one run; returns the last evaluation row.
 
     One writer per run directory: rank 0 holds RUN/.lock (runlock.py) for the whole run, taken before anything
     is read from or written to an existing directory (a new one: as soon as it is created); a second writer
-    (new run, --resume or --overwrite) gets RunLocked and changes nothing."""
+    (new run, --resume or --overwrite) gets RunLocked and changes nothing, at once or after waiting `lock_wait`
+    seconds for the holder to end."""
     handlers_before = list(logging.getLogger().handlers)
     run_dir = Path(cfg.run.out_dir)
-    lock = RunLock(run_dir) if ddp.env_world()[0] == 0 else None
+    lock = RunLock(run_dir, wait=lock_wait) if ddp.env_world()[0] == 0 else None
     joins_group = not ddp.is_dist()  # a group the caller made stays the caller's
     try:
         if lock is not None and run_dir.is_dir():

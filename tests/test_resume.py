@@ -502,3 +502,35 @@ def test_a_run_saved_with_a_class_split_its_stream_ignored_still_resumes(tmp_pat
     assert run_stream.main(["--resume", str(old)]) == 0
     assert run_stream.main(args(plain)) == 0
     assert _rows(old) == _rows(plain) and len(_rows(old)) == 2
+
+
+def test_a_requeued_job_waits_for_its_predecessor_to_let_go_of_the_run(tmp_path: Path, caplog, dies_after) -> None:
+    """--auto-resume --wait-lock: while another process still holds the run (a predecessor still saving, here a
+    process holding the lock for 3 s) the job waits, then continues the run from its checkpoint; without
+    --wait-lock it exits 2 at once and changes nothing."""
+    from streaming_ssl.cli import train as run_stream
+    from tests.conftest import child_env
+
+    run_dir = tmp_path / "run"
+    argv = ["--config", str(REPO / "configs/smoke.yaml"), f"run.out_dir={run_dir}", f"data.root={Path(DATA).resolve()}",
+            "data.train_per_class=10", "data.test_per_class=2", "stream.n_experiences=2", "eval.probe_epochs=1",
+            "eval.knn_k=0", "run.tensorboard=false", "run.plot=false", "train.threads=1", "--auto-resume"]
+    dies_after(3, run_stream.main, argv)
+    hold = ("import sys, time\nfrom streaming_ssl.runlock import RunLock\nlock = RunLock(sys.argv[1]).acquire()\n"
+            "print('locked', flush=True)\ntime.sleep(3)\n")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(run_dir)], stdout=subprocess.PIPE, text=True,
+                              env=child_env(), cwd=REPO)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with caplog.at_level("INFO"):
+            assert run_stream.main(argv) == 2  # refused at once
+            assert "RunLocked" in caplog.text and len(ckpt.list_checkpoints(run_dir)) == 1
+            assert run_stream.main([*argv, "--wait-lock", "120"]) == 0
+        assert holder.wait(10) == 0  # it had ended: the run went on after it
+        assert f"waiting up to 120 s for the lock of {run_dir}" in caplog.text
+        assert "resumed at update 3" in caplog.text and len(_rows(run_dir)) == 2
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+        holder.wait()
+        holder.stdout.close()

@@ -3,6 +3,8 @@
     python run_stream.py --config configs/split_cifar10.yaml [key.sub=value ...]
     python run_stream.py --resume runs/split_cifar10          # continue a run exactly where it stopped
     python run_stream.py --config configs/split_cifar10.yaml --auto-resume   # start, or continue: for requeued jobs
+    python run_stream.py --config configs/split_cifar10.yaml --auto-resume --wait-lock 120  # the predecessor may
+                                                                    # still be saving: wait for it up to 120 s
     torchrun --nproc_per_node 4 run_stream.py --config configs/split_imagenet100.yaml
     streaming-ssl-train --config configs/split_cifar10.yaml   # the same, installed as a console script
 
@@ -31,6 +33,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--auto-resume", action="store_true",
                    help="with --config: continue the run in its run.out_dir if one is there (with the same config), "
                         "else start it; one command for a job that a scheduler may stop and requeue")
+    p.add_argument("--wait-lock", type=float, default=0.0, metavar="SECONDS",
+                   help="if another process is writing the run directory (a requeued job whose predecessor is still "
+                        "saving), wait up to SECONDS for it to end instead of exiting 2 at once")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value",
                    help="override config values, e.g. train.batch_size=50 run.out_dir=runs/try2 (before, after or "
                         "between the flags)")
@@ -87,8 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
+        if not args.wait_lock >= 0:
+            raise RunError(f"--wait-lock {args.wait_lock}: give a number of seconds >= 0")
         cfg = resolve_config(args)
-        train(cfg, resume=resumes(args, cfg), overwrite=args.overwrite)
+        train(cfg, resume=resumes(args, cfg), overwrite=args.overwrite, lock_wait=args.wait_lock)
     except (ConfigError, DataError, StreamError, CheckpointError, RunError, NonFiniteLossError,
             CheckpointWriteError, RunLocked) as err:
         log.error("%s: %s", type(err).__name__, err)

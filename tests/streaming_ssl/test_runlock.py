@@ -21,13 +21,13 @@ import sys, time
 from streaming_ssl.runlock import RunLock
 lock = RunLock(sys.argv[1]).acquire()
 print("locked", flush=True)
-time.sleep(120)
+time.sleep(float(sys.argv[2]) if len(sys.argv) > 2 else 120)
 """
 
 
-def _start_holder(run_dir: Path) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(run_dir)], stdout=subprocess.PIPE, text=True,
-                            env=child_env())
+def _start_holder(run_dir: Path, hold_s: float = 120) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(run_dir), str(hold_s)], stdout=subprocess.PIPE,
+                            text=True, env=child_env())
     line = proc.stdout.readline()
     if line.strip() != "locked":
         proc.kill()
@@ -122,3 +122,24 @@ def test_garbage_in_the_lock_file_does_not_block_and_is_overwritten(tmp_path: Pa
         record = holder(tmp_path)
         assert record["pid"] == os.getpid()
         assert abs(record["started_unix"] - time.time()) < 60
+
+
+def test_wait_takes_the_lock_once_the_holder_ends_and_refuses_after_the_time_given(tmp_path: Path, caplog) -> None:
+    """RunLock(wait=S): a holder that ends within S seconds is waited for (once named in the log), one that does
+    not is refused after S seconds with the holder named; wait 0 refuses at once."""
+    run_dir = tmp_path / "run"
+    proc = _start_holder(run_dir, hold_s=2)
+    try:
+        start = time.monotonic()
+        with pytest.raises(RunLocked, match=rf"PID {proc.pid} .*nothing was changed \(after waiting 0 s\)$"):
+            RunLock(run_dir, wait=0.3).acquire()
+        assert time.monotonic() - start >= 0.3
+        with caplog.at_level("WARNING"):
+            lock = RunLock(run_dir, wait=60).acquire()  # the holder exits after 2 s
+        assert time.monotonic() - start < 30 and proc.wait(10) == 0
+        assert f"waiting up to 60 s for the lock of {run_dir}: run {run_dir} is being written by PID {proc.pid}" in \
+            caplog.text
+        assert holder(run_dir)["pid"] == os.getpid()
+        lock.release()
+    finally:
+        _stop(proc)
