@@ -340,7 +340,7 @@ def _build(cls: type, data: Any, prefix: str, lenient: bool = False) -> Any:
             raise _unknown_key(str(key), prefix, list(fields))
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
-            kwargs[key] = _build(tp, value if value is not None else {}, f"{prefix}{key}.")
+            kwargs[key] = _build(tp, value if value is not None else {}, f"{prefix}{key}.", lenient)
             continue
         coerced = _coerce(value, tp, prefix + key)
         choices = fields[key].metadata.get("choices")
@@ -439,12 +439,18 @@ def _splits_by_class(s: StreamConfig) -> bool:
 
 
 def _drop_ignored_split(s: StreamConfig) -> None:
-    """A saved run's class split on a stream not split by class: its stream never used it (refused since)."""
+    """What a saved run's stream never used of its class split (refused since): a split on a stream not split by
+    class, and classes_per_experience beside experience_classes that disagree (the explicit classes won)."""
     for key in ("experience_classes", "classes_per_experience"):
         if getattr(s, key) is not None and not _splits_by_class(s):
             log.warning("the run's config sets stream.%s on a %s stream, which never used it: ignored, as when the "
                         "run was trained", key, s.mode)
             setattr(s, key, None)
+    if s.experience_classes is not None and s.classes_per_experience is not None and \
+            list(s.classes_per_experience) != [len(e) for e in s.experience_classes]:
+        log.warning("the run's config sets stream.classes_per_experience beside stream.experience_classes, which "
+                    "decided its split: ignored, as when the run was trained")
+        s.classes_per_experience = None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, *,
@@ -593,6 +599,11 @@ def _validate_stream(s: StreamConfig) -> None:
     if s.classes_per_experience is not None:
         _check(all(c >= 1 for c in s.classes_per_experience), "stream.classes_per_experience",
                f"every experience needs at least one class, got {s.classes_per_experience}")
+    if s.experience_classes is not None and s.classes_per_experience is not None:  # the explicit classes win
+        sizes = [len(e) for e in s.experience_classes]
+        _check(list(s.classes_per_experience) == sizes, "stream.classes_per_experience",
+               f"{list(s.classes_per_experience)} disagrees with stream.experience_classes (experiences of {sizes} "
+               "classes), which decides the split; give only one of them (stream.classes_per_experience=null)")
     for key in ("experience_classes", "classes_per_experience"):  # else silently ignored: another stream than meant
         _check(getattr(s, key) is None or _splits_by_class(s), f"stream.{key}",
                f"splits the classes of a class-incremental stream (stream.mode=class_incremental, or online with "

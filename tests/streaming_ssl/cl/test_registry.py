@@ -154,9 +154,14 @@ def test_a_method_of_ones_own_trains_checkpoints_and_resumes_in_a_new_process(me
     curves = [json.loads(line) for line in (run_dir / "train.jsonl").read_text().splitlines()]
     assert [r["update"] for r in curves] == [1, 2, 3, 4, 5, 6] and all(r["pull"] > 0 for r in curves)
 
-    # evaluate.py needs the model and data, not the method: it reads the run with the module gone
+    # evaluate.py needs the model and data, not the method: a new process reads the run with the module gone (this
+    # process has the method registered, which hid that the saved section was refused)
     method_file.rename(tmp_path / "elsewhere.py")
     try:
+        res = subprocess.run([sys.executable, "evaluate.py", "--checkpoint", str(run_dir), "--train-per-class", "2",
+                              "--test-per-class", "2", "--probe-epochs", "1", "--data-root", str(Path(DATA).resolve())],
+                             cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
         assert evaluate.main(["--checkpoint", str(run_dir), "--train-per-class", "2", "--test-per-class", "2",
                               "--probe-epochs", "1", "--data-root", str(Path(DATA).resolve())]) == 0
     finally:
