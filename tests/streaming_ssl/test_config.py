@@ -231,8 +231,14 @@ def test_a_class_split_sets_the_number_of_experiences(tmp_path):
     config, which config.yaml records, says so, instead of a recipe's n_experiences that the stream ignores."""
     cfg = load_config(None, ["stream.n_experiences=10", "stream.classes_per_experience=[5, 2, 3]"])
     assert cfg.stream.n_experiences == 3
-    cfg = load_config(None, ["stream.classes_per_experience=[5, 5]", "stream.experience_classes=[[0], [1], [2]]"])
-    assert cfg.stream.n_experiences == 3  # the explicit classes win, as in the stream
+    cfg = load_config(None, ["stream.classes_per_experience=[1, 2]", "stream.experience_classes=[[0], [1, 2]]"])
+    assert cfg.stream.n_experiences == 2  # both given: they must agree
+    with pytest.raises(ConfigError, match=r"stream.classes_per_experience: \[5, 5\] disagrees with "
+                                          r"stream.experience_classes \(experiences of \[1, 1, 1\] classes\)"):
+        load_config(None, ["stream.classes_per_experience=[5, 5]", "stream.experience_classes=[[0], [1], [2]]"])
+    cfg = config_from_dict({"stream": {"classes_per_experience": [5, 5], "experience_classes": [[0], [1], [2]]}},
+                           saved=True)  # an older run: the explicit classes decided its stream
+    assert cfg.stream.classes_per_experience is None and cfg.stream.n_experiences == 3
     assert load_config(None, ["stream.n_experiences=7"]).stream.n_experiences == 7
     save_config(cfg, tmp_path / "c.yaml")
     assert load_config(tmp_path / "c.yaml") == cfg
