@@ -110,6 +110,16 @@ def atomic_write_text(path: str | Path, text: str, encoding: str = "utf-8") -> N
     atomic_write_bytes(path, text.encode(encoding))
 
 
+def keep_lines(path: str | Path, n: int) -> int:
+    """Keep the first `n` lines of a text file (rows written after a checkpoint that counted `n` are dropped),
+    atomically and only if it holds more; returns the lines it holds now (0 when it does not exist)."""
+    path = Path(path)
+    lines = path.read_text().splitlines(keepends=True) if path.exists() else []
+    if len(lines) > n:
+        atomic_write_text(path, "".join(lines[:n]))
+    return min(n, len(lines))
+
+
 def atomic_symlink(target: str, link: str | Path) -> None:
     """Point the symlink `link` at `target` atomically (a temporary link renamed over it)."""
     link = Path(link)

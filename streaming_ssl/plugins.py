@@ -25,7 +25,7 @@ from avalanche.core import SupervisedPlugin
 
 from streaming_ssl import checkpoint as ckpt
 from streaming_ssl import distributed as ddp
-from streaming_ssl.atomic import atomic_write_text
+from streaming_ssl.atomic import keep_lines
 from streaming_ssl.evaluation import ProbeMetric, StreamEvaluator, read_rows
 
 log = logging.getLogger(__name__)
@@ -175,12 +175,9 @@ class TrainLog(SupervisedPlugin, supports_distributed=True):
             return
         self.started = True
         keep = self.keep if self.keep is not None else 0 if strategy.global_step == 0 else None
-        if keep is not None and self.path.exists():  # rows past the checkpoint, or of an earlier run: logged again
-            lines = self.path.read_text().splitlines(keepends=True)
-            if len(lines) != keep:
-                atomic_write_text(self.path, "".join(lines[:keep]))
-            self.rows = min(keep, len(lines))
-        elif keep is None and self.path.exists():  # resumed without a count (an older checkpoint): append
+        if keep is not None:  # rows past the checkpoint, or of an earlier run: logged again
+            self.rows = keep_lines(self.path, keep)
+        elif self.path.exists():  # resumed without a count (an older checkpoint): append
             self.rows = len(self.path.read_text().splitlines())
         if self.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -253,7 +250,7 @@ class TrainLog(SupervisedPlugin, supports_distributed=True):
             self._warn("write", f"could not append to {self.path} ({err.strerror or err}; {where}): its rows are "
                                 "kept and written at the next flush")
             try:  # no partial row left behind for the next append to follow
-                atomic_write_text(self.path, "".join(self.path.read_text().splitlines(keepends=True)[: self.rows]))
+                keep_lines(self.path, self.rows)
             except OSError:
                 pass
             return False
@@ -455,8 +452,7 @@ class CheckpointPlugin(SupervisedPlugin, supports_distributed=True):
                 "CUDA_VISIBLE_DEVICES= python run_stream.py --resume RUN), or start a new run")
         strategy.aug_generator.set_state(aug_states[ddp.rank()])
         if ddp.is_main():  # drop rows written after the checkpoint (they will be computed again)
-            rows = self.metrics_path.read_text().splitlines(keepends=True) if self.metrics_path.exists() else []
-            atomic_write_text(self.metrics_path, "".join(rows[: int(state["metrics_rows"])]))
+            keep_lines(self.metrics_path, int(state["metrics_rows"]))
         ckpt.set_rng_state(state["rng"])
         self.last_saved = (strategy.global_step, strategy.stream_step)
 
