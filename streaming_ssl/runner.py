@@ -56,6 +56,15 @@ def _predates_blur_kernel(raw) -> bool:
 
 def prepare_run_dir(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> tuple[Path, dict | None]:
     """Check the run directory; with `resume` return the checkpoint to continue from (None: start afresh)."""
+    run_dir, path = _prepare_run_dir(cfg, resume=resume, overwrite=overwrite)
+    return run_dir, None if path is None else ckpt.load(path)
+
+
+def _prepare_run_dir(cfg: Config, *, resume: bool, overwrite: bool,
+                     check_empty: bool = True) -> tuple[Path, Path | None]:
+    """prepare_run_dir without loading: (run directory, the checkpoint file to continue from or None). Without
+    `check_empty` a new run is not refused for a non-empty directory (another rank than rank 0 under --auto-resume:
+    rank 0 decides, holding the run's lock)."""
     run_dir = Path(cfg.run.out_dir)
     for path in (run_dir, *run_dir.parents):  # the nearest existing path must be a folder
         if path.exists():
@@ -89,10 +98,11 @@ def prepare_run_dir(cfg: Config, *, resume: bool = False, overwrite: bool = Fals
             log.info("resuming with %s (%s)", diff, oom.RESUMABLE[diff.split(":")[0]])
         path = ckpt.latest(run_dir)
         if path is None:
-            log.warning("no checkpoint in %s yet: starting the run from the beginning", run_dir)
+            if ddp.env_world()[0] == 0:
+                log.warning("no checkpoint in %s yet: starting the run from the beginning", run_dir)
             return run_dir, None
-        return run_dir, ckpt.load(path)
-    if run_files(run_dir) and not overwrite:
+        return run_dir, path
+    if check_empty and run_files(run_dir) and not overwrite:
         raise RunError(f"run directory {str(run_dir)!r} is not empty; pass --resume {run_dir} to continue it, "
                        "--overwrite to replace it, or choose another run.out_dir")
     return run_dir, None
@@ -147,13 +157,23 @@ def setup_logging(run_dir: Path | None) -> logging.Handler | None:
     return handler
 
 
-def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, lock_wait: float = 0.0) -> dict:
+def train(cfg: Config, *, resume: bool | str = False, overwrite: bool = False, lock_wait: float = 0.0) -> dict:
     """Train and evaluate one run; returns the last evaluation row.
+
+    `resume`: True continues the run in cfg.run.out_dir, "auto" continues it if one is there (its config.yaml),
+    else starts it: decided once this process holds the run's lock, so a predecessor that was still writing the
+    run is seen as it left it.
 
     One writer per run directory: rank 0 holds RUN/.lock (runlock.py) for the whole run, taken before anything
     is read from or written to an existing directory (a new one: as soon as it is created); a second writer
     (new run, --resume or --overwrite) gets RunLocked and changes nothing, at once or after waiting `lock_wait`
-    seconds for the holder to end."""
+    seconds for the holder to end. Under DDP every rank continues from the checkpoint rank 0 chose holding the
+    lock (agree_on_checkpoint)."""
+    if resume not in (True, False, "auto"):
+        raise ValueError(f"resume={resume!r}: pass True, False or 'auto'")
+    if resume == "auto" and overwrite:
+        raise RunError("resume='auto' (--auto-resume) continues the run or starts it, and overwrite deletes it: "
+                       "pass one of them")
     handlers_before = list(logging.getLogger().handlers)
     run_dir = Path(cfg.run.out_dir)
     lock = RunLock(run_dir, wait=lock_wait) if ddp.env_world()[0] == 0 else None
@@ -161,7 +181,12 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, lock_wa
     try:
         if lock is not None and run_dir.is_dir():
             lock.acquire()
-        return _train(cfg, resume=resume, overwrite=overwrite, lock=lock)
+        auto = resume == "auto"
+        if auto:
+            resume = (run_dir / "config.yaml").is_file()
+            if lock is not None:
+                log.info("--auto-resume: %s %s", "continuing the run in" if resume else "no run yet in", run_dir)
+        return _train(cfg, resume=resume, overwrite=overwrite, lock=lock, auto=auto)
     finally:  # a run's log file must not collect what later runs in this process log
         if joins_group:
             ddp.leave()
@@ -173,12 +198,15 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, lock_wa
                 handler.close()
 
 
-def _train(cfg: Config, *, resume: bool, overwrite: bool, lock: RunLock | None) -> dict:
+def _train(cfg: Config, *, resume: bool, overwrite: bool, lock: RunLock | None, auto: bool = False) -> dict:
     from streaming_ssl import allocator, build
     from streaming_ssl.evaluation import plot_run, plot_train, read_rows
 
-    run_dir, state = prepare_run_dir(cfg, resume=resume, overwrite=overwrite)
+    # under --auto-resume another rank than rank 0 decided without the lock: rank 0 decides (agree_on_checkpoint)
+    run_dir, path = _prepare_run_dir(cfg, resume=resume, overwrite=overwrite,
+                                     check_empty=not (auto and ddp.env_world()[0] != 0))
     device, amp_dtype = build.setup_runtime(cfg)
+    state = agree_on_checkpoint(run_dir, path)
     splits = build.load_train_data(cfg)
     stream = build.stream_from_config(cfg, splits)
     log.info("stream: %s, %d training experiences, %d parent experiences, %d updates of %d images x %d patches",
@@ -222,6 +250,38 @@ def _train(cfg: Config, *, resume: bool, overwrite: bool, lock: RunLock | None) 
         atomic_write_text(run_dir / "summary.json", json.dumps(rows[-1], indent=2))
         log.info("done: %s", json.dumps({k: v for k, v in rows[-1].items() if not isinstance(v, list)}))
     return rows[-1] if rows else {}
+
+
+def agree_on_checkpoint(run_dir: Path, path: Path | None) -> dict | None:
+    """The checkpoint this run continues from (None: from the start), loaded: under DDP the one rank 0 chose.
+
+    Every rank lists the run directory before the process group exists, but rank 0 alone holds the run's lock:
+    with --wait-lock it lists the directory only after a predecessor still saving has ended, and another rank may
+    have found an older checkpoint, or none. Starting from different updates, the ranks would train different
+    batches and hang in their collectives. So every rank loads rank 0's choice; a rank that cannot (the run
+    directory is not on a filesystem it shares with rank 0) stops every rank with the reason."""
+    from streaming_ssl.checkpoint import CheckpointError
+
+    mine = None if path is None else path.name
+    chosen = ddp.all_gather_object(mine)[0]
+    if chosen != mine:
+        log.warning("rank %d found %s in %s, but continues from rank 0's choice, %s (rank 0 chose holding the run's "
+                    "lock, after any predecessor had ended)", ddp.rank(), mine or "no checkpoint", run_dir,
+                    chosen or "the start")
+    state, error = None, None
+    if chosen is not None:
+        try:
+            state = ckpt.load(run_dir / chosen)
+        except CheckpointError as err:
+            error = str(err)
+    failed = [(r, e) for r, e in enumerate(ddp.all_gather_object(error)) if e is not None]
+    if failed:
+        rank, said = failed[0]
+        raise CheckpointError(said if error is not None else
+                              f"rank {rank} could not load {chosen}, the checkpoint rank 0 continues from ({said}); "
+                              f"every rank must read the run directory {str(run_dir)!r} that rank 0 writes (on "
+                              "several nodes: a filesystem they share)")
+    return state
 
 
 def check_same_training_data(state: dict, now: dict, dataset: str, run_dir: Path) -> None:

@@ -3,14 +3,18 @@
 Both trees are written once per test session into a temporary folder (a few images per class, small
 sizes) and are meant to be read through `scenarios.datasets.load_dataset` / `data.root`. Also
 `child_env`, the environment of a Python subprocess that imports this checkout (`from tests.conftest import ...`),
+`lock_held_elsewhere`, a process holding a run's lock,
 `zygote`, the session's helper that forks training processes with the heavy modules imported (tests/zygote.py),
 and `dies_after`, which ends a training run in this process as if it were killed after N updates.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -31,6 +35,25 @@ def child_env(**extra: str) -> dict:
     the GPU machine, .gpu/site with the carried avalanche wheels), then `extra`."""
     path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
     return {**os.environ, "PYTHONPATH": path, **extra}
+
+
+@contextlib.contextmanager
+def lock_held_elsewhere(run_dir, seconds: float, then: str = "", *args):
+    """Another process holds `run_dir`'s lock (runlock.RunLock) for `seconds`, then runs the Python lines `then` (a
+    predecessor still writing the run; sys.argv[2:] are `args`) and exits, which lets go of the lock. Yields the
+    process once it holds the lock; it is killed if still running when the block ends."""
+    code = ("import os, shutil, sys, time\nfrom streaming_ssl.runlock import RunLock\n"
+            f"lock = RunLock(sys.argv[1]).acquire()\nprint('locked', flush=True)\ntime.sleep({seconds})\n{then}\n")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(run_dir), *map(str, args)], stdout=subprocess.PIPE,
+                              text=True, env=child_env(), cwd=REPO)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        yield holder
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+        holder.wait()
+        holder.stdout.close()
 
 
 def class_image(cls: int, k: int, h: int, w: int, seed: int) -> torch.Tensor:

@@ -591,6 +591,44 @@ def test_a_signal_to_one_rank_stops_every_rank_after_the_same_update_and_resumes
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@needs_data
+def test_every_rank_continues_from_the_checkpoint_rank_0_finds_after_waiting_for_the_lock(stream_runs,
+                                                                                         tmp_path) -> None:
+    """--resume --wait-lock under torchrun, while a predecessor still holds the run (here a process holding its lock
+    for 15 s, which renames a newer checkpoint into it before letting go, as a job still saving does): rank 1 lists
+    the run at once and finds only the older checkpoint, rank 0 lists it holding the lock and finds the newer one.
+    Every rank continues from rank 0's, and the run ends with the rows and weights of the uninterrupted launch.
+    Before, each rank loaded what it had found: they started from different updates and could not finish."""
+    import shutil
+
+    from streaming_ssl import checkpoint as ckpt
+    from tests.conftest import lock_held_elsewhere
+
+    full, run_dir, aside = stream_runs["dirs"]["two_procs"], tmp_path / "run", tmp_path / "aside"
+    shutil.copytree(full, run_dir, symlinks=True)
+    aside.mkdir()
+    first, newer, last = ckpt.list_checkpoints(run_dir)
+    newer.rename(aside / newer.name)
+    last.rename(aside / last.name)
+    (run_dir / "ckpt.pt").unlink()
+    with lock_held_elsewhere(run_dir, 15, "os.rename(sys.argv[2], sys.argv[3])", aside / newer.name,
+                             newer) as holder:
+        rc, out = _launch(["--nproc_per_node", "2", "--master_port", str(free_ports(1)[0]), "run_stream.py",
+                           "--resume", str(run_dir), "--wait-lock", "120"], timeout=TIMEOUT)
+        assert holder.wait(10) == 0
+    assert rc == 0, out[-3000:]
+    assert (f"rank 1 found {first.name} in {run_dir}, but continues from rank 0's choice, {newer.name}" in out), \
+        out[-3000:]
+    assert f"resumed at update {ckpt.step_of(newer)}" in (run_dir / "train.log").read_text()
+
+    def without_time(rows):
+        return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]
+
+    assert without_time(_rows(run_dir)) == without_time(_rows(full))
+    a, b = ckpt.load(ckpt.latest(full))["model"], ckpt.load(ckpt.latest(run_dir))["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 # ------------------------------------------------------------------------------------------ run directory
 def test_overwrite_deletes_only_once_the_inputs_are_good(tmp_path, monkeypatch) -> None:
     """prepare_run_dir (before the process group exists, on every rank) never deletes; create_run_dir,

@@ -509,28 +509,43 @@ def test_a_requeued_job_waits_for_its_predecessor_to_let_go_of_the_run(tmp_path:
     process holding the lock for 3 s) the job waits, then continues the run from its checkpoint; without
     --wait-lock it exits 2 at once and changes nothing."""
     from streaming_ssl.cli import train as run_stream
-    from tests.conftest import child_env
+    from tests.conftest import lock_held_elsewhere
 
     run_dir = tmp_path / "run"
     argv = ["--config", str(REPO / "configs/smoke.yaml"), f"run.out_dir={run_dir}", f"data.root={Path(DATA).resolve()}",
             "data.train_per_class=10", "data.test_per_class=2", "stream.n_experiences=2", "eval.probe_epochs=1",
             "eval.knn_k=0", "run.tensorboard=false", "run.plot=false", "train.threads=1", "--auto-resume"]
     dies_after(3, run_stream.main, argv)
-    hold = ("import sys, time\nfrom streaming_ssl.runlock import RunLock\nlock = RunLock(sys.argv[1]).acquire()\n"
-            "print('locked', flush=True)\ntime.sleep(3)\n")
-    holder = subprocess.Popen([sys.executable, "-c", hold, str(run_dir)], stdout=subprocess.PIPE, text=True,
-                              env=child_env(), cwd=REPO)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
-        with caplog.at_level("INFO"):
-            assert run_stream.main(argv) == 2  # refused at once
-            assert "RunLocked" in caplog.text and len(ckpt.list_checkpoints(run_dir)) == 1
-            assert run_stream.main([*argv, "--wait-lock", "120"]) == 0
+    with lock_held_elsewhere(run_dir, 3) as holder, caplog.at_level("INFO"):
+        assert run_stream.main(argv) == 2  # refused at once
+        assert "RunLocked" in caplog.text and len(ckpt.list_checkpoints(run_dir)) == 1
+        assert run_stream.main([*argv, "--wait-lock", "120"]) == 0
         assert holder.wait(10) == 0  # it had ended: the run went on after it
-        assert f"waiting up to 120 s for the lock of {run_dir}" in caplog.text
-        assert "resumed at update 3" in caplog.text and len(_rows(run_dir)) == 2
-    finally:
-        if holder.poll() is None:
-            holder.kill()
-        holder.wait()
-        holder.stdout.close()
+    assert f"waiting up to 120 s for the lock of {run_dir}" in caplog.text
+    assert "resumed at update 3" in caplog.text and len(_rows(run_dir)) == 2
+
+
+def test_auto_resume_decides_once_the_predecessor_has_let_go(tmp_path: Path, caplog, dies_after) -> None:
+    """--auto-resume --wait-lock decides whether a run is there only once it holds the lock: here the predecessor
+    holds a run directory that has no config.yaml yet, and writes its run (a checkpoint at update 3) before it lets
+    go. The job continues that run. Before, it decided "no run yet" before waiting, then refused the directory as
+    not empty (exit 2)."""
+    import shutil
+
+    from streaming_ssl.cli import train as run_stream
+    from tests.conftest import lock_held_elsewhere
+
+    run_dir, saved = tmp_path / "run", tmp_path / "saved"
+    argv = ["--config", str(REPO / "configs/smoke.yaml"), f"run.out_dir={run_dir}", f"data.root={Path(DATA).resolve()}",
+            "data.train_per_class=10", "data.test_per_class=2", "stream.n_experiences=2", "eval.probe_epochs=1",
+            "eval.knn_k=0", "run.tensorboard=false", "run.plot=false", "train.threads=1", "--auto-resume"]
+    dies_after(3, run_stream.main, argv)
+    shutil.move(run_dir, saved)
+    run_dir.mkdir()
+    then = ("for name in sorted(os.listdir(sys.argv[2])):\n"
+            "    if name != '.lock':\n        shutil.move(os.path.join(sys.argv[2], name), sys.argv[1])")
+    with lock_held_elsewhere(run_dir, 3, then, saved) as holder, caplog.at_level("INFO"):
+        assert run_stream.main([*argv, "--wait-lock", "120"]) == 0
+        assert holder.wait(10) == 0
+    assert f"--auto-resume: continuing the run in {run_dir}" in caplog.text
+    assert "resumed at update 3" in caplog.text and len(_rows(run_dir)) == 2

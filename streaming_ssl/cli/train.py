@@ -65,8 +65,9 @@ def resolve_config(args: argparse.Namespace):
     return load_config(args.config, args.overrides)
 
 
-def resumes(args: argparse.Namespace, cfg) -> bool:
-    """Whether this command continues a run: --resume, or --auto-resume where run.out_dir holds one."""
+def resumes(args: argparse.Namespace) -> bool | str:
+    """Whether this command continues a run: True (--resume), or "auto" (--auto-resume: runner.train continues
+    run.out_dir if it holds a run, deciding once it holds the run's lock)."""
     from streaming_ssl.runner import RunError
 
     if not args.auto_resume:
@@ -74,9 +75,7 @@ def resumes(args: argparse.Namespace, cfg) -> bool:
     if args.resume or args.overwrite or not args.config:
         raise RunError("--auto-resume goes with --config alone (it resumes the config's run.out_dir when that holds a "
                        "run); drop --resume / --overwrite")
-    found = (Path(cfg.run.out_dir) / "config.yaml").is_file()
-    log.info("--auto-resume: %s %s", "continuing the run in" if found else "no run yet in", cfg.run.out_dir)
-    return found
+    return "auto"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.wait_lock >= 0:
             raise RunError(f"--wait-lock {args.wait_lock}: give a number of seconds >= 0")
         cfg = resolve_config(args)
-        train(cfg, resume=resumes(args, cfg), overwrite=args.overwrite, lock_wait=args.wait_lock)
+        train(cfg, resume=resumes(args), overwrite=args.overwrite, lock_wait=args.wait_lock)
     except (ConfigError, DataError, StreamError, CheckpointError, RunError, NonFiniteLossError,
             CheckpointWriteError, RunLocked) as err:
         log.error("%s: %s", type(err).__name__, err)
