@@ -33,6 +33,7 @@ _EXPORTS = {
     "streaming_ssl.evaluation": ["StreamEvaluator", "ProbeSet", "ProbeMetric", "JSONLLogger",
                                  "ScalarTensorboardLogger", "forgetting", "backward_transfer", "plot_run", "plot_train",
                                  "read_rows"],
+    "streaming_ssl.compare": ["summarize", "markdown_table", "plot_compare", "CompareError"],
     # run machinery
     "streaming_ssl.plugins": ["EvalSchedule", "CheckpointPlugin", "GracefulStop", "ProgressPlugin", "SyncBuffers",
                               "TrainLog", "Interrupted", "EvaluationInterrupted", "CheckpointWriteError"],

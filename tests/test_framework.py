@@ -57,7 +57,7 @@ def test_no_module_imports_a_cli_script() -> None:
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             names = ([a.name for a in node.names] if isinstance(node, ast.Import)
                      else [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
-            offenders += [f"{path.relative_to(REPO)}: {n}" for n in names if n.split(".")[0] in ("run_stream", "evaluate")]
+            offenders += [f"{path.relative_to(REPO)}: {n}" for n in names if n.split(".")[0] in ("run_stream", "evaluate", "compare_runs")]
     assert offenders == []
 
 
@@ -72,10 +72,10 @@ def test_no_function_over_80_lines() -> None:
 
 def test_installed_distribution_holds_only_our_two_packages(tmp_path) -> None:
     """The wheel pip would install: top-level entries are streaming_ssl/ and scenarios/ (plus metadata), and
-    the two console scripts point into the package."""
+    the three console scripts point into the package."""
     src = tmp_path / "src"  # a copy: building in the checkout would leave build/ behind
     src.mkdir()
-    for name in ("pyproject.toml", "README.md", "run_stream.py", "evaluate.py"):
+    for name in ("pyproject.toml", "README.md", "run_stream.py", "evaluate.py", "compare_runs.py"):
         shutil.copy(REPO / name, src / name)
     for name in ("streaming_ssl", "scenarios"):
         shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
@@ -90,15 +90,18 @@ def test_installed_distribution_holds_only_our_two_packages(tmp_path) -> None:
     entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert "streaming-ssl-train = streaming_ssl.cli.train:entry" in entry_points
     assert "streaming-ssl-evaluate = streaming_ssl.cli.evaluate:entry" in entry_points
+    assert "streaming-ssl-compare = streaming_ssl.cli.compare:entry" in entry_points
 
 
-@pytest.mark.parametrize("script", ["streaming-ssl-train", "streaming-ssl-evaluate"])
-def test_console_scripts_are_installed_and_answer(script) -> None:
+@pytest.mark.parametrize("script, flag", [("streaming-ssl-train", "--resume"),
+                                          ("streaming-ssl-evaluate", "--checkpoint"),
+                                          ("streaming-ssl-compare", "--include-incomplete")])
+def test_console_scripts_are_installed_and_answer(script, flag) -> None:
     exe = Path(sys.executable).parent / script
     if not exe.exists():
         pytest.skip(f"{script} not installed in this environment (scripts/setup.sh installs it)")
     proc = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0 and "--checkpoint" in proc.stdout if "evaluate" in script else "--resume" in proc.stdout
+    assert proc.returncode == 0 and flag in proc.stdout, proc.stderr[-2000:]
 
 
 # ------------------------------------------------------------------------------------------ foreign benchmarks

@@ -1,4 +1,5 @@
-"""The command-line programs: streaming-ssl-train (run_stream.py) and streaming-ssl-evaluate (evaluate.py)."""
+"""The command-line programs: streaming-ssl-train (run_stream.py), streaming-ssl-evaluate (evaluate.py) and
+streaming-ssl-compare (compare_runs.py)."""
 
 from __future__ import annotations
 

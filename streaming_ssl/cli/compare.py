@@ -1,0 +1,66 @@
+"""Compare finished runs: a table of each group's mean ± std over seeds, and accuracy against its compute.
+
+    python compare_runs.py runs/split_cifar10 runs/split_cifar10@seed1 runs/split_cifar10_replay
+    python compare_runs.py runs/sweep --out runs/sweep_compared     # every run in a folder; writes
+                                                                    # compare.md, compare.json, compare.png
+    streaming-ssl-compare runs/sweep                                # installed console script
+
+Runs whose configs differ only in train.seed (and in settings that do not change what is learned) are one group.
+See streaming_ssl/compare.py for how every figure is computed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger("streaming_ssl")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="compare_runs.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run directories, or folders of run directories")
+    p.add_argument("--out", metavar="DIR", help="also write compare.md, compare.json and compare.png into DIR "
+                                                "(created if missing)")
+    p.add_argument("--allow-mixed", action="store_true",
+                   help="list runs measured on different test sets (datasets, image sizes, test subsets) together")
+    p.add_argument("--include-incomplete", action="store_true",
+                   help="include runs that have not finished (their last evaluation stands for the run)")
+    p.add_argument("--title", default="", help="the plot's title")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from streaming_ssl.atomic import atomic_write_text
+    from streaming_ssl.compare import CompareError, markdown_table, plot_compare, summarize
+
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        out = Path(args.out) if args.out else None
+        if out is not None and out.exists() and not out.is_dir():
+            raise CompareError(f"--out {args.out}: that is a file, not a folder; give a folder to write into")
+        summary = summarize(args.runs, allow_mixed=args.allow_mixed, include_incomplete=args.include_incomplete)
+    except CompareError as err:
+        log.error("%s", err)
+        return 2
+    for path in summary["left_out"]:
+        log.warning("left out %s: it has not finished (no summary.json); --include-incomplete takes it", path)
+    table = markdown_table(summary)
+    print(table, end="")
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "compare.md", table)
+        atomic_write_text(out / "compare.json", json.dumps(summary, indent=2))
+        plot_compare(summary, out / "compare.png", title=args.title)
+        log.info("wrote %s, %s and %s", out / "compare.md", out / "compare.json", out / "compare.png")
+    return 0
+
+
+def entry() -> None:
+    """Console script streaming-ssl-compare."""
+    sys.exit(main())

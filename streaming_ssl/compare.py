@@ -1,0 +1,297 @@
+"""Compare finished runs: methods side by side, seeds averaged, accuracy against its compute.
+
+    python compare_runs.py runs/split_cifar10 runs/split_cifar10_replay runs/split_cifar10@seed1 --out runs/cmp
+    python compare_runs.py runs/sweep          # a folder of run directories: every run in it
+
+Runs whose configs differ only in `train.seed` (and in settings that do not change what is learned: run.*,
+data.root, train.threads, train.device, oom.RESUMABLE, and the settings of a continual-learning method that is
+off) form one group; each group is named by the settings that
+tell it from the others, and its figures are the mean and sample standard deviation over its runs. Every figure
+comes from the runs' own metrics.jsonl (the evaluation after each experience, as the run logged it):
+
+- `acc_final`: the linear probe's accuracy on the whole test set after the last experience (probe/acc_all);
+- `acc_avg_incremental`: the mean, over the evaluations, of the accuracy on the classes seen so far
+  (probe/acc_seen; the "average incremental accuracy" of class-incremental papers);
+- `forgetting` and `bwt`: the last evaluation's average forgetting and backward transfer (probe/*);
+- `knn_final`: the kNN accuracy after the last experience (absent where eval.knn_k is 0);
+- the cost: images from the stream and from buffers, updates, and `forward_equivalents`, every encoder pass in
+  units of one forward of one crop: patches forward + 2 x patches back-propagated (a backward costs about two
+  forwards) + a frozen model's forwards (distillation) + the forwards that only choose a buffer's images
+  (MinRed). Crops are as large as the images (EMP-SSL resizes each patch to the image size), so one image forward
+  counts as one crop forward.
+
+Accuracies are only comparable on one test set: runs of different datasets, image sizes or test subsets are
+refused (allow_mixed overrides). A run still training (no summary.json) is left out unless include_incomplete.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from streaming_ssl.config import ConfigError, config_from_dict
+from streaming_ssl.evaluation import read_rows
+from streaming_ssl.oom import RESUMABLE
+
+# settings that do not change what a run learns: runs differing only in these (and the seed) are one group
+NOT_LEARNED = ("run.", "data.root", "data.download", "train.threads", "train.device", *RESUMABLE)
+SEED = "train.seed"
+# settings that change the test set, on which every accuracy is measured
+TEST_SET = ("data.dataset", "data.image_size", "data.test_per_class")
+METRICS = ("acc_final", "acc_avg_incremental", "forgetting", "bwt", "knn_final", "stream_images", "buffer_images",
+           "updates", "forward_equivalents", "wall_hours")
+
+
+class CompareError(ValueError):
+    """Runs that cannot be compared, or a path that is not a run; the message says what to do."""
+
+
+@dataclass
+class Run:
+    """One run directory: its resolved config (flattened keys), its evaluation rows, and whether it finished."""
+
+    path: Path
+    config: dict
+    rows: list[dict]
+    complete: bool
+    metrics: dict = field(default_factory=dict)
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}; lists stay values."""
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def forward_equivalents(row: dict) -> int:
+    """Encoder passes up to `row`, in forwards of one crop (module docstring)."""
+    return (row.get("compute/patches_forward", 0) + 2 * row.get("compute/patches_backward", 0)
+            + row.get("compute/frozen_forwards", 0) + row.get("compute/extra_forwards", 0))
+
+
+def run_metrics(rows: list[dict]) -> dict:
+    """The figures of one run from its evaluation rows (oldest first); None where the rows lack them."""
+    if not rows:
+        raise ValueError("no evaluation rows")
+    last = rows[-1]
+    seen = [r["probe/acc_seen"] for r in rows if r.get("probe/acc_seen") is not None]
+    wall = last.get("time/wall_seconds")
+    return {
+        "acc_final": last.get("probe/acc_all"),
+        "acc_avg_incremental": sum(seen) / len(seen) if seen else None,
+        "forgetting": last.get("probe/avg_forgetting"),
+        "bwt": last.get("probe/bwt"),
+        "knn_final": last.get("knn/acc_all"),
+        "stream_images": last.get("compute/stream_images", last.get("samples_seen")),
+        "buffer_images": last.get("compute/buffer_images"),
+        "updates": last.get("updates"),
+        "forward_equivalents": forward_equivalents(last),
+        "wall_hours": None if wall is None else wall / 3600,
+    }
+
+
+def read_run(path: str | Path) -> Run:
+    """A run directory: its config.yaml and metrics.jsonl (CompareError when it is not a run or has no row)."""
+    path = Path(path)
+    cfg_path = path / "config.yaml"
+    if not cfg_path.is_file():
+        raise CompareError(f"{str(path)!r} is not a run directory (it holds no config.yaml): pass the run.out_dir of "
+                           "runs, or a folder whose sub-folders are runs")
+    try:  # resolved as a resume reads it: settings added since the run was saved take their defaults
+        config = config_from_dict(yaml.safe_load(cfg_path.read_text()), import_methods=False, saved=True).to_dict()
+    except (ConfigError, yaml.YAMLError, TypeError, AttributeError) as err:
+        raise CompareError(f"{str(cfg_path)!r} is not a config this version reads ({err}); leave that run out") \
+            from None
+    try:
+        rows = read_rows(path / "metrics.jsonl")
+    except json.JSONDecodeError as err:
+        raise CompareError(f"{str(path / 'metrics.jsonl')!r} is damaged ({err}); resume the run "
+                           f"(python run_stream.py --resume {path}), which rewrites it from its checkpoint") from None
+    if not rows:
+        raise CompareError(f"run {str(path)!r} has no evaluation yet (metrics.jsonl is missing or empty): leave it "
+                           "out until its first experience is evaluated")
+    complete = (path / "summary.json").is_file()
+    return Run(path=path, config=flatten(config), rows=rows, complete=complete, metrics=run_metrics(rows))
+
+
+def find_runs(paths: list[str | Path]) -> list[Path]:
+    """The run directories named: each path itself if it is a run (holds config.yaml), else its sub-folders that
+    are runs, sorted. CompareError for a path that is neither, or a run named twice."""
+    found: list[Path] = []
+    for p in map(Path, paths):
+        if (p / "config.yaml").is_file():
+            found.append(p)
+        elif p.is_dir() and (subs := sorted(q for q in p.iterdir() if (q / "config.yaml").is_file())):
+            found.extend(subs)
+        else:
+            raise CompareError(f"{str(p)!r} is neither a run directory (with config.yaml) nor a folder of run "
+                               "directories; check the path")
+    resolved = [p.resolve() for p in found]
+    twice = sorted({str(p) for p in found if resolved.count(p.resolve()) > 1})
+    if twice:
+        raise CompareError(f"run named twice: {', '.join(twice)}; name each run once (a seed counts once)")
+    return found
+
+
+def inert_settings(config: dict) -> set[str]:
+    """Settings of a flattened config that change nothing in its run: those of a continual-learning method that is
+    off (`cl.<method>.enabled` false, or `cl.replay.policy` none) and MinRed's with another replay policy."""
+    inert = set()
+    for key, value in config.items():
+        parts = key.split(".")
+        if len(parts) == 3 and parts[0] == "cl" and ((parts[2] == "enabled" and value is False)
+                                                     or (key == "cl.replay.policy" and value == "none")):
+            inert |= {k for k in config if k.startswith(f"cl.{parts[1]}.") and k != key}
+    if config.get("cl.replay.policy") != "minred":
+        inert |= {k for k in config if k.startswith("cl.replay.minred_")}
+    return inert
+
+
+def _learned(config: dict) -> dict:
+    inert = inert_settings(config)
+    return {k: v for k, v in config.items() if k != SEED and not k.startswith(NOT_LEARNED) and k not in inert}
+
+
+def group_runs(runs: list[Run]) -> list[tuple[str, list[Run]]]:
+    """[(settings, runs)] in the order their first run was given: runs whose configs differ only in the seed and in
+    settings that do not change what is learned share a group; `settings` names those that tell its group from the
+    others ("" when there is one group)."""
+    groups: list[tuple[dict, list[Run]]] = []
+    for run in runs:
+        key = _learned(run.config)
+        for other_key, members in groups:
+            if other_key == key:
+                members.append(run)
+                break
+        else:
+            groups.append((key, [run]))
+    keys = sorted({k for g, _ in groups for k in g})
+    differing = [k for k in keys if len({json.dumps(g.get(k), sort_keys=True) for g, _ in groups}) > 1]
+    return [(", ".join(f"{k}={key.get(k)}" for k in differing if k in key), members) for key, members in groups]
+
+
+def check_comparable(runs: list[Run]) -> None:
+    """CompareError when the runs' accuracies are measured on different test sets (TEST_SET settings differ)."""
+    for key in TEST_SET:
+        values = {json.dumps(r.config.get(key)) for r in runs}
+        if len(values) > 1:
+            which = "; ".join(f"{r.path.name}: {r.config.get(key)!r}" for r in runs)
+            raise CompareError(f"the runs differ in {key} ({which}), so their accuracies are measured on different "
+                               "test sets; compare runs of one test set, or pass --allow-mixed to list them anyway")
+
+
+def mean_std(values: list) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (None for fewer than two values) of the values that are not None."""
+    xs = [float(v) for v in values if v is not None]
+    if not xs:
+        return None, None
+    mean = sum(xs) / len(xs)
+    std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else None
+    return mean, std
+
+
+def summarize(paths: list[str | Path], *, allow_mixed: bool = False, include_incomplete: bool = False) -> dict:
+    """Read, group and average runs (module docstring). Returns {"groups": [...], "left_out": [...]}, each group
+    {"label" (its first run's folder name, without @...), "differs" (the settings that tell it from the other groups),
+    "runs", "seeds", "n", "complete", "settings", "curves" (each run's, at its evaluations),
+    <metric>: {"mean", "std", "values"}}."""
+    runs = [read_run(p) for p in find_runs(paths)]
+    left_out = [] if include_incomplete else [str(r.path) for r in runs if not r.complete]
+    runs = [r for r in runs if include_incomplete or r.complete]
+    if not runs:
+        raise CompareError(f"no finished run among {', '.join(left_out)} (no summary.json: still training or "
+                           "stopped); wait for them, resume them, or pass --include-incomplete")
+    if not allow_mixed:
+        check_comparable(runs)
+    groups = []
+    for differs, members in group_runs(runs):
+        group = {"label": members[0].path.name.split("@")[0], "differs": differs,
+                 "runs": [str(r.path) for r in members],
+                 "seeds": [r.config.get(SEED) for r in members], "n": len(members),
+                 "complete": all(r.complete for r in members), "settings": _learned(members[0].config),
+                 "curves": [dict(zip(("samples_seen", "forward_equivalents", "acc"), curves(r))) for r in members]}
+        for metric in METRICS:
+            values = [r.metrics[metric] for r in members]
+            mean, std = mean_std(values)
+            group[metric] = {"mean": mean, "std": std, "values": values}
+        groups.append(group)
+    return {"groups": groups, "left_out": left_out}
+
+
+def _cell(stat: dict, scale: float = 1.0, digits: int = 2) -> str:
+    if stat["mean"] is None:
+        return ""
+    text = f"{stat['mean'] * scale:.{digits}f}"
+    return text if stat["std"] is None else f"{text} ± {stat['std'] * scale:.{digits}f}"
+
+
+def markdown_table(summary: dict) -> str:
+    """The groups as a Markdown table: accuracies in %, forgetting and BWT in points, compute relative to the
+    first group's."""
+    groups = summary["groups"]
+    base = groups[0]["forward_equivalents"]["mean"] or None
+    lines = ["| group | differs in | runs | final acc % | avg incremental acc % | forgetting (pts) | BWT (pts) | "
+             "kNN % | stream + buffer images | updates | compute (x first) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for g in groups:
+        images = f"{g['stream_images']['mean']:.0f}"
+        if g["buffer_images"]["mean"]:
+            images += f" + {g['buffer_images']['mean']:.0f}"
+        compute = "" if base is None else f"{g['forward_equivalents']['mean'] / base:.2f}"
+        n = f"{g['n']}" + ("" if g["complete"] else " (incomplete)")
+        lines.append(f"| {g['label']} | {g['differs']} | {n} | {_cell(g['acc_final'], 100)} | "
+                     f"{_cell(g['acc_avg_incremental'], 100)} | {_cell(g['forgetting'], 100)} | "
+                     f"{_cell(g['bwt'], 100)} | {_cell(g['knn_final'], 100)} | {images} | "
+                     f"{g['updates']['mean']:.0f} | {compute} |")
+    return "\n".join(lines) + "\n"
+
+
+def curves(run: Run) -> tuple[list[float], list[float], list[float]]:
+    """(stream images seen, forward equivalents, probe accuracy) at each of a run's evaluations."""
+    xs = [r.get("samples_seen", 0) for r in run.rows]
+    cost = [forward_equivalents(r) for r in run.rows]
+    acc = [r.get("probe/acc_all") for r in run.rows]
+    return xs, cost, acc
+
+
+def plot_compare(summary: dict, path: str | Path, title: str = "") -> None:
+    """Probe accuracy against stream images seen and against compute, one line per group (the mean over its runs,
+    at each evaluation; the band spans its runs' lowest to highest), saved as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for g in summary["groups"]:
+        per_run = [(c["samples_seen"], c["forward_equivalents"], c["acc"]) for c in g["curves"]]
+        length = min(len(c[0]) for c in per_run)  # an incomplete run has fewer evaluations
+        for ax, which in zip(axes, (0, 1)):
+            x = [sum(c[which][i] for c in per_run) / len(per_run) for i in range(length)]
+            accs = [[c[2][i] for c in per_run if c[2][i] is not None] for i in range(length)]
+            keep = [i for i in range(length) if accs[i]]
+            mean = [100 * sum(accs[i]) / len(accs[i]) for i in keep]
+            line, = ax.plot([x[i] for i in keep], mean, marker="o", ms=3,
+                            label=f"{g['label']} (n={g['n']})" if which == 0 else None)
+            if g["n"] > 1:
+                ax.fill_between([x[i] for i in keep], [100 * min(accs[i]) for i in keep],
+                                [100 * max(accs[i]) for i in keep], color=line.get_color(), alpha=0.2)
+    axes[0].set_xlabel("stream images seen")
+    axes[1].set_xlabel("compute (forwards of one crop; backward = 2)")
+    for ax in axes:
+        ax.set_ylabel("linear probe accuracy, all test classes (%)")
+        ax.grid(alpha=0.3)
+    fig.legend(loc="lower center", ncol=min(3, len(summary["groups"])), fontsize=8, frameon=False)
+    fig.suptitle(title or "runs compared")
+    fig.tight_layout(rect=(0, 0.08 + 0.04 * (len(summary["groups"]) // 3), 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
