@@ -331,9 +331,25 @@ def plot_run(rows: list[dict], path: str | Path, title: str = "") -> None:
     _save_figure(fig, path, title)
 
 
-def plot_train(rows: list[dict], path: str | Path, title: str = "") -> None:
+def boundary_updates(rows: list[dict], parent_ends: list[int]) -> list[float]:
+    """The updates at which the stream passed each of `parent_ends` (samples seen at the end of a parent experience),
+    from train.jsonl rows (update, samples_seen): interpolated between the logged rows around it, so exact where
+    updates take equal batches and within one update otherwise; ends outside the logged rows are left out."""
+    out = []
+    pts = [(r["samples_seen"], r["update"]) for r in rows if "samples_seen" in r and "update" in r]
+    for end in parent_ends:
+        for (s0, u0), (s1, u1) in zip(pts, pts[1:]):
+            if s0 < end <= s1:
+                out.append(u0 + (end - s0) * (u1 - u0) / (s1 - s0))
+                break
+    return out
+
+
+def plot_train(rows: list[dict], path: str | Path, title: str = "", parent_ends: list[int] | None = None) -> None:
     """The training curves of train.jsonl (plugins.TrainLog): one panel per logged value (loss, coding rate,
-    invariance, the learning rate and any a method adds) against the update, experience boundaries dotted."""
+    invariance, the learning rate and any a method adds) against the update, boundaries dotted: those of the parent
+    experiences given `parent_ends` (samples seen at the end of each, e.g. the cumulative `SSLStream.parent_sizes`;
+    an online stream's classes change there), else those of the experiences where there are at most 50."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -348,7 +364,10 @@ def plot_train(rows: list[dict], path: str | Path, title: str = "") -> None:
     nrows = -(-len(keys) // cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.2 * nrows), squeeze=False)
     xs = [r["update"] for r in rows]
-    bounds = [r["update"] for prev, r in zip(rows, rows[1:]) if r.get("experience") != prev.get("experience")]
+    if parent_ends is not None:
+        bounds = boundary_updates(rows, parent_ends)
+    else:
+        bounds = [r["update"] for prev, r in zip(rows, rows[1:]) if r.get("experience") != prev.get("experience")]
     for ax, key in zip(axes.flat, keys):
         pts = [(x, r[key]) for x, r in zip(xs, rows) if _is_scalar(r.get(key))]
         if pts:

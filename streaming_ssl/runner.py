@@ -243,9 +243,10 @@ def _train(cfg: Config, *, resume: bool, overwrite: bool, lock: RunLock | None, 
     rows = read_rows(run_dir / "metrics.jsonl") if ddp.is_main() else []
     if ddp.is_main() and cfg.run.plot and rows:
         plot_run(rows, run_dir / "accuracy.png", title=f"{cfg.stream.mode} {splits.name} ({run_dir.name})")
-    if ddp.is_main() and cfg.run.plot:
+    if ddp.is_main() and cfg.run.plot:  # online: the parent experiences' boundaries (the mini-experiences' are many)
+        parent_ends = list(itertools.accumulate(stream.parent_sizes))[:-1] if stream.mode == "online" else None
         plot_train(read_rows(run_dir / "train.jsonl"), run_dir / "train_curves.png",
-                   title=f"{cfg.stream.mode} {splits.name} ({run_dir.name}): training")
+                   title=f"{cfg.stream.mode} {splits.name} ({run_dir.name}): training", parent_ends=parent_ends)
     if ddp.is_main() and rows:
         atomic_write_text(run_dir / "summary.json", json.dumps(rows[-1], indent=2))
         log.info("done: %s", json.dumps({k: v for k, v in rows[-1].items() if not isinstance(v, list)}))

@@ -98,6 +98,7 @@ def test_training_curves_are_logged_every_log_every_updates(split_run: Path) -> 
     train/* (tb/train) hold the same values at the same steps; train_curves.png draws them."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    from streaming_ssl.evaluation import boundary_updates
     from streaming_ssl.lars import cosine_lr
 
     cfg = load_config(split_run / "config.yaml")
@@ -120,6 +121,9 @@ def test_training_curves_are_logged_every_log_every_updates(split_run: Path) -> 
         assert [s.value for s in scalars] == pytest.approx([r[key] for r in rows], rel=1e-6)
     png = (split_run / "train_curves.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    # where an online stream's plot draws its parents' boundaries: the experiences of 160 and 120 images end after
+    # updates 8 and 14, which the logged rows (every 5 updates) place exactly; an end past the rows is left out
+    assert boundary_updates(rows, [160, 280, 500]) == [8, 14]
 
 
 def test_log_txt_prints_each_evaluation_under_its_experience(split_run: Path) -> None:
