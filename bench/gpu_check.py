@@ -20,7 +20,8 @@ caches) run side by side (none of them times anything), then speed alone:
            same model on the same patches, recomputed or compiled) within 1% of ours's; its targets are reported
            (fatal only with --strict-targets);
            then, for information, ours_compiled_augment (augment.compile: the augmentation through torch.compile),
-           ours_indexed (the augmentation indexing its subsets, one host sync per update), ours_replay and
+           ours_indexed (the augmentation indexing its subsets, one host sync per update), ours_trainlog (the
+           training curves logged at every update: `ours` over it is what logging costs), ours_replay and
            ours_minred (MinRed's cost beside a reservoir), ours_fp16 (float16 with its loss scaler, the skip of
            an overflowed update decided on the device: `ours` over it is what float16 costs where bf16 is native
            too) and ours_fp16_hostread (the same, the skip decided on the host by GradScaler, torch's default:
@@ -68,9 +69,11 @@ SPEED_CASES = ("reference", "ours", "model_only", "ours_lowmem", "ours_compiled"
 SAME_LOSS_CASES = ("ours_lowmem", "ours_compiled")
 FIRST_LOSS_RTOL = 0.01
 # measured after those, for information (ours over each: what compiling the augmentation gains, and what masking its
-# subsets gains, on the GPU; ours_minred over ours_replay: what MinRed's choice at every update costs beside a
-# reservoir); a missing result of these does not fail the check. The dry run leaves out the compiled.
-INFO_CASES = ("ours_compiled_augment", "ours_indexed", "ours_replay", "ours_minred", "ours_fp16",
+# subsets gains, on the GPU; ours over ours_trainlog: what logging the training curves at every update costs, whose
+# values stay on the device until a flush every 50 rows; ours_minred over ours_replay: what MinRed's choice at every
+# update costs beside a reservoir); a missing result of these does not fail the check. The dry run leaves out the
+# compiled.
+INFO_CASES = ("ours_compiled_augment", "ours_indexed", "ours_trainlog", "ours_replay", "ours_minred", "ours_fp16",
               "ours_fp16_hostread")
 SMOKE = "configs/smoke.yaml"
 # GPU: a few hundred images per class of .gpu/data; 3 experiences (4/3/3 classes) of batch 50: 16 + 12 + 12 updates

@@ -38,6 +38,8 @@ Cases (each at every width in --widths, on the CPU with torch threads = cores, a
   ours_replay, ours_minred  `ours` with replay of `batch` buffer images per update from a buffer of 2 x batch, kept
               by reservoir sampling or by MinRed (the features of buffer + batch and its greedy choice at every
               update); opt-in through --only; ours_minred / ours_replay is what MinRed's choice costs
+  ours_trainlog  `ours` with the training curves logged at every update (plugins.TrainLog, TensorBoard on; runs log
+              every train.log_every=20); opt-in through --only; ours_trainlog / ours is what logging costs
   objective   emp_ssl_loss forward + backward on random unit-norm projections (and the reference loss)
   augment     MultiPatchAugment on one uint8 batch (and the reference PIL chain, serially, one process)
   online      EMPSSLStrategy.train on an online stream (mini-experiences of k samples) vs the same data
@@ -98,7 +100,7 @@ TUNABLES = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=6
 CASES = ("reference", "ours", "model_only", "ours_lean", "ours_lowmem", "objective", "augment", "online", "probe",
          "memory")
 OPT_IN_CASES = ("ours_compiled", "ours_compiled_augment", "ours_indexed", "ours_fp32", "ours_fp16",
-                "ours_fp16_hostread", "ours_replay", "ours_minred")  # run only when named in --only
+                "ours_fp16_hostread", "ours_replay", "ours_minred", "ours_trainlog")  # run only when named in --only
 ALLOCATORS = ("default", "tuned", "jemalloc", "tcmalloc")
 PRELOAD = {"jemalloc": "libjemalloc.so.2", "tcmalloc": "libtcmalloc_minimal.so.4"}
 RESULT_PREFIX = "SPEED_JSON "
@@ -295,13 +297,16 @@ def bench_strategy(cfg, *, model, augment, device, amp, channels_last: bool, tot
 
 
 def strategy_step_times(width: float, sizes: Sizes, device, splits, steps: int, fp16_host_skip: bool = False,
-                        **settings) -> tuple[list[float], dict]:
+                        train_log: Path | None = None, **settings) -> tuple[list[float], dict]:
     """Our end-to-end step: EMPSSLStrategy.train over one in-memory experience of (warmup+steps) batches.
     `settings`: Config keys of bench_config (model__recompute_stages=2, train__compile=True, cl__replay__policy=...;
     the continual-learning methods of the cl section are built as a run builds them). `fp16_host_skip`: turn
-    LARS's amp contract off, so that float16's GradScaler decides a skip on the host (torch's default)."""
+    LARS's amp contract off, so that float16's GradScaler decides a skip on the host (torch's default). `train_log`:
+    a folder where plugins.TrainLog logs every update (train.jsonl and TensorBoard), as a run does every
+    train.log_every updates."""
     from streaming_ssl import build
     from streaming_ssl.cl import build_cl_plugins
+    from streaming_ssl.plugins import TrainLog
 
     cfg = bench_config(width, sizes, device, **settings)
     train = first_n(splits.train, (sizes.warmup + steps) * sizes.batch)
@@ -309,11 +314,16 @@ def strategy_step_times(width: float, sizes: Sizes, device, splits, steps: int, 
     model, augment, device, amp, cl = build_parts(cfg, splits)
     methods = build_cl_plugins(cfg, model=model, train_size=len(train), device=device)
     clock = iter_clock(device, sizes.warmup, stream.n_updates(sizes.batch))
+    logs = [] if train_log is None else [TrainLog(train_log, every=1, tensorboard=True)]
     strategy = bench_strategy(cfg, model=model, augment=augment, device=device, amp=amp, channels_last=cl,
-                              total_updates=stream.n_updates(sizes.batch), plugins=[*methods, clock])
+                              total_updates=stream.n_updates(sizes.batch), plugins=[*methods, *logs, clock])
     if fp16_host_skip:
         strategy.optimizer._step_supports_amp_scaling = False  # (an instance attribute over LARS's class attribute)
-    strategy.train(iter(stream), eval_streams=[])
+    try:
+        strategy.train(iter(stream), eval_streams=[])
+    finally:
+        for plugin in logs:
+            plugin.close()
     info = {"channels_last": cl, "amp_dtype": str(amp), "recompute_stages": cfg.model.recompute_stages,
             "recompute_bn_relu": cfg.model.recompute_bn_relu, "compiled": cfg.train.compile,
             "augment_compiled": cfg.augment.compile, "augment_sync_free": strategy.augment.sync_free,
@@ -502,6 +512,18 @@ def case_ours_replay(width: float, sizes: Sizes, device, splits, ctx: dict) -> d
 
 def case_ours_minred(width: float, sizes: Sizes, device, splits, ctx: dict) -> dict:
     return replay_step_times(width, sizes, device, splits, "minred")
+
+
+def case_ours_trainlog(width: float, sizes: Sizes, device, splits, ctx: dict) -> dict:
+    """`ours` with the training curves logged at every update (TrainLog, train.log_every=1, TensorBoard on): the
+    worst case of what logging adds to an update (runs log every 20 by default). The values stay on the device
+    until a flush every 50 rows, which falls inside the measured steps when there are more than 50."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="speed_trainlog_") as folder:
+        times, info = strategy_step_times(width, sizes, device, splits, sizes.steps, train_log=Path(folder))
+        rows = len((Path(folder) / "train.jsonl").read_text().splitlines())
+    return step_result(times, sizes, train_log_rows=rows, **info)
 
 
 def case_model_only(width: float, sizes: Sizes, device, splits, ctx: dict) -> dict:
@@ -803,7 +825,7 @@ CASE_FUNCS = {"reference": case_reference, "ours": case_ours, "model_only": case
               "ours_compiled_augment": case_ours_compiled_augment, "ours_indexed": case_ours_indexed,
               "ours_fp32": case_ours_fp32, "ours_fp16": case_ours_fp16,
               "ours_fp16_hostread": case_ours_fp16_hostread, "ours_replay": case_ours_replay,
-              "ours_minred": case_ours_minred,
+              "ours_minred": case_ours_minred, "ours_trainlog": case_ours_trainlog,
               "objective": case_objective, "augment": case_augment, "online": case_online, "probe": case_probe,
               "memory": case_memory}
 
@@ -847,7 +869,7 @@ PRIMARY = {"reference": "patches_per_s", "ours": "patches_per_s", "model_only": 
            "ours_lean": "patches_per_s", "ours_lowmem": "patches_per_s", "ours_compiled": "patches_per_s",
            "ours_compiled_augment": "patches_per_s", "ours_indexed": "patches_per_s", "ours_fp32": "patches_per_s",
            "ours_fp16": "patches_per_s", "ours_fp16_hostread": "patches_per_s", "ours_replay": "patches_per_s",
-           "ours_minred": "patches_per_s",
+           "ours_minred": "patches_per_s", "ours_trainlog": "patches_per_s",
            "objective": "seconds_per_call", "augment": "seconds_per_batch", "online": "online_over_one_experience",
            "probe": "eval_over_pass", "memory": "peak_growth_pct"}
 
@@ -927,6 +949,8 @@ def summarize(rows: list[dict]) -> dict:
                                                         ("ours_fp16_hostread", "patches_per_s"), None, "info"),
             "ours_minred_over_ours_replay": _ratio(by_case, ("ours_minred", "patches_per_s"),
                                                    ("ours_replay", "patches_per_s"), None, "info"),
+            "ours_trainlog_over_ours": _ratio(by_case, ("ours_trainlog", "patches_per_s"), ("ours", "patches_per_s"),
+                                              None, "info"),
             "lars_loop_over_foreach_step_time": _ratio(by_case, ("model_only", "lars_loop_over_foreach"), None, None,
                                                        "info"),
             "peak_rss_ours_over_reference": _ratio(by_case, ("ours", "peak_rss_MB"), ("reference", "peak_rss_MB"),

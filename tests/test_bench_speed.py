@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(not DATA or not (Path(DATA) / "cifar10.npz").is_
 
 CASES = ("reference", "ours", "model_only", "ours_lean", "ours_lowmem", "objective", "augment", "online", "probe",
          "memory")
-OPT_IN = ("ours_fp32", "ours_fp16", "ours_fp16_hostread", "ours_replay", "ours_minred")
+OPT_IN = ("ours_fp32", "ours_fp16", "ours_fp16_hostread", "ours_replay", "ours_minred", "ours_trainlog")
 
 
 def _positive(x) -> bool:
@@ -197,6 +197,15 @@ def test_the_replay_cases_replay_and_choose_in_every_measured_update(tiny_result
         assert r["counters"] == {"buffer_images": 3 * 8, "extra_forwards": forwards, "updates": 4}, case
     assert "counters" not in rows["ours"]
     ratio = tiny_result["summary"]["by_group"]["cpu|width=0.125|inherited"]["ratios"]["ours_minred_over_ours_replay"]
+    assert _positive(ratio["median"]) and ratio["n"] == 1
+
+
+def test_the_trainlog_case_logs_every_update_and_is_compared_with_ours(tiny_result):
+    """ours_trainlog (opt-in): TrainLog writes one row per update, warm-up included (1 + 2 in --tiny), and its
+    throughput over `ours` is in the summary."""
+    row = {r["case"]: r for r in tiny_result["rows"]}["ours_trainlog"]
+    assert row["train_log_rows"] == row["warmup_steps"] + row["steps"] == 3 and _positive(row["patches_per_s"])
+    ratio = tiny_result["summary"]["by_group"]["cpu|width=0.125|inherited"]["ratios"]["ours_trainlog_over_ours"]
     assert _positive(ratio["median"]) and ratio["n"] == 1
 
 

@@ -149,7 +149,8 @@ def test_dry_run_passes_every_check(tmp_path):
     assert checks["speed"]["first_loss_rel"] == {"ours_lowmem@0.125": 0.0}, checks["speed"]["first_loss_rel"]
     # the information cases in the budget left (the compiled one not on the CPU): ours over each, MinRed over replay
     info = checks["speed"]["info"]
-    assert set(info["ratios"]) == {"ours_over_ours_indexed@0.125", "ours_over_ours_replay@0.125",
+    assert set(info["ratios"]) == {"ours_over_ours_indexed@0.125", "ours_over_ours_trainlog@0.125",
+                                   "ours_over_ours_replay@0.125",
                                    "ours_over_ours_minred@0.125", "ours_minred_over_ours_replay@0.125"}, info
     assert all(v > 0 for v in info["ratios"].values()) and info["errors"] == []
     assert "| | ours_minred_over_ours_replay@0.125 |" in md
