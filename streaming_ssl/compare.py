@@ -4,9 +4,10 @@
     python compare_runs.py runs/sweep          # a folder of run directories: every run in it
 
 Runs whose configs differ only in `train.seed` (and in settings that do not change what is learned: run.*,
-data.root, train.threads, train.device, oom.RESUMABLE, and the settings of a continual-learning method that is
-off) form one group; each group is named by the settings that
-tell it from the others, and its figures are the mean and sample standard deviation over its runs. Every figure
+data.root, train.threads, train.device, compiling, channels_last, train.deterministic, oom.RESUMABLE, and the
+settings of a continual-learning method that is off) form one group, named by its first run's folder and by the
+settings that tell it from the others; its figures are the mean and sample standard deviation over its runs (a
+run that lacks a figure, as one saved before it was logged, is left out of that figure's mean). Every figure
 comes from the runs' own metrics.jsonl (the evaluation after each experience, as the run logged it):
 
 - `acc_final`: the linear probe's accuracy on the whole test set after the last experience (probe/acc_all);
@@ -21,7 +22,9 @@ comes from the runs' own metrics.jsonl (the evaluation after each experience, as
   counts as one crop forward.
 
 Accuracies are only comparable on one test set: runs of different datasets, image sizes or test subsets are
-refused (allow_mixed overrides). A run still training (no summary.json) is left out unless include_incomplete.
+refused (allow_mixed overrides), and so are two runs of one config and seed (a copy of a run would count as a second
+seed). A run still training (no summary.json) is left out unless include_incomplete; one with no evaluation yet is
+always left out.
 """
 
 from __future__ import annotations
@@ -36,12 +39,14 @@ import yaml
 from streaming_ssl.config import ConfigError, config_from_dict
 from streaming_ssl.evaluation import read_rows
 from streaming_ssl.oom import RESUMABLE
+from streaming_ssl.runner import _predates_blur_kernel
 
 # settings that do not change what a run learns: runs differing only in these (and the seed) are one group
-NOT_LEARNED = ("run.", "data.root", "data.download", "train.threads", "train.device", *RESUMABLE)
+NOT_LEARNED = ("run.", "data.root", "data.download", "train.threads", "train.device", "train.compile",
+               "train.compile_backend", "augment.compile", "train.channels_last", "train.deterministic", *RESUMABLE)
 SEED = "train.seed"
 # settings that change the test set, on which every accuracy is measured
-TEST_SET = ("data.dataset", "data.image_size", "data.test_per_class")
+TEST_SET = ("data.dataset", "data.image_size", "data.test_per_class", "eval.test_per_class")
 METRICS = ("acc_final", "acc_avg_incremental", "forgetting", "bwt", "knn_final", "stream_images", "buffer_images",
            "updates", "forward_equivalents", "wall_hours")
 
@@ -72,18 +77,26 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def forward_equivalents(row: dict) -> int:
-    """Encoder passes up to `row`, in forwards of one crop (module docstring)."""
-    return (row.get("compute/patches_forward", 0) + 2 * row.get("compute/patches_backward", 0)
+def forward_equivalents(row: dict) -> int | None:
+    """Encoder passes up to `row`, in forwards of one crop (module docstring); None for a row without the compute
+    counters (a run saved before they were logged)."""
+    if "compute/patches_backward" not in row:
+        return None
+    return (row.get("compute/patches_forward", 0) + 2 * row["compute/patches_backward"]
             + row.get("compute/frozen_forwards", 0) + row.get("compute/extra_forwards", 0))
+
+
+def _finite(value):
+    """A logged number, None for a missing or non-finite one (NaN: a class with no test image)."""
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) else None
 
 
 def run_metrics(rows: list[dict]) -> dict:
     """The figures of one run from its evaluation rows (oldest first); None where the rows lack them."""
     if not rows:
         raise ValueError("no evaluation rows")
-    last = rows[-1]
-    seen = [r["probe/acc_seen"] for r in rows if r.get("probe/acc_seen") is not None]
+    last = {k: _finite(v) for k, v in rows[-1].items()}
+    seen = [v for r in rows if (v := _finite(r.get("probe/acc_seen"))) is not None]
     wall = last.get("time/wall_seconds")
     return {
         "acc_final": last.get("probe/acc_all"),
@@ -94,33 +107,35 @@ def run_metrics(rows: list[dict]) -> dict:
         "stream_images": last.get("compute/stream_images", last.get("samples_seen")),
         "buffer_images": last.get("compute/buffer_images"),
         "updates": last.get("updates"),
-        "forward_equivalents": forward_equivalents(last),
+        "forward_equivalents": forward_equivalents(rows[-1]),
         "wall_hours": None if wall is None else wall / 3600,
     }
 
 
 def read_run(path: str | Path) -> Run:
-    """A run directory: its config.yaml and metrics.jsonl (CompareError when it is not a run or has no row)."""
+    """A run directory: its config.yaml and metrics.jsonl (CompareError when it is not a run; `rows` is empty for a
+    run with no evaluation yet)."""
     path = Path(path)
     cfg_path = path / "config.yaml"
     if not cfg_path.is_file():
         raise CompareError(f"{str(path)!r} is not a run directory (it holds no config.yaml): pass the run.out_dir of "
                            "runs, or a folder whose sub-folders are runs")
-    try:  # resolved as a resume reads it: settings added since the run was saved take their defaults
-        config = config_from_dict(yaml.safe_load(cfg_path.read_text()), import_methods=False, saved=True).to_dict()
+    try:  # resolved as a resume reads it: settings added since the run was saved take their defaults ...
+        raw = yaml.safe_load(cfg_path.read_text())
+        config = config_from_dict(raw, import_methods=False, saved=True).to_dict()
     except (ConfigError, yaml.YAMLError, TypeError, AttributeError) as err:
         raise CompareError(f"{str(cfg_path)!r} is not a config this version reads ({err}); leave that run out") \
             from None
+    if _predates_blur_kernel(raw) and config["augment"]["blur_kernel"] is None:
+        config["augment"]["blur_kernel"] = 0  # ... except the blur, which such a run trained with (runner.py)
     try:
         rows = read_rows(path / "metrics.jsonl")
     except json.JSONDecodeError as err:
         raise CompareError(f"{str(path / 'metrics.jsonl')!r} is damaged ({err}); resume the run "
                            f"(python run_stream.py --resume {path}), which rewrites it from its checkpoint") from None
-    if not rows:
-        raise CompareError(f"run {str(path)!r} has no evaluation yet (metrics.jsonl is missing or empty): leave it "
-                           "out until its first experience is evaluated")
-    complete = (path / "summary.json").is_file()
-    return Run(path=path, config=flatten(config), rows=rows, complete=complete, metrics=run_metrics(rows))
+    complete = bool(rows) and (path / "summary.json").is_file()
+    return Run(path=path, config=flatten(config), rows=rows, complete=complete,
+               metrics=run_metrics(rows) if rows else {})
 
 
 def find_runs(paths: list[str | Path]) -> list[Path]:
@@ -199,59 +214,86 @@ def mean_std(values: list) -> tuple[float | None, float | None]:
     return mean, std
 
 
+def _labels(groups: list[list[Run]]) -> list[str]:
+    """Each group's name: its first run's folder without @...; with the folder above it where two groups would
+    share a name (runs/plain/seed0 and runs/replay/seed0), and numbered where that is not enough."""
+    names = [members[0].path.name.split("@")[0] for members in groups]
+    if len(set(names)) < len(names):
+        names = [f"{m[0].path.parent.name}/{m[0].path.name.split('@')[0]}" for m in groups]
+    if len(set(names)) < len(names):
+        names = [f"{name} #{i + 1}" for i, name in enumerate(names)]
+    return names
+
+
+def _check_one_run_per_seed(members: list[Run]) -> None:
+    seen: dict = {}
+    for run in members:
+        other = seen.setdefault(json.dumps(run.config.get(SEED)), run)
+        if other is not run:
+            raise CompareError(f"{other.path} and {run.path} have the same config and seed ({run.config.get(SEED)}): "
+                               "a copy of a run would count as a second seed; leave one of them out")
+
+
 def summarize(paths: list[str | Path], *, allow_mixed: bool = False, include_incomplete: bool = False) -> dict:
-    """Read, group and average runs (module docstring). Returns {"groups": [...], "left_out": [...]}, each group
-    {"label" (its first run's folder name, without @...), "differs" (the settings that tell it from the other groups),
-    "runs", "seeds", "n", "complete", "settings", "curves" (each run's, at its evaluations),
-    <metric>: {"mean", "std", "values"}}."""
-    runs = [read_run(p) for p in find_runs(paths)]
-    left_out = [] if include_incomplete else [str(r.path) for r in runs if not r.complete]
-    runs = [r for r in runs if include_incomplete or r.complete]
+    """Read, group and average runs (module docstring). Returns {"groups": [...], "left_out": [{"run", "why"}]}, each
+    group {"label" (its first run's folder name, without @...), "differs" (the settings that tell it from the other
+    groups), "runs", "seeds", "n", "complete", "settings", "curves" (each run's, at its evaluations),
+    <metric>: {"mean", "std", "n" (runs that have it), "values"}}."""
+    runs, left_out = [], []
+    for run in (read_run(p) for p in find_runs(paths)):
+        if not run.rows:
+            left_out.append({"run": str(run.path), "why": "no evaluation yet (metrics.jsonl is missing or empty)"})
+        elif not (run.complete or include_incomplete):
+            left_out.append({"run": str(run.path), "why": "it has not finished (no summary.json; "
+                                                          "--include-incomplete takes it)"})
+        else:
+            runs.append(run)
     if not runs:
-        raise CompareError(f"no finished run among {', '.join(left_out)} (no summary.json: still training or "
-                           "stopped); wait for them, resume them, or pass --include-incomplete")
+        raise CompareError("no run to compare: " + "; ".join(f"{r['run']}: {r['why']}" for r in left_out))
     if not allow_mixed:
         check_comparable(runs)
+    grouped = group_runs(runs)
     groups = []
-    for differs, members in group_runs(runs):
-        group = {"label": members[0].path.name.split("@")[0], "differs": differs,
-                 "runs": [str(r.path) for r in members],
+    for (differs, members), label in zip(grouped, _labels([m for _, m in grouped])):
+        _check_one_run_per_seed(members)
+        group = {"label": label, "differs": differs, "runs": [str(r.path) for r in members],
                  "seeds": [r.config.get(SEED) for r in members], "n": len(members),
                  "complete": all(r.complete for r in members), "settings": _learned(members[0].config),
                  "curves": [dict(zip(("samples_seen", "forward_equivalents", "acc"), curves(r))) for r in members]}
         for metric in METRICS:
             values = [r.metrics[metric] for r in members]
             mean, std = mean_std(values)
-            group[metric] = {"mean": mean, "std": std, "values": values}
+            group[metric] = {"mean": mean, "std": std, "n": sum(v is not None for v in values), "values": values}
         groups.append(group)
     return {"groups": groups, "left_out": left_out}
 
 
-def _cell(stat: dict, scale: float = 1.0, digits: int = 2) -> str:
+def _cell(stat: dict, scale: float = 1.0, digits: int = 2, spread: bool = True) -> str:
     if stat["mean"] is None:
         return ""
     text = f"{stat['mean'] * scale:.{digits}f}"
-    return text if stat["std"] is None else f"{text} ± {stat['std'] * scale:.{digits}f}"
+    return text if stat["std"] is None or not spread else f"{text} ± {stat['std'] * scale:.{digits}f}"
 
 
 def markdown_table(summary: dict) -> str:
     """The groups as a Markdown table: accuracies in %, forgetting and BWT in points, compute relative to the
-    first group's."""
+    first group's that has it; an empty cell where no run of the group has the figure."""
     groups = summary["groups"]
-    base = groups[0]["forward_equivalents"]["mean"] or None
+    base = next((g["forward_equivalents"]["mean"] for g in groups if g["forward_equivalents"]["mean"]), None)
     lines = ["| group | differs in | runs | final acc % | avg incremental acc % | forgetting (pts) | BWT (pts) | "
              "kNN % | stream + buffer images | updates | compute (x first) |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for g in groups:
-        images = f"{g['stream_images']['mean']:.0f}"
+        images = _cell(g["stream_images"], digits=0, spread=False)
         if g["buffer_images"]["mean"]:
             images += f" + {g['buffer_images']['mean']:.0f}"
-        compute = "" if base is None else f"{g['forward_equivalents']['mean'] / base:.2f}"
+        cost = g["forward_equivalents"]["mean"]
+        compute = "" if base is None or cost is None else f"{cost / base:.2f}"
         n = f"{g['n']}" + ("" if g["complete"] else " (incomplete)")
         lines.append(f"| {g['label']} | {g['differs']} | {n} | {_cell(g['acc_final'], 100)} | "
                      f"{_cell(g['acc_avg_incremental'], 100)} | {_cell(g['forgetting'], 100)} | "
                      f"{_cell(g['bwt'], 100)} | {_cell(g['knn_final'], 100)} | {images} | "
-                     f"{g['updates']['mean']:.0f} | {compute} |")
+                     f"{_cell(g['updates'], digits=0, spread=False)} | {compute} |")
     return "\n".join(lines) + "\n"
 
 
@@ -259,39 +301,57 @@ def curves(run: Run) -> tuple[list[float], list[float], list[float]]:
     """(stream images seen, forward equivalents, probe accuracy) at each of a run's evaluations."""
     xs = [r.get("samples_seen", 0) for r in run.rows]
     cost = [forward_equivalents(r) for r in run.rows]
-    acc = [r.get("probe/acc_all") for r in run.rows]
+    acc = [_finite(r.get("probe/acc_all")) for r in run.rows]
     return xs, cost, acc
 
 
+def group_curve(curves_: list[dict], x_key: str) -> list[tuple[float, float, float, float]]:
+    """(x, mean, lowest, highest) of the probe accuracy at each evaluation index over a group's runs: x and the
+    accuracy are averaged over the runs that have that evaluation and the value (a run stopped early has fewer;
+    a run saved before the compute counters has no compute), so no run's later evaluations are cut."""
+    out = []
+    for i in range(max(len(c["acc"]) for c in curves_)):
+        pts = [(c[x_key][i], c["acc"][i]) for c in curves_
+               if i < len(c["acc"]) and c["acc"][i] is not None and c[x_key][i] is not None]
+        if pts:
+            accs = [a for _, a in pts]
+            out.append((sum(x for x, _ in pts) / len(pts), sum(accs) / len(accs), min(accs), max(accs)))
+    return out
+
+
 def plot_compare(summary: dict, path: str | Path, title: str = "") -> None:
-    """Probe accuracy against stream images seen and against compute, one line per group (the mean over its runs,
-    at each evaluation; the band spans its runs' lowest to highest), saved as PNG."""
+    """Probe accuracy against stream images seen and against compute, one line per group (the mean over its runs
+    at each evaluation, group_curve; the band or bar spans its runs' lowest to highest), saved as PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    groups = summary["groups"]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for g in summary["groups"]:
-        per_run = [(c["samples_seen"], c["forward_equivalents"], c["acc"]) for c in g["curves"]]
-        length = min(len(c[0]) for c in per_run)  # an incomplete run has fewer evaluations
-        for ax, which in zip(axes, (0, 1)):
-            x = [sum(c[which][i] for c in per_run) / len(per_run) for i in range(length)]
-            accs = [[c[2][i] for c in per_run if c[2][i] is not None] for i in range(length)]
-            keep = [i for i in range(length) if accs[i]]
-            mean = [100 * sum(accs[i]) / len(accs[i]) for i in keep]
-            line, = ax.plot([x[i] for i in keep], mean, marker="o", ms=3,
-                            label=f"{g['label']} (n={g['n']})" if which == 0 else None)
-            if g["n"] > 1:
-                ax.fill_between([x[i] for i in keep], [100 * min(accs[i]) for i in keep],
-                                [100 * max(accs[i]) for i in keep], color=line.get_color(), alpha=0.2)
+    for g in groups:
+        label = f"{g['label']} (n={g['n']}{'' if g['complete'] else ', incomplete'})"
+        for ax, x_key in zip(axes, ("samples_seen", "forward_equivalents")):
+            pts = group_curve(g["curves"], x_key)
+            if not pts:
+                continue
+            xs, mean, lo, hi = ([p[k] for p in pts] for k in range(4))
+            line, = ax.plot(xs, [100 * m for m in mean], marker="o", ms=3, label=label if x_key == "samples_seen"
+                            else None)
+            if g["n"] > 1 and len(pts) > 1:
+                ax.fill_between(xs, [100 * v for v in lo], [100 * v for v in hi], color=line.get_color(), alpha=0.2)
+            elif g["n"] > 1:  # one evaluation: a bar, not a band of no width
+                ax.errorbar(xs, [100 * m for m in mean], yerr=[[100 * (m - v) for m, v in zip(mean, lo)],
+                                                              [100 * (v - m) for m, v in zip(mean, hi)]],
+                            color=line.get_color(), capsize=3, ls="none")
     axes[0].set_xlabel("stream images seen")
     axes[1].set_xlabel("compute (forwards of one crop; backward = 2)")
     for ax in axes:
         ax.set_ylabel("linear probe accuracy, all test classes (%)")
         ax.grid(alpha=0.3)
-    fig.legend(loc="lower center", ncol=min(3, len(summary["groups"])), fontsize=8, frameon=False)
-    fig.suptitle(title or "runs compared")
-    fig.tight_layout(rect=(0, 0.08 + 0.04 * (len(summary["groups"]) // 3), 1, 1))
+    fig.legend(loc="lower center", ncol=min(3, len(groups)), fontsize=8, frameon=False)
+    runs = sum(g["n"] for g in groups)
+    fig.suptitle(title or f"{len(groups)} groups of {runs} runs: mean over each group's seeds, band: lowest to highest")
+    fig.tight_layout(rect=(0, 0.08 + 0.04 * ((len(groups) - 1) // 3), 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)

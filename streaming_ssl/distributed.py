@@ -6,10 +6,13 @@ Outside torchrun every helper is the identity: rank 0 of a world of 1.
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 
 import torch
 import torch.distributed as dist
+
+log = logging.getLogger(__name__)
 
 
 def env_world() -> tuple[int, int, int]:
@@ -35,7 +38,10 @@ def init_from_env(device_type: str) -> bool:
         return dist.is_initialized()
     if device_type == "cuda":
         torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl" if device_type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=30))
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    # every rank says it, before it waits for the others (a start that hangs shows which rank never came)
+    log.info("rank %d of %d: joining the process group (%s)", env_world()[0], world, backend)
+    dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
     return True
 
 

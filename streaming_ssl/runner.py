@@ -66,12 +66,7 @@ def _prepare_run_dir(cfg: Config, *, resume: bool, overwrite: bool,
     `check_empty` a new run is not refused for a non-empty directory (another rank than rank 0 under --auto-resume:
     rank 0 decides, holding the run's lock)."""
     run_dir = Path(cfg.run.out_dir)
-    for path in (run_dir, *run_dir.parents):  # the nearest existing path must be a folder
-        if path.exists():
-            if not path.is_dir():
-                raise RunError(f"run.out_dir {str(run_dir)!r} cannot be a run directory: {str(path)!r} is a file, not "
-                               "a folder; choose another run.out_dir")
-            break
+    check_out_dir_path(run_dir)
     if resume:
         saved_cfg_path = run_dir / "config.yaml"
         if not saved_cfg_path.is_file():
@@ -106,6 +101,16 @@ def _prepare_run_dir(cfg: Config, *, resume: bool, overwrite: bool,
         raise RunError(f"run directory {str(run_dir)!r} is not empty; pass --resume {run_dir} to continue it, "
                        "--overwrite to replace it, or choose another run.out_dir")
     return run_dir, None
+
+
+def check_out_dir_path(run_dir: Path) -> None:
+    """RunError unless run_dir can be a folder: the nearest existing path must be one."""
+    for path in (run_dir, *run_dir.parents):
+        if path.exists():
+            if not path.is_dir():
+                raise RunError(f"run.out_dir {str(run_dir)!r} cannot be a run directory: {str(path)!r} is a file, not "
+                               "a folder; choose another run.out_dir")
+            break
 
 
 def create_run_dir(cfg: Config, run_dir: Path, *, fresh: bool, lock: RunLock | None = None) -> None:
@@ -162,15 +167,17 @@ def train(cfg: Config, *, resume: bool | str = False, overwrite: bool = False, l
 
     `resume`: True continues the run in cfg.run.out_dir, "auto" continues it if one is there (its config.yaml),
     else starts it: decided once this process holds the run's lock, so a predecessor that was still writing the
-    run is seen as it left it.
+    run is seen as it left it (with "auto" the lock is taken at once, making the directory if there is none yet:
+    left empty but for its lock file if the run then stops on a bad input).
 
     One writer per run directory: rank 0 holds RUN/.lock (runlock.py) for the whole run, taken before anything
     is read from or written to an existing directory (a new one: as soon as it is created); a second writer
     (new run, --resume or --overwrite) gets RunLocked and changes nothing, at once or after waiting `lock_wait`
     seconds for the holder to end. Under DDP every rank continues from the checkpoint rank 0 chose holding the
     lock (agree_on_checkpoint)."""
-    if resume not in (True, False, "auto"):
+    if isinstance(resume, str) and resume != "auto":
         raise ValueError(f"resume={resume!r}: pass True, False or 'auto'")
+    resume = resume if resume == "auto" else bool(resume)
     if resume == "auto" and overwrite:
         raise RunError("resume='auto' (--auto-resume) continues the run or starts it, and overwrite deletes it: "
                        "pass one of them")
@@ -179,9 +186,11 @@ def train(cfg: Config, *, resume: bool | str = False, overwrite: bool = False, l
     lock = RunLock(run_dir, wait=lock_wait) if ddp.env_world()[0] == 0 else None
     joins_group = not ddp.is_dist()  # a group the caller made stays the caller's
     try:
-        if lock is not None and run_dir.is_dir():
-            lock.acquire()
         auto = resume == "auto"
+        if auto:
+            check_out_dir_path(run_dir)
+        if lock is not None and (run_dir.is_dir() or auto):
+            lock.acquire()
         if auto:
             resume = (run_dir / "config.yaml").is_file()
             if lock is not None:
@@ -206,7 +215,7 @@ def _train(cfg: Config, *, resume: bool, overwrite: bool, lock: RunLock | None, 
     run_dir, path = _prepare_run_dir(cfg, resume=resume, overwrite=overwrite,
                                      check_empty=not (auto and ddp.env_world()[0] != 0))
     device, amp_dtype = build.setup_runtime(cfg)
-    state = agree_on_checkpoint(run_dir, path)
+    resume, state = agree_on_checkpoint(cfg, run_dir, resume=resume, overwrite=overwrite, path=path)
     splits = build.load_train_data(cfg)
     stream = build.stream_from_config(cfg, splits)
     log.info("stream: %s, %d training experiences, %d parent experiences, %d updates of %d images x %d patches",
@@ -253,36 +262,46 @@ def _train(cfg: Config, *, resume: bool, overwrite: bool, lock: RunLock | None, 
     return rows[-1] if rows else {}
 
 
-def agree_on_checkpoint(run_dir: Path, path: Path | None) -> dict | None:
-    """The checkpoint this run continues from (None: from the start), loaded: under DDP the one rank 0 chose.
+def agree_on_checkpoint(cfg: Config, run_dir: Path, *, resume: bool, overwrite: bool,
+                        path: Path | None) -> tuple[bool, dict | None]:
+    """(whether the run continues, the checkpoint it continues from or None), loaded: under DDP rank 0's choice.
 
     Every rank lists the run directory before the process group exists, but rank 0 alone holds the run's lock:
     with --wait-lock it lists the directory only after a predecessor still saving has ended, and another rank may
-    have found an older checkpoint, or none. Starting from different updates, the ranks would train different
-    batches and hang in their collectives. So every rank loads rank 0's choice; a rank that cannot (the run
-    directory is not on a filesystem it shares with rank 0) stops every rank with the reason."""
+    have found an older checkpoint, or none, or (--auto-resume) no run. Starting from different updates, the ranks
+    would train different batches and hang in their collectives. So every rank takes rank 0's choice: it checks
+    the run as rank 0 did (taking the same settings of an older run) and loads rank 0's checkpoint. A rank that
+    cannot (the run directory is not on a filesystem it shares with rank 0) stops every rank with the reason."""
     from streaming_ssl.checkpoint import CheckpointError
 
-    mine = None if path is None else path.name
-    chosen = ddp.all_gather_object(mine)[0]
+    mine = (bool(resume), None if path is None else path.name)
+    chosen = tuple(ddp.all_gather_object(mine)[0])
+    own: Exception | None = None
     if chosen != mine:
         log.warning("rank %d found %s in %s, but continues from rank 0's choice, %s (rank 0 chose holding the run's "
-                    "lock, after any predecessor had ended)", ddp.rank(), mine or "no checkpoint", run_dir,
-                    chosen or "the start")
-    state, error = None, None
-    if chosen is not None:
+                    "lock, after any predecessor had ended)", ddp.rank(), mine[1] or "no checkpoint", run_dir,
+                    chosen[1] or "the start")
+        if chosen[0] and not resume:  # rank 0 continues a run this rank saw no run in: check it as rank 0 did
+            try:
+                _prepare_run_dir(cfg, resume=True, overwrite=overwrite)
+            except Exception as err:  # noqa: BLE001 - every rank learns of it below
+                own = err
+    state = None
+    if chosen[1] is not None and own is None:
         try:
-            state = ckpt.load(run_dir / chosen)
-        except CheckpointError as err:
-            error = str(err)
-    failed = [(r, e) for r, e in enumerate(ddp.all_gather_object(error)) if e is not None]
+            state = ckpt.load(run_dir / chosen[1])
+        except Exception as err:  # noqa: BLE001 - not only CheckpointError: a rank must not leave the others waiting
+            own = err
+    failed = [(r, e) for r, e in enumerate(ddp.all_gather_object(None if own is None else
+                                                                 f"{type(own).__name__}: {own}")) if e is not None]
+    if own is not None:
+        raise own
     if failed:
         rank, said = failed[0]
-        raise CheckpointError(said if error is not None else
-                              f"rank {rank} could not load {chosen}, the checkpoint rank 0 continues from ({said}); "
-                              f"every rank must read the run directory {str(run_dir)!r} that rank 0 writes (on "
-                              "several nodes: a filesystem they share)")
-    return state
+        raise CheckpointError(f"rank {rank} could not continue from {chosen[1]}, the checkpoint rank 0 continues "
+                              f"from ({said}); every rank must read the run directory {str(run_dir)!r} that rank 0 "
+                              "writes (on several nodes: a filesystem they share)")
+    return chosen[0], state
 
 
 def check_same_training_data(state: dict, now: dict, dataset: str, run_dir: Path) -> None:

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from streaming_ssl.compare import (CompareError, Run, flatten, group_runs, inert_settings, mean_std, run_metrics,
-                                   summarize)
+from streaming_ssl.compare import (CompareError, Run, _labels, flatten, group_curve, group_runs, inert_settings,
+                                   markdown_table, mean_std, read_run, run_metrics, summarize)
 from streaming_ssl.config import load_config
 
 DATA = os.environ.get("STREAMING_SSL_DATA")
@@ -78,6 +78,46 @@ def test_run_metrics_and_mean_std() -> None:
     assert mean_std([0.7]) == (0.7, None) and mean_std([None]) == (None, None)
 
 
+def test_missing_and_non_finite_figures_are_left_out_not_zero() -> None:
+    """A row without the compute counters (a run saved before they were logged) has no compute, not 0; a NaN
+    accuracy (a class with no test image) is no figure; a table of such groups prints empty cells."""
+    m = run_metrics([{"probe/acc_all": float("nan"), "probe/acc_seen": float("nan")}])
+    assert m["forward_equivalents"] is None and m["acc_final"] is None and m["acc_avg_incremental"] is None
+    assert m["updates"] is None and m["stream_images"] is None
+    stat = {metric: {"mean": None, "std": None, "n": 0, "values": [None]} for metric in m}
+    table = markdown_table({"groups": [{"label": "old", "differs": "", "n": 1, "complete": True, **stat}]})
+    assert table.splitlines()[-1] == "| old |  | 1 |  |  |  |  |  |  |  |  |"
+
+
+def test_group_names_stay_apart_when_folders_share_a_name() -> None:
+    groups = [[_run("runs/plain/seed0")], [_run("runs/replay/seed0")], [_run("x/a@seed1")]]
+    assert _labels(groups) == ["plain/seed0", "replay/seed0", "x/a"]
+    assert _labels([[_run("p/a/s")], [_run("q/a/s")]]) == ["a/s #1", "a/s #2"]
+    assert _labels([[_run("runs/a")], [_run("runs/b@seed2")]]) == ["a", "b"]
+
+
+def test_a_run_saved_before_blur_kernel_existed_groups_with_what_it_trained(tmp_path: Path) -> None:
+    """A config.yaml without augment.blur_kernel trained with the 10% kernel (0), as its resume does: it does not
+    join the runs of the default kernel."""
+    import yaml
+
+    from streaming_ssl.config import save_config
+
+    runs = []
+    for name, drop in (("new", False), ("old", True)):
+        run_dir = tmp_path / name
+        run_dir.mkdir()
+        save_config(load_config(REPO / "configs/smoke.yaml", [f"train.seed={int(drop)}"]), run_dir / "config.yaml")
+        if drop:
+            raw = yaml.safe_load((run_dir / "config.yaml").read_text())
+            del raw["augment"]["blur_kernel"]
+            (run_dir / "config.yaml").write_text(yaml.safe_dump(raw))
+        (run_dir / "metrics.jsonl").write_text(json.dumps({"probe/acc_all": 0.5}) + "\n")
+        runs.append(read_run(run_dir))
+    assert runs[1].config["augment.blur_kernel"] == 0 and runs[0].config["augment.blur_kernel"] is None
+    assert [label for label, _ in group_runs(runs)] == ["augment.blur_kernel=None", "augment.blur_kernel=0"]
+
+
 def _args(run_dir: Path, *extra: str) -> list[str]:
     return ["--config", str(REPO / "configs/smoke.yaml"), f"run.out_dir={run_dir}", f"data.root={Path(DATA).resolve()}",
             "data.train_per_class=10", "data.test_per_class=2", "stream.n_experiences=2", "eval.probe_epochs=1",
@@ -87,9 +127,11 @@ def _args(run_dir: Path, *extra: str) -> list[str]:
 @needs_data
 def test_compare_runs_groups_real_runs_averages_seeds_and_leaves_out_unfinished(zygote, tmp_path: Path,
                                                                                 dies_after, capsys) -> None:
-    """Three finished runs (plain at seeds 0 and 1, replay at seed 0) and one stopped after 3 updates, given as a
-    folder: the plain runs are one group whose figures are their mean and standard deviation, replay is another,
-    the stopped run is left out (and taken with --include-incomplete), and the files are written."""
+    """Three finished runs (plain at seeds 0 and 1, replay at seed 0), one stopped after 3 updates and one stopped
+    before its first evaluation (config.yaml alone), given as a folder: the plain runs are one group whose figures
+    are their mean and standard deviation, replay is another, the stopped runs are left out with the reason (the
+    first taken with --include-incomplete, without cutting the finished runs' curves), and the files are
+    written."""
     from streaming_ssl.cli import compare
     from streaming_ssl.cli import train as run_stream
 
@@ -99,6 +141,8 @@ def test_compare_runs_groups_real_runs_averages_seeds_and_leaves_out_unfinished(
     logs = {name: tmp_path / f"{name}.log" for name in runs}
     pids = {name: zygote.start(_args(sweep / name, *extra), logs[name]) for name, extra in runs.items()}
     dies_after(3, run_stream.main, _args(sweep / "stopped", "train.seed=2"))
+    (sweep / "early").mkdir()
+    shutil.copy(sweep / "stopped" / "config.yaml", sweep / "early" / "config.yaml")
     for name, pid in pids.items():
         assert zygote.wait(pid, TIMEOUT) == 0, logs[name].read_text(errors="replace")[-3000:]
     rows = {name: [json.loads(line) for line in (sweep / name / "metrics.jsonl").read_text().splitlines()]
@@ -109,7 +153,8 @@ def test_compare_runs_groups_real_runs_averages_seeds_and_leaves_out_unfinished(
     table = capsys.readouterr().out
     summary = json.loads((out / "compare.json").read_text())
     assert (out / "compare.md").read_text() == table and (out / "compare.png").stat().st_size > 10_000
-    assert summary["left_out"] == [str(sweep / "stopped")]
+    assert [(r["run"], r["why"].split(" (")[0]) for r in summary["left_out"]] == [
+        (str(sweep / "early"), "no evaluation yet"), (str(sweep / "stopped"), "it has not finished")]
     plain, replay = summary["groups"]
     assert (plain["label"], plain["n"], plain["seeds"]) == ("plain", 2, [0, 1])
     assert (replay["label"], replay["n"]) == ("replay", 1)
@@ -129,13 +174,21 @@ def test_compare_runs_groups_real_runs_averages_seeds_and_leaves_out_unfinished(
     mean, std = 100 * plain["acc_final"]["mean"], 100 * plain["acc_final"]["std"]
     assert f"| plain | cl.replay.policy=none | 2 | {mean:.2f} ± {std:.2f} |" in table
     # the stopped run, taken on request: only its seed differs, so it joins plain, which is then marked
-    assert compare.main([str(sweep), "--include-incomplete"]) == 0
+    assert compare.main([str(sweep), "--include-incomplete", "--out", str(out)]) == 0
     assert "| plain | cl.replay.policy=none | 3 (incomplete) |" in capsys.readouterr().out
+    plain = json.loads((out / "compare.json").read_text())["groups"][0]
+    stopped = [json.loads(line) for line in (sweep / "stopped" / "metrics.jsonl").read_text().splitlines()]
+    assert len(stopped) < len(rows["plain"]) and plain["seeds"] == [0, 1, 2]
+    curve = group_curve(plain["curves"], "samples_seen")
+    assert len(curve) == len(rows["plain"])  # the finished runs' last evaluation is kept
+    last = [rows[name][-1]["probe/acc_all"] for name in ("plain", "plain@seed1")]
+    assert curve[-1][1:] == pytest.approx((sum(last) / 2, min(last), max(last)))
 
 
-def test_compare_runs_refuses_what_it_cannot_compare(tmp_path: Path, caplog) -> None:
-    """Not a run, a run named twice, a run with no evaluation yet, and runs on different test sets: exit 2 with the
-    reason; --allow-mixed lists the last anyway."""
+def test_compare_runs_refuses_what_it_cannot_compare(tmp_path: Path, caplog, capsys) -> None:
+    """Not a run, a run named twice, a copy of a run (same config and seed), no run with an evaluation, runs on
+    different test sets (data or eval test subsets), an --out that is a run or under a file: exit 2 with the
+    reason, before anything is printed; --allow-mixed lists runs on different test sets anyway."""
     from streaming_ssl.cli import compare
     from streaming_ssl.config import save_config
 
@@ -150,16 +203,22 @@ def test_compare_runs_refuses_what_it_cannot_compare(tmp_path: Path, caplog) -> 
         return run_dir
 
     a, b, empty = make("a"), make("b", "data.test_per_class=3"), make("empty", rows=0)
+    c, copy = make("c", "eval.test_per_class=3"), make("copy")
+    (tmp_path / "afile").write_text("x")
     cases = {(str(tmp_path / "nothing"),): "is neither a run directory (with config.yaml) nor a folder of run",
              (str(a), str(a)): "run named twice",
-             (str(empty),): "has no evaluation yet",
-             (str(a), str(b)): "the runs differ in data.test_per_class (a: "}
+             (str(a), str(copy)): f"{a} and {copy} have the same config and seed (0)",
+             (str(empty),): "no run to compare: " + f"{empty}: no evaluation yet",
+             (str(a), str(b)): "the runs differ in data.test_per_class (a: ",
+             (str(a), str(c)): "the runs differ in eval.test_per_class (a: ",
+             (str(a), "--out", str(b)): f"--out {b} is a run directory",
+             (str(a), "--out", str(tmp_path / "afile" / "sub")): f"--out {tmp_path / 'afile' / 'sub'}: cannot make"}
     for argv, said in cases.items():
         caplog.clear()
         assert compare.main(list(argv)) == 2
         assert said in caplog.text, caplog.text
+        assert capsys.readouterr().out == ""
     assert compare.main([str(a), str(b), "--allow-mixed"]) == 0
-    shutil.rmtree(empty)
-    with pytest.raises(CompareError, match="no finished run"):
-        (b / "summary.json").unlink()
+    (b / "summary.json").unlink()
+    with pytest.raises(CompareError, match="it has not finished"):
         summarize([b])

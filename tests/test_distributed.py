@@ -592,13 +592,13 @@ def test_a_signal_to_one_rank_stops_every_rank_after_the_same_update_and_resumes
 
 
 @needs_data
-def test_every_rank_continues_from_the_checkpoint_rank_0_finds_after_waiting_for_the_lock(stream_runs,
-                                                                                         tmp_path) -> None:
-    """--resume --wait-lock under torchrun, while a predecessor still holds the run (here a process holding its lock
-    for 15 s, which renames a newer checkpoint into it before letting go, as a job still saving does): rank 1 lists
-    the run at once and finds only the older checkpoint, rank 0 lists it holding the lock and finds the newer one.
-    Every rank continues from rank 0's, and the run ends with the rows and weights of the uninterrupted launch.
-    Before, each rank loaded what it had found: they started from different updates and could not finish."""
+def test_every_rank_continues_the_run_rank_0_finds_after_waiting_for_the_lock(stream_runs, tmp_path) -> None:
+    """--auto-resume --wait-lock under torchrun, while a predecessor still holds the run (a process holding its lock
+    for 15 s, which moves the run's config.yaml and a newer checkpoint into it before letting go, as a job still
+    saving does): rank 1 lists the directory at once and finds no run (so it would start one, and would refuse the
+    directory as not empty), rank 0 lists it holding the lock and finds the run and the newer checkpoint. Every
+    rank continues from rank 0's choice, and the run ends with the rows and weights of the uninterrupted launch.
+    Before, each rank went on with what it had found and they could not finish."""
     import shutil
 
     from streaming_ssl import checkpoint as ckpt
@@ -608,17 +608,32 @@ def test_every_rank_continues_from_the_checkpoint_rank_0_finds_after_waiting_for
     shutil.copytree(full, run_dir, symlinks=True)
     aside.mkdir()
     first, newer, last = ckpt.list_checkpoints(run_dir)
-    newer.rename(aside / newer.name)
-    last.rename(aside / last.name)
+    for path in (newer, last, run_dir / "config.yaml"):
+        path.rename(aside / path.name)
     (run_dir / "ckpt.pt").unlink()
-    with lock_held_elsewhere(run_dir, 15, "os.rename(sys.argv[2], sys.argv[3])", aside / newer.name,
-                             newer) as holder:
-        rc, out = _launch(["--nproc_per_node", "2", "--master_port", str(free_ports(1)[0]), "run_stream.py",
-                           "--resume", str(run_dir), "--wait-lock", "120"], timeout=TIMEOUT)
+    # the holder lets go once rank 1 has listed the directory (it is joining the group) and rank 0 waits for the lock
+    log = tmp_path / "launch.log"
+    log.write_text("")
+    then = ("said = ''\nwhile 'rank 1 of 2: joining' not in said or 'waiting up to 120 s for the lock' not in said:\n"
+            "    time.sleep(0.1)\n    said = open(sys.argv[2]).read()\n"
+            "for src in sys.argv[3:]:\n    shutil.move(src, sys.argv[1])")
+    with lock_held_elsewhere(run_dir, 0, then, log, aside / newer.name, aside / "config.yaml") as holder, \
+            open(log, "w") as fh:
+        launch = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--master_addr", "127.0.0.1",
+                                   "--nproc_per_node", "2", "--master_port", str(free_ports(1)[0]), "run_stream.py",
+                                   "--config", "configs/smoke.yaml", f"run.out_dir={run_dir}", *STREAM_OVERRIDES,
+                                   "--auto-resume", "--wait-lock", "120"], cwd=ROOT, env=launch_env(), stdout=fh,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            rc = launch.wait(TIMEOUT)
+        finally:
+            _kill({"launch": launch})
         assert holder.wait(10) == 0
+    out = log.read_text(errors="replace")
     assert rc == 0, out[-3000:]
-    assert (f"rank 1 found {first.name} in {run_dir}, but continues from rank 0's choice, {newer.name}" in out), \
+    assert f"rank 1 found no checkpoint in {run_dir}, but continues from rank 0's choice, {newer.name}" in out, \
         out[-3000:]
+    assert f"--auto-resume: continuing the run in {run_dir}" in out
     assert f"resumed at update {ckpt.step_of(newer)}" in (run_dir / "train.log").read_text()
 
     def without_time(rows):

@@ -42,20 +42,25 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
         out = Path(args.out) if args.out else None
-        if out is not None and out.exists() and not out.is_dir():
-            raise CompareError(f"--out {args.out}: that is a file, not a folder; give a folder to write into")
+        if out is not None and (out / "config.yaml").is_file():
+            raise CompareError(f"--out {args.out} is a run directory; give another folder to write into")
         summary = summarize(args.runs, allow_mixed=args.allow_mixed, include_incomplete=args.include_incomplete)
+        if out is not None:
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise CompareError(f"--out {args.out}: cannot make that folder ({err.strerror}: a file is in the way, "
+                                   "or no permission); give a folder to write into") from None
     except CompareError as err:
         log.error("%s", err)
         return 2
-    for path in summary["left_out"]:
-        log.warning("left out %s: it has not finished (no summary.json); --include-incomplete takes it", path)
+    for left in summary["left_out"]:
+        log.warning("left out %s: %s", left["run"], left["why"])
     table = markdown_table(summary)
     print(table, end="")
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "compare.md", table)
-        atomic_write_text(out / "compare.json", json.dumps(summary, indent=2))
+        atomic_write_text(out / "compare.json", json.dumps(summary, indent=2, allow_nan=False))
         plot_compare(summary, out / "compare.png", title=args.title)
         log.info("wrote %s, %s and %s", out / "compare.md", out / "compare.json", out / "compare.png")
     return 0
