@@ -4,7 +4,8 @@
     python compare_runs.py runs/sweep          # a folder of run directories: every run in it
 
 Runs whose configs differ only in `train.seed` (and in settings that do not change what is learned: run.*,
-data.root, train.threads, train.device, compiling, channels_last, train.deterministic, oom.RESUMABLE, and the
+data.root, train.threads, train.device, compiling, channels_last, train.deterministic, train.log_every,
+optim.foreach, oom.RESUMABLE, and the
 settings of a continual-learning method that is off) form one group, named by its first run's folder and by the
 settings that tell it from the others; its figures are the mean and sample standard deviation over its runs (a
 run that lacks a figure, as one saved before it was logged, is left out of that figure's mean). Every figure
@@ -22,9 +23,9 @@ comes from the runs' own metrics.jsonl (the evaluation after each experience, as
   counts as one crop forward.
 
 Accuracies are only comparable on one test set: runs of different datasets, image sizes or test subsets are
-refused (allow_mixed overrides), and so are two runs of one config and seed (a copy of a run would count as a second
-seed). A run still training (no summary.json) is left out unless include_incomplete; one with no evaluation yet is
-always left out.
+refused (allow_mixed overrides), and so are two runs of one config and seed (a copy of a run would count as a
+second seed; allow_same_seed overrides). A run still training (no summary.json) is left out unless
+include_incomplete; one with no evaluation yet is always left out.
 """
 
 from __future__ import annotations
@@ -43,10 +44,11 @@ from streaming_ssl.runner import _predates_blur_kernel
 
 # settings that do not change what a run learns: runs differing only in these (and the seed) are one group
 NOT_LEARNED = ("run.", "data.root", "data.download", "train.threads", "train.device", "train.compile",
-               "train.compile_backend", "augment.compile", "train.channels_last", "train.deterministic", *RESUMABLE)
+               "train.compile_backend", "augment.compile", "train.channels_last", "train.deterministic",
+               "train.log_every", "optim.foreach", *RESUMABLE)
 SEED = "train.seed"
 # settings that change the test set, on which every accuracy is measured
-TEST_SET = ("data.dataset", "data.image_size", "data.test_per_class", "eval.test_per_class")
+TEST_SET = ("data.dataset", "data.image_size", "test images per class")
 METRICS = ("acc_final", "acc_avg_incremental", "forgetting", "bwt", "knn_final", "stream_images", "buffer_images",
            "updates", "forward_equivalents", "wall_hours")
 
@@ -194,12 +196,21 @@ def group_runs(runs: list[Run]) -> list[tuple[str, list[Run]]]:
     return [(", ".join(f"{k}={key.get(k)}" for k in differing if k in key), members) for key, members in groups]
 
 
+def test_set(config: dict) -> dict:
+    """What a run's accuracies are measured on: the dataset, the image size and the test images per class (the
+    fewer of data.test_per_class and eval.test_per_class; None: all of them)."""
+    per_class = [v for v in (config.get("data.test_per_class"), config.get("eval.test_per_class")) if v is not None]
+    return {"data.dataset": config.get("data.dataset"), "data.image_size": config.get("data.image_size"),
+            "test images per class": min(per_class) if per_class else None}
+
+
 def check_comparable(runs: list[Run]) -> None:
-    """CompareError when the runs' accuracies are measured on different test sets (TEST_SET settings differ)."""
+    """CompareError when the runs' accuracies are measured on different test sets (test_set differs)."""
+    sets = [test_set(r.config) for r in runs]
     for key in TEST_SET:
-        values = {json.dumps(r.config.get(key)) for r in runs}
+        values = {json.dumps(t[key]) for t in sets}
         if len(values) > 1:
-            which = "; ".join(f"{r.path.name}: {r.config.get(key)!r}" for r in runs)
+            which = "; ".join(f"{r.path.name}: {t[key]!r}" for r, t in zip(runs, sets))
             raise CompareError(f"the runs differ in {key} ({which}), so their accuracies are measured on different "
                                "test sets; compare runs of one test set, or pass --allow-mixed to list them anyway")
 
@@ -230,11 +241,14 @@ def _check_one_run_per_seed(members: list[Run]) -> None:
     for run in members:
         other = seen.setdefault(json.dumps(run.config.get(SEED)), run)
         if other is not run:
-            raise CompareError(f"{other.path} and {run.path} have the same config and seed ({run.config.get(SEED)}): "
-                               "a copy of a run would count as a second seed; leave one of them out")
+            raise CompareError(f"{other.path} and {run.path} learn with the same config and seed "
+                               f"({run.config.get(SEED)}): a copy of a run would count as a second seed; leave one of "
+                               "them out, or pass --allow-same-seed (e.g. the same seed on another device, to average "
+                               "them anyway)")
 
 
-def summarize(paths: list[str | Path], *, allow_mixed: bool = False, include_incomplete: bool = False) -> dict:
+def summarize(paths: list[str | Path], *, allow_mixed: bool = False, include_incomplete: bool = False,
+              allow_same_seed: bool = False) -> dict:
     """Read, group and average runs (module docstring). Returns {"groups": [...], "left_out": [{"run", "why"}]}, each
     group {"label" (its first run's folder name, without @...), "differs" (the settings that tell it from the other
     groups), "runs", "seeds", "n", "complete", "settings", "curves" (each run's, at its evaluations),
@@ -255,7 +269,8 @@ def summarize(paths: list[str | Path], *, allow_mixed: bool = False, include_inc
     grouped = group_runs(runs)
     groups = []
     for (differs, members), label in zip(grouped, _labels([m for _, m in grouped])):
-        _check_one_run_per_seed(members)
+        if not allow_same_seed:
+            _check_one_run_per_seed(members)
         group = {"label": label, "differs": differs, "runs": [str(r.path) for r in members],
                  "seeds": [r.config.get(SEED) for r in members], "n": len(members),
                  "complete": all(r.complete for r in members), "settings": _learned(members[0].config),

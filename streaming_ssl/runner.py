@@ -2,7 +2,8 @@
 
 `prepare_run_dir` checks the run directory (new, --resume, --overwrite) before anything is written;
 `train` builds the run (build.py), creates the directory only once data, stream and model are known to
-be good, trains the strategy over the stream, and writes the plot and summary.json.
+be good (with --auto-resume: an empty directory holding its lock at the start), trains the strategy over the
+stream, and writes the plot and summary.json.
 """
 
 from __future__ import annotations
@@ -114,7 +115,8 @@ def check_out_dir_path(run_dir: Path) -> None:
 
 
 def create_run_dir(cfg: Config, run_dir: Path, *, fresh: bool, lock: RunLock | None = None) -> None:
-    """Called once data, stream and model are known to be good: nothing is written or deleted before.
+    """Called once data, stream and model are known to be good: nothing is written or deleted before (but the
+    directory and its lock file, which --auto-resume takes at the start).
 
     `fresh` empties the directory (all but its lock file: deleting a held lock file would let a second
     writer lock a new one). `lock` (rank 0), if not yet held, is taken right after the directory exists.
@@ -190,7 +192,11 @@ def train(cfg: Config, *, resume: bool | str = False, overwrite: bool = False, l
         if auto:
             check_out_dir_path(run_dir)
         if lock is not None and (run_dir.is_dir() or auto):
-            lock.acquire()
+            try:
+                lock.acquire()
+            except OSError as err:
+                raise RunError(f"cannot take the lock of {str(run_dir)!r} ({err.strerror}): check that folder's "
+                               "permissions, or choose another run.out_dir") from None
         if auto:
             resume = (run_dir / "config.yaml").is_file()
             if lock is not None:
@@ -274,8 +280,9 @@ def agree_on_checkpoint(cfg: Config, run_dir: Path, *, resume: bool, overwrite: 
     cannot (the run directory is not on a filesystem it shares with rank 0) stops every rank with the reason."""
     from streaming_ssl.checkpoint import CheckpointError
 
-    mine = (bool(resume), None if path is None else path.name)
+    mine = (bool(resume), None if path is None else path.name, cfg.augment.blur_kernel)
     chosen = tuple(ddp.all_gather_object(mine)[0])
+    cfg.augment.blur_kernel = chosen[2]  # an older run's kernel, taken by whichever ranks saw that run
     own: Exception | None = None
     if chosen != mine:
         log.warning("rank %d found %s in %s, but continues from rank 0's choice, %s (rank 0 chose holding the run's "
@@ -298,9 +305,9 @@ def agree_on_checkpoint(cfg: Config, run_dir: Path, *, resume: bool, overwrite: 
         raise own
     if failed:
         rank, said = failed[0]
-        raise CheckpointError(f"rank {rank} could not continue from {chosen[1]}, the checkpoint rank 0 continues "
-                              f"from ({said}); every rank must read the run directory {str(run_dir)!r} that rank 0 "
-                              "writes (on several nodes: a filesystem they share)")
+        raise CheckpointError(f"rank {rank} could not continue the run as rank 0 does, from "
+                              f"{chosen[1] or 'its start'} ({said}); every rank must read the run directory "
+                              f"{str(run_dir)!r} that rank 0 writes (on several nodes: a filesystem they share)")
     return chosen[0], state
 
 

@@ -35,6 +35,7 @@ def test_runs_differing_in_seed_or_in_what_is_not_learned_share_a_group() -> Non
     not split a group; a learned setting does, and names it (on both sides)."""
     runs = [_run("a", "train.seed=0"),
             _run("a@seed1", "train.seed=1", "train.threads=1", "run.out_dir=x", "data.root=/elsewhere",
+                 "train.log_every=5", "optim.foreach=false", "train.channels_last=false",
                  "model.recompute_stages=1", "cl.distill.weight=5", "cl.replay.minred_ema=0.9"),
             _run("b", "cl.replay.policy=reservoir", "cl.replay.size=20"),
             _run("c", "optim.lr=0.1"),
@@ -188,7 +189,8 @@ def test_compare_runs_groups_real_runs_averages_seeds_and_leaves_out_unfinished(
 def test_compare_runs_refuses_what_it_cannot_compare(tmp_path: Path, caplog, capsys) -> None:
     """Not a run, a run named twice, a copy of a run (same config and seed), no run with an evaluation, runs on
     different test sets (data or eval test subsets), an --out that is a run or under a file: exit 2 with the
-    reason, before anything is printed; --allow-mixed lists runs on different test sets anyway."""
+    reason, before anything is printed; --allow-mixed lists runs on different test sets anyway, --allow-same-seed
+    averages the copies."""
     from streaming_ssl.cli import compare
     from streaming_ssl.config import save_config
 
@@ -203,14 +205,14 @@ def test_compare_runs_refuses_what_it_cannot_compare(tmp_path: Path, caplog, cap
         return run_dir
 
     a, b, empty = make("a"), make("b", "data.test_per_class=3"), make("empty", rows=0)
-    c, copy = make("c", "eval.test_per_class=3"), make("copy")
+    c, copy, same = make("c", "eval.test_per_class=3"), make("copy"), make("same", "eval.test_per_class=50")
     (tmp_path / "afile").write_text("x")
     cases = {(str(tmp_path / "nothing"),): "is neither a run directory (with config.yaml) nor a folder of run",
              (str(a), str(a)): "run named twice",
-             (str(a), str(copy)): f"{a} and {copy} have the same config and seed (0)",
+             (str(a), str(copy)): f"{a} and {copy} learn with the same config and seed (0)",
              (str(empty),): "no run to compare: " + f"{empty}: no evaluation yet",
-             (str(a), str(b)): "the runs differ in data.test_per_class (a: ",
-             (str(a), str(c)): "the runs differ in eval.test_per_class (a: ",
+             (str(a), str(b)): "the runs differ in test images per class (a: 20; b: 3)",
+             (str(a), str(c)): "the runs differ in test images per class (a: 20; c: 3)",
              (str(a), "--out", str(b)): f"--out {b} is a run directory",
              (str(a), "--out", str(tmp_path / "afile" / "sub")): f"--out {tmp_path / 'afile' / 'sub'}: cannot make"}
     for argv, said in cases.items():
@@ -219,6 +221,12 @@ def test_compare_runs_refuses_what_it_cannot_compare(tmp_path: Path, caplog, cap
         assert said in caplog.text, caplog.text
         assert capsys.readouterr().out == ""
     assert compare.main([str(a), str(b), "--allow-mixed"]) == 0
+    assert compare.main([str(a), str(copy), "--allow-same-seed"]) == 0
+    assert "| a |  | 2 |" in capsys.readouterr().out
+    # eval.test_per_class 50 over data.test_per_class 20: the same 20 test images per class, so not refused (a group
+    # of its own: an evaluation setting differs)
+    assert [g["differs"] for g in summarize([a, same])["groups"]] == ["eval.test_per_class=None",
+                                                                     "eval.test_per_class=50"]
     (b / "summary.json").unlink()
     with pytest.raises(CompareError, match="it has not finished"):
         summarize([b])

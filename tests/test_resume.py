@@ -549,3 +549,31 @@ def test_auto_resume_decides_once_the_predecessor_has_let_go(tmp_path: Path, cap
         assert holder.wait(10) == 0
     assert f"--auto-resume: continuing the run in {run_dir}" in caplog.text
     assert "resumed at update 3" in caplog.text and len(_rows(run_dir)) == 2
+
+
+def test_auto_resume_holds_a_new_run_directory_from_the_start(tmp_path: Path, monkeypatch) -> None:
+    """--auto-resume on a run directory that does not exist yet makes it and takes its lock before building the
+    run, so that another job cannot start a run there meanwhile (before, the directory appeared only once data,
+    stream and model were built: a second job could take it, and the first was then refused as not empty)."""
+    from streaming_ssl import build
+    from streaming_ssl.cli import train as run_stream
+    from streaming_ssl.runlock import RunLock, RunLocked
+
+    run_dir = tmp_path / "new" / "run"
+    seen = []
+    load = build.load_train_data
+
+    def load_while_checking(cfg):  # while the run is being built: can another writer take the directory?
+        try:
+            RunLock(run_dir).acquire().release()
+            seen.append("taken by another writer")
+        except RunLocked:
+            seen.append("locked")
+        return load(cfg)
+
+    monkeypatch.setattr(build, "load_train_data", load_while_checking)
+    argv = ["--config", str(REPO / "configs/smoke.yaml"), f"run.out_dir={run_dir}", f"data.root={Path(DATA).resolve()}",
+            "data.train_per_class=10", "data.test_per_class=2", "stream.n_experiences=2", "eval.probe_epochs=1",
+            "eval.knn_k=0", "run.tensorboard=false", "run.plot=false", "train.threads=1", "--auto-resume"]
+    assert run_stream.main(argv) == 0
+    assert seen == ["locked"] and len(_rows(run_dir)) == 2

@@ -28,6 +28,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                 "(created if missing)")
     p.add_argument("--allow-mixed", action="store_true",
                    help="list runs measured on different test sets (datasets, image sizes, test subsets) together")
+    p.add_argument("--allow-same-seed", action="store_true",
+                   help="average runs that learn with the same config and seed (e.g. one seed on two devices) as if "
+                        "they were two seeds; without it they are refused as a copy of one run")
     p.add_argument("--include-incomplete", action="store_true",
                    help="include runs that have not finished (their last evaluation stands for the run)")
     p.add_argument("--title", default="", help="the plot's title")
@@ -44,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out) if args.out else None
         if out is not None and (out / "config.yaml").is_file():
             raise CompareError(f"--out {args.out} is a run directory; give another folder to write into")
-        summary = summarize(args.runs, allow_mixed=args.allow_mixed, include_incomplete=args.include_incomplete)
+        summary = summarize(args.runs, allow_mixed=args.allow_mixed, include_incomplete=args.include_incomplete,
+                            allow_same_seed=args.allow_same_seed)
         if out is not None:
             try:
                 out.mkdir(parents=True, exist_ok=True)
