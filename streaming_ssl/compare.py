@@ -196,7 +196,7 @@ def group_runs(runs: list[Run]) -> list[tuple[str, list[Run]]]:
     return [(", ".join(f"{k}={key.get(k)}" for k in differing if k in key), members) for key, members in groups]
 
 
-def test_set(config: dict) -> dict:
+def measured_on(config: dict) -> dict:
     """What a run's accuracies are measured on: the dataset, the image size and the test images per class (the
     fewer of data.test_per_class and eval.test_per_class; None: all of them)."""
     per_class = [v for v in (config.get("data.test_per_class"), config.get("eval.test_per_class")) if v is not None]
@@ -205,8 +205,8 @@ def test_set(config: dict) -> dict:
 
 
 def check_comparable(runs: list[Run]) -> None:
-    """CompareError when the runs' accuracies are measured on different test sets (test_set differs)."""
-    sets = [test_set(r.config) for r in runs]
+    """CompareError when the runs' accuracies are measured on different test sets (measured_on differs)."""
+    sets = [measured_on(r.config) for r in runs]
     for key in TEST_SET:
         values = {json.dumps(t[key]) for t in sets}
         if len(values) > 1:
