@@ -32,13 +32,14 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from streaming_ssl.config import ConfigError, config_from_dict
-from streaming_ssl.evaluation import read_rows
+from streaming_ssl.evaluation import _is_scalar, read_rows
 from streaming_ssl.oom import RESUMABLE
 from streaming_ssl.runner import _predates_blur_kernel
 
@@ -90,7 +91,7 @@ def forward_equivalents(row: dict) -> int | None:
 
 def _finite(value):
     """A logged number, None for a missing or non-finite one (NaN: a class with no test image)."""
-    return value if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) else None
+    return value if _is_scalar(value) and math.isfinite(value) else None
 
 
 def run_metrics(rows: list[dict]) -> dict:
@@ -220,9 +221,7 @@ def mean_std(values: list) -> tuple[float | None, float | None]:
     xs = [float(v) for v in values if v is not None]
     if not xs:
         return None, None
-    mean = sum(xs) / len(xs)
-    std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else None
-    return mean, std
+    return statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else None
 
 
 def _labels(groups: list[list[Run]]) -> list[str]:
