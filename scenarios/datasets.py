@@ -27,12 +27,11 @@ from __future__ import annotations
 
 import difflib
 import importlib.resources
+import io
 import logging
 import os
 import pathlib
 import pickle
-import zipfile
-import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
@@ -604,12 +603,23 @@ def read_npz_arrays(
             return {k: npz[k] for k in (*required, *optional) if k in npz.files}
     except DataError:
         raise
-    except (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error, KeyError) as exc:
+    # a damaged file raises many types: BadZipFile and zlib.error for the archive, and from a corrupted .npy
+    # header tokenize's TokenError, SyntaxError, ValueError, or MemoryError for a shape that asks too much
+    except Exception as exc:
         if isinstance(exc, ValueError) and "allow_pickle" in str(exc):
             detail = "it holds object arrays (pickled data), which are not loaded for safety"
         else:
-            detail = f"{type(exc).__name__}: {exc}"
+            detail = _damage(exc)
         raise DataError(f"{path} is truncated or corrupted ({detail}); {fix}") from exc
+
+
+def _damage(exc: BaseException) -> str:
+    """How a file failed to load, for a DataError: a MemoryError also names the other cause it can have."""
+    detail = f"{type(exc).__name__}: {exc}".rstrip(": ")
+    if isinstance(exc, MemoryError):
+        detail += ": a damaged header that asks for more memory than there is, or a file too large for this " \
+                  "machine's memory"
+    return detail
 
 
 def _read_cifar_npz(path: pathlib.Path, spec: _CifarSpec) -> tuple[ImageData, ImageData, list[str]]:
@@ -696,8 +706,13 @@ def _to_str(value: Any) -> str:
     return str(value)
 
 
-class _SafeUnpickler(pickle.Unpickler):
-    """Unpickler that only rebuilds numpy arrays and plain Python containers."""
+# pickle._Unpickler is pickle's pure-Python unpickler, not the C one (pickle.Unpickler): the C unpickler sizes
+# its memo as an array to the largest index a pickle names, so one damaged byte in a LONG_BINPUT index
+# (1.5 billion, say) makes it fill gigabytes with zeros and the kernel kill the process; the Python one keeps
+# its memo in a dict. A CIFAR batch is a few thousand opcodes, so the slower unpickler costs little.
+class _SafeUnpickler(pickle._Unpickler):  # noqa: SLF001 - see above
+    """Unpickler that only rebuilds numpy arrays and plain Python containers, with bounded memory on any
+    damaged file (read it from memory: a damaged length then reads what there is, and allocates nothing)."""
 
     _ALLOWED = {
         ("numpy", "ndarray"),
@@ -725,13 +740,11 @@ def _unpickle(path: pathlib.Path, layout_hint: str) -> dict[str, Any]:
             f"CIFAR file {path} is missing; {layout_hint}"
         )
     try:
-        with open(path, "rb") as fh:
-            obj = _SafeUnpickler(fh, encoding="latin1").load()
-    except (pickle.UnpicklingError, EOFError, OSError, ValueError, TypeError, AttributeError) as exc:
-        raise DataError(
-            f"CIFAR file {path} is truncated or corrupted ({type(exc).__name__}: {exc}); "
-            f"{layout_hint}"
-        ) from exc
+        obj = _SafeUnpickler(io.BytesIO(path.read_bytes()), encoding="latin1").load()
+    # a damaged pickle raises many types: UnpicklingError, EOFError, LookupError (a garbled codec name),
+    # OverflowError (a frame length), MemoryError (a length that asks too much), TypeError, ValueError...
+    except Exception as exc:
+        raise DataError(f"CIFAR file {path} is truncated or corrupted ({_damage(exc)}); {layout_hint}") from exc
     if not isinstance(obj, dict):
         raise DataError(f"CIFAR file {path} does not hold a dict; {layout_hint}")
     return {_to_str(k): v for k, v in obj.items()}

@@ -418,6 +418,66 @@ def test_python_batch_truncated_and_label_mismatch(tmp_path, cifar10_arrays):
         load_dataset("cifar10", tmp_path)
 
 
+def _damaged_copies(raw: bytes, n: int, seed: int, region: int):
+    """n copies of `raw`, each with 1, 2 or 4 bytes overwritten: half in the first `region` bytes, where the
+    structure lives (pickle opcodes and lengths, zip headers, the .npy header), half anywhere."""
+    rng = np.random.default_rng(seed)
+    for _ in range(n):
+        damaged = bytearray(raw)
+        for _ in range(int(rng.choice([1, 2, 4]))):
+            where = int(rng.integers(0, region if rng.random() < 0.5 else len(raw)))
+            damaged[where] = int(rng.integers(0, 256))
+        yield bytes(damaged)
+
+
+def test_any_damage_to_a_cifar_batch_is_a_data_error(tmp_path, cifar10_arrays):
+    """A damaged pickle raises many types (LookupError for a garbled codec name, MemoryError for a length that
+    asks too much, OverflowError, ...): each must come out as the DataError that names the file and the fix."""
+    folder = _write_cifar10_python(tmp_path, *cifar10_arrays, CIFAR10_NAMES)
+    path = folder / "test_batch"
+    raw = path.read_bytes()
+    loaded = 0
+    for damaged in _damaged_copies(raw, 1000, seed=0, region=300):
+        path.write_bytes(damaged)
+        try:
+            ds._unpickle(path, "the fix")
+            loaded += 1  # a byte of pixels or of a name changed: still a valid pickle
+        except DataError as err:
+            assert str(err).startswith(f"CIFAR file {path} ") and str(err).endswith("; the fix"), err
+    assert loaded < 1000
+
+
+def test_a_cifar_batch_naming_a_huge_memo_index_loads_in_little_memory(tmp_path, cifar10_arrays):
+    """A damaged byte can turn a memo index into 1.5 billion. Python's C unpickler then sizes its memo array
+    to it (12 GB of zeros, and the kernel kills the process); the loader's unpickler keeps a dict."""
+    import pickletools
+
+    folder = _write_cifar10_python(tmp_path, *cifar10_arrays, CIFAR10_NAMES)
+    path = folder / "test_batch"
+    raw = path.read_bytes()
+    at = next(pos for op, _, pos in pickletools.genops(raw) if op.name == "BINPUT")
+    path.write_bytes(raw[:at] + b"r" + struct.pack("<I", 1_500_000_000) + raw[at + 2:])  # LONG_BINPUT
+    loaded = ds._unpickle(path, "the fix")
+    assert np.array_equal(loaded["data"], _python_rows(cifar10_arrays[2]))
+    assert list(loaded["labels"]) == list(cifar10_arrays[3])
+
+
+def test_any_damage_to_an_npz_is_a_data_error(tmp_path, cifar10_arrays):
+    """The same for .npz, stored and compressed: TokenError or SyntaxError from a garbled .npy header,
+    MemoryError from a shape that asks too much, BadZipFile, zlib.error..."""
+    x_train, y_train = cifar10_arrays[0], cifar10_arrays[1]
+    for save in (np.savez, np.savez_compressed):
+        path = tmp_path / f"{save.__name__}.npz"
+        save(path, x_train=x_train, y_train=y_train)
+        raw = path.read_bytes()
+        for damaged in _damaged_copies(raw, 600, seed=1, region=300):
+            path.write_bytes(damaged)
+            try:
+                ds.read_npz_arrays(path, ["x_train", "y_train"], fix="the fix")
+            except DataError as err:
+                assert str(err).startswith(f"{path} ") and str(err).endswith("the fix"), err
+
+
 def test_python_batch_refuses_arbitrary_globals(tmp_path, cifar10_arrays):
     folder = _write_cifar10_python(tmp_path, *cifar10_arrays, CIFAR10_NAMES)
     _dump(folder / "batches.meta", {b"label_names": os.system})
