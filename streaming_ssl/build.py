@@ -36,13 +36,17 @@ log = logging.getLogger(__name__)
 
 # ------------------------------------------------------------------------------------------ runtime
 def setup_runtime(cfg: Config) -> tuple[torch.device, torch.dtype | None]:
-    """Threads, determinism, seeds, device, precision, process group. Returns (device, amp_dtype)."""
+    """Threads, determinism, seeds, device, precision, process group. Returns (device, amp_dtype).
+
+    train.deterministic sets CUBLAS_WORKSPACE_CONFIG, which PyTorch reads once, at the process's first cuBLAS call:
+    call this before anything runs on a CUDA device (the CLIs do), or set the variable before the process starts.
+    """
     t = cfg.train
     if t.threads:
         torch.set_num_threads(t.threads)
     if t.deterministic:
-        torch.use_deterministic_algorithms(True)
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
     _, local_rank, _ = ddp.env_world()
     device = resolve_device(t.device, local_rank)
     ddp.init_from_env(device.type)

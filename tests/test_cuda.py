@@ -42,6 +42,9 @@ from streaming_ssl.strategy import FLOAT16_INIT_SCALE, EMPSSLStrategy, NonFinite
 from tests.streaming_ssl.test_lars import ops_per_step
 
 DEVICE = os.environ.get("STREAMING_SSL_TEST_DEVICE", "cuda")
+# PyTorch reads this once, at the process's first cuBLAS call, so the deterministic tests' fixture would set it too
+# late: set here, at collection, before any test runs (bench/gpu_check.py also sets it for its pytest process)
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(), reason="needs a CUDA device")]
 MODEL_KW = {"width": 0.25, "feature_dim": 256, "proj_hidden_dim": 256, "proj_dim": 128}
@@ -264,15 +267,35 @@ def test_lars_default_step_on_device_matches_the_loop(dev):
         assert ops_per_step(2, None, "cuda") == ops_per_step(12, None, "cuda")
 
 
+class _HostWaits(torch.utils._python_dispatch.TorchDispatchMode):
+    """On the CPU, counts two things that on a GPU make the host wait for the device: reads of a value (.item(),
+    bool(), int(), .tolist(): aten._local_scalar_dense, in `reads`) and host scalars written into one element
+    (`t[i] = 3` copies a 0-dim tensor into a 0-dim view: `scalar_copies`). The dry run's stand-in for
+    torch.cuda.set_sync_debug_mode('error'), which cannot tell the host's tensors from the device's (both are
+    on the CPU there): so it leaves out what host-side index arithmetic does (masks, nonzero) and lets the caller
+    allow the reads that only the CPU path makes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = self.scalar_copies = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.reads += func is torch.ops.aten._local_scalar_dense.default
+        self.scalar_copies += func is torch.ops.aten.copy_.default and args[0].dim() == 0 and args[1].dim() == 0
+        return func(*args, **(kwargs or {}))
+
+
 class _NoSyncWindow(SupervisedPlugin):
     """Arms torch.cuda.set_sync_debug_mode('error') from the start of every update after the first two (its batch
     already fetched: the loader copies an epoch's order once, before the updates) to the end of the update, so
-    that any host synchronisation inside an update raises. On the CPU (the dry run) it only counts the updates
-    it would have watched: there is no device to wait for."""
+    that any host synchronisation inside an update raises. On the CPU (the dry run), where there is no device to
+    wait for, it counts with _HostWaits what would wait on a GPU (`reads`, `scalar_copies`)."""
 
     def __init__(self, device: torch.device) -> None:
         super().__init__()
         self.cuda, self.armed, self.watched = device.type == "cuda", False, 0
+        self.recorder: _HostWaits | None = None
+        self.reads = self.scalar_copies = 0
 
     def before_training_iteration(self, strategy, **kwargs):
         # warm-up: the first update at each batch shape (cudnn.benchmark searches kernels for it; with replay the
@@ -281,12 +304,23 @@ class _NoSyncWindow(SupervisedPlugin):
             self.armed = True
             if self.cuda:
                 torch.cuda.set_sync_debug_mode("error")
+            else:
+                self.recorder = _HostWaits().__enter__()
 
     def after_training_iteration(self, strategy, **kwargs):
         if self.armed:
             if self.cuda:
                 torch.cuda.set_sync_debug_mode("default")
+            else:
+                self.stop_recording()
             self.armed, self.watched = False, self.watched + 1
+
+    def stop_recording(self) -> None:
+        if self.recorder is not None:
+            self.recorder.__exit__(None, None, None)
+            self.reads += self.recorder.reads
+            self.scalar_copies += self.recorder.scalar_copies
+            self.recorder = None
 
 
 def _train_small_stream(dev: torch.device, methods: Callable[[EMPSSLModel], list], *extra: SupervisedPlugin,
@@ -359,8 +393,15 @@ def test_training_updates_never_wait_for_the_device(dev, methods: str):
     finally:
         if dev.type == "cuda":
             torch.cuda.set_sync_debug_mode("default")
+        window.stop_recording()
         torch.backends.cudnn.benchmark = False
     assert strategy.global_step == 6 and window.watched == 4
+    # the CPU path reads one value per update, the loss's finiteness (CUDA accumulates it on the device and reads
+    # every finite_check_every updates), and in float16 two more: LARS's per-parameter loop reads found_inf (CUDA
+    # steps in buckets that skip on the device) and the skipped-update counter is flushed (left on CUDA's device);
+    # anything more would wait for the GPU
+    cpu_reads = 4 * (3 if fp16 else 1)
+    assert (window.reads, window.scalar_copies) == ((0, 0) if dev.type == "cuda" else (cpu_reads, 0))
     counters = strategy.counters
     if fp16:  # the scaler acted: each skipped update (counted unread, summed when train() ended) halved the scale
         assert counters.skipped_updates == math.log2(FLOAT16_INIT_SCALE / strategy.grad_scaler.get_scale())
@@ -390,6 +431,8 @@ class _NoSyncFrom(SupervisedPlugin):
     def __init__(self, device: torch.device, start: int = 2) -> None:
         super().__init__()
         self.cuda, self.start, self.armed, self.watched = device.type == "cuda", start, False, 0
+        self.recorder: _HostWaits | None = None
+        self.reads = self.scalar_copies = 0
 
     def after_training_iteration(self, strategy, **kwargs):
         self.watched += self.armed
@@ -397,11 +440,16 @@ class _NoSyncFrom(SupervisedPlugin):
             self.armed = True
             if self.cuda:
                 torch.cuda.set_sync_debug_mode("error")
+            else:
+                self.recorder = _HostWaits().__enter__()
 
     def after_training(self, strategy, **kwargs):
         if self.cuda:
             torch.cuda.set_sync_debug_mode("default")
+        self.stop_recording()
         self.armed = False
+
+    stop_recording = _NoSyncWindow.stop_recording
 
 
 def test_an_online_stream_never_waits_for_the_device_between_updates(dev):
@@ -416,8 +464,10 @@ def test_an_online_stream_never_waits_for_the_device_between_updates(dev):
     finally:
         if dev.type == "cuda":
             torch.cuda.set_sync_debug_mode("default")
+        window.stop_recording()
         torch.backends.cudnn.benchmark = False
     assert strategy.global_step == 6 and strategy.stream_step == 6 and window.watched == 4
+    assert (window.reads, window.scalar_copies) == ((0, 0) if dev.type == "cuda" else (4, 0))  # as above
 
 
 def _methods_run(dev: torch.device, ddp_wrap: bool = False) -> dict:
@@ -489,10 +539,10 @@ def test_every_method_trains_deterministically_on_the_device(dev, deterministic_
 
 
 @pytest.fixture
-def deterministic_algorithms(monkeypatch):
+def deterministic_algorithms():
     """torch.use_deterministic_algorithms, strict, as setup_runtime sets it for train.deterministic: cuBLAS's fixed
-    workspace, no timed pick of convolution kernels."""
-    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    workspace (set at import, see above), no timed pick of convolution kernels."""
+    assert os.environ.get("CUBLAS_WORKSPACE_CONFIG") in (":4096:8", ":16:8")
     old = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark)
     torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.benchmark = False

@@ -55,6 +55,39 @@ def test_a_hung_step_is_killed_at_its_timeout(tmp_path):
     assert time.monotonic() - t0 < 10  # the group (bash and its sleep child) was killed
 
 
+def test_a_timeout_also_ends_the_processes_a_step_started_in_sessions_of_their_own(tmp_path):
+    """torchrun starts its workers with start_new_session (out of the step's process group): a timed-out step must
+    not leave them running (on the GPU they would hold the device through the speed step)."""
+    gc = load_module()
+    ctx = gc.Ctx(dry=True, device="cpu", precision="bf16", data=str(tmp_path), workdir=tmp_path,
+                 deadline=time.monotonic() + 60)
+    pid_file = tmp_path / "worker.pid"
+    spawn = ("import subprocess, sys, time; "
+             "w = subprocess.Popen(['sleep', '60'], start_new_session=True); "
+             f"open({str(pid_file)!r}, 'w').write(str(w.pid)); print('started', flush=True); time.sleep(60)")
+    proc = gc.start("launcher", [sys.executable, "-c", spawn], ctx)
+    end = time.monotonic() + 30
+    while not (pid_file.is_file() and pid_file.read_text()) and time.monotonic() < end:
+        time.sleep(0.05)
+    worker = int(pid_file.read_text())
+    assert os.getsid(worker) == worker != os.getsid(proc.popen.pid)  # its own session, like a torchrun worker
+    assert worker in gc.descendants(proc.popen.pid)
+    step = gc.finish(proc, 0.5)
+    assert step["timed_out"] and "started" in step["output"]
+    end = time.monotonic() + 10
+    while time.monotonic() < end and _alive(worker):
+        time.sleep(0.05)
+    assert not _alive(worker)
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie waiting for init to reap it counts as ended)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def test_overall_budget_caps_every_step(tmp_path):
     gc = load_module()
     ctx = gc.Ctx(dry=True, device="cpu", precision="bf16", data=str(tmp_path), workdir=tmp_path,

@@ -105,7 +105,7 @@ def minred_keep(features: torch.Tensor, size: int) -> torch.Tensor:
     flat = sim.view(-1)
     alive = torch.ones(n, dtype=torch.bool, device=f.device)
     divisors = torch.full((2,), n, device=f.device)  # [n, 1], filled in place: nothing copied from the host
-    divisors[1] = 1
+    divisors[1:].fill_(1)  # a fill, not `divisors[1] = 1`: on CUDA that assignment copies a host scalar and syncs
     for _ in range(n - size):
         # the first maximum in row order (argmax's documented choice on ties); S is symmetric, so it lies above
         # the diagonal: pair = (i, j) with i < j

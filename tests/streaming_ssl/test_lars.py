@@ -331,16 +331,19 @@ def test_foreach_step_is_bit_identical_to_the_loop(kw):
 
 class _OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
     """Counts the ops dispatched (on a GPU, kernel launches), and among them the reads of a tensor's value by the
-    host (.item(), bool(), int(): aten._local_scalar_dense), which on a GPU wait for the device."""
+    host (.item(), bool(), int(): aten._local_scalar_dense) and the copies of a 0-dim tensor into a 0-dim one
+    (`t[i] = 3`, which on a GPU copies a host scalar), both of which on a GPU wait for the device."""
 
     def __init__(self) -> None:
         super().__init__()
         self.count = 0
         self.reads = 0
+        self.copies = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.count += 1
         self.reads += func is torch.ops.aten._local_scalar_dense.default
+        self.copies += func is torch.ops.aten.copy_.default and args[0].dim() == 0 and args[1].dim() == 0
         return func(*args, **(kwargs or {}))
 
 

@@ -105,6 +105,11 @@ def test_minred_keep_makes_the_rules_choices_with_ties_and_reads_nothing_back() 
             counts.append(counter.count)
         per_drop.append((counts[1] - counts[0]) / 10)
     assert per_drop[0] == per_drop[1] <= 16, per_drop
+    # and no value comes from the host either: `t[1] = 1` on a CUDA tensor copies a host scalar (aten.copy_ from a
+    # 0-dim CPU tensor) and waits for the device, where a fill does not
+    with _OpCounter() as counter:
+        minred_keep(x, 20)
+    assert counter.reads == 0 and counter.copies == 0, (counter.reads, counter.copies)
 
 
 def test_an_update_sees_its_stream_images_plus_buffer_images_of_earlier_updates() -> None:
