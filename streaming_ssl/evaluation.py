@@ -106,8 +106,20 @@ class StreamEvaluator:
     def _probe(self, tr, ytr, te, yte, num_classes):
         return linear_probe_accuracy(tr, ytr, te, yte, num_classes, seed=self.seed, **self.probe_kwargs)
 
+    def check_seen(self, n_seen: int) -> None:
+        """Refuse an evaluation after `n_seen` parent experiences where parent_classes lists fewer: the row would
+        average columns that do not exist and report forgetting of classes not seen yet."""
+        if not 1 <= n_seen <= len(self.parent_classes):
+            raise ValueError(
+                f"an evaluation after {n_seen} experience(s), but parent_classes lists {len(self.parent_classes)}: "
+                "on an online stream (split_online_stream, or any stream of more experiences than parent_classes) "
+                "add the plugin EvalSchedule(step_parent, every) that maps each training experience to its parent "
+                "(streaming_ssl.plugins; README \"Use it from Python\"), or give one parent_classes entry per "
+                "training experience")
+
     def evaluate(self, model: torch.nn.Module, n_seen: int) -> dict:
         """One evaluation with `n_seen` parent experiences seen so far."""
+        self.check_seen(n_seen)
         d = self.in_domain
         t0 = time.perf_counter()
         probed = self._probed_model(model, d)
@@ -171,6 +183,14 @@ class ProbeMetric(PluginMetric):
 
     def result(self) -> dict | None:
         return self.last_row
+
+    def before_training_exp(self, strategy) -> None:
+        # without an EvalSchedule (which sets eval_seen), the evaluation after this experience counts it as a parent
+        # experience: refuse before it trains, not after
+        from streaming_ssl.plugins import EvalSchedule  # (plugins.py imports this module)
+
+        if not any(isinstance(p, EvalSchedule) for p in getattr(strategy, "plugins", [])):
+            self.evaluator.check_seen(strategy.stream_step + 1)
 
     def after_training_exp(self, strategy) -> list[MetricValue] | None:
         self.last_row = None

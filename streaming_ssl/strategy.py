@@ -234,7 +234,7 @@ class EMPSSLStrategy(SupervisedTemplate):
         self.finite_check_every = max(int(finite_check_every), 1)
         auto_workers = loader_workers_default(self.device.type, usable_cores(), ddp.local_world_size())
         self.loader_workers = auto_workers if loader_workers is None else int(loader_workers)
-        self._shm_warned = False
+        self._shm_warned = self._schedule_warned = False
         self.aug_generator = torch.Generator(device=self.device)
         self.aug_generator.manual_seed(derive_seed(seed, "augment", ddp.rank()))
         self.counters = ComputeCounters()
@@ -386,6 +386,12 @@ class EMPSSLStrategy(SupervisedTemplate):
                 "checkpoint is intact. Lower optim.lr, check the input data, or use precision fp32.")
 
     def optimizer_step(self) -> None:
+        if self.total_updates and self.global_step >= self.total_updates and not self._schedule_warned:
+            self._schedule_warned = True
+            log.warning("update %d is past the %d updates the cosine schedule was sized for (total_updates): the "
+                        "learning rate stays at the schedule's last value from here on. Pass total_updates = the "
+                        "updates of the whole run (with epochs=E, E times the batches of every experience)",
+                        self.global_step + 1, self.total_updates)
         if self.total_updates:
             set_lr(self.optimizer, cosine_lr(min(self.global_step, self.total_updates - 1), self.total_updates,
                                              self.base_lr, warmup_steps=self.warmup_steps, final_lr=self.final_lr))
@@ -425,6 +431,29 @@ class EMPSSLStrategy(SupervisedTemplate):
         self.counters.stream_images += size
         self.counters.add_update(images=size + self.mb_added, n_patches=self.n_patches)
         super()._after_training_iteration(**kwargs)
+
+    def _before_training(self, **kwargs) -> None:
+        optimized = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
+        for plugin in self.plugins:
+            for module in getattr(plugin, "trainable_modules", []):
+                if not all(id(p) in optimized for p in module.parameters() if p.requires_grad):
+                    # its term would still be added, against modules that never learn (and pile up gradients)
+                    raise ValueError(
+                        f"{type(plugin).__name__}.trainable_modules holds a {type(module).__name__} whose parameters "
+                        "are not in the strategy's optimizer, so it would never train: give the optimizer its "
+                        "parameters too, e.g. LARS(param_groups(model, wd) + [g for p in plugins for m in "
+                        "getattr(p, 'trainable_modules', []) for g in param_groups(m, wd)], ...)")
+        super()._before_training(**kwargs)
+
+    @property
+    def mb_task_id(self) -> torch.Tensor:
+        """The experience's task label for every image of the batch. The objective never reads it (EMP-SSL is
+        label-free); a task-aware plugin may. (Avalanche takes it from the batch, which holds images and targets.)"""
+        labels = sorted(set(getattr(self.experience, "task_labels", None) or [0]))
+        if len(labels) != 1:
+            raise ValueError(f"experience {self.stream_step} holds the task labels {labels}: EMPSSLStrategy keeps one "
+                             "task label per experience, not one per image; split the benchmark by task")
+        return torch.full((len(self.mbatch[0]),), labels[0], dtype=torch.long, device=self.device)
 
     def _after_training(self, **kwargs) -> None:
         self.counters.flush()  # float16 on CUDA: the count of skipped updates is current when train() returns

@@ -450,3 +450,108 @@ def test_every_plugin_of_ours_declares_it_runs_under_ddp() -> None:
             if issubclass(cls, SupervisedPlugin) and cls.__module__ == module.__name__}
     assert len(ours) == 9 and all(cls.supports_distributed for cls in ours), \
         sorted(cls.__name__ for cls in ours if not cls.supports_distributed)
+
+
+def _probed_strategy(plugins, x, y, parent_classes):
+    from avalanche.training.plugins import EvaluationPlugin
+
+    from streaming_ssl import ProbeMetric, ProbeSet, StreamEvaluator
+
+    model, augment = _tiny_model_and_augment()
+    evaluator = StreamEvaluator(in_domain=ProbeSet("mine", x, y, x, y, 4), transfer=[], parent_classes=parent_classes,
+                                augment=augment, device=torch.device("cpu"), channels_last=False, knn_k=0,
+                                probe_kwargs={"epochs": 1})
+    return _strategy(model, augment, plugins=plugins, evaluator=EvaluationPlugin(ProbeMetric(evaluator, model)))
+
+
+def test_an_online_stream_without_an_eval_schedule_is_refused_before_it_outruns_parent_classes() -> None:
+    """An online stream's mini-experiences are not the accuracy matrix's columns: without EvalSchedule each
+    evaluation counted one more parent (average over 5 of 2 columns, forgetting of classes not seen yet), silently.
+    Now the experience after the last parent is refused before it trains; with EvalSchedule the stream runs."""
+    from scenarios.datasets import ImageData
+    from scenarios.streams import build_stream
+    from streaming_ssl import EvalSchedule
+
+    x, y = _images(n=24)
+    stream = build_stream(ImageData(x, y), 4, mode="online", experience_classes=[[0, 1], [2, 3]],
+                          online_experience_size=6)
+    experiences = list(stream)
+    assert len(experiences) == 4 and stream.parent_classes == [[0, 1], [2, 3]]
+    strategy = _probed_strategy([], x, y, stream.parent_classes)
+    strategy.train(experiences[0])
+    strategy.train(experiences[1])
+    with pytest.raises(ValueError, match=r"after 3 experience\(s\), but parent_classes lists 2: on an online stream.*"
+                                         r"EvalSchedule\(step_parent, every\)"):
+        strategy.train(experiences[2])
+    assert strategy.global_step == 2  # refused before the third experience trained
+
+    scheduled = _probed_strategy([EvalSchedule(stream.step_parent, every=0)], x, y, stream.parent_classes)
+    for experience in experiences:
+        scheduled.train(experience)
+    rows = scheduled.evaluator.metrics[0].evaluator.history
+    assert [int(r[-1]) for r in rows] == [1, 2]  # evaluated at the end of each parent, as parents 1 and 2
+
+
+def test_a_plugins_trainable_modules_outside_the_optimizer_are_refused_before_any_update() -> None:
+    """A plugin of one's own whose head is left out of the optimizer: its term would be added against weights that
+    never change (and gradients that pile up), silently."""
+    from avalanche.core import SupervisedPlugin
+
+    class Head(SupervisedPlugin):
+        def __init__(self) -> None:
+            super().__init__()
+            self.head = torch.nn.Linear(32, 8)
+            self.trainable_modules = [self.head]
+
+        def before_backward(self, strategy, **kwargs) -> None:
+            strategy.loss = strategy.loss + self.head(strategy.mb_features).pow(2).mean()
+
+    x, y = _images()
+    model, augment = _tiny_model_and_augment()
+    strategy = _strategy(model, augment, plugins=[Head()])
+    with pytest.raises(ValueError, match=r"Head.trainable_modules holds a Linear whose parameters are not in the "
+                                         r"strategy's optimizer, so it would never train"):
+        strategy.train(_foreign(x, y))
+    assert strategy.global_step == 0
+
+
+def test_a_schedule_sized_for_fewer_updates_than_the_run_trains_is_said_once(caplog) -> None:
+    """epochs=3 with total_updates of one pass: the learning rate stops at the schedule's last value for the last
+    two thirds of the run; a warning says so, once."""
+    x, y = _images()
+    model, augment = _tiny_model_and_augment()
+    strategy = _strategy(model, augment, epochs=3)  # 4 updates per pass; total_updates=4
+    with caplog.at_level("WARNING", logger="streaming_ssl.strategy"):
+        strategy.train(_foreign(x, y))
+    assert strategy.global_step == 12
+    said = [r.getMessage() for r in caplog.records if "cosine schedule was sized for" in r.getMessage()]
+    assert said == ["update 5 is past the 4 updates the cosine schedule was sized for (total_updates): the learning "
+                    "rate stays at the schedule's last value from here on. Pass total_updates = the updates of the "
+                    "whole run (with epochs=E, E times the batches of every experience)"]
+
+
+def test_a_task_aware_plugin_reads_each_experiences_task_label() -> None:
+    """A task-incremental Avalanche benchmark: the objective ignores task labels, but strategy.mb_task_id gives a
+    plugin the experience's label for every image (Avalanche's own reads it from the batch, which has none)."""
+    from avalanche.benchmarks import nc_benchmark
+    from avalanche.benchmarks.utils import as_classification_dataset
+    from avalanche.core import SupervisedPlugin
+    from torch.utils.data import TensorDataset
+
+    x, y = _images()
+    data = TensorDataset(x, y)
+    data.targets = y.tolist()
+    dataset = as_classification_dataset(data)
+    bench = nc_benchmark(dataset, dataset, n_experiences=2, task_labels=True, shuffle=False)
+    seen = []
+
+    class TaskReader(SupervisedPlugin):
+        def before_forward(self, strategy, **kwargs) -> None:
+            seen.append((list(strategy.experience.task_labels), strategy.mb_task_id.tolist()))
+
+    model, augment = _tiny_model_and_augment()
+    strategy = _strategy(model, augment, plugins=[TaskReader()])
+    for experience in bench.train_stream:
+        strategy.train(experience)
+    assert sorted({labels[0] for labels, _ in seen}) == [0, 1]
+    assert all(ids == labels * len(ids) and ids for labels, ids in seen)

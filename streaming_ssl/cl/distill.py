@@ -139,12 +139,7 @@ class DistillPlugin(SupervisedPlugin, supports_distributed=True):
         log.debug("distill: frozen copy taken at update %d", strategy.global_step)
 
     def before_training(self, strategy, **kwargs) -> None:
-        optimized = {id(p) for group in strategy.optimizer.param_groups for p in group["params"]}
-        if not all(id(p) in optimized for p in self.predictor.parameters() if p.requires_grad):
-            # the term would still be added, against a predictor that never learns
-            raise ValueError("DistillPlugin's predictor is not in the strategy's optimizer, so it would never train: "
-                             "give the optimizer its parameters too, e.g. LARS(param_groups(model, wd) + "
-                             "[g for m in plugin.trainable_modules for g in param_groups(m, wd)], ...)")
+        # (EMPSSLStrategy has refused a predictor outside its optimizer: every plugin's trainable_modules are checked)
         ddp.broadcast_module(self.predictor)  # under DDP: every rank starts from rank 0's predictor
 
     def after_training_exp(self, strategy, **kwargs) -> None:
