@@ -43,6 +43,34 @@ class ProbeSet:
     num_classes: int
 
 
+def check_probe_set(probe_set: ProbeSet) -> None:
+    """ValueError, naming the set and the fix, unless its images are what training takes (tensors of (N, 1|3, H, W),
+    uint8 or float in [0, 1]; a lazily decoded source is left to its decoder) and its labels are integer tensors,
+    one per image, in 0..num_classes-1. Checked once, before any probe: a normalised set was normalised again by
+    the augmentation, and labels out of range failed deep inside the probe, after an experience had trained."""
+    from streaming_ssl.strategy import StreamInputError, check_images
+
+    for split in ("train", "test"):
+        images, labels = getattr(probe_set, f"{split}_images"), getattr(probe_set, f"{split}_labels")
+        where = f"probe set {probe_set.name!r}, {split}_"
+        if isinstance(images, torch.Tensor):
+            try:
+                check_images(images)
+            except StreamInputError as err:
+                raise ValueError(f"{where}images: {err}") from None
+        elif hasattr(images, "__array__"):
+            raise ValueError(f"{where}images is a {type(images).__name__}: give torch tensors "
+                             "(torch.from_numpy(x), channels first: .permute(0, 3, 1, 2) for (N, H, W, C) arrays)")
+        if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.is_floating_point():
+            raise ValueError(f"{where}labels must be a 1-D integer torch tensor, got "
+                             f"{type(labels).__name__} {tuple(getattr(labels, 'shape', ()))}: torch.as_tensor(labels)")
+        if hasattr(images, "__len__") and len(images) != len(labels):
+            raise ValueError(f"{where}images holds {len(images)} images but {where}labels {len(labels)} labels")
+        if len(labels) and not (0 <= int(labels.min()) and int(labels.max()) < probe_set.num_classes):
+            raise ValueError(f"{where}labels span {int(labels.min())}..{int(labels.max())}, but num_classes is "
+                             f"{probe_set.num_classes}: labels must be 0..num_classes-1 (subtract the first label)")
+
+
 def forgetting(history: list[list[float]], row: list[float], n_seen: int) -> list[float | None]:
     """max over earlier rows s (where experience j was already seen) of A[s, j] - A[t, j], per j < n_seen - 1.
 
@@ -75,6 +103,13 @@ class StreamEvaluator:
                  channels_last: bool = True, patches: int = 0, batch_size: int = 256, knn_k: int = 20,
                  knn_temperature: float = 0.07, seen_classes: bool = True, probe_kwargs: dict | None = None,
                  seed: int = 0, bn_recalibrate: int = 0) -> None:
+        for probe_set in (in_domain, *transfer):
+            check_probe_set(probe_set)
+        outside = sorted({c for classes in parent_classes for c in classes if not 0 <= c < in_domain.num_classes})
+        if outside:
+            raise ValueError(f"parent_classes names the classes {outside}, outside the {in_domain.num_classes} "
+                             f"classes of {in_domain.name!r} (0..{in_domain.num_classes - 1}): give each experience's "
+                             "classes as the probe set's labels number them")
         self.in_domain, self.transfer, self.parent_classes = in_domain, transfer, parent_classes
         self.augment, self.device, self.amp_dtype, self.channels_last = augment, device, amp_dtype, channels_last
         self.patches, self.batch_size, self.knn_k, self.knn_temperature = patches, batch_size, knn_k, knn_temperature

@@ -170,10 +170,17 @@ def collate_images(samples: list) -> tuple[torch.Tensor, torch.Tensor]:
 def check_images(x: torch.Tensor) -> torch.Tensor:
     """StreamInputError unless x is a (B, 1|3, H, W) batch of uint8 images or float images in [0, 1]."""
     if x.dim() != 4 or x.shape[1] not in (1, 3):
+        last = (" They look channels-last (H, W, C): permute them to (C, H, W), e.g. x.permute(0, 3, 1, 2) for a "
+                "tensor of (N, H, W, C) images" if x.dim() == 4 and x.shape[-1] in (1, 3) else "")
         raise StreamInputError(f"images must be (C, H, W) tensors with 1 or 3 channels; got a batch of shape "
-                               f"{tuple(x.shape)}: give the benchmark image tensors, not features or flattened images")
+                               f"{tuple(x.shape)}: give the benchmark image tensors, not features or flattened images."
+                               f"{last}")
     if x.is_floating_point():
         lo, hi = float(x.min()), float(x.max())
+        if lo >= 0.0 and 1.0 < hi <= 255.0 and bool((x == x.round()).all()):
+            raise StreamInputError(
+                f"float images must lie in [0, 1], but this batch holds whole numbers in [{lo:.3g}, {hi:.3g}]: pixel "
+                "values 0..255 stored as floats. Give uint8 images (x.to(torch.uint8)) or divide by 255")
         if lo < 0.0 or hi > 1.0:
             raise StreamInputError(
                 f"float images must lie in [0, 1], but this batch spans [{lo:.3g}, {hi:.3g}]: the benchmark seems to "

@@ -181,6 +181,13 @@ def test_normalised_float_input_is_refused_with_the_fix() -> None:
     model, augment = _tiny_model_and_augment()
     with pytest.raises(StreamInputError, match=r"float images must lie in \[0, 1\].*Remove Normalize"):
         _strategy(model, augment).train(_foreign(normalised, y))
+    # the two other usual mistakes, each with its own fix: 0..255 as floats, and channels last
+    with pytest.raises(StreamInputError, match=r"whole numbers in \[0, 25\d\]: pixel values 0..255 stored as floats. "
+                                               r"Give uint8 images"):
+        _strategy(model, augment).train(_foreign(x.float(), y))
+    with pytest.raises(StreamInputError, match=r"got a batch of shape \(6, 8, 8, 3\).*look channels-last \(H, W, C\): "
+                                               r"permute them to \(C, H, W\)"):
+        _strategy(model, augment).train(_foreign(x.permute(0, 2, 3, 1), y))
 
 
 def test_grayscale_benchmark_is_repeated_to_three_channels() -> None:
@@ -555,3 +562,46 @@ def test_a_task_aware_plugin_reads_each_experiences_task_label() -> None:
         strategy.train(experience)
     assert sorted({labels[0] for labels, _ in seen}) == [0, 1]
     assert all(ids == labels * len(ids) and ids for labels, ids in seen)
+
+
+def test_probe_sets_training_would_refuse_are_refused_when_the_evaluator_is_built() -> None:
+    """Normalised float images (the augmentation normalised them again, silently), numpy arrays, labels from 1,
+    labels as a list, and parent_classes outside the probe set's classes: one line each, before any training."""
+    from streaming_ssl import ProbeSet, StreamEvaluator
+
+    x, y = _images()
+    _, augment = _tiny_model_and_augment()
+
+    def build(train_images=x, train_labels=y, parent_classes=((0, 1), (2, 3))):
+        return StreamEvaluator(in_domain=ProbeSet("mine", train_images, train_labels, x, y, 4), transfer=[],
+                               parent_classes=[list(c) for c in parent_classes], augment=augment,
+                               device=torch.device("cpu"))
+
+    build()  # the good set
+    build(train_images=x.float() / 255)  # floats in [0, 1] are images too
+    cases = [({"train_images": (x.float() / 255 - 0.5) / 0.25},
+              r"probe set 'mine', train_images: float images must lie in \[0, 1\].*Remove Normalize"),
+             ({"train_images": x.numpy()}, r"train_images is a ndarray: give torch tensors \(torch.from_numpy"),
+             ({"train_images": x[:, 0].reshape(24, -1)}, r"train_images: images must be \(C, H, W\) tensors"),
+             ({"train_labels": y + 1}, r"train_labels span 1..4, but num_classes is 4: labels must be 0..num_classes-1"),
+             ({"train_labels": y.tolist()}, r"train_labels must be a 1-D integer torch tensor, got list"),
+             ({"train_labels": y[:10]}, r"train_images holds 24 images but probe set 'mine', train_labels 10 labels"),
+             ({"parent_classes": ((1, 2), (3, 4))}, r"parent_classes names the classes \[4\], outside the 4 classes")]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            build(**kwargs)
+
+
+def test_replay_across_experiences_of_two_image_sizes_says_to_resize() -> None:
+    """The buffer holds the first experience's 8x8 images; the second gives 16x16: the replayed batch is refused
+    with the fix (it was torch.cat's size error)."""
+    from streaming_ssl import ReplayBufferPlugin
+
+    x, y = _images()
+    big = torch.nn.functional.interpolate(x.float(), size=16).to(torch.uint8)
+    model, augment = _tiny_model_and_augment()
+    strategy = _strategy(model, augment, plugins=[ReplayBufferPlugin(size=8, batch=2)])
+    strategy.train(_foreign(x, y))
+    with pytest.raises(ValueError, match=r"the replay buffer holds images of shape \(3, 8, 8\), but the stream now "
+                                         r"gives \(3, 16, 16\): resize the benchmark's images to one size"):
+        strategy.train(_foreign(big, y))

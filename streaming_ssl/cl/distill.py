@@ -125,6 +125,12 @@ class DistillPlugin(SupervisedPlugin, supports_distributed=True):
         if frozen_bn not in FROZEN_BN:
             raise ValueError(f"frozen_bn must be one of {FROZEN_BN}, got {frozen_bn!r}")
         self.model, self.weight, self.every, self.frozen_bn = model, float(weight), int(every), frozen_bn
+        projector = getattr(getattr(model, "module", model), "projector", None)  # an EMPSSLModel's (DDP unwrapped)
+        out = projector[-1].out_features if isinstance(projector, torch.nn.Sequential) and isinstance(
+            projector[-1], torch.nn.Linear) else None
+        if out is not None and out != dim:
+            raise ValueError(f"DistillPlugin(dim={dim}), but the model projects to {out} dimensions: pass dim={out} "
+                             "(the model's proj_dim; the predictor maps z to z)")
         predictor = build_predictor(dim, hidden_dim)
         if sync_bn:
             predictor = torch.nn.SyncBatchNorm.convert_sync_batchnorm(predictor)

@@ -218,3 +218,11 @@ def test_a_predictor_with_frozen_parameters_is_accepted() -> None:
     stream, strategy, _ = build_strategy([distill])
     strategy.train(list(stream), eval_streams=[])
     assert strategy.global_step > 0 and frozen
+
+
+def test_a_dim_other_than_the_models_projection_is_refused_with_the_right_one() -> None:
+    """It failed at the first update with torch's 'mat1 and mat2 shapes cannot be multiplied'."""
+    with pytest.raises(ValueError, match=rf"DistillPlugin\(dim={2 * PROJ_DIM}\), but the model projects to {PROJ_DIM} "
+                                         rf"dimensions: pass dim={PROJ_DIM}"):
+        DistillPlugin(tiny_model(), dim=2 * PROJ_DIM, hidden_dim=8)
+    DistillPlugin(tiny_model(), dim=PROJ_DIM, hidden_dim=8)
