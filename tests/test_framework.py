@@ -583,7 +583,7 @@ def test_probe_sets_training_would_refuse_are_refused_when_the_evaluator_is_buil
               r"probe set 'mine', train_images: float images must lie in \[0, 1\].*Remove Normalize"),
              ({"train_images": x.numpy()}, r"train_images is a ndarray: give torch tensors \(torch.from_numpy"),
              ({"train_images": x[:, 0].reshape(24, -1)}, r"train_images: images must be \(C, H, W\) tensors"),
-             ({"train_labels": y + 1}, r"train_labels span 1..4, but num_classes is 4: labels must be 0..num_classes-1"),
+             ({"train_labels": y + 1}, r"train_labels span 1..4, but num_classes is 4: labels must be 0..num_classes"),
              ({"train_labels": y.tolist()}, r"train_labels must be a 1-D integer torch tensor, got list"),
              ({"train_labels": y[:10]}, r"train_images holds 24 images but probe set 'mine', train_labels 10 labels"),
              ({"parent_classes": ((1, 2), (3, 4))}, r"parent_classes names the classes \[4\], outside the 4 classes")]

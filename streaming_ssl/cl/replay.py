@@ -280,8 +280,8 @@ class ReplayBufferPlugin(SupervisedPlugin, supports_distributed=True):
         mine = self.buffer.contents()[host_to_device(slots[lo:hi], self.buffer.device)]
         x = strategy.mbatch[0]
         if mine.shape[1:] != x.shape[1:]:  # (shapes known on the host: no sync)
-            raise ValueError(f"the replay buffer holds images of shape {tuple(mine.shape[1:])}, but the stream now gives "
-                             f"{tuple(x.shape[1:])}: resize the benchmark's images to one size")
+            raise ValueError(f"the replay buffer holds images of shape {tuple(mine.shape[1:])}, but the stream now "
+                             f"gives {tuple(x.shape[1:])}: resize the benchmark's images to one size")
         strategy.mbatch[0] = torch.cat([x, like(mine, x)])
         strategy.mb_added += k
         strategy.mb_segments.append(k)  # split with shard_bounds: every rank knows every rank's share
