@@ -30,7 +30,7 @@ _EXPORTS = {
                             "select_weight_decay", "recalibrate_batchnorm"],
     "streaming_ssl.probe_run": ["load_checkpoint_model", "CheckpointModel", "probe_checkpoint", "ProbeRequest",
                                  "ProbeOutOfMemory"],
-    "streaming_ssl.evaluation": ["StreamEvaluator", "ProbeSet", "ProbeMetric", "JSONLLogger",
+    "streaming_ssl.evaluation": ["StreamEvaluator", "ProbeSet", "ProbeMetric", "JSONLLogger", "ExperienceTextLogger",
                                  "ScalarTensorboardLogger", "forgetting", "backward_transfer", "plot_run", "plot_train",
                                  "read_rows"],
     "streaming_ssl.compare": ["summarize", "markdown_table", "plot_compare", "CompareError"],

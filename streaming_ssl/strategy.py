@@ -452,6 +452,16 @@ class EMPSSLStrategy(SupervisedTemplate):
                         "getattr(p, 'trainable_modules', []) for g in param_groups(m, wd)], ...)")
         super()._before_training(**kwargs)
 
+    def eval(self, exp_list, **kwargs):
+        """Avalanche's eval (the objective on a stream, the model in eval mode), without a trace on training: the
+        augmentation's generator is put back afterwards, so a run that calls eval between experiences trains as one
+        that does not. (The probes of a continual run are StreamEvaluator's, through ProbeMetric.)"""
+        state = self.aug_generator.get_state()
+        try:
+            return super().eval(exp_list, **kwargs)
+        finally:
+            self.aug_generator.set_state(state)
+
     @property
     def mb_task_id(self) -> torch.Tensor:
         """The experience's task label for every image of the batch. The objective never reads it (EMP-SSL is

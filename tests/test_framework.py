@@ -605,3 +605,22 @@ def test_replay_across_experiences_of_two_image_sizes_says_to_resize() -> None:
     with pytest.raises(ValueError, match=r"the replay buffer holds images of shape \(3, 8, 8\), but the stream now "
                                          r"gives \(3, 16, 16\): resize the benchmark's images to one size"):
         strategy.train(_foreign(big, y))
+
+
+def test_calling_eval_between_experiences_leaves_training_as_it_was() -> None:
+    """strategy.eval(stream) drew its patches from training's augmentation generator, so a run that called it
+    between experiences trained on other patches afterwards (other weights): it now puts the generator back."""
+    x, y = _images()
+    experiences = [_foreign(x[:12], y[:12]), _foreign(x[12:], y[12:])]
+    weights = []
+    for call_eval in (False, True):
+        model, augment = _tiny_model_and_augment()
+        strategy = _strategy(model, augment)
+        strategy.train(experiences[0])
+        if call_eval:
+            state = strategy.aug_generator.get_state()
+            strategy.eval([experiences[1]])
+            assert torch.equal(strategy.aug_generator.get_state(), state)
+        strategy.train(experiences[1])
+        weights.append({k: v.clone() for k, v in model.state_dict().items()})
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
