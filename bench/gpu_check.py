@@ -159,9 +159,14 @@ def kill_group(popen: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
     the GPU through the steps after it. The descendants are listed before anything is killed (an orphan's parent
     becomes init, and the tree is lost)."""
     below = descendants(popen.pid)
-    for pid in [popen.pid, *below]:
+    try:
+        os.killpg(popen.pid, sig)
+    except ProcessLookupError:
+        pass
+    for pid in below:
         try:
-            os.killpg(pid, sig) if pid == popen.pid else os.kill(pid, sig)
+            if os.getpgid(pid) != popen.pid:  # the group's own are signalled above (their pids may be reused now)
+                os.kill(pid, sig)
         except (ProcessLookupError, PermissionError):
             pass
 

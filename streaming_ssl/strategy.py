@@ -453,19 +453,26 @@ class EMPSSLStrategy(SupervisedTemplate):
         super()._before_training(**kwargs)
 
     def eval(self, exp_list, **kwargs):
-        """Avalanche's eval (the objective on a stream, the model in eval mode), without a trace on training: the
-        augmentation's generator is put back afterwards, so a run that calls eval between experiences trains as one
-        that does not. (The probes of a continual run are StreamEvaluator's, through ProbeMetric.)"""
-        state = self.aug_generator.get_state()
+        """Avalanche's eval loop (the model in eval mode over a stream; what it reports is what the evaluator's
+        metrics compute), without a trace on training: the augmentation's generator and torch's global generators
+        (which Avalanche's eval loader and its ReplayPlugin's buffer draw from) are put back afterwards, so a run
+        that calls eval between experiences trains as one that does not. (A continual run's probes are
+        StreamEvaluator's, through ProbeMetric.)"""
+        states = (self.aug_generator.get_state(), torch.get_rng_state(),
+                  torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None)
         try:
             return super().eval(exp_list, **kwargs)
         finally:
-            self.aug_generator.set_state(state)
+            self.aug_generator.set_state(states[0])
+            torch.set_rng_state(states[1])
+            if states[2] is not None:
+                torch.cuda.set_rng_state_all(states[2])
 
     @property
     def mb_task_id(self) -> torch.Tensor:
         """The experience's task label for every image of the batch. The objective never reads it (EMP-SSL is
-        label-free); a task-aware plugin may. (Avalanche takes it from the batch, which holds images and targets.)"""
+        label-free); a task-aware plugin may. (Avalanche takes it from the batch, which holds images and targets.)
+        Images a replay plugin added carry the current experience's label too, not the one they came with."""
         labels = sorted(set(getattr(self.experience, "task_labels", None) or [0]))
         if len(labels) != 1:
             raise ValueError(f"experience {self.stream_step} holds the task labels {labels}: EMPSSLStrategy keeps one "

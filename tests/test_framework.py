@@ -607,15 +607,19 @@ def test_replay_across_experiences_of_two_image_sizes_says_to_resize() -> None:
         strategy.train(_foreign(big, y))
 
 
-def test_calling_eval_between_experiences_leaves_training_as_it_was() -> None:
+@pytest.mark.parametrize("replay", [False, True], ids=["plain", "avalanche_replay"])
+def test_calling_eval_between_experiences_leaves_training_as_it_was(replay: bool) -> None:
     """strategy.eval(stream) drew its patches from training's augmentation generator, so a run that called it
-    between experiences trained on other patches afterwards (other weights): it now puts the generator back."""
+    between experiences trained on other patches afterwards (other weights): it now puts the generator back, and
+    torch's global one, which Avalanche's eval loader and its ReplayPlugin's buffer draw from."""
+    from avalanche.training.plugins import ReplayPlugin
+
     x, y = _images()
     experiences = [_foreign(x[:12], y[:12]), _foreign(x[12:], y[12:])]
     weights = []
     for call_eval in (False, True):
         model, augment = _tiny_model_and_augment()
-        strategy = _strategy(model, augment)
+        strategy = _strategy(model, augment, plugins=[ReplayPlugin(mem_size=6)] if replay else [])
         strategy.train(experiences[0])
         if call_eval:
             state = strategy.aug_generator.get_state()
