@@ -66,9 +66,10 @@ def check_probe_set(probe_set: ProbeSet) -> None:
                              f"{type(labels).__name__} {tuple(getattr(labels, 'shape', ()))}: torch.as_tensor(labels)")
         if hasattr(images, "__len__") and len(images) != len(labels):
             raise ValueError(f"{where}images holds {len(images)} images but {where}labels {len(labels)} labels")
-        if len(labels) and not (0 <= int(labels.min()) and int(labels.max()) < probe_set.num_classes):
-            raise ValueError(f"{where}labels span {int(labels.min())}..{int(labels.max())}, but num_classes is "
-                             f"{probe_set.num_classes}: labels must be 0..num_classes-1 (subtract the first label)")
+        lo, hi = (int(labels.min()), int(labels.max())) if len(labels) else (0, 0)
+        if lo < 0 or hi >= probe_set.num_classes:
+            raise ValueError(f"{where}labels span {lo}..{hi}, but num_classes is {probe_set.num_classes}: labels must "
+                             "be 0..num_classes-1 (subtract the first label)")
 
 
 def forgetting(history: list[list[float]], row: list[float], n_seen: int) -> list[float | None]:

@@ -40,6 +40,7 @@ from avalanche.training.templates import SupervisedTemplate
 from torch.utils.data import default_collate
 
 from scenarios.streams import row_indices, row_source
+from streaming_ssl import checkpoint as ckpt
 from streaming_ssl import distributed as ddp
 from streaming_ssl.accounting import ComputeCounters
 from streaming_ssl.augment import MultiPatchAugment
@@ -454,19 +455,16 @@ class EMPSSLStrategy(SupervisedTemplate):
 
     def eval(self, exp_list, **kwargs):
         """Avalanche's eval loop (the model in eval mode over a stream; what it reports is what the evaluator's
-        metrics compute), without a trace on training: the augmentation's generator and torch's global generators
-        (which Avalanche's eval loader and its ReplayPlugin's buffer draw from) are put back afterwards, so a run
-        that calls eval between experiences trains as one that does not. (A continual run's probes are
-        StreamEvaluator's, through ProbeMetric.)"""
-        states = (self.aug_generator.get_state(), torch.get_rng_state(),
-                  torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None)
+        metrics compute), without a trace on training: the augmentation's generator and the global ones (Python,
+        NumPy, torch: Avalanche's eval loader and its ReplayPlugin's buffer draw from torch's) are put back
+        afterwards, so a run that calls eval between experiences trains as one that does not. (A continual run's
+        probes are StreamEvaluator's, through ProbeMetric.)"""
+        augment_state, global_state = self.aug_generator.get_state(), ckpt.rng_state()
         try:
             return super().eval(exp_list, **kwargs)
         finally:
-            self.aug_generator.set_state(states[0])
-            torch.set_rng_state(states[1])
-            if states[2] is not None:
-                torch.cuda.set_rng_state_all(states[2])
+            self.aug_generator.set_state(augment_state)
+            ckpt.set_rng_state(global_state)
 
     @property
     def mb_task_id(self) -> torch.Tensor:
