@@ -22,6 +22,10 @@ comes from the runs' own metrics.jsonl (the evaluation after each experience, as
   (MinRed). Crops are as large as the images (EMP-SSL resizes each patch to the image size), so one image forward
   counts as one crop forward.
 
+Where each run trained (its run_info.jsonl: machine kind and precision, provenance.py) is listed under the table,
+with a warning where the runs trained on more than one: `train.precision: auto` is bf16 on one CPU and float32 on
+another under the same config, so such runs still share a group.
+
 Accuracies are only comparable on one test set: runs of different datasets, image sizes or test subsets are
 refused (allow_mixed overrides), and so are two runs of one config and seed (a copy of a run would count as a
 second seed; allow_same_seed overrides). A run still training (no summary.json) is left out unless
@@ -38,6 +42,7 @@ from pathlib import Path
 
 import yaml
 
+from streaming_ssl import provenance
 from streaming_ssl.config import ConfigError, config_from_dict
 from streaming_ssl.evaluation import _is_scalar, read_rows
 from streaming_ssl.oom import RESUMABLE
@@ -50,6 +55,7 @@ NOT_LEARNED = ("run.", "data.root", "data.download", "train.threads", "train.dev
 SEED = "train.seed"
 # settings that change the test set, on which every accuracy is measured
 TEST_SET = ("data.dataset", "data.image_size", "test images per class")
+NOT_RECORDED = "not recorded (a run saved before run_info.jsonl existed)"
 METRICS = ("acc_final", "acc_avg_incremental", "forgetting", "bwt", "knn_final", "stream_images", "buffer_images",
            "updates", "forward_equivalents", "wall_hours")
 
@@ -67,6 +73,7 @@ class Run:
     rows: list[dict]
     complete: bool
     metrics: dict = field(default_factory=dict)
+    machines: list[str] = field(default_factory=list)  # provenance.machine_labels: [] where none is recorded
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
@@ -137,8 +144,13 @@ def read_run(path: str | Path) -> Run:
         raise CompareError(f"{str(path / 'metrics.jsonl')!r} is damaged ({err}); resume the run "
                            f"(python run_stream.py --resume {path}), which rewrites it from its checkpoint") from None
     complete = bool(rows) and (path / "summary.json").is_file()
+    try:
+        machines = provenance.machine_labels(provenance.read_rows(path))
+    except provenance.ProvenanceError as err:
+        raise CompareError(f"{err}; move that file aside (the run's figures do not depend on it), or leave the run "
+                           "out") from None
     return Run(path=path, config=flatten(config), rows=rows, complete=complete,
-               metrics=run_metrics(rows) if rows else {})
+               metrics=run_metrics(rows) if rows else {}, machines=machines)
 
 
 def find_runs(paths: list[str | Path]) -> list[Path]:
@@ -250,8 +262,9 @@ def summarize(paths: list[str | Path], *, allow_mixed: bool = False, include_inc
               allow_same_seed: bool = False) -> dict:
     """Read, group and average runs (module docstring). Returns {"groups": [...], "left_out": [{"run", "why"}]}, each
     group {"label" (its first run's folder name, without @...), "differs" (the settings that tell it from the other
-    groups), "runs", "seeds", "n", "complete", "settings", "curves" (each run's, at its evaluations),
-    <metric>: {"mean", "std", "n" (runs that have it), "values"}}."""
+    groups), "runs", "seeds", "n", "complete", "settings", "machines" (the machine kinds and precisions its runs
+    trained on), "run_machines" (each run's), "curves" (each run's, at its evaluations), <metric>: {"mean", "std",
+    "n" (runs that have it), "values"}}; "machines": those of every run compared."""
     runs, left_out = [], []
     for run in (read_run(p) for p in find_runs(paths)):
         if not run.rows:
@@ -273,13 +286,32 @@ def summarize(paths: list[str | Path], *, allow_mixed: bool = False, include_inc
         group = {"label": label, "differs": differs, "runs": [str(r.path) for r in members],
                  "seeds": [r.config.get(SEED) for r in members], "n": len(members),
                  "complete": all(r.complete for r in members), "settings": _learned(members[0].config),
+                 "machines": _machines(members), "run_machines": [r.machines or [NOT_RECORDED] for r in members],
                  "curves": [dict(zip(("samples_seen", "forward_equivalents", "acc"), curves(r))) for r in members]}
         for metric in METRICS:
             values = [r.metrics[metric] for r in members]
             mean, std = mean_std(values)
             group[metric] = {"mean": mean, "std": std, "n": sum(v is not None for v in values), "values": values}
         groups.append(group)
-    return {"groups": groups, "left_out": left_out}
+    return {"groups": groups, "left_out": left_out, "machines": _machines(runs)}
+
+
+def _machines(runs: list[Run]) -> list[str]:
+    """The distinct machine kinds and precisions the runs trained on (provenance.machine_labels), in order."""
+    return list(dict.fromkeys(m for r in runs for m in (r.machines or [NOT_RECORDED])))
+
+
+def machines_note(summary: dict) -> list[str]:
+    """Where the compared runs trained, as lines under the table: one line when every run trained on one machine
+    kind in one precision, else a warning and each group's machines (a run that moved names each it trained on)."""
+    every = summary.get("machines") or []
+    if len(every) <= 1:
+        return [f"Trained on: {every[0]} (every run)."] if every else []
+    lines = ["**These runs trained on more than one machine kind or precision**: their accuracy and wall time "
+             "compare only within one kind and precision (each run's run_info.jsonl says where it trained)."]
+    for g in summary["groups"]:
+        lines.append(f"- {g['label']}: " + "; ".join(g.get("machines") or [NOT_RECORDED]))
+    return lines
 
 
 def _cell(stat: dict, scale: float = 1.0, digits: int = 2, spread: bool = True) -> str:
@@ -308,7 +340,8 @@ def markdown_table(summary: dict) -> str:
                      f"{_cell(g['acc_avg_incremental'], 100)} | {_cell(g['forgetting'], 100)} | "
                      f"{_cell(g['bwt'], 100)} | {_cell(g['knn_final'], 100)} | {images} | "
                      f"{_cell(g['updates'], digits=0, spread=False)} | {compute} |")
-    return "\n".join(lines) + "\n"
+    note = machines_note(summary)
+    return "\n".join(lines + ([""] + note if note else [])) + "\n"
 
 
 def curves(run: Run) -> tuple[list[float], list[float], list[float]]:

@@ -17,7 +17,7 @@ from scenarios.datasets import DataError, check_dataset_name, dataset_spec
 from scenarios.sources import is_generic, parse_source, short_name
 from streaming_ssl import build
 from streaming_ssl import checkpoint as ckpt
-from streaming_ssl import oom
+from streaming_ssl import oom, provenance
 from streaming_ssl.config import ConfigError, config_from_dict
 from streaming_ssl.device import resolve_device, resolve_precision
 from streaming_ssl.features_cache import cached_features, data_fingerprint
@@ -203,7 +203,7 @@ def probe_checkpoint(req: ProbeRequest) -> dict:
     patches = cfg.eval.patches if req.patches is None else req.patches
     result = {"checkpoint": str(path), "updates": int(state["position"]["global_step"]),
               "samples_seen": int(state["position"]["samples_seen"]), "patches": patches,
-              "random_init": bool(req.random_init)}
+              "random_init": bool(req.random_init), **machines(path.parent, run.device, run.amp_dtype)}
     if n_recal:
         result["bn_recalibrate"] = n_recal
     prober = _Prober(cfg, req, run.model, run.augment, run.device, run.amp_dtype, patches, n_recal, path, result)
@@ -219,6 +219,18 @@ def probe_checkpoint(req: ProbeRequest) -> dict:
             err, device=oom.device_memory(run.device), checkpoint=str(path), batch_size=cfg.eval.batch_size,
             patches=patches)) from err
     return result
+
+
+def machines(run_dir: Path, device: torch.device, amp_dtype: torch.dtype | None) -> dict:
+    """{"probed_on": this machine and precision, "trained_on": those the checkpoint's run trained on, from its
+    run_info.jsonl ([] where it has none; its error where it cannot be read)} (provenance.py)."""
+    probed_on = provenance.label({"machine": provenance.device_kind(device),
+                                  "precision": provenance.precision_name(amp_dtype)})
+    try:
+        trained_on: list[str] | str = provenance.machine_labels(provenance.read_rows(run_dir))
+    except provenance.ProvenanceError as err:
+        trained_on = str(err)
+    return {"probed_on": probed_on, "trained_on": trained_on}
 
 
 class _Prober:

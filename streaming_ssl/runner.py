@@ -15,11 +15,12 @@ import os
 import shutil
 from pathlib import Path
 
+import torch
 import yaml
 
 from streaming_ssl import checkpoint as ckpt
 from streaming_ssl import distributed as ddp
-from streaming_ssl import oom
+from streaming_ssl import oom, provenance
 from streaming_ssl.atomic import atomic_write_text, remove_stale_temp_files
 from streaming_ssl.config import Config, config_from_dict, save_config
 from streaming_ssl.device import cpu_kind
@@ -268,6 +269,27 @@ def _train(cfg: Config, *, resume: bool, overwrite: bool, lock: RunLock | None, 
     return rows[-1] if rows else {}
 
 
+def record_start(run_dir: Path, device: torch.device, amp_dtype: torch.dtype | None, start_update: int) -> None:
+    """Add the row of a start that trains to RUN/run_info.jsonl (provenance.py: every rank's machine; rank 0
+    writes), and warn when the training the run holds now spans more than one machine kind or precision. A damaged
+    run_info.jsonl is kept beside as run_info.jsonl.damaged, and the file starts afresh: training goes on."""
+    machines = ddp.all_gather_object(provenance.device_kind(device))
+    if not ddp.is_main():
+        return
+    row = provenance.start_row(device=device, amp_dtype=amp_dtype, start_update=start_update, machines=machines)
+    try:
+        rows = provenance.append_row(run_dir, row)
+    except provenance.ProvenanceError as err:
+        damaged = run_dir / (provenance.FILE_NAME + ".damaged")
+        os.replace(run_dir / provenance.FILE_NAME, damaged)
+        log.warning("%s; kept as %s, and %s starts afresh with this start", err, damaged, provenance.FILE_NAME)
+        rows = provenance.append_row(run_dir, row)
+    changes = provenance.machine_changes(rows)
+    if changes:
+        log.warning("this run's training now spans more than one machine kind or precision (%s): compare its "
+                    "accuracy and speed with no run of a single kind (run_info.jsonl)", "; ".join(changes))
+
+
 def agree_on_checkpoint(cfg: Config, run_dir: Path, *, resume: bool, overwrite: bool,
                         path: Path | None) -> tuple[bool, dict | None]:
     """(whether the run continues, the checkpoint it continues from or None), loaded: under DDP rank 0's choice.
@@ -358,7 +380,9 @@ def _fit(run, state: dict | None) -> None:
         run.checkpoint.restore(strategy, state)
         log.info("resumed at update %d (experience %d, batch %d)", strategy.global_step, strategy.stream_step,
                  strategy.batch_in_epoch)
-    if strategy.stream_step >= len(run.stream):
+    if strategy.stream_step < len(run.stream):  # a start that trains (restored: a resume refused changes nothing)
+        record_start(run.run_dir, run.device, run.amp_dtype, strategy.global_step)
+    else:
         log.info("the run is complete (all %d experiences trained): nothing to train; its plot and summary.json are "
                  "written again", len(run.stream))
     try:

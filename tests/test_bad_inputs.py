@@ -417,7 +417,8 @@ def test_a_checkpoint_cut_short_by_the_file_system_names_the_fix(tmp_path: Path)
     assert "may write files of at most 1.0 MB (its file-size limit, ulimit -f)" in err, err
     assert err.endswith(f"python run_stream.py --resume {run_dir}")
     # the first write (before the first evaluation) failed: no checkpoint, no temporary file, no row
-    assert sorted(p.name for p in run_dir.iterdir()) == [".lock", "config.yaml", "log.txt", "train.log"]
+    assert sorted(p.name for p in run_dir.iterdir()) == [".lock", "config.yaml", "log.txt", "run_info.jsonl",
+                                                         "train.log"]
 
 
 def test_ctrl_c_saves_and_exits_cleanly(zygote, tmp_path: Path) -> None:

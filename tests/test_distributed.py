@@ -534,6 +534,10 @@ def test_two_process_torchrun_writes_what_one_process_writes(stream_runs) -> Non
     # rank 0 alone writes: the same files as one process, one metrics row per evaluation, one log
     assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in single.iterdir())
     assert json.loads((two / "summary.json").read_text()) == rows[-1]
+    from streaming_ssl import provenance
+
+    (start,) = provenance.read_rows(two)  # every rank's machine, gathered; written once
+    assert (start["world_size"], start["machines"], start["precision"]) == (2, {start["machine"]: 2}, "fp32")
     train_log = (two / "train.log").read_text()
     # torchrun's workers re-executed themselves with the CPU allocator setting (same pid, so torchrun still tracks them)
     assert train_log.count("(precision fp32, world 2, allocator tuned)") == 1 and train_log.count("INFO done:") == 1
@@ -727,7 +731,8 @@ def test_a_checkpoint_rank_0_cannot_write_stops_every_rank_with_the_fix(tmp_path
     assert any(f"rank 0 could not write a checkpoint into {str(run_dir)!r}" in e and e.endswith(fix) for e in errors), \
         out[-3000:]
     # the first write (before the first evaluation) failed: no checkpoint, no row
-    assert sorted(p.name for p in run_dir.iterdir()) == [".lock", "config.yaml", "log.txt", "train.log"]
+    assert sorted(p.name for p in run_dir.iterdir()) == [".lock", "config.yaml", "log.txt", "run_info.jsonl",
+                                                         "train.log"]
 
 
 @needs_data

@@ -19,7 +19,9 @@ import streaming_ssl.cli.evaluate as evaluate
 import streaming_ssl.cli.train as run_stream
 from streaming_ssl import build
 from streaming_ssl import checkpoint as ckpt
+from streaming_ssl import provenance
 from streaming_ssl.config import ConfigError, load_config
+from streaming_ssl.device import cpu_kind
 from streaming_ssl.objective import emp_ssl_loss
 from streaming_ssl.probe import WEIGHT_DECAY_GRID
 
@@ -168,6 +170,8 @@ def test_resuming_a_complete_run_says_so_and_changes_no_result(split_run: Path, 
     assert "the run is complete (all 3 experiences trained): nothing to train" in caplog.text
     assert _rows(run) == rows and sorted(p.name for p in run.glob("ckpt_*.pt")) == ckpts
     assert json.loads((run / "summary.json").read_text()) == rows[-1]
+    # a start that trains nothing is no start of the run's training: run_info.jsonl keeps its one row
+    assert (run / "run_info.jsonl").read_text() == (split_run / "run_info.jsonl").read_text()
 
 
 def test_last_probe_beats_random_init(split_run: Path, data_root: Path, capsys) -> None:
@@ -179,8 +183,12 @@ def test_last_probe_beats_random_init(split_run: Path, data_root: Path, capsys) 
     # evaluate.py on the trained checkpoint reproduces the run's own last probe
     assert evaluate.main(["--checkpoint", str(split_run), "--data-root", str(data_root), "--train-per-class", "40",
                           "--test-per-class", "20"]) == 0
-    again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["cifar10"]["linear"]
-    assert again == pytest.approx(last, abs=1e-6)
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["cifar10"]["linear"] == pytest.approx(last, abs=1e-6)
+    # where the probe ran and where the run trained (run_info.jsonl's one start, on this machine too)
+    (start,) = provenance.read_rows(split_run)
+    assert result["trained_on"] == [provenance.label(start)] == [result["probed_on"]]
+    assert start["machine"] == cpu_kind() and start["start_update"] == 0 and start["world_size"] == 1
 
 
 def test_evaluate_extracts_features_in_the_memory_layout_the_run_used(split_run: Path, data_root: Path,

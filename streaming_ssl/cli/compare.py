@@ -60,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for left in summary["left_out"]:
         log.warning("left out %s: %s", left["run"], left["why"])
+    if len(summary["machines"]) > 1:
+        log.warning("these runs trained on more than one machine kind or precision (%s): compare their accuracy and "
+                    "wall time only within one", "; ".join(summary["machines"]))
     table = markdown_table(summary)
     print(table, end="")
     if out is not None:

@@ -1,0 +1,145 @@
+"""provenance.py: where and with what each start of a run trained (RUN/run_info.jsonl), and what compare and a
+resume make of a run that moved between machine kinds or precisions."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from streaming_ssl import provenance
+from streaming_ssl.device import cpu_kind
+
+DATA = os.environ.get("STREAMING_SSL_DATA")
+REPO = Path(__file__).resolve().parents[2]
+OTHER = "Other CPU (family 6 model 1), 2 cores, AVX2: fp32"
+
+
+def _row(start: int, machine: str = "A", precision: str = "bf16", **extra) -> dict:
+    return {"start_update": start, "machine": machine, "precision": precision, **extra}
+
+
+def test_lineage_keeps_the_starts_whose_training_the_run_holds() -> None:
+    """A start from update u supersedes the earlier starts at u or later: one killed before its first checkpoint
+    (a resume from the same update), or cut back by a resume from an older checkpoint."""
+    rows = [_row(0, "A"), _row(40, "B"), _row(40, "C"), _row(80, "D"), _row(60, "E")]
+    assert [r["machine"] for r in provenance.lineage(rows)] == ["A", "C", "E"]
+    assert provenance.lineage([_row(0, "A"), _row(0, "B")]) == [_row(0, "B")]  # killed before its first checkpoint
+    assert provenance.machine_labels(rows) == ["bf16 on A", "bf16 on C", "bf16 on E"]
+    # a kind that trained nothing kept is no change; a precision alone is one
+    assert provenance.machine_changes([_row(0, "A"), _row(10, "B"), _row(10, "A")]) == []
+    assert provenance.machine_changes([_row(0, "A"), _row(10, "A", "fp32")]) == [
+        "from update 10: bf16 on A -> fp32 on A"]
+    # ranks of several kinds are each named with their count
+    mixed = _row(0, "A", machines={"A": 2, "B": 1}, world_size=3)
+    assert provenance.label(mixed) == "bf16 on 2 x A; 1 x B"
+    assert provenance.label(_row(0, "A", machines={"A": 4})) == "bf16 on A"
+
+
+def test_rows_are_appended_whole_and_a_damaged_file_is_named(tmp_path: Path) -> None:
+    assert provenance.read_rows(tmp_path) == []  # a run saved before the file existed
+    provenance.append_row(tmp_path, _row(0))
+    assert provenance.append_row(tmp_path, _row(7, "B")) == [_row(0), _row(7, "B")]
+    assert provenance.read_rows(tmp_path) == [_row(0), _row(7, "B")]
+    assert list(tmp_path.iterdir()) == [tmp_path / provenance.FILE_NAME]  # no temporary file left
+    path = tmp_path / provenance.FILE_NAME
+    path.write_text(path.read_text() + '{"start_update": 9, "mach')  # a torn line, as a copy cut short leaves
+    with pytest.raises(provenance.ProvenanceError, match=f"{path} line 3 is not JSON"):
+        provenance.read_rows(tmp_path)
+    path.write_text('{"start_update": 0}\n')
+    with pytest.raises(provenance.ProvenanceError, match="line 1 is not a row of this file"):
+        provenance.read_rows(tmp_path)
+
+
+def test_a_start_row_names_the_machine_precision_versions_and_code(tmp_path: Path) -> None:
+    row = provenance.start_row(device=torch.device("cpu"), amp_dtype=torch.bfloat16, start_update=12,
+                               machines=[cpu_kind(), cpu_kind(), OTHER])
+    assert (row["machine"], row["precision"], row["start_update"], row["world_size"]) == (cpu_kind(), "bf16", 12, 3)
+    assert row["machines"] == {cpu_kind(): 2, OTHER: 1}
+    assert row["versions"]["torch"] == importlib.metadata.version("torch") and row["versions"]["python"]
+    assert row["versions"]["avalanche-lib"] == importlib.metadata.version("avalanche-lib")
+    assert json.loads(json.dumps(row)) == row  # JSON as it is
+    assert provenance.precision_name(None) == "fp32" and provenance.precision_name(torch.float16) == "fp16"
+    assert provenance.start_row(device=torch.device("cpu"), amp_dtype=None, start_update=0)["machines"] == {
+        cpu_kind(): 1}
+    # the code: a commit, and whether tracked files changed since; None outside a git checkout
+    assert provenance.code_version(tmp_path) is None
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    (tmp_path / "a.py").write_text("x = 1\n")
+    subprocess.run([*git, "add", "a.py"], check=True)
+    subprocess.run([*git, "commit", "-qm", "a"], check=True)
+    head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    (tmp_path / "untracked.txt").write_text("not code")
+    assert provenance.code_version(tmp_path) == {"commit": head, "dirty": False}
+    (tmp_path / "a.py").write_text("x = 2\n")
+    assert provenance.code_version(tmp_path) == {"commit": head, "dirty": True}
+
+
+def test_a_damaged_run_info_is_kept_aside_and_training_goes_on(tmp_path: Path, caplog) -> None:
+    from streaming_ssl.runner import record_start
+
+    (tmp_path / provenance.FILE_NAME).write_text("not json\n")
+    with caplog.at_level("WARNING"):
+        record_start(tmp_path, torch.device("cpu"), None, 5)
+    assert (tmp_path / (provenance.FILE_NAME + ".damaged")).read_text() == "not json\n"
+    assert [(r["start_update"], r["precision"]) for r in provenance.read_rows(tmp_path)] == [(5, "fp32")]
+    assert "is not JSON" in caplog.text and "kept as" in caplog.text
+
+
+@pytest.mark.skipif(not DATA or not (Path(DATA) / "cifar10.npz").is_file(),
+                    reason="needs the real CIFAR-10: set STREAMING_SSL_DATA to the folder of cifar10.npz")
+def test_a_resumed_run_records_each_start_and_warns_when_it_moved(tmp_path: Path, dies_after, caplog,
+                                                                  capsys) -> None:
+    """A run killed after 3 updates (checkpoints every 2 updates and at experience ends) as if it ran on another
+    kind in float32, resumed here: the resume warns that the run's training spans two kinds, run_info.jsonl holds
+    both starts, and compare_runs warns and names both under its table, beside a run that trained here alone."""
+    from streaming_ssl.cli import compare
+    from streaming_ssl.cli import train as run_stream
+    from streaming_ssl.device import resolve_precision
+
+    def args(run_dir: Path, seed: int) -> list[str]:
+        return ["--config", str(REPO / "configs/smoke.yaml"), f"run.out_dir={run_dir}",
+                f"data.root={Path(DATA).resolve()}", "data.train_per_class=10", "data.test_per_class=2",
+                "stream.n_experiences=2", "eval.probe_epochs=1", "eval.knn_k=0", "run.tensorboard=false",
+                "run.plot=false", "train.threads=1", "run.checkpoint_every=2", f"train.seed={seed}"]
+
+    moved, here = tmp_path / "runs" / "moved", tmp_path / "runs" / "here"
+    dies_after(3, run_stream.main, args(moved, 0))
+    (first,) = provenance.read_rows(moved)
+    precision = provenance.precision_name(resolve_precision("auto", torch.device("cpu")))  # smoke.yaml's
+    assert (first["start_update"], first["machine"], first["precision"]) == (0, cpu_kind(), precision)
+    from streaming_ssl import checkpoint as ckpt
+
+    kept = ckpt.step_of(ckpt.latest(moved))  # the update the resume continues from
+    assert 0 < kept <= 3
+    (moved / provenance.FILE_NAME).write_text(json.dumps({**first, "machine": OTHER, "precision": "fp32",
+                                                          "machines": {OTHER: 1}}) + "\n")
+    with caplog.at_level("WARNING"):
+        assert run_stream.main(["--resume", str(moved)]) == 0
+    change = f"from update {kept}: fp32 on {OTHER} -> {precision} on {cpu_kind()}"
+    assert "this run's training now spans more than one machine kind or precision" in caplog.text
+    assert change in caplog.text
+    rows = provenance.read_rows(moved)
+    assert [(r["start_update"], r["machine"]) for r in rows] == [(0, OTHER), (kept, cpu_kind())]
+    assert provenance.machine_changes(rows) == [change]
+    assert run_stream.main(args(here, 1)) == 0
+    assert provenance.machine_labels(provenance.read_rows(here)) == [f"{precision} on {cpu_kind()}"]
+    if (REPO / ".git").exists():
+        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+        assert rows[1]["code"]["commit"] == head
+
+    caplog.clear()
+    assert compare.main([str(tmp_path / "runs")]) == 0
+    table = capsys.readouterr().out
+    assert "these runs trained on more than one machine kind or precision" in caplog.text
+    assert "**These runs trained on more than one machine kind or precision**" in table
+    assert f"- here: {precision} on {cpu_kind()}; fp32 on {OTHER}" in table  # one group: only the seed differs
+    assert compare.main([str(here)]) == 0
+    assert capsys.readouterr().out.endswith(f"\nTrained on: {precision} on {cpu_kind()} (every run).\n")
