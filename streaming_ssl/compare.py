@@ -55,7 +55,6 @@ NOT_LEARNED = ("run.", "data.root", "data.download", "train.threads", "train.dev
 SEED = "train.seed"
 # settings that change the test set, on which every accuracy is measured
 TEST_SET = ("data.dataset", "data.image_size", "test images per class")
-NOT_RECORDED = "not recorded (a run saved before run_info.jsonl existed)"
 METRICS = ("acc_final", "acc_avg_incremental", "forgetting", "bwt", "knn_final", "stream_images", "buffer_images",
            "updates", "forward_equivalents", "wall_hours")
 
@@ -73,7 +72,7 @@ class Run:
     rows: list[dict]
     complete: bool
     metrics: dict = field(default_factory=dict)
-    machines: list[str] = field(default_factory=list)  # provenance.machine_labels: [] where none is recorded
+    machines: list[str] = field(default_factory=list)  # provenance.machine_labels ([NOT_RECORDED]: no row)
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
@@ -145,7 +144,7 @@ def read_run(path: str | Path) -> Run:
                            f"(python run_stream.py --resume {path}), which rewrites it from its checkpoint") from None
     complete = bool(rows) and (path / "summary.json").is_file()
     try:
-        machines = provenance.machine_labels(provenance.read_rows(path))
+        machines = provenance.machine_labels(provenance.read_rows(path)) or [provenance.NOT_RECORDED]
     except provenance.ProvenanceError as err:
         raise CompareError(f"{err}; move that file aside (the run's figures do not depend on it), or leave the run "
                            "out") from None
@@ -263,8 +262,10 @@ def summarize(paths: list[str | Path], *, allow_mixed: bool = False, include_inc
     """Read, group and average runs (module docstring). Returns {"groups": [...], "left_out": [{"run", "why"}]}, each
     group {"label" (its first run's folder name, without @...), "differs" (the settings that tell it from the other
     groups), "runs", "seeds", "n", "complete", "settings", "machines" (the machine kinds and precisions its runs
-    trained on), "run_machines" (each run's), "curves" (each run's, at its evaluations), <metric>: {"mean", "std",
-    "n" (runs that have it), "values"}}; "machines": those of every run compared."""
+    trained on, provenance.NOT_RECORDED among them where a run's training is not wholly recorded), "run_machines"
+    (each run's), "curves" (each run's, at its evaluations), <metric>: {"mean", "std",
+    "n" (runs that have it), "values"}}; "machines": the recorded ones of every run compared; "unrecorded": the runs
+    whose training is not wholly recorded."""
     runs, left_out = [], []
     for run in (read_run(p) for p in find_runs(paths)):
         if not run.rows:
@@ -286,31 +287,38 @@ def summarize(paths: list[str | Path], *, allow_mixed: bool = False, include_inc
         group = {"label": label, "differs": differs, "runs": [str(r.path) for r in members],
                  "seeds": [r.config.get(SEED) for r in members], "n": len(members),
                  "complete": all(r.complete for r in members), "settings": _learned(members[0].config),
-                 "machines": _machines(members), "run_machines": [r.machines or [NOT_RECORDED] for r in members],
+                 "machines": list(dict.fromkeys(m for r in members for m in r.machines)),
+                 "run_machines": [r.machines for r in members],
                  "curves": [dict(zip(("samples_seen", "forward_equivalents", "acc"), curves(r))) for r in members]}
         for metric in METRICS:
             values = [r.metrics[metric] for r in members]
             mean, std = mean_std(values)
             group[metric] = {"mean": mean, "std": std, "n": sum(v is not None for v in values), "values": values}
         groups.append(group)
-    return {"groups": groups, "left_out": left_out, "machines": _machines(runs)}
+    return {"groups": groups, "left_out": left_out, "machines": _machines(runs),
+            "unrecorded": [str(r.path) for r in runs if provenance.NOT_RECORDED in r.machines]}
 
 
 def _machines(runs: list[Run]) -> list[str]:
-    """The distinct machine kinds and precisions the runs trained on (provenance.machine_labels), in order."""
-    return list(dict.fromkeys(m for r in runs for m in (r.machines or [NOT_RECORDED])))
+    """The distinct machine kinds and precisions the runs trained on (provenance.machine_labels), in order; not
+    NOT_RECORDED, which is no kind."""
+    return list(dict.fromkeys(m for r in runs for m in r.machines if m != provenance.NOT_RECORDED))
 
 
 def machines_note(summary: dict) -> list[str]:
-    """Where the compared runs trained, as lines under the table: one line when every run trained on one machine
-    kind in one precision, else a warning and each group's machines (a run that moved names each it trained on)."""
-    every = summary.get("machines") or []
+    """Where the compared runs trained, as lines under the table: one line when every run records one machine kind
+    in one precision, else a warning and each group's machines (a run that moved names each it trained on); the
+    runs whose training is not (wholly) recorded are named (a run started before run_info.jsonl existed)."""
+    every, unrecorded = summary.get("machines") or [], summary.get("unrecorded") or []
+    where = f" (not recorded for part or all of {', '.join(unrecorded)})" if unrecorded else " (every run)"
     if len(every) <= 1:
-        return [f"Trained on: {every[0]} (every run)."] if every else []
+        return [f"Trained on: {every[0]}{where}."] if every else (
+            ["Where the runs trained is not recorded (runs started before run_info.jsonl existed)."] if unrecorded
+            else [])
     lines = ["**These runs trained on more than one machine kind or precision**: their accuracy and wall time "
              "compare only within one kind and precision (each run's run_info.jsonl says where it trained)."]
     for g in summary["groups"]:
-        lines.append(f"- {g['label']}: " + "; ".join(g.get("machines") or [NOT_RECORDED]))
+        lines.append(f"- {g['label']}: " + "; ".join(g["machines"]))
     return lines
 
 

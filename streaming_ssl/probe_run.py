@@ -27,7 +27,8 @@ from streaming_ssl.probe import (extract_features, knn_predict, linear_probe_acc
 log = logging.getLogger(__name__)
 
 # the result's own fields: a probed dataset's entry sits beside them under its short name, which must differ
-RESULT_FIELDS = ("checkpoint", "updates", "samples_seen", "patches", "random_init", "bn_recalibrate")
+RESULT_FIELDS = ("checkpoint", "updates", "samples_seen", "patches", "random_init", "bn_recalibrate", "probed_on",
+                 "trained_on")
 IN_DOMAIN = "the checkpoint's data.dataset"  # names the in-domain dataset in messages when --dataset is not given
 
 
@@ -203,7 +204,8 @@ def probe_checkpoint(req: ProbeRequest) -> dict:
     patches = cfg.eval.patches if req.patches is None else req.patches
     result = {"checkpoint": str(path), "updates": int(state["position"]["global_step"]),
               "samples_seen": int(state["position"]["samples_seen"]), "patches": patches,
-              "random_init": bool(req.random_init), **machines(path.parent, run.device, run.amp_dtype)}
+              "random_init": bool(req.random_init)}
+    result.update(machines(path.parent, run.device, run.amp_dtype, None if req.random_init else result["updates"]))
     if n_recal:
         result["bn_recalibrate"] = n_recal
     prober = _Prober(cfg, req, run.model, run.augment, run.device, run.amp_dtype, patches, n_recal, path, result)
@@ -221,16 +223,18 @@ def probe_checkpoint(req: ProbeRequest) -> dict:
     return result
 
 
-def machines(run_dir: Path, device: torch.device, amp_dtype: torch.dtype | None) -> dict:
-    """{"probed_on": this machine and precision, "trained_on": those the checkpoint's run trained on, from its
-    run_info.jsonl ([] where it has none; its error where it cannot be read)} (provenance.py)."""
-    probed_on = provenance.label({"machine": provenance.device_kind(device),
-                                  "precision": provenance.precision_name(amp_dtype)})
-    try:
-        trained_on: list[str] | str = provenance.machine_labels(provenance.read_rows(run_dir))
-    except provenance.ProvenanceError as err:
-        trained_on = str(err)
-    return {"probed_on": probed_on, "trained_on": trained_on}
+def machines(run_dir: Path, device: torch.device, amp_dtype: torch.dtype | None, updates: int | None) -> dict:
+    """{"probed_on": this machine and precision, "trained_on": where the checkpoint's `updates` updates trained,
+    from its run's run_info.jsonl ([] where it has none; ["unreadable: ..."] where it cannot be read)}
+    (provenance.py); without `updates` (a random-init encoder) probed_on alone."""
+    out = {"probed_on": provenance.label({"machine": provenance.device_kind(device),
+                                          "precision": provenance.precision_name(amp_dtype)})}
+    if updates is not None:
+        try:
+            out["trained_on"] = provenance.machine_labels(provenance.read_rows(run_dir), before_update=updates)
+        except provenance.ProvenanceError as err:
+            out["trained_on"] = [f"unreadable: {err}"]
+    return out
 
 
 class _Prober:

@@ -16,7 +16,9 @@ AVX512-BF16 and in float32 on an AVX2 one. A resume may also land on another mac
 
 `lineage` keeps the rows whose training the run still holds (a resume from an older checkpoint drops the rows of
 the starts after it), `machine_changes` says where that training changed machine kind or precision, and
-`machine_labels` names the machines a run's figures come from; compare.py reports them beside its table.
+`machine_labels` names the machines a run's figures come from (NOT_RECORDED first where the kept training began
+before its first row: a run started before this file existed, or one whose damaged file was set aside);
+compare.py reports them under its table, evaluate.py beside a checkpoint's probes.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from pathlib import Path
 import torch
 
 FILE_NAME = "run_info.jsonl"
+NOT_RECORDED = "not recorded"
 PACKAGES = ("torch", "torchvision", "avalanche-lib", "numpy", "streaming-ssl")
 
 
@@ -75,13 +78,14 @@ def code_version(root: Path | None = None) -> dict | None:
     """{"commit", "dirty"} of the git checkout at `root` (by default the one streaming_ssl is imported from);
     None when it is not a git checkout, or git is missing or slow."""
     root = Path(__file__).resolve().parents[1] if root is None else Path(root)
-    if not (root / ".git").exists():
+    if not (root / ".git").exists():  # our own checkout only: not a repository the package happens to sit in
         return None
+    git = ["git", "--no-optional-locks", "-C", str(root)]  # never rewrites the index under the user's git
     try:
-        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                timeout=10, check=True).stdout.strip()
-        status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                                capture_output=True, text=True, timeout=10, check=True).stdout
+        commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                                check=True).stdout.strip()
+        status = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                text=True, timeout=5, check=True).stdout
     except (OSError, subprocess.SubprocessError):
         return None
     return {"commit": commit, "dirty": bool(status.strip())}
@@ -103,18 +107,33 @@ def read_rows(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / FILE_NAME
     if not path.is_file():
         return []
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ProvenanceError(f"{path} is not UTF-8 text ({err})") from None
     rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as err:
             raise ProvenanceError(f"{path} line {n} is not JSON ({err})") from None
-        if not isinstance(row, dict) or not {"machine", "precision", "start_update"} <= set(row):
-            raise ProvenanceError(f"{path} line {n} is not a row of this file (machine, precision, start_update)")
+        if not _is_row(row):
+            raise ProvenanceError(f"{path} line {n} is not a row of this file (an integer start_update, machine and "
+                                  "precision as text, machines as a mapping of text to counts)")
         rows.append(row)
     return rows
+
+
+def _is_row(row) -> bool:
+    if not isinstance(row, dict):
+        return False
+    start, machines = row.get("start_update"), row.get("machines", {})
+    return (isinstance(start, int) and not isinstance(start, bool) and start >= 0
+            and isinstance(row.get("machine"), str) and isinstance(row.get("precision"), str)
+            and isinstance(machines, dict) and all(isinstance(k, str) and isinstance(v, int)
+                                                   for k, v in machines.items()))
 
 
 def append_row(run_dir: str | Path, row: dict) -> list[dict]:
@@ -142,9 +161,17 @@ def label(row: dict) -> str:
     return f"{row['precision']} on {kinds}"
 
 
-def machine_labels(rows: list[dict]) -> list[str]:
-    """The distinct labels of the training a run holds (lineage), in the order it met them."""
-    return list(dict.fromkeys(label(r) for r in lineage(rows)))
+def machine_labels(rows: list[dict], before_update: int | None = None) -> list[str]:
+    """The distinct labels of the training a run holds (lineage), in the order it met them; NOT_RECORDED first
+    where that training began before its first row. `before_update`: only the training up to that update (a
+    checkpoint's); [] where there is no row at all."""
+    kept = lineage(rows)
+    if before_update is not None:
+        kept = [r for r in kept if r["start_update"] < before_update]
+    if not kept:
+        return []
+    unrecorded = [NOT_RECORDED] if kept[0]["start_update"] > 0 else []
+    return list(dict.fromkeys(unrecorded + [label(r) for r in kept]))
 
 
 def machine_changes(rows: list[dict]) -> list[str]:

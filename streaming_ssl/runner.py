@@ -271,23 +271,39 @@ def _train(cfg: Config, *, resume: bool, overwrite: bool, lock: RunLock | None, 
 
 def record_start(run_dir: Path, device: torch.device, amp_dtype: torch.dtype | None, start_update: int) -> None:
     """Add the row of a start that trains to RUN/run_info.jsonl (provenance.py: every rank's machine; rank 0
-    writes), and warn when the training the run holds now spans more than one machine kind or precision. A damaged
-    run_info.jsonl is kept beside as run_info.jsonl.damaged, and the file starts afresh: training goes on."""
+    writes), and warn when the training the run holds spans more than one machine kind or precision. A damaged
+    run_info.jsonl is set aside as run_info.jsonl.damaged (-2, -3, ... if that name is taken) and the file starts
+    afresh. The file is a record, not the run: any failure to write it is a warning on rank 0, and training goes on
+    on every rank (the others passed the gather already)."""
     machines = ddp.all_gather_object(provenance.device_kind(device))
     if not ddp.is_main():
         return
-    row = provenance.start_row(device=device, amp_dtype=amp_dtype, start_update=start_update, machines=machines)
     try:
-        rows = provenance.append_row(run_dir, row)
-    except provenance.ProvenanceError as err:
-        damaged = run_dir / (provenance.FILE_NAME + ".damaged")
-        os.replace(run_dir / provenance.FILE_NAME, damaged)
-        log.warning("%s; kept as %s, and %s starts afresh with this start", err, damaged, provenance.FILE_NAME)
-        rows = provenance.append_row(run_dir, row)
+        row = provenance.start_row(device=device, amp_dtype=amp_dtype, start_update=start_update, machines=machines)
+        try:
+            rows = provenance.append_row(run_dir, row)
+        except provenance.ProvenanceError as err:
+            damaged = _free_name(run_dir / (provenance.FILE_NAME + ".damaged"))
+            os.replace(run_dir / provenance.FILE_NAME, damaged)
+            log.warning("%s; set aside as %s, and %s starts afresh with this start", err, damaged.name,
+                        provenance.FILE_NAME)
+            rows = provenance.append_row(run_dir, row)
+    except Exception as err:  # noqa: BLE001 - a record that cannot be written must not stop the training
+        log.warning("could not record this start in %s (%s: %s); training goes on without it",
+                    run_dir / provenance.FILE_NAME, type(err).__name__, err)
+        return
     changes = provenance.machine_changes(rows)
     if changes:
-        log.warning("this run's training now spans more than one machine kind or precision (%s): compare its "
-                    "accuracy and speed with no run of a single kind (run_info.jsonl)", "; ".join(changes))
+        log.warning("this run's training spans more than one machine kind or precision (%s): compare its accuracy "
+                    "and speed with no run of a single kind (run_info.jsonl)", "; ".join(changes))
+
+
+def _free_name(path: Path) -> Path:
+    """path, or path-2, path-3, ...: the first that does not exist."""
+    n = 1
+    while (candidate := path if n == 1 else path.with_name(f"{path.name}-{n}")).exists():
+        n += 1
+    return candidate
 
 
 def agree_on_checkpoint(cfg: Config, run_dir: Path, *, resume: bool, overwrite: bool,
@@ -380,13 +396,12 @@ def _fit(run, state: dict | None) -> None:
         run.checkpoint.restore(strategy, state)
         log.info("resumed at update %d (experience %d, batch %d)", strategy.global_step, strategy.stream_step,
                  strategy.batch_in_epoch)
-    if strategy.stream_step < len(run.stream):  # a start that trains (restored: a resume refused changes nothing)
-        record_start(run.run_dir, run.device, run.amp_dtype, strategy.global_step)
-    else:
+    if strategy.stream_step >= len(run.stream):
         log.info("the run is complete (all %d experiences trained): nothing to train; its plot and summary.json are "
                  "written again", len(run.stream))
     try:
-        if strategy.stream_step < len(run.stream):
+        if strategy.stream_step < len(run.stream):  # a start that trains (restored: a resume refused changes nothing)
+            record_start(run.run_dir, run.device, run.amp_dtype, strategy.global_step)
             strategy.train(itertools.islice(iter(run.stream), strategy.stream_step, None), eval_streams=[])
     except Interrupted as err:
         if ddp.is_main():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -51,9 +52,26 @@ def test_rows_are_appended_whole_and_a_damaged_file_is_named(tmp_path: Path) -> 
     path.write_text(path.read_text() + '{"start_update": 9, "mach')  # a torn line, as a copy cut short leaves
     with pytest.raises(provenance.ProvenanceError, match=f"{path} line 3 is not JSON"):
         provenance.read_rows(tmp_path)
-    path.write_text('{"start_update": 0}\n')
-    with pytest.raises(provenance.ProvenanceError, match="line 1 is not a row of this file"):
+    for bad in ('{"start_update": 0}', '{"start_update": null, "machine": "A", "precision": "bf16"}',
+                '{"start_update": 1, "machine": "A", "precision": "bf16", "machines": ["A"]}'):
+        path.write_text(bad + "\n")
+        with pytest.raises(provenance.ProvenanceError, match="line 1 is not a row of this file"):
+            provenance.read_rows(tmp_path)
+    path.write_bytes(b'{"start_update": 0, "machine": "\xff"}\n')
+    with pytest.raises(provenance.ProvenanceError, match="is not UTF-8 text"):
         provenance.read_rows(tmp_path)
+
+
+def test_training_before_the_first_row_is_named_not_recorded() -> None:
+    """A run started before run_info.jsonl existed and resumed since (or one whose damaged file was set aside):
+    its first row starts past update 0, so part of its training ran where nothing says; a checkpoint's own
+    machines are those of the starts before its update."""
+    rows = [_row(40, "B"), _row(90, "C", "fp32")]
+    assert provenance.machine_labels(rows) == [provenance.NOT_RECORDED, "bf16 on B", "fp32 on C"]
+    assert provenance.machine_labels(rows, before_update=40) == []  # nothing recorded of updates 0..39
+    assert provenance.machine_labels(rows, before_update=60) == [provenance.NOT_RECORDED, "bf16 on B"]
+    assert provenance.machine_labels([_row(0, "A"), _row(50, "B")], before_update=50) == ["bf16 on A"]
+    assert provenance.machine_changes(rows) == ["from update 90: bf16 on B -> fp32 on C"]
 
 
 def test_a_start_row_names_the_machine_precision_versions_and_code(tmp_path: Path) -> None:
@@ -69,7 +87,9 @@ def test_a_start_row_names_the_machine_precision_versions_and_code(tmp_path: Pat
         cpu_kind(): 1}
     # the code: a commit, and whether tracked files changed since; None outside a git checkout
     assert provenance.code_version(tmp_path) is None
-    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
+    if shutil.which("git") is None:
+        return
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
     subprocess.run([*git, "init", "-q"], check=True)
     (tmp_path / "a.py").write_text("x = 1\n")
     subprocess.run([*git, "add", "a.py"], check=True)
@@ -81,15 +101,53 @@ def test_a_start_row_names_the_machine_precision_versions_and_code(tmp_path: Pat
     assert provenance.code_version(tmp_path) == {"commit": head, "dirty": True}
 
 
-def test_a_damaged_run_info_is_kept_aside_and_training_goes_on(tmp_path: Path, caplog) -> None:
+def test_a_damaged_run_info_is_set_aside_and_training_goes_on(tmp_path: Path, caplog) -> None:
+    """A damaged file is set aside (a second one beside the first, never over it) and the record starts afresh; a
+    record that cannot be written at all is a warning, not an error: the run trains on."""
     from streaming_ssl.runner import record_start
 
-    (tmp_path / provenance.FILE_NAME).write_text("not json\n")
-    with caplog.at_level("WARNING"):
-        record_start(tmp_path, torch.device("cpu"), None, 5)
+    for n, damage in enumerate(("not json\n", '{"start_update": "x"}\n')):
+        (tmp_path / provenance.FILE_NAME).write_text(damage)
+        with caplog.at_level("WARNING"):
+            record_start(tmp_path, torch.device("cpu"), None, 5 + n)
+        assert [(r["start_update"], r["precision"]) for r in provenance.read_rows(tmp_path)] == [(5 + n, "fp32")]
     assert (tmp_path / (provenance.FILE_NAME + ".damaged")).read_text() == "not json\n"
-    assert [(r["start_update"], r["precision"]) for r in provenance.read_rows(tmp_path)] == [(5, "fp32")]
-    assert "is not JSON" in caplog.text and "kept as" in caplog.text
+    assert (tmp_path / (provenance.FILE_NAME + ".damaged-2")).read_text() == '{"start_update": "x"}\n'
+    assert "is not JSON" in caplog.text and "set aside as run_info.jsonl.damaged-2" in caplog.text
+    caplog.clear()
+    not_a_folder = tmp_path / "afile"
+    not_a_folder.write_text("x")
+    with caplog.at_level("WARNING"):
+        record_start(not_a_folder, torch.device("cpu"), None, 0)  # no exception
+    assert f"could not record this start in {not_a_folder / provenance.FILE_NAME}" in caplog.text
+    assert "training goes on without it" in caplog.text
+
+
+def test_compare_warns_only_for_recorded_kinds_and_names_unrecorded_runs(tmp_path: Path, caplog, capsys) -> None:
+    """Runs of one machine beside a run started before run_info.jsonl existed: no warning (not recorded is no
+    kind), and the note names the run it does not cover; a run of another precision makes the warning."""
+    from streaming_ssl.cli import compare
+    from streaming_ssl.config import load_config, save_config
+
+    def make(name: str, seed: int, *rows: dict) -> Path:
+        run_dir = tmp_path / name
+        run_dir.mkdir()
+        save_config(load_config(REPO / "configs/smoke.yaml", [f"train.seed={seed}"]), run_dir / "config.yaml")
+        (run_dir / "metrics.jsonl").write_text(json.dumps({"samples_seen": 10, "updates": 1,
+                                                           "probe/acc_all": 0.25}) + "\n")
+        (run_dir / "summary.json").write_text("{}")
+        for row in rows:
+            provenance.append_row(run_dir, row)
+        return run_dir
+
+    a, old = make("a", 0, _row(0, "A")), make("old", 1)
+    assert compare.main([str(a), str(old)]) == 0
+    assert capsys.readouterr().out.endswith(f"\nTrained on: bf16 on A (not recorded for part or all of {old}).\n")
+    assert "more than one machine kind" not in caplog.text
+    other = make("other", 2, _row(0, "A"), _row(1, "A", "fp32"))
+    assert compare.main([str(a), str(old), str(other)]) == 0
+    assert "these runs trained on more than one machine kind or precision (bf16 on A; fp32 on A)" in caplog.text
+    assert capsys.readouterr().out.endswith(f"\n- a: bf16 on A; {provenance.NOT_RECORDED}; fp32 on A\n")
 
 
 @pytest.mark.skipif(not DATA or not (Path(DATA) / "cifar10.npz").is_file(),
@@ -123,7 +181,7 @@ def test_a_resumed_run_records_each_start_and_warns_when_it_moved(tmp_path: Path
     with caplog.at_level("WARNING"):
         assert run_stream.main(["--resume", str(moved)]) == 0
     change = f"from update {kept}: fp32 on {OTHER} -> {precision} on {cpu_kind()}"
-    assert "this run's training now spans more than one machine kind or precision" in caplog.text
+    assert "this run's training spans more than one machine kind or precision" in caplog.text
     assert change in caplog.text
     rows = provenance.read_rows(moved)
     assert [(r["start_update"], r["machine"]) for r in rows] == [(0, OTHER), (kept, cpu_kind())]
