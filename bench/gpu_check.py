@@ -258,6 +258,23 @@ def train_rows(run_dir: Path) -> list[dict]:
     return rows
 
 
+def run_starts(run_dir: Path) -> tuple[list[dict], list[str]]:
+    """The rows of a stopped-and-resumed run's run_info.jsonl (provenance.py), and what is wrong with them: two
+    starts, the first at update 0 and the resume's after it, on one machine kind in one precision."""
+    path = run_dir / "run_info.jsonl"
+    try:
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, ValueError) as err:
+        return [], [f"run_info.jsonl unreadable ({err})"]
+    starts = [r.get("start_update") for r in rows]
+    problems = [] if len(starts) == 2 and starts[0] == 0 and isinstance(starts[1], int) and starts[1] > 0 else [
+        f"run_info.jsonl holds starts at updates {starts}, expected 0 and the resume's checkpoint"]
+    kinds = {(r.get("machine"), r.get("precision")) for r in rows}
+    if len(kinds) > 1:
+        problems.append(f"run_info.jsonl names {len(kinds)} machine kinds or precisions for one machine: {kinds}")
+    return rows, problems
+
+
 def last_progress(run_dir: Path) -> dict:
     """Loss, coding rate and invariance of the last update, from the run's training curves (train.log_every=1)."""
     rows = train_rows(run_dir)
@@ -267,7 +284,7 @@ def last_progress(run_dir: Path) -> dict:
 def run_outputs(run_dir: Path, n_experiences: int) -> list[str]:
     """What is missing or wrong among the outputs every run writes."""
     problems = [f"{name} missing" for name in ("config.yaml", "metrics.jsonl", "summary.json", "accuracy.png",
-                                                "train.log", "train.jsonl", "train_curves.png")
+                                                "train.log", "train.jsonl", "train_curves.png", "run_info.jsonl")
                 if not (run_dir / name).is_file()]
     if not list((run_dir / "tb").rglob("events.out.tfevents*")):
         problems.append("no TensorBoard events in tb/")
@@ -344,15 +361,19 @@ def check_e2e(ctx: Ctx, plain: dict) -> dict:
     if resume["rc"] != 0:
         problems.append(f"--resume: exit {resume['rc']}" + (" (timed out)" if resume["timed_out"] else ""))
     problems += [f"resumed run: {p}" for p in run_outputs(resumed_dir, n_exp)]
+    starts, bad = run_starts(resumed_dir)
+    problems += [f"resumed run: {p}" for p in bad]
     diffs, bad = compare_runs(plain["rows"], plain["progress"], read_rows(resumed_dir),
                               last_progress(resumed_dir))
     problems += [f"resumed vs plain: {p}" for p in bad]
     evaluated = check_evaluate(ctx, evaluating, plain["rows"])
     evaluate_step = evaluated.pop("step")
     problems += [f"evaluate.py: {p}" for p in evaluated.pop("problems")]
+    where = {k: starts[0].get(k) for k in ("machine", "precision", "versions")} if starts else None
     return {"ok": not problems, "problems": problems, "rows_when_stopped": rows_at_stop, "diffs_vs_plain": diffs,
-            "evaluate": evaluated, "steps": {"plain": public(plain["step"]), "stopped": public(stopped),
-                                             "resume": public(resume), "evaluate": evaluate_step}}
+            "evaluate": evaluated, "run_info": where,
+            "steps": {"plain": public(plain["step"]), "stopped": public(stopped), "resume": public(resume),
+                      "evaluate": evaluate_step}}
 
 
 def start_evaluate(ctx: Ctx) -> Proc:

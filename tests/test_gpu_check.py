@@ -135,6 +135,26 @@ def test_first_loss_of_the_recomputed_and_compiled_cases_is_held_to_ours():
     assert sorted(bad) == ["ours_compiled@1.0", "ours_lowmem@1.0"]
 
 
+def test_the_resumed_runs_record_is_two_starts_on_one_machine(tmp_path):
+    """e2e's resumed run must record its two starts in run_info.jsonl, the resume's after update 0, on one machine
+    kind and precision; anything else (one start, a resume from 0, two kinds, a torn file) is a problem."""
+    gc = load_module()
+
+    def starts(*rows) -> list[str]:
+        (tmp_path / "run_info.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return gc.run_starts(tmp_path)[1]
+
+    a0, a5 = {"start_update": 0, "machine": "GPU", "precision": "bf16"}, {"start_update": 5, "machine": "GPU",
+                                                                         "precision": "bf16"}
+    assert starts(a0, a5) == []
+    assert gc.run_starts(tmp_path)[0] == [a0, a5]
+    assert starts(a0) == ["run_info.jsonl holds starts at updates [0], expected 0 and the resume's checkpoint"]
+    assert starts(a0, {**a5, "start_update": 0})[0].startswith("run_info.jsonl holds starts at updates [0, 0]")
+    assert starts(a0, {**a5, "precision": "fp32"})[0].startswith("run_info.jsonl names 2 machine kinds")
+    (tmp_path / "run_info.jsonl").write_text('{"start_update": 0, "mach')
+    assert gc.run_starts(tmp_path)[1][0].startswith("run_info.jsonl unreadable")
+
+
 @needs_data
 def test_dry_run_passes_every_check(tmp_path):
     out, work = tmp_path / "gpu_check.json", tmp_path / "work"
