@@ -23,8 +23,9 @@ comes from the runs' own metrics.jsonl (the evaluation after each experience, as
   counts as one crop forward.
 
 Where each run trained (its run_info.jsonl: machine kind and precision, provenance.py) is listed under the table,
-with a warning where the runs trained on more than one: `train.precision: auto` is bf16 on one CPU and float32 on
-another under the same config, so such runs still share a group.
+with a warning where the runs trained on more than one (machines_warning): a group whose seeds did (`train.precision:
+auto` is bf16 on one CPU and float32 on another under the same config, so such runs still share a group) averages
+across them; groups that differ only between them compare with that in mind.
 
 Accuracies are only comparable on one test set: runs of different datasets, image sizes or test subsets are
 refused (allow_mixed overrides), and so are two runs of one config and seed (a copy of a run would count as a
@@ -296,7 +297,8 @@ def summarize(paths: list[str | Path], *, allow_mixed: bool = False, include_inc
             group[metric] = {"mean": mean, "std": std, "n": sum(v is not None for v in values), "values": values}
         groups.append(group)
     return {"groups": groups, "left_out": left_out, "machines": _machines(runs),
-            "unrecorded": [str(r.path) for r in runs if provenance.NOT_RECORDED in r.machines]}
+            "unrecorded": [str(r.path) for r in runs if provenance.NOT_RECORDED in r.machines],
+            "mixed_groups": [g["label"] for g, (_, members) in zip(groups, grouped) if len(_machines(members)) > 1]}
 
 
 def _machines(runs: list[Run]) -> list[str]:
@@ -305,18 +307,31 @@ def _machines(runs: list[Run]) -> list[str]:
     return list(dict.fromkeys(m for r in runs for m in r.machines if m != provenance.NOT_RECORDED))
 
 
+def machines_warning(summary: dict) -> str:
+    """'' when every run records one machine kind and precision; else what differs: runs averaged in one group that
+    trained on more than one (their mean mixes them), or groups that trained on different ones."""
+    if len(summary.get("machines") or []) <= 1:
+        return ""
+    mixed = summary.get("mixed_groups") or []
+    if mixed:
+        return (f"runs averaged in one group trained on more than one machine kind or precision ({', '.join(mixed)}): "
+                "the group's mean mixes them; accuracy and wall time compare only within one kind and precision")
+    return ("the groups trained on different machine kinds or precisions: their accuracy and wall time compare only "
+            "within one kind and precision")
+
+
 def machines_note(summary: dict) -> list[str]:
     """Where the compared runs trained, as lines under the table: one line when every run records one machine kind
-    in one precision, else a warning and each group's machines (a run that moved names each it trained on); the
-    runs whose training is not (wholly) recorded are named (a run started before run_info.jsonl existed)."""
+    in one precision, else machines_warning and each group's machines (a run that moved names each it trained on);
+    the runs whose training is not (wholly) recorded are named (a run started before run_info.jsonl existed)."""
     every, unrecorded = summary.get("machines") or [], summary.get("unrecorded") or []
     where = f" (not recorded for part or all of {', '.join(unrecorded)})" if unrecorded else " (every run)"
     if len(every) <= 1:
         return [f"Trained on: {every[0]}{where}."] if every else (
             ["Where the runs trained is not recorded (runs started before run_info.jsonl existed)."] if unrecorded
             else [])
-    lines = ["**These runs trained on more than one machine kind or precision**: their accuracy and wall time "
-             "compare only within one kind and precision (each run's run_info.jsonl says where it trained)."]
+    warning = machines_warning(summary)
+    lines = [f"**{warning[0].upper()}{warning[1:]}** (each run's run_info.jsonl says where it trained):"]
     for g in summary["groups"]:
         lines.append(f"- {g['label']}: " + "; ".join(g["machines"]))
     return lines

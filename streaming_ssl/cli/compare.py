@@ -39,7 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     from streaming_ssl.atomic import atomic_write_text
-    from streaming_ssl.compare import CompareError, markdown_table, plot_compare, summarize
+    from streaming_ssl.compare import CompareError, machines_warning, markdown_table, plot_compare, summarize
 
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
@@ -60,9 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for left in summary["left_out"]:
         log.warning("left out %s: %s", left["run"], left["why"])
-    if len(summary["machines"]) > 1:
-        log.warning("these runs trained on more than one machine kind or precision (%s): compare their accuracy and "
-                    "wall time only within one", "; ".join(summary["machines"]))
+    if warning := machines_warning(summary):
+        log.warning("%s (%s; under the table, each group's)", warning, "; ".join(summary["machines"]))
     table = markdown_table(summary)
     print(table, end="")
     if out is not None:

@@ -125,14 +125,17 @@ def test_a_damaged_run_info_is_set_aside_and_training_goes_on(tmp_path: Path, ca
 
 def test_compare_warns_only_for_recorded_kinds_and_names_unrecorded_runs(tmp_path: Path, caplog, capsys) -> None:
     """Runs of one machine beside a run started before run_info.jsonl existed: no warning (not recorded is no
-    kind), and the note names the run it does not cover; a run of another precision makes the warning."""
+    kind), and the note names the run it does not cover; a seed of the group that trained partly in another
+    precision: the warning that the group's mean mixes them; groups of different precisions (an ablation, one
+    config each): the milder warning, each group's machines listed."""
     from streaming_ssl.cli import compare
     from streaming_ssl.config import load_config, save_config
 
-    def make(name: str, seed: int, *rows: dict) -> Path:
+    def make(name: str, seed: int, *rows: dict, precision: str = "auto") -> Path:
         run_dir = tmp_path / name
         run_dir.mkdir()
-        save_config(load_config(REPO / "configs/smoke.yaml", [f"train.seed={seed}"]), run_dir / "config.yaml")
+        save_config(load_config(REPO / "configs/smoke.yaml", [f"train.seed={seed}", f"train.precision={precision}"]),
+                    run_dir / "config.yaml")
         (run_dir / "metrics.jsonl").write_text(json.dumps({"samples_seen": 10, "updates": 1,
                                                            "probe/acc_all": 0.25}) + "\n")
         (run_dir / "summary.json").write_text("{}")
@@ -146,8 +149,16 @@ def test_compare_warns_only_for_recorded_kinds_and_names_unrecorded_runs(tmp_pat
     assert "more than one machine kind" not in caplog.text
     other = make("other", 2, _row(0, "A"), _row(1, "A", "fp32"))
     assert compare.main([str(a), str(old), str(other)]) == 0
-    assert "these runs trained on more than one machine kind or precision (bf16 on A; fp32 on A)" in caplog.text
+    assert ("runs averaged in one group trained on more than one machine kind or precision (a): the group's mean "
+            "mixes them; accuracy and wall time compare only within one kind and precision (bf16 on A; fp32 on A;")\
+        in caplog.text
     assert capsys.readouterr().out.endswith(f"\n- a: bf16 on A; {provenance.NOT_RECORDED}; fp32 on A\n")
+    caplog.clear()
+    fp32 = make("fp32", 0, _row(0, "A", "fp32"), precision="fp32")
+    assert compare.main([str(a), str(fp32)]) == 0
+    assert "the groups trained on different machine kinds or precisions: their accuracy" in caplog.text
+    assert "averaged in one group" not in caplog.text
+    assert capsys.readouterr().out.endswith("\n- a: bf16 on A\n- fp32: fp32 on A\n")
 
 
 @pytest.mark.skipif(not DATA or not (Path(DATA) / "cifar10.npz").is_file(),
@@ -196,8 +207,8 @@ def test_a_resumed_run_records_each_start_and_warns_when_it_moved(tmp_path: Path
     caplog.clear()
     assert compare.main([str(tmp_path / "runs")]) == 0
     table = capsys.readouterr().out
-    assert "these runs trained on more than one machine kind or precision" in caplog.text
-    assert "**These runs trained on more than one machine kind or precision**" in table
+    assert "runs averaged in one group trained on more than one machine kind or precision (here)" in caplog.text
+    assert "**Runs averaged in one group trained on more than one machine kind or precision (here)" in table
     assert f"- here: {precision} on {cpu_kind()}; fp32 on {OTHER}" in table  # one group: only the seed differs
     assert compare.main([str(here)]) == 0
     assert capsys.readouterr().out.endswith(f"\nTrained on: {precision} on {cpu_kind()} (every run).\n")
