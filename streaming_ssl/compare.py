@@ -74,6 +74,7 @@ class Run:
     complete: bool
     metrics: dict = field(default_factory=dict)
     machines: list[str] = field(default_factory=list)  # provenance.machine_labels ([NOT_RECORDED]: no row)
+    record_problem: str = ""  # why its run_info.jsonl could not be read ("" when it could, or there is none)
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
@@ -144,13 +145,16 @@ def read_run(path: str | Path) -> Run:
         raise CompareError(f"{str(path / 'metrics.jsonl')!r} is damaged ({err}); resume the run "
                            f"(python run_stream.py --resume {path}), which rewrites it from its checkpoint") from None
     complete = bool(rows) and (path / "summary.json").is_file()
-    try:
-        machines = provenance.machine_labels(provenance.read_rows(path)) or [provenance.NOT_RECORDED]
-    except provenance.ProvenanceError as err:
-        raise CompareError(f"{err}; move that file aside (the run's figures do not depend on it), or leave the run "
-                           "out") from None
+    # where it trained: the starts before its last evaluated update (a start that only evaluated trained nothing); a
+    # damaged record is no reason to refuse a run whose figures do not depend on it: its readable rows, and why
+    info, problems = provenance.salvage_rows(path)
+    last = rows[-1].get("updates") if rows else None
+    machines = provenance.machine_labels(info, before_update=last if isinstance(last, int) else None)
+    if problems:
+        machines = list(dict.fromkeys([provenance.NOT_RECORDED, *machines]))
     return Run(path=path, config=flatten(config), rows=rows, complete=complete,
-               metrics=run_metrics(rows) if rows else {}, machines=machines)
+               metrics=run_metrics(rows) if rows else {}, machines=machines or [provenance.NOT_RECORDED],
+               record_problem=problems[0] if problems else "")
 
 
 def find_runs(paths: list[str | Path]) -> list[Path]:
@@ -298,6 +302,7 @@ def summarize(paths: list[str | Path], *, allow_mixed: bool = False, include_inc
         groups.append(group)
     return {"groups": groups, "left_out": left_out, "machines": _machines(runs),
             "unrecorded": [str(r.path) for r in runs if provenance.NOT_RECORDED in r.machines],
+            "record_problems": [r.record_problem for r in runs if r.record_problem],
             "mixed_groups": [g["label"] for g, (_, members) in zip(groups, grouped) if len(_machines(members)) > 1]}
 
 
@@ -316,8 +321,8 @@ def machines_warning(summary: dict) -> str:
     if mixed:
         return (f"runs averaged in one group trained on more than one machine kind or precision ({', '.join(mixed)}): "
                 "the group's mean mixes them; accuracy and wall time compare only within one kind and precision")
-    return ("the groups trained on different machine kinds or precisions: their accuracy and wall time compare only "
-            "within one kind and precision")
+    return ("the groups trained on different machine kinds or precisions: where that is not the setting the groups "
+            "compare, their accuracy and wall time do not compare")
 
 
 def machines_note(summary: dict) -> list[str]:
@@ -328,12 +333,17 @@ def machines_note(summary: dict) -> list[str]:
     where = f" (not recorded for part or all of {', '.join(unrecorded)})" if unrecorded else " (every run)"
     if len(every) <= 1:
         return [f"Trained on: {every[0]}{where}."] if every else (
-            ["Where the runs trained is not recorded (runs started before run_info.jsonl existed)."] if unrecorded
-            else [])
+            ["Where the runs trained is not recorded (no run_info.jsonl, or training before its first row)."]
+            if unrecorded else [])
     warning = machines_warning(summary)
     lines = [f"**{warning[0].upper()}{warning[1:]}** (each run's run_info.jsonl says where it trained):"]
     for g in summary["groups"]:
-        lines.append(f"- {g['label']}: " + "; ".join(g["machines"]))
+        if g["label"] in (summary.get("mixed_groups") or []):  # which seed ran where
+            names = [Path(r).name for r in g["runs"]]
+            lines.append(f"- {g['label']}: " + "; ".join(
+                f"{m} ({', '.join(n for n, ms in zip(names, g['run_machines']) if m in ms)})" for m in g["machines"]))
+        else:
+            lines.append(f"- {g['label']}: " + "; ".join(g["machines"]))
     return lines
 
 

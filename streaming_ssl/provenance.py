@@ -6,7 +6,8 @@ kind and precision, and one config does not fix the precision: `train.precision:
 AVX512-BF16 and in float32 on an AVX2 one. A resume may also land on another machine. Each row holds:
 
 - `started` (UTC, ISO 8601), `start_update` (0, or the update of the checkpoint that a resume continues from),
-  `host` and `argv` (rank 0's);
+  `host`, `argv`, `cwd`, `python` (the interpreter) and `launcher` ("torchrun" under torch elastic, else None), rank
+  0's;
 - `machine` (the device kind as figures must name it: `device.cpu_kind()` on a CPU; on CUDA the GPU's name,
   compute capability and memory), `precision` (what training computes in: bf16, fp16 or fp32), `device`,
   `world_size`, and `machines` (each distinct machine among the ranks with its number of ranks);
@@ -14,10 +15,14 @@ AVX512-BF16 and in float32 on an AVX2 one. A resume may also land on another mac
   commit of the checkout streaming_ssl runs from, and whether that checkout had uncommitted changes to tracked
   files; None outside a git checkout).
 
+A damaged file is salvaged by `salvage_rows`: the runner sets it aside and writes its readable rows again, the new
+row counting the lines it lost (`lines_lost`).
+
 `lineage` keeps the rows whose training the run still holds (a resume from an older checkpoint drops the rows of
 the starts after it), `machine_changes` says where that training changed machine kind or precision, and
-`machine_labels` names the machines a run's figures come from (NOT_RECORDED first where the kept training began
-before its first row: a run started before this file existed, or one whose damaged file was set aside);
+`machine_labels` names the machines a run's figures come from (NOT_RECORDED first where part of the kept training
+has no row: it began before the first one, as in a run started before this file existed, or a damaged line was
+lost), `code_changes` where it changed code or versions;
 compare.py reports them under its table, evaluate.py beside a checkpoint's probes.
 """
 
@@ -26,7 +31,9 @@ from __future__ import annotations
 import datetime
 import importlib.metadata
 import json
+import os
 import platform
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -96,34 +103,49 @@ def start_row(*, device: torch.device, amp_dtype: torch.dtype | None, start_upda
     """The row of one start of a run. `machines`: every rank's device_kind, in rank order (None: this process's)."""
     machines = machines or [device_kind(device)]
     return {"started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "start_update": int(start_update), "host": platform.node(), "argv": list(sys.argv),
+            "start_update": int(start_update), "host": platform.node(), "argv": list(sys.argv), "cwd": os.getcwd(),
+            "python": sys.executable, "launcher": "torchrun" if "TORCHELASTIC_RUN_ID" in os.environ else None,
             "machine": machines[0], "precision": precision_name(amp_dtype), "device": str(device),
             "world_size": len(machines), "machines": dict(Counter(machines)), "versions": versions(),
             "code": code_version()}
 
 
 def read_rows(run_dir: str | Path) -> list[dict]:
-    """The rows of RUN/run_info.jsonl, oldest first; [] where there is none (a run saved before it existed)."""
-    path = Path(run_dir) / FILE_NAME
+    """The rows of RUN/run_info.jsonl, oldest first; [] where there is none (a run saved before it existed).
+    ProvenanceError names the first line that is not a row."""
+    rows, problems = _parse(Path(run_dir) / FILE_NAME)
+    if problems:
+        raise ProvenanceError(problems[0])
+    return rows
+
+
+def salvage_rows(run_dir: str | Path) -> tuple[list[dict], list[str]]:
+    """The rows of a damaged RUN/run_info.jsonl that can still be read, and what is wrong with each line that
+    cannot (bytes that are not UTF-8 spoil only their own line)."""
+    return _parse(Path(run_dir) / FILE_NAME)
+
+
+def _parse(path: Path) -> tuple[list[dict], list[str]]:
     if not path.is_file():
-        return []
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise ProvenanceError(f"{path} is not UTF-8 text ({err})") from None
-    rows = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
+        return [], []
+    rows, problems = [], []
+    for n, raw in enumerate(path.read_bytes().splitlines(), 1):
+        if not raw.strip():
             continue
         try:
-            row = json.loads(line)
+            row = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as err:
+            problems.append(f"{path} line {n} is not UTF-8 text ({err})")
+            continue
         except json.JSONDecodeError as err:
-            raise ProvenanceError(f"{path} line {n} is not JSON ({err})") from None
+            problems.append(f"{path} line {n} is not JSON ({err})")
+            continue
         if not _is_row(row):
-            raise ProvenanceError(f"{path} line {n} is not a row of this file (an integer start_update, machine and "
-                                  "precision as text, machines as a mapping of text to counts)")
+            problems.append(f"{path} line {n} is not a row of this file (an integer start_update, machine and "
+                            "precision as text, machines as a mapping of text to counts)")
+            continue
         rows.append(row)
-    return rows
+    return rows, problems
 
 
 def _is_row(row) -> bool:
@@ -136,11 +158,12 @@ def _is_row(row) -> bool:
                                                    for k, v in machines.items()))
 
 
-def append_row(run_dir: str | Path, row: dict) -> list[dict]:
-    """Add `row` to RUN/run_info.jsonl (rewritten whole and atomically: never half a row); returns every row."""
+def append_row(run_dir: str | Path, row: dict, *, rows: list[dict] | None = None) -> list[dict]:
+    """Add `row` to RUN/run_info.jsonl (rewritten whole and atomically: never half a row) after its rows, or after
+    `rows` (those salvaged from a damaged file); returns every row."""
     from streaming_ssl.atomic import atomic_write_text
 
-    rows = [*read_rows(run_dir), row]
+    rows = [*(read_rows(run_dir) if rows is None else rows), row]
     atomic_write_text(Path(run_dir) / FILE_NAME, "".join(json.dumps(r) + "\n" for r in rows))
     return rows
 
@@ -155,23 +178,50 @@ def lineage(rows: list[dict]) -> list[dict]:
 
 
 def label(row: dict) -> str:
-    """'precision on machine' of one row; a multi-rank row with ranks of several kinds names each with its count."""
+    """'precision on machine' of one row, 'precision on N x machine' for N ranks (each rank normalises its own share
+    of the batch without SyncBatchNorm: not the training of one process), every kind with its count where the ranks
+    differ. A CPU kind loses cpu_kind's ': bf16' (what `auto` would pick there): the row's precision is what ran."""
     machines = row.get("machines") or {row["machine"]: 1}
-    kinds = row["machine"] if len(machines) == 1 else "; ".join(f"{n} x {m}" for m, n in machines.items())
+    kinds = "; ".join(f"{n} x {_kind(m)}" if n > 1 or len(machines) > 1 else _kind(m) for m, n in machines.items())
     return f"{row['precision']} on {kinds}"
+
+
+def _kind(machine: str) -> str:
+    return re.sub(r": (bf16|fp32)$", "", machine)
 
 
 def machine_labels(rows: list[dict], before_update: int | None = None) -> list[str]:
     """The distinct labels of the training a run holds (lineage), in the order it met them; NOT_RECORDED first
-    where that training began before its first row. `before_update`: only the training up to that update (a
-    checkpoint's); [] where there is no row at all."""
+    where part of it has no row (it began before the first row, or a damaged line was lost). `before_update`: only
+    the training before that update (a checkpoint's, or a run's last: a start that trained nothing is left out);
+    [] where there is no row at all."""
+    if not rows:
+        return []
     kept = lineage(rows)
     if before_update is not None:
         kept = [r for r in kept if r["start_update"] < before_update]
-    if not kept:
-        return []
-    unrecorded = [NOT_RECORDED] if kept[0]["start_update"] > 0 else []
-    return list(dict.fromkeys(unrecorded + [label(r) for r in kept]))
+    if not kept or kept[0]["start_update"] > 0 or any(r.get("lines_lost") for r in kept):
+        return list(dict.fromkeys([NOT_RECORDED] + [label(r) for r in kept]))
+    return list(dict.fromkeys(label(r) for r in kept))
+
+
+def code_changes(rows: list[dict]) -> list[str]:
+    """'from update u: what -> what' for each start of the kept training (lineage) whose code (git commit, or
+    uncommitted changes) or torch / avalanche-lib version differs from the start before it."""
+    def code(r: dict) -> str | None:
+        c = r.get("code")
+        return None if not c else c["commit"][:12] + (" with uncommitted changes" if c.get("dirty") else "")
+
+    out = []
+    kept = lineage(rows)
+    for a, b in zip(kept, kept[1:]):
+        diffs = [f"code {code(a)} -> {code(b)}"] if code(a) != code(b) else []
+        va, vb = a.get("versions") or {}, b.get("versions") or {}
+        diffs += [f"{name} {va.get(name)} -> {vb.get(name)}" for name in ("torch", "avalanche-lib")
+                  if va and vb and va.get(name) != vb.get(name)]
+        if diffs:
+            out.append(f"from update {b['start_update']}: " + ", ".join(diffs))
+    return out
 
 
 def machine_changes(rows: list[dict]) -> list[str]:

@@ -241,7 +241,8 @@ def _train(cfg: Config, *, resume: bool, overwrite: bool, lock: RunLock | None, 
     resumed_after = None if state is None else int(state["position"]["stream_step"])
     run.loggers.extend(build.build_loggers(cfg, run_dir, resumed_after=resumed_after))
     try:
-        log.info("run %s on %s (precision %s, world %d, allocator %s)", run_dir, device, amp_dtype or "fp32",
+        log.info("run %s on %s (precision %s, world %d, allocator %s)", run_dir, device,
+                 provenance.precision_name(amp_dtype),
                  ddp.world_size(), allocator.in_effect(dict(os.environ)))
         if device.type == "cpu":  # speed and bf16 figures compare only within one CPU kind: say which
             log.info("CPU: %s", cpu_kind())
@@ -271,23 +272,25 @@ def _train(cfg: Config, *, resume: bool, overwrite: bool, lock: RunLock | None, 
 
 def record_start(run_dir: Path, device: torch.device, amp_dtype: torch.dtype | None, start_update: int) -> None:
     """Add the row of a start that trains to RUN/run_info.jsonl (provenance.py: every rank's machine; rank 0
-    writes), and warn when the training the run holds spans more than one machine kind or precision. A damaged
-    run_info.jsonl is set aside as run_info.jsonl.damaged (-2, -3, ... if that name is taken) and the file starts
-    afresh. The file is a record, not the run: any failure to write it is a warning on rank 0, and training goes on
-    on every rank (the others passed the gather already)."""
+    writes), and warn when the training the run holds spans more than one machine kind or precision, or more than
+    one version of the code or its libraries. A damaged run_info.jsonl is set aside as run_info.jsonl.damaged (-2,
+    -3, ... if that name is taken) and its readable rows are written again before this start's, which counts the
+    lines lost. The file is a record, not the run: any failure to write it is a warning on rank 0, and training
+    goes on on every rank (the others passed the gather already)."""
     machines = ddp.all_gather_object(provenance.device_kind(device))
     if not ddp.is_main():
         return
     try:
         row = provenance.start_row(device=device, amp_dtype=amp_dtype, start_update=start_update, machines=machines)
-        try:
-            rows = provenance.append_row(run_dir, row)
-        except provenance.ProvenanceError as err:
+        kept, problems = provenance.salvage_rows(run_dir)
+        if problems:
             damaged = _free_name(run_dir / (provenance.FILE_NAME + ".damaged"))
             os.replace(run_dir / provenance.FILE_NAME, damaged)
-            log.warning("%s; set aside as %s, and %s starts afresh with this start", err, damaged.name,
-                        provenance.FILE_NAME)
-            rows = provenance.append_row(run_dir, row)
+            row["lines_lost"] = len(problems)
+            log.warning("%s%s; the file is set aside as %s, and %s keeps its %d readable rows with this start's",
+                        problems[0], f" (and {len(problems) - 1} more lines)" if len(problems) > 1 else "",
+                        damaged.name, provenance.FILE_NAME, len(kept))
+        rows = provenance.append_row(run_dir, row, rows=kept)
     except Exception as err:  # noqa: BLE001 - a record that cannot be written must not stop the training
         log.warning("could not record this start in %s (%s: %s); training goes on without it",
                     run_dir / provenance.FILE_NAME, type(err).__name__, err)
@@ -296,6 +299,9 @@ def record_start(run_dir: Path, device: torch.device, amp_dtype: torch.dtype | N
     if changes:
         log.warning("this run's training spans more than one machine kind or precision (%s): compare its accuracy "
                     "and speed with no run of a single kind (run_info.jsonl)", "; ".join(changes))
+    if code := provenance.code_changes(rows):
+        log.warning("this run's training spans more than one version of the code or its libraries (%s): to "
+                    "reproduce it, train it again on one (run_info.jsonl)", "; ".join(code))
 
 
 def _free_name(path: Path) -> Path:

@@ -60,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for left in summary["left_out"]:
         log.warning("left out %s: %s", left["run"], left["why"])
+    for problem in summary["record_problems"]:
+        log.warning("%s: where that run trained is taken as not recorded", problem)
     if warning := machines_warning(summary):
         log.warning("%s (%s; under the table, each group's)", warning, "; ".join(summary["machines"]))
     table = markdown_table(summary)

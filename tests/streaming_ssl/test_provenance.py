@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from streaming_ssl.device import cpu_kind
 DATA = os.environ.get("STREAMING_SSL_DATA")
 REPO = Path(__file__).resolve().parents[2]
 OTHER = "Other CPU (family 6 model 1), 2 cores, AVX2: fp32"
+OTHER_KIND = "Other CPU (family 6 model 1), 2 cores, AVX2"  # as labels name it: without auto's choice
 
 
 def _row(start: int, machine: str = "A", precision: str = "bf16", **extra) -> dict:
@@ -39,7 +41,11 @@ def test_lineage_keeps_the_starts_whose_training_the_run_holds() -> None:
     # ranks of several kinds are each named with their count
     mixed = _row(0, "A", machines={"A": 2, "B": 1}, world_size=3)
     assert provenance.label(mixed) == "bf16 on 2 x A; 1 x B"
-    assert provenance.label(_row(0, "A", machines={"A": 4})) == "bf16 on A"
+    # several ranks are not one process (each normalises its own share of the batch): the count is in the label
+    assert provenance.label(_row(0, "A", machines={"A": 4})) == "bf16 on 4 x A"
+    assert provenance.label(_row(0, "A", machines={"A": 1})) == "bf16 on A"
+    # what ran, not what auto would pick on that CPU
+    assert provenance.label(_row(0, OTHER, "bf16")) == f"bf16 on {OTHER_KIND}"
 
 
 def test_rows_are_appended_whole_and_a_damaged_file_is_named(tmp_path: Path) -> None:
@@ -68,16 +74,32 @@ def test_training_before_the_first_row_is_named_not_recorded() -> None:
     machines are those of the starts before its update."""
     rows = [_row(40, "B"), _row(90, "C", "fp32")]
     assert provenance.machine_labels(rows) == [provenance.NOT_RECORDED, "bf16 on B", "fp32 on C"]
-    assert provenance.machine_labels(rows, before_update=40) == []  # nothing recorded of updates 0..39
+    assert provenance.machine_labels(rows, before_update=40) == [provenance.NOT_RECORDED]  # of updates 0..39
+    assert provenance.machine_labels([], before_update=40) == []  # no record at all
     assert provenance.machine_labels(rows, before_update=60) == [provenance.NOT_RECORDED, "bf16 on B"]
     assert provenance.machine_labels([_row(0, "A"), _row(50, "B")], before_update=50) == ["bf16 on A"]
     assert provenance.machine_changes(rows) == ["from update 90: bf16 on B -> fp32 on C"]
+    # a salvaged file: its new row counts the lines lost, which may have been starts of the kept training
+    assert provenance.machine_labels([_row(0, "A"), _row(9, "A", lines_lost=1)]) == [provenance.NOT_RECORDED,
+                                                                                     "bf16 on A"]
 
+
+def test_code_changes_name_commits_and_library_versions() -> None:
+    def row(start: int, commit: str | None, dirty: bool = False, torch_version: str = "2.14.1") -> dict:
+        return _row(start, code=None if commit is None else {"commit": commit * 40, "dirty": dirty},
+                    versions={"torch": torch_version, "avalanche-lib": "0.6.0"})
+
+    assert provenance.code_changes([row(0, "a"), row(5, "a")]) == []
+    assert provenance.code_changes([row(0, "a"), row(5, "a", dirty=True), row(9, "b", torch_version="2.11.0")]) == [
+        f"from update 5: code {'a' * 12} -> {'a' * 12} with uncommitted changes",
+        f"from update 9: code {'a' * 12} with uncommitted changes -> {'b' * 12}, torch 2.14.1 -> 2.11.0"]
+    assert provenance.code_changes([row(0, None), row(5, "a"), row(5, None)]) == []  # the second start at 5 replaced
 
 def test_a_start_row_names_the_machine_precision_versions_and_code(tmp_path: Path) -> None:
     row = provenance.start_row(device=torch.device("cpu"), amp_dtype=torch.bfloat16, start_update=12,
                                machines=[cpu_kind(), cpu_kind(), OTHER])
     assert (row["machine"], row["precision"], row["start_update"], row["world_size"]) == (cpu_kind(), "bf16", 12, 3)
+    assert (row["cwd"], row["python"], row["launcher"]) == (os.getcwd(), sys.executable, None)
     assert row["machines"] == {cpu_kind(): 2, OTHER: 1}
     assert row["versions"]["torch"] == importlib.metadata.version("torch") and row["versions"]["python"]
     assert row["versions"]["avalanche-lib"] == importlib.metadata.version("avalanche-lib")
@@ -106,14 +128,20 @@ def test_a_damaged_run_info_is_set_aside_and_training_goes_on(tmp_path: Path, ca
     record that cannot be written at all is a warning, not an error: the run trains on."""
     from streaming_ssl.runner import record_start
 
-    for n, damage in enumerate(("not json\n", '{"start_update": "x"}\n')):
-        (tmp_path / provenance.FILE_NAME).write_text(damage)
+    good = json.dumps(_row(0, "A")) + "\n"
+    damages = (good + "not json\n", b'\xff\xfe bad\n' + good.encode() + b'{"start_update": "x"}\n')
+    for n, damage in enumerate(damages):
+        path = tmp_path / provenance.FILE_NAME
+        path.write_bytes(damage.encode() if isinstance(damage, str) else damage)
         with caplog.at_level("WARNING"):
             record_start(tmp_path, torch.device("cpu"), None, 5 + n)
-        assert [(r["start_update"], r["precision"]) for r in provenance.read_rows(tmp_path)] == [(5 + n, "fp32")]
-    assert (tmp_path / (provenance.FILE_NAME + ".damaged")).read_text() == "not json\n"
-    assert (tmp_path / (provenance.FILE_NAME + ".damaged-2")).read_text() == '{"start_update": "x"}\n'
-    assert "is not JSON" in caplog.text and "set aside as run_info.jsonl.damaged-2" in caplog.text
+        rows = provenance.read_rows(tmp_path)  # the readable row kept, then this start's, which counts the lost
+        assert [(r["start_update"], r["precision"], r.get("lines_lost")) for r in rows] == [
+            (0, "bf16", None), (5 + n, "fp32", n + 1)]
+    assert (tmp_path / (provenance.FILE_NAME + ".damaged")).read_text() == good + "not json\n"
+    assert (tmp_path / (provenance.FILE_NAME + ".damaged-2")).read_bytes() == damages[1]
+    assert "line 2 is not JSON" in caplog.text and "line 1 is not UTF-8 text" in caplog.text
+    assert "(and 1 more lines); the file is set aside as run_info.jsonl.damaged-2" in caplog.text
     caplog.clear()
     not_a_folder = tmp_path / "afile"
     not_a_folder.write_text("x")
@@ -131,12 +159,12 @@ def test_compare_warns_only_for_recorded_kinds_and_names_unrecorded_runs(tmp_pat
     from streaming_ssl.cli import compare
     from streaming_ssl.config import load_config, save_config
 
-    def make(name: str, seed: int, *rows: dict, precision: str = "auto") -> Path:
+    def make(name: str, seed: int, *rows: dict, precision: str = "auto", updates: int = 10) -> Path:
         run_dir = tmp_path / name
         run_dir.mkdir()
         save_config(load_config(REPO / "configs/smoke.yaml", [f"train.seed={seed}", f"train.precision={precision}"]),
                     run_dir / "config.yaml")
-        (run_dir / "metrics.jsonl").write_text(json.dumps({"samples_seen": 10, "updates": 1,
+        (run_dir / "metrics.jsonl").write_text(json.dumps({"samples_seen": 10, "updates": updates,
                                                            "probe/acc_all": 0.25}) + "\n")
         (run_dir / "summary.json").write_text("{}")
         for row in rows:
@@ -152,13 +180,23 @@ def test_compare_warns_only_for_recorded_kinds_and_names_unrecorded_runs(tmp_pat
     assert ("runs averaged in one group trained on more than one machine kind or precision (a): the group's mean "
             "mixes them; accuracy and wall time compare only within one kind and precision (bf16 on A; fp32 on A;")\
         in caplog.text
-    assert capsys.readouterr().out.endswith(f"\n- a: bf16 on A; {provenance.NOT_RECORDED}; fp32 on A\n")
+    # which seed ran where
+    assert capsys.readouterr().out.endswith(f"\n- a: bf16 on A (a, other); {provenance.NOT_RECORDED} (old); fp32 on "
+                                            "A (other)\n")
     caplog.clear()
     fp32 = make("fp32", 0, _row(0, "A", "fp32"), precision="fp32")
     assert compare.main([str(a), str(fp32)]) == 0
-    assert "the groups trained on different machine kinds or precisions: their accuracy" in caplog.text
+    assert "the groups trained on different machine kinds or precisions: where that is not the setting" in caplog.text
     assert "averaged in one group" not in caplog.text
     assert capsys.readouterr().out.endswith("\n- a: bf16 on A\n- fp32: fp32 on A\n")
+    # a start after the last evaluated update trained nothing that was evaluated; a damaged record is read as far
+    # as it can be, with a warning, and never refuses the comparison
+    caplog.clear()
+    late = make("late", 3, _row(0, "A"), _row(10, "B", "fp32"))
+    (late / provenance.FILE_NAME).write_text((late / provenance.FILE_NAME).read_text() + "garbage\n")
+    assert compare.main([str(a), str(late)]) == 0
+    assert f"{late / provenance.FILE_NAME} line 3 is not JSON" in caplog.text and "taken as not recorded" in caplog.text
+    assert capsys.readouterr().out.endswith(f"\nTrained on: bf16 on A (not recorded for part or all of {late}).\n")
 
 
 @pytest.mark.skipif(not DATA or not (Path(DATA) / "cifar10.npz").is_file(),
@@ -182,6 +220,7 @@ def test_a_resumed_run_records_each_start_and_warns_when_it_moved(tmp_path: Path
     dies_after(3, run_stream.main, args(moved, 0))
     (first,) = provenance.read_rows(moved)
     precision = provenance.precision_name(resolve_precision("auto", torch.device("cpu")))  # smoke.yaml's
+    here_label, other_label = provenance.label({"machine": cpu_kind(), "precision": precision}), f"fp32 on {OTHER_KIND}"
     assert (first["start_update"], first["machine"], first["precision"]) == (0, cpu_kind(), precision)
     from streaming_ssl import checkpoint as ckpt
 
@@ -191,14 +230,14 @@ def test_a_resumed_run_records_each_start_and_warns_when_it_moved(tmp_path: Path
                                                           "machines": {OTHER: 1}}) + "\n")
     with caplog.at_level("WARNING"):
         assert run_stream.main(["--resume", str(moved)]) == 0
-    change = f"from update {kept}: fp32 on {OTHER} -> {precision} on {cpu_kind()}"
+    change = f"from update {kept}: {other_label} -> {here_label}"
     assert "this run's training spans more than one machine kind or precision" in caplog.text
     assert change in caplog.text
     rows = provenance.read_rows(moved)
     assert [(r["start_update"], r["machine"]) for r in rows] == [(0, OTHER), (kept, cpu_kind())]
     assert provenance.machine_changes(rows) == [change]
     assert run_stream.main(args(here, 1)) == 0
-    assert provenance.machine_labels(provenance.read_rows(here)) == [f"{precision} on {cpu_kind()}"]
+    assert provenance.machine_labels(provenance.read_rows(here)) == [here_label]
     if (REPO / ".git").exists():
         head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
                               check=True).stdout.strip()
@@ -209,6 +248,6 @@ def test_a_resumed_run_records_each_start_and_warns_when_it_moved(tmp_path: Path
     table = capsys.readouterr().out
     assert "runs averaged in one group trained on more than one machine kind or precision (here)" in caplog.text
     assert "**Runs averaged in one group trained on more than one machine kind or precision (here)" in table
-    assert f"- here: {precision} on {cpu_kind()}; fp32 on {OTHER}" in table  # one group: only the seed differs
+    assert f"- here: {here_label} (here, moved); {other_label} (moved)" in table  # one group: only the seed differs
     assert compare.main([str(here)]) == 0
-    assert capsys.readouterr().out.endswith(f"\nTrained on: {precision} on {cpu_kind()} (every run).\n")
+    assert capsys.readouterr().out.endswith(f"\nTrained on: {here_label} (every run).\n")
