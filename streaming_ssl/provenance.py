@@ -13,7 +13,9 @@ AVX512-BF16 and in float32 on an AVX2 one. A resume may also land on another mac
   `world_size`, and `machines` (each distinct machine among the ranks with its number of ranks);
 - `versions` (Python, torch and its CUDA, torchvision, avalanche-lib, numpy, streaming-ssl) and `code` (the git
   commit of the checkout streaming_ssl runs from, and whether that checkout had uncommitted changes to tracked
-  files; None outside a git checkout).
+  files; None outside a git checkout);
+- `data`: the dataset as configured, the data folder it was read from, and the number and digest of the training
+  images and labels (the checkpoint's: a resume on other data is refused).
 
 A damaged file is salvaged by `salvage_rows`: the runner sets it aside and writes its readable rows again, the new
 row counting the lines it lost (`lines_lost`).
@@ -99,15 +101,16 @@ def code_version(root: Path | None = None) -> dict | None:
 
 
 def start_row(*, device: torch.device, amp_dtype: torch.dtype | None, start_update: int,
-              machines: list[str] | None = None) -> dict:
-    """The row of one start of a run. `machines`: every rank's device_kind, in rank order (None: this process's)."""
+              machines: list[str] | None = None, data: dict | None = None) -> dict:
+    """The row of one start of a run. `machines`: every rank's device_kind, in rank order (None: this process's);
+    `data`: what identifies the training data (runner.data_record)."""
     machines = machines or [device_kind(device)]
     return {"started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "start_update": int(start_update), "host": platform.node(), "argv": list(sys.argv), "cwd": os.getcwd(),
             "python": sys.executable, "launcher": "torchrun" if "TORCHELASTIC_RUN_ID" in os.environ else None,
             "machine": machines[0], "precision": precision_name(amp_dtype), "device": str(device),
             "world_size": len(machines), "machines": dict(Counter(machines)), "versions": versions(),
-            "code": code_version()}
+            "code": code_version(), "data": data}
 
 
 def read_rows(run_dir: str | Path) -> list[dict]:

@@ -270,7 +270,8 @@ def _train(cfg: Config, *, resume: bool, overwrite: bool, lock: RunLock | None, 
     return rows[-1] if rows else {}
 
 
-def record_start(run_dir: Path, device: torch.device, amp_dtype: torch.dtype | None, start_update: int) -> None:
+def record_start(run_dir: Path, device: torch.device, amp_dtype: torch.dtype | None, start_update: int,
+                 data: dict | None = None) -> None:
     """Add the row of a start that trains to RUN/run_info.jsonl (provenance.py: every rank's machine; rank 0
     writes), and warn when the training the run holds spans more than one machine kind or precision, or more than
     one version of the code or its libraries. A damaged run_info.jsonl is set aside as run_info.jsonl.damaged (-2,
@@ -281,7 +282,8 @@ def record_start(run_dir: Path, device: torch.device, amp_dtype: torch.dtype | N
     if not ddp.is_main():
         return
     try:
-        row = provenance.start_row(device=device, amp_dtype=amp_dtype, start_update=start_update, machines=machines)
+        row = provenance.start_row(device=device, amp_dtype=amp_dtype, start_update=start_update, machines=machines,
+                                   data=data)
         kept, problems = provenance.salvage_rows(run_dir)
         if problems:
             damaged = _free_name(run_dir / (provenance.FILE_NAME + ".damaged"))
@@ -302,6 +304,21 @@ def record_start(run_dir: Path, device: torch.device, amp_dtype: torch.dtype | N
     if code := provenance.code_changes(rows):
         log.warning("this run's training spans more than one version of the code or its libraries (%s): to "
                     "reproduce it, train it again on one (run_info.jsonl)", "; ".join(code))
+
+
+def data_record(cfg: Config, data: dict) -> dict:
+    """What run_info.jsonl keeps of the training data: the dataset as configured, the data folder it was read from
+    (None where it needs none, as an npz: source's own path), and the checkpoint's count and digest of the training
+    images and labels (build.stream_data)."""
+    from scenarios.datasets import DataError, resolve_root
+
+    try:
+        root = str(resolve_root(cfg.data.root))
+    except DataError:
+        root = None
+    stream = data.get("stream_data") or {}
+    return {"dataset": cfg.data.dataset, "root": root, "training_images": stream.get("images"),
+            "digest": stream.get("digest")}
 
 
 def _free_name(path: Path) -> Path:
@@ -407,7 +424,8 @@ def _fit(run, state: dict | None) -> None:
                  "written again", len(run.stream))
     try:
         if strategy.stream_step < len(run.stream):  # a start that trains (restored: a resume refused changes nothing)
-            record_start(run.run_dir, run.device, run.amp_dtype, strategy.global_step)
+            record_start(run.run_dir, run.device, run.amp_dtype, strategy.global_step,
+                         data_record(run.cfg, run.checkpoint.data))
             strategy.train(itertools.islice(iter(run.stream), strategy.stream_step, None), eval_streams=[])
     except Interrupted as err:
         if ddp.is_main():

@@ -222,6 +222,9 @@ def test_a_resumed_run_records_each_start_and_warns_when_it_moved(tmp_path: Path
     precision = provenance.precision_name(resolve_precision("auto", torch.device("cpu")))  # smoke.yaml's
     here_label, other_label = provenance.label({"machine": cpu_kind(), "precision": precision}), f"fp32 on {OTHER_KIND}"
     assert (first["start_update"], first["machine"], first["precision"]) == (0, cpu_kind(), precision)
+    data = first["data"]  # the training data: 10 images of each of the 10 classes, read from the data folder
+    assert (data["dataset"], data["root"], data["training_images"]) == ("cifar10", str(Path(DATA).resolve()), 100)
+    assert len(data["digest"]) == 40
     from streaming_ssl import checkpoint as ckpt
 
     kept = ckpt.step_of(ckpt.latest(moved))  # the update the resume continues from
@@ -236,6 +239,7 @@ def test_a_resumed_run_records_each_start_and_warns_when_it_moved(tmp_path: Path
     rows = provenance.read_rows(moved)
     assert [(r["start_update"], r["machine"]) for r in rows] == [(0, OTHER), (kept, cpu_kind())]
     assert provenance.machine_changes(rows) == [change]
+    assert rows[1]["data"] == data  # the same data: the resume checked its digest
     assert run_stream.main(args(here, 1)) == 0
     assert provenance.machine_labels(provenance.read_rows(here)) == [here_label]
     if (REPO / ".git").exists():
