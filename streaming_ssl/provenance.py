@@ -21,11 +21,11 @@ A damaged file is salvaged by `salvage_rows`: the runner sets it aside and write
 row counting the lines it lost (`lines_lost`).
 
 `lineage` keeps the rows whose training the run still holds (a resume from an older checkpoint drops the rows of
-the starts after it), `machine_changes` says where that training changed machine kind or precision, and
-`machine_labels` names the machines a run's figures come from (NOT_RECORDED first where part of the kept training
-has no row: it began before the first one, as in a run started before this file existed, or a damaged line was
-lost), `code_changes` where it changed code or versions;
-compare.py reports them under its table, evaluate.py beside a checkpoint's probes.
+the starts after it); `machine_labels` names the machines a run's figures come from (NOT_RECORDED first where part
+of the kept training has no row: it began before the first one, as in a run started before this file existed, or
+a damaged line was lost); `machine_changes` and `code_changes` say where that training changed machine kind or
+precision, and code or library versions. The runner warns of both at a start, compare.py lists the labels under
+its table, and evaluate.py puts them beside a checkpoint's probes.
 """
 
 from __future__ import annotations
