@@ -211,15 +211,20 @@ def machine_labels(rows: list[dict], before_update: int | None = None) -> list[s
 def code_changes(rows: list[dict]) -> list[str]:
     """'from update u: what -> what' for each start of the kept training (lineage) whose code (git commit, or
     uncommitted changes) or torch / avalanche-lib version differs from the start before it."""
-    def code(r: dict) -> str | None:
+    def code(r: dict) -> str | None:  # rows are checked for what labels need only: read the rest with care
         c = r.get("code")
-        return None if not c else c["commit"][:12] + (" with uncommitted changes" if c.get("dirty") else "")
+        if not isinstance(c, dict) or not isinstance(c.get("commit"), str):
+            return None
+        return c["commit"][:12] + (" with uncommitted changes" if c.get("dirty") else "")
+
+    def versions_of(r: dict) -> dict:
+        return r["versions"] if isinstance(r.get("versions"), dict) else {}
 
     out = []
     kept = lineage(rows)
     for a, b in zip(kept, kept[1:]):
         diffs = [f"code {code(a)} -> {code(b)}"] if code(a) != code(b) else []
-        va, vb = a.get("versions") or {}, b.get("versions") or {}
+        va, vb = versions_of(a), versions_of(b)
         diffs += [f"{name} {va.get(name)} -> {vb.get(name)}" for name in ("torch", "avalanche-lib")
                   if va and vb and va.get(name) != vb.get(name)]
         if diffs:

@@ -94,6 +94,9 @@ def test_code_changes_name_commits_and_library_versions() -> None:
         f"from update 5: code {'a' * 12} -> {'a' * 12} with uncommitted changes",
         f"from update 9: code {'a' * 12} with uncommitted changes -> {'b' * 12}, torch 2.14.1 -> 2.11.0"]
     assert provenance.code_changes([row(0, None), row(5, "a"), row(5, None)]) == []  # the second start at 5 replaced
+    # fields a hand-edited or older file may hold in another shape: read as absent, never an error
+    odd = [_row(0, code="abc", versions=["2.14"]), _row(5, code={"dirty": True}, versions=None)]
+    assert provenance.code_changes(odd) == []
 
 def test_a_start_row_names_the_machine_precision_versions_and_code(tmp_path: Path) -> None:
     row = provenance.start_row(device=torch.device("cpu"), amp_dtype=torch.bfloat16, start_update=12,
