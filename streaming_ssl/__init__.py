@@ -31,8 +31,8 @@ _EXPORTS = {
     "streaming_ssl.probe_run": ["load_checkpoint_model", "CheckpointModel", "probe_checkpoint", "ProbeRequest",
                                  "ProbeOutOfMemory"],
     "streaming_ssl.evaluation": ["StreamEvaluator", "ProbeSet", "ProbeMetric", "JSONLLogger", "ExperienceTextLogger",
-                                 "ScalarTensorboardLogger", "forgetting", "backward_transfer", "plot_run", "plot_train",
-                                 "read_rows"],
+                                 "ScalarTensorboardLogger", "forgetting", "backward_transfer", "forward_transfer",
+                                 "plot_run", "plot_train", "read_rows"],
     "streaming_ssl.compare": ["summarize", "markdown_table", "plot_compare", "CompareError"],
     # run machinery
     "streaming_ssl.plugins": ["EvalSchedule", "CheckpointPlugin", "GracefulStop", "ProgressPlugin", "SyncBuffers",

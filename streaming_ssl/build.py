@@ -221,7 +221,8 @@ def build_evaluator(cfg: Config, splits: DatasetSplits, stream: SSLStream, augme
                            augment=augment, device=device, amp_dtype=amp_dtype, channels_last=channels_last,
                            patches=e.patches, batch_size=e.batch_size, knn_k=e.knn_k,
                            knn_temperature=e.knn_temperature, seen_classes=e.seen_classes,
-                           probe_kwargs=probe_kwargs(cfg), seed=cfg.train.seed, bn_recalibrate=e.bn_recalibrate)
+                           probe_kwargs=probe_kwargs(cfg), seed=cfg.train.seed, bn_recalibrate=e.bn_recalibrate,
+                           forward_transfer=e.forward_transfer)
 
 
 def build_loggers(cfg: Config, run_dir: Path, *, resumed_after: int | None = None) -> list:

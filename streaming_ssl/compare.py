@@ -5,7 +5,7 @@
 
 Runs whose configs differ only in `train.seed` (and in settings that do not change what is learned: run.*,
 data.root, train.threads, train.device, compiling, channels_last, train.deterministic, train.log_every,
-optim.foreach, oom.RESUMABLE, and the
+optim.foreach, oom.RESUMABLE, eval.forward_transfer (it adds a figure, changes none), and the
 settings of a continual-learning method that is off) form one group, named by its first run's folder and by the
 settings that tell it from the others; its figures are the mean and sample standard deviation over its runs (a
 run that lacks a figure, as one saved before it was logged, is left out of that figure's mean). Every figure
@@ -15,6 +15,7 @@ comes from the runs' own metrics.jsonl (the evaluation after each experience, as
 - `acc_avg_incremental`: the mean, over the evaluations, of the accuracy on the classes seen so far
   (probe/acc_seen; the "average incremental accuracy" of class-incremental papers);
 - `forgetting` and `bwt`: the last evaluation's average forgetting and backward transfer (probe/*);
+- `fwt`: the last evaluation's forward transfer (probe/fwt; only runs with eval.forward_transfer have it);
 - `knn_final`: the kNN accuracy after the last experience (absent where eval.knn_k is 0);
 - the cost: images from the stream and from buffers, updates, and `forward_equivalents`, every encoder pass in
   units of one forward of one crop: patches forward + 2 x patches back-propagated (a backward costs about two
@@ -52,12 +53,12 @@ from streaming_ssl.runner import _predates_blur_kernel
 # settings that do not change what a run learns: runs differing only in these (and the seed) are one group
 NOT_LEARNED = ("run.", "data.root", "data.download", "train.threads", "train.device", "train.compile",
                "train.compile_backend", "augment.compile", "train.channels_last", "train.deterministic",
-               "train.log_every", "optim.foreach", *RESUMABLE)
+               "train.log_every", "optim.foreach", "eval.forward_transfer", *RESUMABLE)
 SEED = "train.seed"
 # settings that change the test set, on which every accuracy is measured
 TEST_SET = ("data.dataset", "data.image_size", "test images per class")
-METRICS = ("acc_final", "acc_avg_incremental", "forgetting", "bwt", "knn_final", "stream_images", "buffer_images",
-           "updates", "forward_equivalents", "wall_hours")
+METRICS = ("acc_final", "acc_avg_incremental", "forgetting", "bwt", "fwt", "knn_final", "stream_images",
+           "buffer_images", "updates", "forward_equivalents", "wall_hours")
 
 
 class CompareError(ValueError):
@@ -114,6 +115,7 @@ def run_metrics(rows: list[dict]) -> dict:
         "acc_avg_incremental": sum(seen) / len(seen) if seen else None,
         "forgetting": last.get("probe/avg_forgetting"),
         "bwt": last.get("probe/bwt"),
+        "fwt": last.get("probe/fwt"),
         "knn_final": last.get("knn/acc_all"),
         "stream_images": last.get("compute/stream_images", last.get("samples_seen")),
         "buffer_images": last.get("compute/buffer_images"),
@@ -355,13 +357,15 @@ def _cell(stat: dict, scale: float = 1.0, digits: int = 2, spread: bool = True) 
 
 
 def markdown_table(summary: dict) -> str:
-    """The groups as a Markdown table: accuracies in %, forgetting and BWT in points, compute relative to the
-    first group's that has it; an empty cell where no run of the group has the figure."""
+    """The groups as a Markdown table: accuracies in %, forgetting, BWT and FWT in points, compute relative to the
+    first group's that has it; an empty cell where no run of the group has the figure (the FWT column only where a
+    group has it)."""
     groups = summary["groups"]
     base = next((g["forward_equivalents"]["mean"] for g in groups if g["forward_equivalents"]["mean"]), None)
+    fwt = any(g["fwt"]["mean"] is not None for g in groups)
     lines = ["| group | differs in | runs | final acc % | avg incremental acc % | forgetting (pts) | BWT (pts) | "
-             "kNN % | stream + buffer images | updates | compute (x first) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             + ("FWT (pts) | " if fwt else "") + "kNN % | stream + buffer images | updates | compute (x first) |",
+             "| --- " * (11 + fwt) + "|"]
     for g in groups:
         images = _cell(g["stream_images"], digits=0, spread=False)
         if g["buffer_images"]["mean"]:
@@ -371,7 +375,8 @@ def markdown_table(summary: dict) -> str:
         n = f"{g['n']}" + ("" if g["complete"] else " (incomplete)")
         lines.append(f"| {g['label']} | {g['differs']} | {n} | {_cell(g['acc_final'], 100)} | "
                      f"{_cell(g['acc_avg_incremental'], 100)} | {_cell(g['forgetting'], 100)} | "
-                     f"{_cell(g['bwt'], 100)} | {_cell(g['knn_final'], 100)} | {images} | "
+                     f"{_cell(g['bwt'], 100)} | " + (f"{_cell(g['fwt'], 100)} | " if fwt else "")
+                     + f"{_cell(g['knn_final'], 100)} | {images} | "
                      f"{_cell(g['updates'], digits=0, spread=False)} | {compute} |")
     note = machines_note(summary)
     return "\n".join(lines + ([""] + note if note else [])) + "\n"

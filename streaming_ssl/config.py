@@ -146,6 +146,9 @@ class EvalConfig:
     # training images of the probed dataset (the stored ones are those of the last training batches: augmented
     # patches and, in a class-incremental stream, only the last experience's classes). The trained model is untouched.
     bn_recalibrate: int = 0
+    # also probe the model before it trains (its initialisation, one evaluation more) and report forward transfer,
+    # probe/fwt: mean over experiences j > 0 of the accuracy on j right before j trains minus at initialisation
+    forward_transfer: bool = False
 
 
 @dataclass

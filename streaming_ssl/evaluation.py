@@ -3,8 +3,10 @@
 StreamEvaluator computes one evaluation row from frozen features (probe.py): linear-probe accuracy on
 all classes and on the classes seen so far, the accuracy-matrix row A[t, j] (accuracy of the all-class
 probe on the test images of the classes of parent experience j), average accuracy over seen
-experiences, forgetting max_{s<t} A[s, j] - A[t, j], kNN accuracy, and transfer accuracy on each
-out-of-domain dataset. ProbeMetric publishes the row as Avalanche MetricValues; JSONLLogger writes
+experiences, forgetting max_{s<t} A[s, j] - A[t, j], backward transfer, kNN accuracy, and transfer accuracy on
+each out-of-domain dataset. With forward_transfer it also probes the model before it trains (its initialisation:
+the baseline b) and reports forward transfer, how much training on the experiences before j helped j before j
+itself was seen. ProbeMetric publishes the row as Avalanche MetricValues; JSONLLogger writes
 one JSON object per evaluation; plot_run draws the accuracy matrix and the curves.
 """
 
@@ -96,14 +98,36 @@ def backward_transfer(history: list[list[float]], row: list[float], n_seen: int)
     return sum(gaps) / len(gaps) if gaps else None
 
 
+def forward_transfer(history: list[list[float]], baseline: list[float] | None, n_seen: int) -> float | None:
+    """FWT (Lopez-Paz and Ranzato, 2017): mean over 0 < j < n_seen of A[j-1, j] - b[j], where A[j-1, j] is the
+    accuracy on experience j at the last evaluation with j experiences seen (the end of experience j - 1: j not yet
+    trained; history rows as in `forgetting`) and b[j] the accuracy on j of the model at initialisation (`baseline`,
+    StreamEvaluator.evaluate_baseline). Experiences never evaluated before they trained, or undefined (NaN: no test
+    image), are left out; None without a baseline or when nothing is left (t = 0)."""
+    if baseline is None:
+        return None
+    gaps = []
+    for j in range(1, min(len(baseline), n_seen)):
+        before = [h[j] for h in history if int(h[-1]) == j]
+        if before and before[-1] == before[-1] and baseline[j] == baseline[j]:
+            gaps.append(before[-1] - baseline[j])
+    return sum(gaps) / len(gaps) if gaps else None
+
+
 class StreamEvaluator:
-    """Fits the probes on frozen features and returns one evaluation row (a flat dict)."""
+    """Fits the probes on frozen features and returns one evaluation row (a flat dict).
+
+    forward_transfer: probe the model once before training (evaluate_baseline; ProbeMetric does it at a run's
+    first update) and add `probe/fwt` and the baseline's accuracies (`probe/init_acc_all`,
+    `probe/init_acc_matrix_row`, `knn/init_acc_all`) to every row. The baseline is part of the evaluator's state,
+    so a resumed run keeps it.
+    """
 
     def __init__(self, *, in_domain: ProbeSet, transfer: list[ProbeSet], parent_classes: list[list[int]],
                  augment: MultiPatchAugment, device: torch.device, amp_dtype: torch.dtype | None = None,
                  channels_last: bool = True, patches: int = 0, batch_size: int = 256, knn_k: int = 20,
                  knn_temperature: float = 0.07, seen_classes: bool = True, probe_kwargs: dict | None = None,
-                 seed: int = 0, bn_recalibrate: int = 0) -> None:
+                 seed: int = 0, bn_recalibrate: int = 0, forward_transfer: bool = False) -> None:
         for probe_set in (in_domain, *transfer):
             check_probe_set(probe_set)
         outside = sorted({c for classes in parent_classes for c in classes if not 0 <= c < in_domain.num_classes})
@@ -115,14 +139,17 @@ class StreamEvaluator:
         self.augment, self.device, self.amp_dtype, self.channels_last = augment, device, amp_dtype, channels_last
         self.patches, self.batch_size, self.knn_k, self.knn_temperature = patches, batch_size, knn_k, knn_temperature
         self.seen_classes, self.probe_kwargs, self.seed = seen_classes, dict(probe_kwargs or {}), seed
-        self.bn_recalibrate = bn_recalibrate
+        self.bn_recalibrate, self.forward_transfer = bn_recalibrate, forward_transfer
         self.history: list[list[float]] = []  # A rows, each followed by the number of seen experiences
+        # the probes of the model at initialisation (evaluate_baseline): {"acc_all", "acc_matrix_row", "knn_acc_all"}
+        self.baseline: dict | None = None
 
     def state_dict(self) -> dict:
-        return {"history": [list(map(float, h)) for h in self.history]}
+        return {"history": [list(map(float, h)) for h in self.history], "baseline": copy.deepcopy(self.baseline)}
 
     def load_state_dict(self, state: dict) -> None:
         self.history = [list(h) for h in state["history"]]
+        self.baseline = copy.deepcopy(state.get("baseline"))  # (none in checkpoints from before forward transfer)
 
     def _features(self, model, images, tag: str) -> torch.Tensor:
         return extract_features(model, images, self.augment, device=self.device, batch_size=self.batch_size,
@@ -153,6 +180,36 @@ class StreamEvaluator:
                 "(streaming_ssl.plugins; README \"Use it from Python\"), or give one parent_classes entry per "
                 "training experience")
 
+    def _matrix_row(self, pred: torch.Tensor) -> list[float]:
+        """A[t, j] for every parent experience j: the all-class probe's accuracy on the test images of j's classes
+        (NaN where j has none)."""
+        labels = self.in_domain.test_labels
+        correct = (pred == labels)
+        a_row = []
+        for classes in self.parent_classes:
+            mask = torch.isin(labels, torch.as_tensor(classes))
+            a_row.append(float(correct[mask].float().mean()) if mask.any() else float("nan"))
+        return a_row
+
+    def evaluate_baseline(self, model: torch.nn.Module) -> dict:
+        """Probe `model` as it is before training (its initialisation) and keep the result as forward transfer's
+        baseline b: {"acc_all", "acc_matrix_row", "knn_acc_all" (None without kNN)}. Draws no global random
+        number (the probe's layer is built under a forked RNG), so training goes on as without it."""
+        d = self.in_domain
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            probed = self._probed_model(model, d)
+            tr = self._features(probed, d.train_images, f"{d.name}/train (initialisation)")
+            te = self._features(probed, d.test_images, f"{d.name}/test (initialisation)")
+            acc_all, pred = self._probe(tr, d.train_labels, te, d.test_labels, d.num_classes)
+            knn = None
+            if self.knn_k:
+                knn = knn_predict(tr, d.train_labels, te, d.num_classes, k=self.knn_k,
+                                  temperature=self.knn_temperature)
+                knn = float((knn == d.test_labels).float().mean())
+        self.baseline = {"acc_all": acc_all, "acc_matrix_row": self._matrix_row(pred), "knn_acc_all": knn}
+        return copy.deepcopy(self.baseline)
+
     def evaluate(self, model: torch.nn.Module, n_seen: int) -> dict:
         """One evaluation with `n_seen` parent experiences seen so far."""
         self.check_seen(n_seen)
@@ -164,11 +221,7 @@ class StreamEvaluator:
         row: dict = {}
         acc_all, pred = self._probe(tr, d.train_labels, te, d.test_labels, d.num_classes)
         row["probe/acc_all"] = acc_all
-        correct = (pred == d.test_labels)
-        a_row = []
-        for classes in self.parent_classes:
-            mask = torch.isin(d.test_labels, torch.as_tensor(classes))
-            a_row.append(float(correct[mask].float().mean()) if mask.any() else float("nan"))
+        a_row = self._matrix_row(pred)
         row["probe/acc_matrix_row"] = a_row
         seen = sorted({c for classes in self.parent_classes[:n_seen] for c in classes})
         row["probe/avg_acc"] = sum(a_row[:n_seen]) / n_seen
@@ -186,6 +239,14 @@ class StreamEvaluator:
         values = [f for f in forget if f is not None]
         row["probe/avg_forgetting"] = sum(values) / len(values) if values else None
         row["probe/bwt"] = backward_transfer(self.history, a_row, n_seen)
+        if self.forward_transfer:
+            b = self.baseline
+            row["probe/fwt"] = forward_transfer(self.history, None if b is None else b["acc_matrix_row"], n_seen)
+            if b is not None:
+                row["probe/init_acc_all"] = b["acc_all"]
+                row["probe/init_acc_matrix_row"] = list(b["acc_matrix_row"])
+                if b.get("knn_acc_all") is not None:
+                    row["knn/init_acc_all"] = b["knn_acc_all"]
         self.history.append(a_row + [float(n_seen)])
         if self.knn_k:
             knn = knn_predict(tr, d.train_labels, te, d.num_classes, k=self.knn_k, temperature=self.knn_temperature)
@@ -219,6 +280,17 @@ class ProbeMetric(PluginMetric):
 
     def result(self) -> dict | None:
         return self.last_row
+
+    def before_training(self, strategy) -> None:
+        """Forward transfer's baseline: the model at initialisation, probed once before a run's first update (a
+        resumed run has it in the evaluator's state; one resumed from a checkpoint without it reports no FWT)."""
+        ev = self.evaluator
+        if not ev.forward_transfer or ev.baseline is not None or strategy.global_step != 0:
+            return
+        t0 = time.perf_counter()
+        b = ev.evaluate_baseline(self.model)
+        log.info("before training (forward transfer's baseline): probe %s, kNN %s at initialisation (%.0f s)",
+                 _pct(b["acc_all"]), _pct(b["knn_acc_all"]), time.perf_counter() - t0)
 
     def before_training_exp(self, strategy) -> None:
         # without an EvalSchedule (which sets eval_seen), the evaluation after this experience counts it as a parent
@@ -348,7 +420,8 @@ def read_rows(path: str | Path) -> list[dict]:
 
 
 def plot_run(rows: list[dict], path: str | Path, title: str = "") -> None:
-    """Accuracy-matrix heatmap beside the accuracy-vs-experience curves, saved as PNG."""
+    """Accuracy-matrix heatmap beside the accuracy-vs-experience curves, saved as PNG. A run with forward transfer's
+    baseline (eval.forward_transfer) gets it as the first row, "init", and as the curves' first point, at -1."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -357,15 +430,19 @@ def plot_run(rows: list[dict], path: str | Path, title: str = "") -> None:
 
     if not rows:
         return
-    mat = torch.tensor([r["probe/acc_matrix_row"] for r in rows], dtype=torch.float32) * 100
+    init = rows[-1].get("probe/init_acc_matrix_row")
+    matrix = [init] if init else []
+    mat = torch.tensor(matrix + [r["probe/acc_matrix_row"] for r in rows], dtype=torch.float32) * 100
     xs = [r["experience"] for r in rows]  # numbered from 0, as metrics.jsonl, log.txt and train.log number them
     fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(12, 4.8))
     im = ax0.imshow(mat.numpy(), cmap="viridis", vmin=0, vmax=100, aspect="auto")
     ax0.set_xlabel("test classes of experience j")
     ax0.set_ylabel("after experience (evaluation) t")
-    ax0.set_yticks(range(len(xs)), [str(x) for x in xs])
+    ax0.set_yticks(range(len(matrix) + len(xs)), ["init"] * len(matrix) + [str(x) for x in xs])
     ax0.set_xticks(range(mat.shape[1]), [str(j) for j in range(mat.shape[1])])
     ax0.set_title("accuracy matrix A[t, j] (%)")
+    if matrix:
+        ax0.axhline(0.5, color="w", linewidth=2)  # the initialisation above, the evaluations below
     if mat.numel() <= 400:
         for i in range(mat.shape[0]):
             for j in range(mat.shape[1]):
@@ -376,10 +453,13 @@ def plot_run(rows: list[dict], path: str | Path, title: str = "") -> None:
     for key in keys:
         ys = [r.get(key) for r in rows]
         pts = [(x, y * 100) for x, y in zip(xs, ys) if _is_scalar(y)]
+        start = rows[-1].get(key.replace("/", "/init_", 1)) if key in ("probe/acc_all", "knn/acc_all") else None
+        if pts and _is_scalar(start):  # the initialisation, before experience 0
+            pts.insert(0, (-1, start * 100))
         if pts:
             ax1.plot(*zip(*pts), marker="o", label=key)
     ax1.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    ax1.set_xlabel("experiences trained")
+    ax1.set_xlabel("after experience (-1: initialisation)" if init else "after experience")
     ax1.set_ylabel("accuracy (%)")
     ax1.grid(alpha=0.3)
     ax1.legend(fontsize=8)

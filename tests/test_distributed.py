@@ -54,7 +54,7 @@ TIMEOUT = 240  # seconds before a hung launch is killed (a deadlock must fail, n
 
 # Tiny stream: 3 experiences of 40/30/30 images, batch 20 -> 2+2+2 updates, evaluated after each.
 STREAM_OVERRIDES = ["train.threads=1", "train.precision=fp32", "data.train_per_class=10", "data.test_per_class=5",
-                    "eval.probe_epochs=2", "run.tensorboard=false", "run.plot=false"]
+                    "eval.probe_epochs=2", "run.tensorboard=false", "run.plot=false", "eval.forward_transfer=true"]
 PROGRESS_KEYS = ("experience", "parent_experience", "samples_seen", "updates")
 
 
@@ -531,6 +531,12 @@ def test_two_process_torchrun_writes_what_one_process_writes(stream_runs) -> Non
     expected = _rows(single)
     rows = _rows(two)
     _check_same_layout(rows, expected)
+    # forward transfer's baseline: the initialisation (the same weights on every rank) probed by all ranks together,
+    # once, as one process probes it (features computed in shards differ from one process's by float rounding)
+    assert rows[0]["probe/fwt"] is None and rows[-1]["probe/fwt"] is not None
+    assert abs(rows[0]["probe/init_acc_all"] - expected[0]["probe/init_acc_all"]) <= 0.1
+    assert all(r["probe/init_acc_matrix_row"] == rows[0]["probe/init_acc_matrix_row"] for r in rows)
+    assert (two / "train.log").read_text().count("forward transfer's baseline") == 1
     # rank 0 alone writes: the same files as one process, one metrics row per evaluation, one log
     assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in single.iterdir())
     assert json.loads((two / "summary.json").read_text()) == rows[-1]
