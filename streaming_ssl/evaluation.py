@@ -117,10 +117,10 @@ def forward_transfer(history: list[list[float]], baseline: list[float] | None, n
 class StreamEvaluator:
     """Fits the probes on frozen features and returns one evaluation row (a flat dict).
 
-    forward_transfer: probe the model once before training (evaluate_baseline; ProbeMetric does it at a run's
+    forward_transfer: probe the model once before training (evaluate_baseline; ProbeMetric does it before a run's
     first update) and add `probe/fwt` and the baseline's accuracies (`probe/init_acc_all`,
-    `probe/init_acc_matrix_row`, `knn/init_acc_all`) to every row. The baseline is part of the evaluator's state,
-    so a resumed run keeps it.
+    `probe/init_acc_matrix_row`, `knn/init_acc_all`, `transfer/init_<dataset>`) to every row. The baseline is part
+    of the evaluator's state, so a resumed run keeps it.
     """
 
     def __init__(self, *, in_domain: ProbeSet, transfer: list[ProbeSet], parent_classes: list[list[int]],
@@ -191,10 +191,18 @@ class StreamEvaluator:
             a_row.append(float(correct[mask].float().mean()) if mask.any() else float("nan"))
         return a_row
 
+    def _transfer(self, model: torch.nn.Module, t: ProbeSet) -> float:
+        """The linear probe's accuracy on the out-of-domain set `t`."""
+        probed = self._probed_model(model, t)
+        ttr = self._features(probed, t.train_images, f"{t.name}/train")
+        tte = self._features(probed, t.test_images, f"{t.name}/test")
+        return self._probe(ttr, t.train_labels, tte, t.test_labels, t.num_classes)[0]
+
     def evaluate_baseline(self, model: torch.nn.Module) -> dict:
         """Probe `model` as it is before training (its initialisation) and keep the result as forward transfer's
-        baseline b: {"acc_all", "acc_matrix_row", "knn_acc_all" (None without kNN)}. Draws no global random
-        number (the probe's layer is built under a forked RNG), so training goes on as without it."""
+        baseline b: {"acc_all", "acc_matrix_row", "knn_acc_all" (None without kNN), "transfer" ({dataset: accuracy}
+        of the out-of-domain probes)}. Draws no global random number (the probe's layer is built under a forked
+        RNG), so training goes on as without it."""
         d = self.in_domain
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
@@ -207,7 +215,9 @@ class StreamEvaluator:
                 knn = knn_predict(tr, d.train_labels, te, d.num_classes, k=self.knn_k,
                                   temperature=self.knn_temperature)
                 knn = float((knn == d.test_labels).float().mean())
-        self.baseline = {"acc_all": acc_all, "acc_matrix_row": self._matrix_row(pred), "knn_acc_all": knn}
+            transfer = {t.name: self._transfer(model, t) for t in self.transfer}
+        self.baseline = {"acc_all": acc_all, "acc_matrix_row": self._matrix_row(pred), "knn_acc_all": knn,
+                         "transfer": transfer}
         return copy.deepcopy(self.baseline)
 
     def evaluate(self, model: torch.nn.Module, n_seen: int) -> dict:
@@ -252,10 +262,10 @@ class StreamEvaluator:
             knn = knn_predict(tr, d.train_labels, te, d.num_classes, k=self.knn_k, temperature=self.knn_temperature)
             row["knn/acc_all"] = float((knn == d.test_labels).float().mean())
         for t in self.transfer:
-            probed = self._probed_model(model, t)
-            ttr = self._features(probed, t.train_images, f"{t.name}/train")
-            tte = self._features(probed, t.test_images, f"{t.name}/test")
-            row[f"transfer/{t.name}"], _ = self._probe(ttr, t.train_labels, tte, t.test_labels, t.num_classes)
+            row[f"transfer/{t.name}"] = self._transfer(model, t)
+            init = (self.baseline or {}).get("transfer", {}).get(t.name) if self.forward_transfer else None
+            if init is not None:
+                row[f"transfer/init_{t.name}"] = init
         row["time/eval_seconds"] = time.perf_counter() - t0
         return row
 
@@ -289,8 +299,9 @@ class ProbeMetric(PluginMetric):
             return
         t0 = time.perf_counter()
         b = ev.evaluate_baseline(self.model)
-        log.info("before training (forward transfer's baseline): probe %s, kNN %s at initialisation (%.0f s)",
-                 _pct(b["acc_all"]), _pct(b["knn_acc_all"]), time.perf_counter() - t0)
+        log.info("before training (forward transfer's baseline): probe %s, kNN %s%s at initialisation (%.0f s)",
+                 _pct(b["acc_all"]), _pct(b["knn_acc_all"]),
+                 "".join(f", {name} {_pct(v)}" for name, v in b["transfer"].items()), time.perf_counter() - t0)
 
     def before_training_exp(self, strategy) -> None:
         # without an EvalSchedule (which sets eval_seen), the evaluation after this experience counts it as a parent
@@ -449,11 +460,12 @@ def plot_run(rows: list[dict], path: str | Path, title: str = "") -> None:
                 ax0.text(j, i, f"{mat[i, j]:.0f}", ha="center", va="center", color="w", fontsize=7)
     fig.colorbar(im, ax=ax0)
     keys = ["probe/acc_all", "probe/acc_seen", "probe/avg_acc", "knn/acc_all"] + sorted(
-        {k for r in rows for k in r if k.startswith("transfer/")})
+        {k for r in rows for k in r if k.startswith("transfer/") and not k.startswith("transfer/init_")})
     for key in keys:
         ys = [r.get(key) for r in rows]
         pts = [(x, y * 100) for x, y in zip(xs, ys) if _is_scalar(y)]
-        start = rows[-1].get(key.replace("/", "/init_", 1)) if key in ("probe/acc_all", "knn/acc_all") else None
+        has_init = key in ("probe/acc_all", "knn/acc_all") or key.startswith("transfer/")
+        start = rows[-1].get(key.replace("/", "/init_", 1)) if has_init else None
         if pts and _is_scalar(start):  # the initialisation, before experience 0
             pts.insert(0, (-1, start * 100))
         if pts:

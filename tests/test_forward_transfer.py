@@ -7,6 +7,7 @@ import math
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -18,7 +19,7 @@ DATA = os.environ.get("STREAMING_SSL_DATA")
 needs_data = pytest.mark.skipif(not DATA or not (Path(DATA) / "cifar10.npz").is_file(),
                                 reason="needs the real CIFAR-10: set STREAMING_SSL_DATA to the folder of cifar10.npz")
 REPO = Path(__file__).resolve().parents[1]
-NEW_KEYS = ("probe/fwt", "probe/init_acc_all", "probe/init_acc_matrix_row", "knn/init_acc_all")
+NEW_KEYS = ("probe/fwt", "probe/init_acc_all", "probe/init_acc_matrix_row", "knn/init_acc_all", "transfer/init_dots")
 
 
 def test_forward_transfer_is_the_mean_gain_over_initialisation_right_before_each_experience() -> None:
@@ -52,8 +53,21 @@ def test_compare_reports_fwt_only_where_a_run_has_it() -> None:
     assert "FWT" not in table([{"probe/acc_all": 0.5}])
 
 
+def _dots(folder: Path) -> Path:
+    """A small out-of-domain target: bright or dark 8x8 grayscale images, as an npz source (transfer/dots)."""
+    rng = np.random.default_rng(0)
+    split = {}
+    for name, n in (("train", 24), ("test", 12)):
+        labels = np.arange(n) % 2
+        split[f"x_{name}"] = (rng.integers(0, 120, (n, 8, 8)) + 120 * labels[:, None, None]).astype(np.uint8)
+        split[f"y_{name}"] = labels
+    np.savez(folder / "dots.npz", **split)
+    return folder / "dots.npz"
+
+
 def _args(run_dir: Path, *extra: str) -> list[str]:
-    return ["--config", str(REPO / "configs/smoke.yaml"), f"run.out_dir={run_dir}", f"data.root={Path(DATA).resolve()}",
+    return ["--config", str(REPO / "configs/smoke.yaml"), f"run.out_dir={run_dir}",
+            f"data.root={Path(DATA).resolve()}", f"eval.transfer=[npz:{_dots(run_dir.parent)}]",
             "data.train_per_class=12", "data.test_per_class=6", "stream.n_experiences=3", "eval.probe_epochs=2",
             "run.tensorboard=false", "run.plot=false", "train.threads=1", "train.deterministic=true",
             "run.checkpoint_every=0", *extra]
@@ -99,6 +113,9 @@ def test_a_run_reports_forward_transfer_trains_as_without_it_and_keeps_its_basel
     assert len(init) == 3 and all(r["probe/init_acc_matrix_row"] == init for r in rows)
     assert all(r["probe/init_acc_all"] == rows[0]["probe/init_acc_all"] for r in rows)
     assert 0.0 <= rows[0]["knn/init_acc_all"] <= 1.0
+    # the out-of-domain probe at initialisation, beside the trained model's
+    assert all(r["transfer/init_dots"] == rows[0]["transfer/init_dots"] for r in rows)
+    assert all(0.0 <= r[k] <= 1.0 for r in rows for k in ("transfer/dots", "transfer/init_dots"))
     assert rows[0]["probe/fwt"] is None
     for t in (1, 2):
         gains = [rows[j - 1]["probe/acc_matrix_row"][j] - init[j] for j in range(1, t + 1)]
