@@ -225,6 +225,23 @@ def build_evaluator(cfg: Config, splits: DatasetSplits, stream: SSLStream, augme
                            forward_transfer=e.forward_transfer)
 
 
+def initial_baseline(cfg: Config) -> dict:
+    """Forward transfer's baseline for a run of `cfg` (StreamEvaluator.evaluate_baseline): its model at
+    initialisation, built as train() builds it (the same seed and the same draws before it, so the same weights),
+    probed by the run's own evaluator. What `eval.forward_transfer: true` logs as `probe/init_*`, computed afterwards
+    for a run trained without it (bench/forward_transfer.py). Writes nothing."""
+    device, amp_dtype = setup_runtime(cfg)
+    splits = load_train_data(cfg)
+    stream = stream_from_config(cfg, splits)
+    model = build_model(cfg, model_stem(cfg, splits)).to(device)
+    channels_last = uses_channels_last(cfg, device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    evaluator = build_evaluator(cfg, splits, stream, build_augment(cfg, splits), device=device, amp_dtype=amp_dtype,
+                                channels_last=channels_last)
+    return evaluator.evaluate_baseline(model)
+
+
 def build_loggers(cfg: Config, run_dir: Path, *, resumed_after: int | None = None) -> list:
     """metrics.jsonl, log.txt (Avalanche's TextLogger, one row per evaluation) and TensorBoard; rank 0 only. Close
     them after the run. `resumed_after`: the experiences trained at the checkpoint a resumed run continues from

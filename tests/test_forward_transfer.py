@@ -120,6 +120,13 @@ def test_a_run_reports_forward_transfer_trains_as_without_it_and_keeps_its_basel
     for t in (1, 2):
         gains = [rows[j - 1]["probe/acc_matrix_row"][j] - init[j] for j in range(1, t + 1)]
         assert rows[t]["probe/fwt"] == pytest.approx(sum(gains) / len(gains))
+    # a run trained without it gets the same baseline afterwards, from its config alone
+    from streaming_ssl.build import initial_baseline
+    from streaming_ssl.config import load_config
+
+    again = initial_baseline(load_config(plain / "config.yaml"))
+    assert again == {"acc_all": rows[0]["probe/init_acc_all"], "acc_matrix_row": init,
+                     "knn_acc_all": rows[0]["knn/init_acc_all"], "transfer": {"dots": rows[0]["transfer/init_dots"]}}
     assert (fwt / "accuracy.png").stat().st_size > 0  # with the initialisation as its first row
     summary = json.loads((fwt / "summary.json").read_text())
     assert summary["probe/fwt"] == pytest.approx(rows[-1]["probe/fwt"])
