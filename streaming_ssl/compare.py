@@ -26,7 +26,9 @@ comes from the runs' own metrics.jsonl (the evaluation after each experience, as
 Where each run trained (its run_info.jsonl: machine kind and precision, provenance.py) is listed under the table,
 with a warning where the runs trained on more than one (machines_warning): a group whose seeds did (`train.precision:
 auto` is bf16 on one CPU and float32 on another under the same config, so such runs still share a group) averages
-across them; groups that differ only between them compare with that in mind.
+across them; groups that differ only between them compare with that in mind. The code they trained with (git commit,
+uncommitted changes, torch and avalanche-lib versions: provenance.code_labels) is listed the same way, with a warning
+where the seeds of one group differ in it (code_warning).
 
 Accuracies are only comparable on one test set: runs of different datasets, image sizes or test subsets are
 refused (allow_mixed overrides), and so are two runs of one config and seed (a copy of a run would count as a
@@ -76,6 +78,7 @@ class Run:
     metrics: dict = field(default_factory=dict)
     machines: list[str] = field(default_factory=list)  # provenance.machine_labels ([NOT_RECORDED]: no row)
     record_problem: str = ""  # why its run_info.jsonl could not be read ("" when it could, or there is none)
+    code: list[str] = field(default_factory=list)  # provenance.code_labels: the code it trained with ([]: none known)
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
@@ -156,7 +159,8 @@ def read_run(path: str | Path) -> Run:
         machines = list(dict.fromkeys([provenance.NOT_RECORDED, *machines]))
     return Run(path=path, config=flatten(config), rows=rows, complete=complete,
                metrics=run_metrics(rows) if rows else {}, machines=machines or [provenance.NOT_RECORDED],
-               record_problem=problems[0] if problems else "")
+               record_problem=problems[0] if problems else "",
+               code=provenance.code_labels(info, before_update=last if isinstance(last, int) else None))
 
 
 def find_runs(paths: list[str | Path]) -> list[Path]:
@@ -296,6 +300,7 @@ def summarize(paths: list[str | Path], *, allow_mixed: bool = False, include_inc
                  "complete": all(r.complete for r in members), "settings": _learned(members[0].config),
                  "machines": list(dict.fromkeys(m for r in members for m in r.machines)),
                  "run_machines": [r.machines for r in members],
+                 "code": list(dict.fromkeys(c for r in members for c in r.code)), "run_code": [r.code for r in members],
                  "curves": [dict(zip(("samples_seen", "forward_equivalents", "acc"), curves(r))) for r in members]}
         for metric in METRICS:
             values = [r.metrics[metric] for r in members]
@@ -305,7 +310,9 @@ def summarize(paths: list[str | Path], *, allow_mixed: bool = False, include_inc
     return {"groups": groups, "left_out": left_out, "machines": _machines(runs),
             "unrecorded": [str(r.path) for r in runs if provenance.NOT_RECORDED in r.machines],
             "record_problems": [r.record_problem for r in runs if r.record_problem],
-            "mixed_groups": [g["label"] for g, (_, members) in zip(groups, grouped) if len(_machines(members)) > 1]}
+            "mixed_groups": [g["label"] for g, (_, members) in zip(groups, grouped) if len(_machines(members)) > 1],
+            "code": list(dict.fromkeys(c for r in runs for c in r.code)),
+            "mixed_code_groups": [g["label"] for g in groups if len(g["code"]) > 1]}
 
 
 def _machines(runs: list[Run]) -> list[str]:
@@ -325,6 +332,34 @@ def machines_warning(summary: dict) -> str:
                 "the group's mean mixes them; accuracy and wall time compare only within one kind and precision")
     return ("the groups trained on different machine kinds or precisions: where that is not the setting the groups "
             "compare, their accuracy and wall time do not compare")
+
+
+def code_warning(summary: dict) -> str:
+    """'' unless the runs averaged in one group trained with more than one code version (git commit, uncommitted
+    changes, torch or avalanche-lib version): their mean may mix what two versions compute."""
+    mixed = summary.get("mixed_code_groups") or []
+    if not mixed:
+        return ""
+    return (f"runs averaged in one group trained with more than one version of the code ({', '.join(mixed)}: git "
+            "commit, uncommitted changes, torch or avalanche-lib): the group's mean may mix what they compute")
+
+
+def code_note(summary: dict) -> list[str]:
+    """The code the runs trained with, as lines under the table: one line when every run records the same, else each
+    group's (a run resumed with other code names each; code_warning first where seeds of a group differ); none when
+    no run records any."""
+    every = summary.get("code") or []
+    if len(every) <= 1:
+        return [f"Code: {every[0]}."] if every else []
+    warning = code_warning(summary)
+    lines = [f"**{warning[0].upper()}{warning[1:]}**:" if warning else "Code (the groups trained with different "
+             "versions; a difference between them may come from the code as well as from their settings):"]
+    for g in summary["groups"]:
+        names = [Path(r).name for r in g["runs"]]
+        lines.append(f"- {g['label']}: " + ("; ".join(
+            f"{c} ({', '.join(n for n, cs in zip(names, g['run_code']) if c in cs)})" for c in g["code"])
+            if len(g["code"]) > 1 else (g["code"][0] if g["code"] else "not recorded")))
+    return lines
 
 
 def machines_note(summary: dict) -> list[str]:
@@ -378,7 +413,7 @@ def markdown_table(summary: dict) -> str:
                      f"{_cell(g['bwt'], 100)} | " + (f"{_cell(g['fwt'], 100)} | " if fwt else "")
                      + f"{_cell(g['knn_final'], 100)} | {images} | "
                      f"{_cell(g['updates'], digits=0, spread=False)} | {compute} |")
-    note = machines_note(summary)
+    note = machines_note(summary) + code_note(summary)
     return "\n".join(lines + ([""] + note if note else [])) + "\n"
 
 

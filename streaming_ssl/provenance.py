@@ -208,24 +208,47 @@ def machine_labels(rows: list[dict], before_update: int | None = None) -> list[s
     return list(dict.fromkeys(label(r) for r in kept))
 
 
+def _commit(r: dict) -> str | None:
+    """A row's git commit (12 digits, ' with uncommitted changes' where its tracked files had some), or None.
+    Rows are checked for what `label` needs only: the rest is read with care (an older or hand-edited row)."""
+    c = r.get("code")
+    if not isinstance(c, dict) or not isinstance(c.get("commit"), str):
+        return None
+    return c["commit"][:12] + (" with uncommitted changes" if c.get("dirty") else "")
+
+
+def _versions(r: dict) -> dict:
+    return r["versions"] if isinstance(r.get("versions"), dict) else {}
+
+
+CODE_VERSIONS = ("torch", "avalanche-lib")  # the versions whose change may change what a run computes
+
+
+def code_label(row: dict) -> str | None:
+    """'commit 0123456789ab, torch 2.14.1, avalanche-lib 0.6.0' of one row (what it records of these); None where it
+    records none (no git checkout, and a row without versions)."""
+    parts = [f"commit {c}"] if (c := _commit(row)) else []
+    parts += [f"{name} {v}" for name in CODE_VERSIONS if (v := _versions(row).get(name))]
+    return ", ".join(parts) or None
+
+
+def code_labels(rows: list[dict], before_update: int | None = None) -> list[str]:
+    """The distinct code_labels of the training a run holds (lineage; before `before_update`, as machine_labels),
+    in the order it met them; a row recording none is left out."""
+    kept = [r for r in lineage(rows) if before_update is None or r["start_update"] < before_update]
+    return list(dict.fromkeys(c for r in kept if (c := code_label(r))))
+
+
 def code_changes(rows: list[dict]) -> list[str]:
     """'from update u: what -> what' for each start of the kept training (lineage) whose code (git commit, or
     uncommitted changes) or torch / avalanche-lib version differs from the start before it."""
-    def code(r: dict) -> str | None:  # rows are checked for what labels need only: read the rest with care
-        c = r.get("code")
-        if not isinstance(c, dict) or not isinstance(c.get("commit"), str):
-            return None
-        return c["commit"][:12] + (" with uncommitted changes" if c.get("dirty") else "")
-
-    def versions_of(r: dict) -> dict:
-        return r["versions"] if isinstance(r.get("versions"), dict) else {}
-
+    code, versions_of = _commit, _versions
     out = []
     kept = lineage(rows)
     for a, b in zip(kept, kept[1:]):
         diffs = [f"code {code(a)} -> {code(b)}"] if code(a) != code(b) else []
         va, vb = versions_of(a), versions_of(b)
-        diffs += [f"{name} {va.get(name)} -> {vb.get(name)}" for name in ("torch", "avalanche-lib")
+        diffs += [f"{name} {va.get(name)} -> {vb.get(name)}" for name in CODE_VERSIONS
                   if va and vb and va.get(name) != vb.get(name)]
         if diffs:
             out.append(f"from update {b['start_update']}: " + ", ".join(diffs))

@@ -39,7 +39,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     from streaming_ssl.atomic import atomic_write_text
-    from streaming_ssl.compare import CompareError, machines_warning, markdown_table, plot_compare, summarize
+    from streaming_ssl.compare import (CompareError, code_warning, machines_warning, markdown_table, plot_compare,
+                                       summarize)
 
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
@@ -64,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("%s: where that run trained is taken as not recorded", problem)
     if warning := machines_warning(summary):
         log.warning("%s (%s; under the table, each group's)", warning, "; ".join(summary["machines"]))
+    if warning := code_warning(summary):
+        log.warning("%s (under the table, each run's)", warning)
     table = markdown_table(summary)
     print(table, end="")
     if out is not None:

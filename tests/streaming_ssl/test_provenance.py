@@ -202,6 +202,61 @@ def test_compare_warns_only_for_recorded_kinds_and_names_unrecorded_runs(tmp_pat
     assert capsys.readouterr().out.endswith(f"\nTrained on: bf16 on A (not recorded for part or all of {late}).\n")
 
 
+def test_code_labels_and_compare_name_the_code_each_seed_trained_with(tmp_path: Path, caplog, capsys) -> None:
+    """code_labels: the commit (and uncommitted changes) and the torch / avalanche-lib versions of the training a run
+    holds; compare_runs warns where the seeds of one group trained with different code and names which, and lists
+    each group's code when groups differ (no warning: an ablation run at two commits is common)."""
+    from streaming_ssl.cli import compare
+    from streaming_ssl.config import load_config, save_config
+
+    def code(commit: str, dirty: bool = False, torch_version: str = "2.14.1") -> dict:
+        return {"code": {"commit": commit * 40, "dirty": dirty},
+                "versions": {"torch": torch_version, "avalanche-lib": "0.6.0", "numpy": "2.0"}}
+
+    rows = [_row(0, **code("a")), _row(5, **code("b", True)), _row(5, **code("a", False, "2.11.0")),
+            _row(9, machine="A")]  # the start at 5 replaced by another; the last records no code
+    assert provenance.code_labels(rows) == ["commit aaaaaaaaaaaa, torch 2.14.1, avalanche-lib 0.6.0",
+                                            "commit aaaaaaaaaaaa, torch 2.11.0, avalanche-lib 0.6.0"]
+    assert provenance.code_labels(rows, before_update=5) == ["commit aaaaaaaaaaaa, torch 2.14.1, avalanche-lib 0.6.0"]
+    assert provenance.code_label(_row(0, **code("b", True))) == (
+        "commit bbbbbbbbbbbb with uncommitted changes, torch 2.14.1, avalanche-lib 0.6.0")
+    assert provenance.code_label(_row(0)) is None and provenance.code_label(_row(0, code="junk")) is None
+
+    def make(name: str, seed: int, lr: float, *starts: dict) -> Path:
+        run_dir = tmp_path / name
+        run_dir.mkdir()
+        save_config(load_config(REPO / "configs/smoke.yaml", [f"train.seed={seed}", f"optim.lr={lr}"]),
+                    run_dir / "config.yaml")
+        (run_dir / "metrics.jsonl").write_text(json.dumps({"samples_seen": 10, "updates": 10,
+                                                           "probe/acc_all": 0.25}) + "\n")
+        (run_dir / "summary.json").write_text("{}")
+        for row in starts:
+            provenance.append_row(run_dir, row)
+        return run_dir
+
+    s0, s1 = make("s0", 0, 0.3, _row(0, **code("a"))), make("s1", 1, 0.3, _row(0, **code("a")))
+    assert compare.main([str(s0), str(s1)]) == 0
+    assert capsys.readouterr().out.endswith("\nCode: commit aaaaaaaaaaaa, torch 2.14.1, avalanche-lib 0.6.0.\n")
+    assert "version of the code" not in caplog.text
+    s2 = make("s2", 2, 0.3, _row(0, **code("a")), _row(4, **code("c", True)))  # resumed with other code
+    other = make("other", 0, 0.1, _row(0, **code("c")))
+    with caplog.at_level("WARNING"):
+        assert compare.main([str(s0), str(s1), str(s2), str(other)]) == 0
+    assert "runs averaged in one group trained with more than one version of the code (s0: git commit" in caplog.text
+    table = capsys.readouterr().out
+    assert table.endswith("\n- s0: commit aaaaaaaaaaaa, torch 2.14.1, avalanche-lib 0.6.0 (s0, s1, s2); commit "
+                          "cccccccccccc with uncommitted changes, torch 2.14.1, avalanche-lib 0.6.0 (s2)\n"
+                          "- other: commit cccccccccccc, torch 2.14.1, avalanche-lib 0.6.0\n")
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert compare.main([str(s0), str(other)]) == 0  # groups at two commits: listed, no warning
+    assert "version of the code" not in caplog.text
+    assert capsys.readouterr().out.endswith(
+        "\nCode (the groups trained with different versions; a difference between them may come from the code as well "
+        "as from their settings):\n- s0: commit aaaaaaaaaaaa, torch 2.14.1, avalanche-lib 0.6.0\n"
+        "- other: commit cccccccccccc, torch 2.14.1, avalanche-lib 0.6.0\n")
+
+
 @pytest.mark.skipif(not DATA or not (Path(DATA) / "cifar10.npz").is_file(),
                     reason="needs the real CIFAR-10: set STREAMING_SSL_DATA to the folder of cifar10.npz")
 def test_a_resumed_run_records_each_start_and_warns_when_it_moved(tmp_path: Path, dies_after, caplog,
@@ -257,4 +312,6 @@ def test_a_resumed_run_records_each_start_and_warns_when_it_moved(tmp_path: Path
     assert "**Runs averaged in one group trained on more than one machine kind or precision (here)" in table
     assert f"- here: {here_label} (here, moved); {other_label} (moved)" in table  # one group: only the seed differs
     assert compare.main([str(here)]) == 0
-    assert capsys.readouterr().out.endswith(f"\nTrained on: {here_label} (every run).\n")
+    out = capsys.readouterr().out
+    assert f"\nTrained on: {here_label} (every run).\nCode: " in out and out.endswith(
+        f", torch {rows[1]['versions']['torch']}, avalanche-lib {rows[1]['versions']['avalanche-lib']}.\n")
