@@ -67,7 +67,8 @@ def row_fwt(matrix: list[list[float]], baseline: list[float]) -> dict:
     """FWT of one run from its matrix (row t: the evaluation after parent experience t) and b: the figure, each
     experience's term A[j-1, j] - b[j], and the accuracies before training on j."""
     history = [list(a) + [float(t + 1)] for t, a in enumerate(matrix)]
-    terms = [matrix[j - 1][j] - baseline[j] for j in range(1, len(matrix))]
+    # an undefined accuracy (NaN: an experience without test images) is left out, as forward_transfer leaves it
+    terms = [d for j in range(1, len(matrix)) if (d := matrix[j - 1][j] - baseline[j]) == d]
     return {"fwt": forward_transfer(history, baseline, len(matrix)), "terms": terms,
             "before": [matrix[j - 1][j] for j in range(1, len(matrix))], "baseline": list(baseline)}
 
@@ -90,7 +91,9 @@ def report(out: dict) -> str:
             names.append(split_key(key)[0])
     for name in names:
         keys = [k for k in ordered_keys(out["rows"]) if split_key(k)[0] == name]
-        values = [100 * out["rows"][k]["fwt"] for k in keys]
+        values = [100 * out["rows"][k]["fwt"] for k in keys if out["rows"][k]["fwt"] is not None]
+        if not values:
+            continue
         spread = f" ± {statistics.stdev(values):.1f}" if len(values) > 1 else ""
         terms = ", ".join(f"{100 * t:+.1f}" for t in out["rows"][keys[0]]["terms"])
         lines.append(f"| {LABELS[name]} | {len(values)} ({', '.join(f'{v:.1f}' for v in values)}) | "
@@ -135,7 +138,8 @@ def main() -> int:
         b = out["baselines"][bkey]
         out["rows"][key] = {**row_fwt(results[key]["accuracy_matrix"], b["acc_matrix_row"]),
                             "baseline_acc_all": b["acc_all"], "seed": seed, "trained_on": results[key].get("machine")}
-        print(f"{key}: FWT {100 * out['rows'][key]['fwt']:+.2f} pts", flush=True)
+        fwt = out["rows"][key]["fwt"]
+        print(f"{key}: FWT " + ("undefined" if fwt is None else f"{100 * fwt:+.2f} pts"), flush=True)
     out["command"] = " ".join(["python", "bench/forward_transfer.py", *sys.argv[1:]])
     out["overrides"] = args.set
     atomic_write_text(out_path, json.dumps(out, indent=2))

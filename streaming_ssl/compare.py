@@ -5,7 +5,7 @@
 
 Runs whose configs differ only in `train.seed` (and in settings that do not change what is learned: run.*,
 data.root, train.threads, train.device, compiling, channels_last, train.deterministic, train.log_every,
-optim.foreach, oom.RESUMABLE, eval.forward_transfer (it adds a figure, changes none), and the
+optim.foreach, oom.RESUMABLE, eval.forward_transfer (it adds a figure and one evaluation's time), and the
 settings of a continual-learning method that is off) form one group, named by its first run's folder and by the
 settings that tell it from the others; its figures are the mean and sample standard deviation over its runs (a
 run that lacks a figure, as one saved before it was logged, is left out of that figure's mean). Every figure

@@ -291,9 +291,19 @@ class ProbeMetric(PluginMetric):
     def result(self) -> dict | None:
         return self.last_row
 
-    def before_training(self, strategy) -> None:
-        """Forward transfer's baseline: the model at initialisation, probed once before a run's first update (a
-        resumed run has it in the evaluator's state; one resumed from a checkpoint without it reports no FWT)."""
+    def before_training_exp(self, strategy) -> None:
+        # without an EvalSchedule (which sets eval_seen), the evaluation after this experience counts it as a parent
+        # experience: refuse before it trains, not after
+        from streaming_ssl.plugins import EvalSchedule  # (plugins.py imports this module)
+
+        if not any(isinstance(p, EvalSchedule) for p in getattr(strategy, "plugins", [])):
+            self.evaluator.check_seen(strategy.stream_step + 1)
+        self._baseline(strategy)
+
+    def _baseline(self, strategy) -> None:
+        """Forward transfer's baseline: the model at initialisation, probed once right before a run's first update
+        (once the stop signals are handled: GracefulStop installs its handlers before the first experience). A
+        resumed run has it in the evaluator's state (runner._fit takes it for a checkpoint saved without it)."""
         ev = self.evaluator
         if not ev.forward_transfer or ev.baseline is not None or strategy.global_step != 0:
             return
@@ -302,14 +312,6 @@ class ProbeMetric(PluginMetric):
         log.info("before training (forward transfer's baseline): probe %s, kNN %s%s at initialisation (%.0f s)",
                  _pct(b["acc_all"]), _pct(b["knn_acc_all"]),
                  "".join(f", {name} {_pct(v)}" for name, v in b["transfer"].items()), time.perf_counter() - t0)
-
-    def before_training_exp(self, strategy) -> None:
-        # without an EvalSchedule (which sets eval_seen), the evaluation after this experience counts it as a parent
-        # experience: refuse before it trains, not after
-        from streaming_ssl.plugins import EvalSchedule  # (plugins.py imports this module)
-
-        if not any(isinstance(p, EvalSchedule) for p in getattr(strategy, "plugins", [])):
-            self.evaluator.check_seen(strategy.stream_step + 1)
 
     def after_training_exp(self, strategy) -> list[MetricValue] | None:
         self.last_row = None

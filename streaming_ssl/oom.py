@@ -83,6 +83,8 @@ def out_of_memory_message(err: BaseException, *, evaluating: bool, device: str, 
                 "after it again (the same batches and augmentations)")
     where = (f"in the evaluation after experience {experience} (its feature extraction or probes)" if evaluating
              else f"in training update {update} (experience {experience})")
+    if evaluating and experience < 0:
+        where = "in forward transfer's baseline (the probes of the model at initialisation, before experience 0)"
     head = f"out of memory on {device} {where}: {_first_line(err)}."
     if evaluating:
         smaller = max(1, eval_batch_size // 4)

@@ -38,6 +38,12 @@ class OutOfMemory(RunError):
     command that continues the run with them (oom.py)."""
 
 
+# settings a run may resume with other values of: the memory settings, and what only adds a figure
+RESUMABLE = {**oom.RESUMABLE,
+             "eval.forward_transfer": "forward transfer from the next evaluation on (a run saved without its baseline "
+                                      "takes it from its model at initialisation, rebuilt from its seed), or not"}
+
+
 def dict_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
     """`key: run has X, now Y` for every leaf that differs between two nested dicts."""
     out = []
@@ -84,15 +90,15 @@ def _prepare_run_dir(cfg: Config, *, resume: bool, overwrite: bool,
             log.info("the run was saved in %s and continues in %s (moved or copied)", saved.run.out_dir, run_dir)
         saved.run.out_dir = cfg.run.out_dir
         diffs = dict_diff(saved.to_dict(), cfg.to_dict())
-        changed = [d for d in diffs if d.split(":")[0] in oom.RESUMABLE]
+        changed = [d for d in diffs if d.split(":")[0] in RESUMABLE]
         diffs = [d for d in diffs if d not in changed]
         if diffs:
             raise RunError(f"cannot resume {str(run_dir)!r} with a different config ({'; '.join(diffs[:5])}); "
                            f"continue it as it was saved ({ddp.relaunch()} --resume {run_dir}, no overrides; "
                            "with --auto-resume: the run's own config and overrides), change only "
-                           f"{', '.join(oom.RESUMABLE)}, or start a new run with another run.out_dir")
+                           f"{', '.join(RESUMABLE)}, or start a new run with another run.out_dir")
         for diff in changed:
-            log.info("resuming with %s (%s)", diff, oom.RESUMABLE[diff.split(":")[0]])
+            log.info("resuming with %s (%s)", diff, RESUMABLE[diff.split(":")[0]])
         path = ckpt.latest(run_dir)
         if path is None:
             if ddp.env_world()[0] == 0:
@@ -415,8 +421,24 @@ def _fit(run, state: dict | None) -> None:
     from streaming_ssl.plugins import EvaluationInterrupted, Interrupted
 
     strategy = run.strategy
+    evaluator, model = run.checkpoint.evaluator, run.checkpoint.metric.model
+    baseline = None
+    if state is not None and evaluator.forward_transfer and not state["evaluator"].get("baseline") \
+            and state["position"]["stream_step"] < len(run.stream):
+        # saved without forward transfer's baseline (eval.forward_transfer turned on for the resume): the model is
+        # as built, at its initialisation (the run's seed), until the checkpoint's weights are loaded
+        log.info("the checkpoint holds no forward-transfer baseline: probing the model at initialisation (rebuilt "
+                 "from the run's seed) before restoring it")
+        try:
+            baseline = evaluator.evaluate_baseline(model)
+        except RuntimeError as err:
+            if not oom.is_out_of_memory(err):
+                raise
+            raise OutOfMemory(out_of_memory_message(run, err)) from err
     if state is not None:
         run.checkpoint.restore(strategy, state)
+        if baseline is not None:
+            evaluator.baseline = baseline
         log.info("resumed at update %d (experience %d, batch %d)", strategy.global_step, strategy.stream_step,
                  strategy.batch_in_epoch)
     if strategy.stream_step >= len(run.stream):

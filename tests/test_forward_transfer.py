@@ -141,3 +141,18 @@ def test_a_run_reports_forward_transfer_trains_as_without_it_and_keeps_its_basel
         assert run_stream.main(["--resume", str(killed)]) == 0
     assert caplog.text.count("forward transfer's baseline") == 1  # the first start only
     assert _rows(killed) == rows
+
+
+    # a run saved without forward transfer, resumed with it (its recipe turned it on): the baseline is taken from the
+    # model as built, before the checkpoint's weights are loaded, and equals the one of a run that had it throughout
+    late = tmp_path / "late"
+    dies_after(4, run_stream.main, _args(late))
+    assert not ckpt.load(ckpt.latest(late))["evaluator"]["baseline"]
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        assert run_stream.main([*_args(late, "eval.forward_transfer=true"), "--auto-resume"]) == 0
+    assert "resuming with eval.forward_transfer: run has False, now True" in caplog.text
+    assert "probing the model at initialisation (rebuilt from the run's seed) before restoring it" in caplog.text
+    late_rows = _rows(late)
+    assert not any(k in late_rows[0] for k in NEW_KEYS)  # logged before the resume, kept as it was
+    assert late_rows[1:] == rows[1:]

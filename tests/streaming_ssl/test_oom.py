@@ -98,21 +98,30 @@ def test_evaluation_message_names_the_extraction_batch(eval_patches, held):
     load_config("configs/smoke.yaml", ["eval.batch_size=64"])
 
 
+def test_a_baseline_that_runs_out_of_memory_is_named():
+    msg = oom.out_of_memory_message(torch.OutOfMemoryError("CUDA out of memory."), evaluating=True, device="cuda:0",
+                                    update=0, experience=-1, run_dir="runs/r", checkpoint_update=None, **SETTINGS)
+    assert "in forward transfer's baseline (the probes of the model at initialisation, before experience 0)" in msg
+    assert "experience -1" not in msg and _overrides(msg) == ["eval.batch_size=64"]
+
+
 def test_resume_accepts_only_the_resumable_changes(tmp_path: Path, caplog):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     base = [f"run.out_dir={run_dir}"]
     save_config(load_config("configs/smoke.yaml", base), run_dir / "config.yaml")
-    changes = ["model.recompute_stages=2", "model.recompute_bn_relu=true", "eval.batch_size=64"]
+    changes = ["model.recompute_stages=2", "model.recompute_bn_relu=true", "eval.batch_size=64",
+               "eval.forward_transfer=true"]  # the last adds a figure: a run saved without it resumes with it
     with caplog.at_level("INFO"):
         assert prepare_run_dir(load_config("configs/smoke.yaml", base + changes), resume=True) == (run_dir, None)
     said = "\n".join(r.getMessage() for r in caplog.records)
     for line in ("model.recompute_stages: run has 0, now 2", "model.recompute_bn_relu: run has False, now True",
-                 "eval.batch_size: run has 256, now 64"):
+                 "eval.batch_size: run has 256, now 64", "eval.forward_transfer: run has False, now True"):
         assert f"resuming with {line}" in said
     for other in ("train.batch_size=10", "augment.n_patches=8", "eval.patches=4"):
         with pytest.raises(RunError, match=re.escape(other.split("=")[0]) + r".*change only model\.recompute_stages, "
-                           r"model\.recompute_bn_relu, eval\.batch_size, or start a new run"):
+                           r"model\.recompute_bn_relu, eval\.batch_size, eval\.forward_transfer, or start a "
+                           r"new run"):
             prepare_run_dir(load_config("configs/smoke.yaml", base + changes + [other]), resume=True)
 
 
