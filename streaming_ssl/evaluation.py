@@ -88,8 +88,9 @@ def forgetting(history: list[list[float]], row: list[float], n_seen: int) -> lis
 
 def backward_transfer(history: list[list[float]], row: list[float], n_seen: int) -> float | None:
     """BWT (Lopez-Paz and Ranzato, 2017): mean over j < n_seen - 1 of A[t, j] - A[j, j], where A[j, j] is the
-    accuracy on experience j at the last evaluation with j the newest experience seen (its end; history rows as in
-    `forgetting`). Experiences never evaluated at their end are left out; None when none is left (t = 0)."""
+    accuracy on experience j at the last evaluation with j the newest experience seen (its end; online with
+    eval_every > 0 and no evaluation there, the last one inside j; history rows as in `forgetting`). Experiences never
+    evaluated while they were the newest are left out; None when none is left (t = 0)."""
     gaps = []
     for j in range(min(len(row), n_seen - 1)):
         at_end = [h[j] for h in history if int(h[-1]) == j + 1]
