@@ -58,6 +58,7 @@ ROWS = {
     # the same with the frozen copy's BatchNorm on batch statistics (CaSSLe's code)
     "split_cifar10_distill_w20_batchbn": "configs/accuracy/split_cifar10_distill_w20_batchbn.yaml",
     "split_cifar10_mixup": "configs/accuracy/split_cifar10_mixup.yaml",
+    "split_cifar10_pfr": "configs/accuracy/split_cifar10_pfr.yaml",  # PFR: the distillation of h, not z
     "split_cifar10_replay_distill": "configs/accuracy/split_cifar10_replay_distill.yaml",
     "split_cifar10_replay_mixup": "configs/accuracy/split_cifar10_replay_mixup.yaml",
     "online_cifar10_replay": "configs/accuracy/online_cifar10_replay.yaml",
@@ -104,6 +105,7 @@ LABELS = {"random_init": "random-init encoder (floor)", "offline_1epoch": "offli
           "split_cifar10_distill_w20_batchbn": "Split CIFAR-10 + CaSSLe distillation (weight 20, frozen BatchNorm on "
                                                "batch statistics)",
           "split_cifar10_mixup": "Split CIFAR-10 + LUMP mixup (buffer 500)",
+          "split_cifar10_pfr": "Split CIFAR-10 + PFR distillation of h (weight 20)",
           "split_cifar10_replay_distill": "Split CIFAR-10 + replay + distillation",
           "split_cifar10_replay_mixup": "Split CIFAR-10 + replay + mixup",
           "online_cifar10_replay": "online + replay (reservoir 500, 10/update)",
@@ -149,7 +151,8 @@ def _seeds(values: list[float]) -> str:
 
 # methods of the issue's targets: split rows against the plain split, online rows against the i.i.d. one pass
 SPLIT_METHODS = ("split_cifar10_replay", "split_cifar10_distill", "split_cifar10_distill_w20",
-                 "split_cifar10_distill_w20_batchbn", "split_cifar10_mixup", "split_cifar10_replay_distill",
+                 "split_cifar10_distill_w20_batchbn", "split_cifar10_mixup", "split_cifar10_pfr",
+                 "split_cifar10_replay_distill",
                  "split_cifar10_replay_mixup")
 ONLINE_METHODS = ("online_cifar10", "online_cifar10_replay", "online_cifar10_b20", "online_cifar10_minred",
                   "online_cifar10_minred_h", "online_cifar10_minred_stored")

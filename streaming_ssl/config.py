@@ -216,6 +216,9 @@ class DistillConfig:
     # as they were, as CaSSLe's code runs its frozen copy (in train mode; SyncBatchNorm's global batch under DDP
     # on CUDA)
     frozen_bn: str = field(default="running", metadata=_choices("running", "batch"))
+    # what is distilled: z, the projections (CaSSLe), or h, the encoder's features the probes read (PFR, Gomez-Villa
+    # et al. 2022: the predictor maps the current h to the frozen h, and the projector is free of the term)
+    space: str = field(default="z", metadata=_choices("z", "h"))
 
 
 @dataclass

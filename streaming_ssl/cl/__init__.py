@@ -1,7 +1,8 @@
 """Continual-learning methods on the EMP-SSL stream, one file each: a plugin plus its pure maths.
 
 * replay.py  -- ReplayBufferPlugin: a buffer of past uint8 images (reservoir or MinRed) joining each update.
-* distill.py -- DistillPlugin: CaSSLe, a predictor maps current z to a frozen copy's z of the same patches.
+* distill.py -- DistillPlugin: CaSSLe, a predictor maps current z to a frozen copy's z of the same patches
+  (space h: PFR, the same on the encoder's features).
 * mixup.py   -- MixupPlugin: LUMP, stream images mixed with buffer images before augmentation.
 * registry.py -- register_method: a method of your own, a config section under cl plus a plugin builder.
 
@@ -60,7 +61,8 @@ def build_cl_plugins(cfg, *, model: torch.nn.Module, train_size: int, device: to
     if replay is not None:
         plugins.append(replay)
     if d.enabled:
-        plugins.append(DistillPlugin(model, dim=cfg.model.proj_dim, hidden_dim=d.hidden_dim, weight=d.weight,
+        dim = cfg.model.proj_dim if d.space == "z" else cfg.model.feature_dim
+        plugins.append(DistillPlugin(model, dim=dim, hidden_dim=d.hidden_dim, weight=d.weight, space=d.space,
                                      every=d.every, device=device, frozen_bn=d.frozen_bn,
                                      sync_bn=ddp.syncs_batchnorm(cfg.model.sync_bn, device.type)))
     for name, own in getattr(section, "methods", {}).items():  # methods of your own (registry.py), after ours

@@ -1,4 +1,6 @@
-"""Distillation (CaSSLe, Fini et al., "Self-supervised models are continual learners", CVPR 2022).
+"""Distillation (CaSSLe, Fini et al., "Self-supervised models are continual learners", CVPR 2022; PFR,
+Gomez-Villa et al., "Continually learning self-supervised representations with projected functional
+regularization", CVPR Workshops 2022).
 
 A frozen copy of the model is taken at each experience boundary (or every N updates where a stream has
 no boundaries); a trainable predictor g maps the current projections z of the update's patches to the
@@ -7,7 +9,9 @@ frozen model's projections z' of the same patches, and the loss gains
     L_distill = w * 1/M sum_m (1 - cos(g(z_m), z'_m))           over the M = n*B patches of the update
 
 so that what the new model learns stays predictive of what the old one knew. g is CaSSLe's 2-layer
-MLP Linear(d, hidden)-BN-ReLU-Linear(hidden, d). The frozen model runs under inference_mode with the training
+MLP Linear(d, hidden)-BN-ReLU-Linear(hidden, d). `space="h"` is PFR: the same term on the encoder's features h
+(what the probes read) instead of the projections: g maps the current h to the frozen h, and the projector is left
+free (no gradient of the term reaches it). The frozen model runs under inference_mode with the training
 autocast; it never has a gradient. Its BatchNorm (`frozen_bn`): "running" (the default) normalises with the
 running statistics the copy was taken with (eval mode), so that a patch's target does not depend on the other
 patches of the update; "batch" normalises with each update's own statistics and leaves the running ones as
@@ -72,6 +76,7 @@ def build_predictor(dim: int, hidden_dim: int) -> torch.nn.Sequential:
 
 
 FROZEN_BN = ("running", "batch")
+SPACES = ("z", "h")  # what is distilled: the projections (CaSSLe) or the encoder's features (PFR)
 
 
 def frozen_copy(model: torch.nn.Module, bn: str = "running") -> torch.nn.Module:
@@ -104,7 +109,7 @@ class DistillPlugin(SupervisedPlugin, supports_distributed=True):
     Args:
         model: the trained model without its DDP wrapper (copied at boundaries; the architecture of a
             restored frozen copy).
-        dim: size of z (model.proj_dim).
+        dim: size of the distilled features: z (model.proj_dim) with space "z", h (model.feature_dim) with "h".
         hidden_dim: hidden width of the predictor.
         weight: w of the term (200 = the invariance weight of EMP-SSL's objective, CaSSLe's choice of equal weights).
         every: 0 freezes a copy at the end of every experience (online: of every parent experience, read
@@ -112,25 +117,35 @@ class DistillPlugin(SupervisedPlugin, supports_distributed=True):
         device: where the predictor lives (the training device).
         sync_bn: the predictor's BatchNorm as a SyncBatchNorm (under DDP on CUDA; the same state_dict keys).
         frozen_bn: the frozen copy's BatchNorm statistics, "running" or "batch" (see :func:`frozen_copy`).
+        space: "z" (CaSSLe: the projections) or "h" (PFR: the encoder's features).
     """
 
     state_key = "cl.distill"
 
     def __init__(self, model: torch.nn.Module, *, dim: int, hidden_dim: int = 2048, weight: float = 200.0,
                  every: int = 0, device: torch.device | str = "cpu", sync_bn: bool = False,
-                 frozen_bn: str = "running") -> None:
+                 frozen_bn: str = "running", space: str = "z") -> None:
         super().__init__()
         if every < 0:
             raise ValueError(f"every must be >= 0 (0: at experience boundaries), got {every}")
         if frozen_bn not in FROZEN_BN:
             raise ValueError(f"frozen_bn must be one of {FROZEN_BN}, got {frozen_bn!r}")
+        if space not in SPACES:
+            raise ValueError(f"space must be one of {SPACES} (z: CaSSLe, h: PFR), got {space!r}")
         self.model, self.weight, self.every, self.frozen_bn = model, float(weight), int(every), frozen_bn
-        projector = getattr(getattr(model, "module", model), "projector", None)  # an EMPSSLModel's (DDP unwrapped)
-        out = projector[-1].out_features if isinstance(projector, torch.nn.Sequential) and isinstance(
-            projector[-1], torch.nn.Linear) else None
-        if out is not None and out != dim:
-            raise ValueError(f"DistillPlugin(dim={dim}), but the model projects to {out} dimensions: pass dim={out} "
-                             "(the model's proj_dim; the predictor maps z to z)")
+        self.space = space
+        inner = getattr(model, "module", model)  # an EMPSSLModel's sizes (DDP unwrapped)
+        if space == "z":
+            projector = getattr(inner, "projector", None)
+            out = projector[-1].out_features if isinstance(projector, torch.nn.Sequential) and isinstance(
+                projector[-1], torch.nn.Linear) else None
+            what = "projects to"
+        else:
+            out, what = getattr(inner, "feature_dim", None), "has features h of"
+        if isinstance(out, int) and out != dim:
+            raise ValueError(f"DistillPlugin(dim={dim}, space={space!r}), but the model {what} {out} dimensions: pass "
+                             f"dim={out} (the model's {'proj_dim' if space == 'z' else 'feature_dim'}; the predictor "
+                             f"maps {space} to {space})")
         predictor = build_predictor(dim, hidden_dim)
         if sync_bn:
             predictor = torch.nn.SyncBatchNorm.convert_sync_batchnorm(predictor)
@@ -159,16 +174,18 @@ class DistillPlugin(SupervisedPlugin, supports_distributed=True):
     def before_backward(self, strategy, **kwargs) -> None:
         if self.frozen is None:
             return
-        patches, z = strategy.mb_patches, strategy.mb_output
+        patches = strategy.mb_patches
+        current = strategy.mb_output if self.space == "z" else strategy.mb_features
         with torch.inference_mode(), autocast(strategy.device, strategy.amp_dtype):
-            _, z_frozen = self.frozen(patches)
-        z_frozen = z_frozen.clone()  # a normal tensor (inference tensors cannot be saved for backward)
+            h_frozen, z_frozen = self.frozen(patches)
+        # a normal tensor (inference tensors cannot be saved for backward)
+        target = (z_frozen if self.space == "z" else h_frozen).clone()
         with autocast(strategy.device, strategy.amp_dtype):
-            pred = self.predictor(z)
-        local_images = len(z) // strategy.n_patches
+            pred = self.predictor(current)
+        local_images = len(current) // strategy.n_patches
         # DDP, a global batch smaller than the world: no patch here, and the mean over none would be NaN; a zero that
         # still reaches the predictor, so that every rank has its gradients to average
-        term = distill_loss(pred, z_frozen) if local_images else pred.sum() * 0.0
+        term = distill_loss(pred, target) if local_images else pred.sum() * 0.0
         global_images = global_update_images(strategy, local_images)
         scale = local_images * ddp.world_size() / global_images
         strategy.loss = strategy.loss + (self.weight * scale) * term

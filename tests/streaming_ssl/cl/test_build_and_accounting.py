@@ -32,6 +32,9 @@ def test_all_three_compose_in_a_fixed_order() -> None:
     assert distill.trainable_modules == [distill.predictor] and distill.predictor[0].in_features == PROJ_DIM
     assert distill.frozen_bn == "running"
     assert _plugins("cl.distill.enabled=true", "cl.distill.frozen_bn=batch")[0].frozen_bn == "batch"
+    # PFR: the predictor maps the encoder's features h (model.feature_dim) to themselves
+    (pfr,) = _plugins("cl.distill.enabled=true", "cl.distill.space=h", "model.feature_dim=32")
+    assert pfr.space == "h" and pfr.predictor[0].in_features == pfr.predictor[-1].out_features == 32
     assert len({p.state_key for p in plugins}) == 3
 
 

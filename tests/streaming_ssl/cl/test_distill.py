@@ -74,27 +74,32 @@ class LossAround(SupervisedPlugin):
         self.losses.append(strategy.loss.detach().clone())
 
 
-def test_the_term_added_to_the_loss_equals_the_formula() -> None:
-    distill = DistillPlugin(tiny_model(), dim=PROJ_DIM, hidden_dim=8, weight=0.7, every=2)
+@pytest.mark.parametrize("space", ["z", "h"])
+def test_the_term_added_to_the_loss_equals_the_formula(space: str) -> None:
+    """space z (CaSSLe) distils the projections, space h (PFR) the encoder's features."""
+    model = tiny_model()
+    dim = PROJ_DIM if space == "z" else model.feature_dim
+    distill = DistillPlugin(model, dim=dim, hidden_dim=8, weight=0.7, every=2, space=space)
     first, last = LossAround(), LossAround()
     captured = {}
 
     class Capture(SupervisedPlugin):
         def before_backward(self, strategy, **kwargs):
             if distill.frozen is not None and "z" not in captured:
-                captured.update(z=strategy.mb_output.detach().clone(), patches=strategy.mb_patches.clone(),
+                current = strategy.mb_output if space == "z" else strategy.mb_features
+                captured.update(z=current.detach().clone(), patches=strategy.mb_patches.clone(),
                                 frozen=frozen_copy(distill.frozen), predictor=copy.deepcopy(distill.predictor),
                                 step=len(first.losses) - 1)
 
-    stream, strategy, _ = build_strategy([first, Capture(), distill, last])
+    stream, strategy, _ = build_strategy([first, Capture(), distill, last], model=model)
     strategy.train(list(stream), eval_streams=[])
     step = captured["step"]
     assert step == 2  # every=2: the first frozen copy is taken after the 2nd update
     added = float(last.losses[step] - first.losses[step])
     with torch.no_grad():
-        _, z_frozen = captured["frozen"](captured["patches"])
+        h_frozen, z_frozen = captured["frozen"](captured["patches"])
         # the predictor in training mode, as in the update: BatchNorm normalises with the batch's statistics
-        want = 0.7 * float(distill_loss(captured["predictor"](captured["z"]), z_frozen))
+        want = 0.7 * float(distill_loss(captured["predictor"](captured["z"]), z_frozen if space == "z" else h_frozen))
     assert added == pytest.approx(want, rel=1e-4, abs=1e-6) and want > 1e-3
     # no term before the first frozen copy
     assert all(torch.equal(a, b) for a, b in zip(first.losses[:2], last.losses[:2]))
@@ -222,7 +227,35 @@ def test_a_predictor_with_frozen_parameters_is_accepted() -> None:
 
 def test_a_dim_other_than_the_models_projection_is_refused_with_the_right_one() -> None:
     """It failed at the first update with torch's 'mat1 and mat2 shapes cannot be multiplied'."""
-    with pytest.raises(ValueError, match=rf"DistillPlugin\(dim={2 * PROJ_DIM}\), but the model projects to {PROJ_DIM} "
-                                         rf"dimensions: pass dim={PROJ_DIM}"):
+    with pytest.raises(ValueError, match=rf"DistillPlugin\(dim={2 * PROJ_DIM}, space='z'\), but the model projects to "
+                                         rf"{PROJ_DIM} dimensions: pass dim={PROJ_DIM}"):
         DistillPlugin(tiny_model(), dim=2 * PROJ_DIM, hidden_dim=8)
     DistillPlugin(tiny_model(), dim=PROJ_DIM, hidden_dim=8)
+    h = tiny_model().feature_dim
+    with pytest.raises(ValueError, match=rf"DistillPlugin\(dim={PROJ_DIM}, space='h'\), but the model has features h "
+                                         rf"of {h} dimensions: pass dim={h} \(the model's feature_dim"):
+        DistillPlugin(tiny_model(), dim=PROJ_DIM, hidden_dim=8, space="h")
+    with pytest.raises(ValueError, match="space must be one of"):
+        DistillPlugin(tiny_model(), dim=PROJ_DIM, space="x")
+
+
+def test_pfr_leaves_the_projector_free_of_the_term() -> None:
+    """space h: the term's gradient reaches the encoder and not the projector; space z: both."""
+    torch.manual_seed(0)
+    patches = torch.randn(8, 3, 8, 8)
+    for space in ("h", "z"):
+        model = tiny_model()
+        distill = DistillPlugin(model, dim=PROJ_DIM if space == "z" else model.feature_dim, hidden_dim=8, space=space)
+        frozen = frozen_copy(model)
+        with torch.no_grad():  # move the live model away from its copy, so that the term is not at its minimum
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        h, z = model(patches)
+        with torch.no_grad():
+            h_frozen, z_frozen = frozen(patches)
+        pred = distill.predictor(z if space == "z" else h)
+        distill_loss(pred, z_frozen if space == "z" else h_frozen).backward()
+        projector = [p.grad for p in model.projector.parameters()]
+        encoder = [p.grad for p in model.backbone.parameters()]
+        assert any(g is not None and float(g.abs().sum()) > 0 for g in encoder)
+        assert all(g is None for g in projector) == (space == "h")
