@@ -238,8 +238,10 @@ def check_tests(ctx: Ctx, proc: Proc) -> dict:
 # ------------------------------------------------------------------------------------------ (b, c) CLI runs
 def cli_overrides(ctx: Ctx, out_dir: Path) -> list[str]:
     sizes = E2E_DRY if ctx.dry else E2E_GPU
+    # eval.forward_transfer: the probe of the initialisation (on CUDA under a forked CUDA generator) and its resume
     return ["--config", SMOKE, f"data.root={ctx.data}", f"train.device={ctx.device}",
-            f"train.precision={ctx.precision}", "train.log_every=1", f"run.out_dir={out_dir}", *sizes]
+            f"train.precision={ctx.precision}", "train.log_every=1", "eval.forward_transfer=true",
+            f"run.out_dir={out_dir}", *sizes]
 
 
 def read_rows(run_dir: Path) -> list[dict]:
@@ -297,6 +299,8 @@ def run_outputs(run_dir: Path, n_experiences: int) -> list[str]:
     if rows and logged != list(range(1, rows[-1]["updates"] + 1)):  # train.log_every=1: each update once
         problems.append(f"train.jsonl holds updates {logged[:5]}...{logged[-3:]} ({len(logged)} rows), expected "
                         f"1..{rows[-1]['updates']} once each")
+    if rows and not isinstance(rows[-1].get("probe/fwt"), float):
+        problems.append(f"no forward transfer in the last metrics row (probe/fwt: {rows[-1].get('probe/fwt')!r})")
     return problems
 
 
@@ -310,7 +314,7 @@ def compare_runs(ref_rows: list[dict], ref_prog: dict, rows: list[dict], prog: d
     diffs["loss_rel"] = abs(prog["loss"] - ref_prog["loss"]) / max(abs(ref_prog["loss"]), 1e-9)
     diffs["tcr_rel"] = abs(prog["tcr"] - ref_prog["tcr"]) / max(abs(ref_prog["tcr"]), 1e-9)
     diffs["inv_abs"] = abs(prog["inv"] - ref_prog["inv"])
-    for key in ("probe/acc_all", "knn/acc_all"):
+    for key in ("probe/acc_all", "knn/acc_all", "probe/init_acc_all"):
         if key in rows[0] and key in ref_rows[0]:
             diffs[f"first_row {key}"] = abs(rows[0][key] - ref_rows[0][key])
     for key in ("samples_seen", "updates"):
