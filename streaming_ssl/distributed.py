@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -25,9 +26,17 @@ def local_world_size() -> int:
     return int(os.environ.get("LOCAL_WORLD_SIZE", 1))
 
 
+TRAIN_SCRIPT = "streaming-ssl-train"  # the installed console script (pyproject.toml), = python run_stream.py
+
+
 def relaunch() -> str:
-    """How to start this run again, for messages: under torchrun, the same torchrun command."""
-    return "the same torchrun command with run_stream.py" if is_dist() else "python run_stream.py"
+    """How to start this run again, for messages: the program this process runs (the console script
+    streaming-ssl-train where it was started so, else python run_stream.py); under torchrun, the same torchrun
+    command with it."""
+    program = TRAIN_SCRIPT if sys.argv and os.path.basename(sys.argv[0]) == TRAIN_SCRIPT else "run_stream.py"
+    if is_dist():
+        return f"the same torchrun command with {program}"
+    return program if program == TRAIN_SCRIPT else f"python {program}"
 
 
 def init_from_env(device_type: str) -> bool:

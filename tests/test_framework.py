@@ -628,3 +628,17 @@ def test_calling_eval_between_experiences_leaves_training_as_it_was(replay: bool
         strategy.train(experiences[1])
         weights.append({k: v.clone() for k, v in model.state_dict().items()})
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_messages_name_the_program_that_was_started(monkeypatch) -> None:
+    """A stop, an out-of-memory or a refused resume says how to continue: with the console script where the run was
+    started with it (it named python run_stream.py, which an installed package's user may not have at hand)."""
+    from streaming_ssl import distributed as ddp
+
+    for argv0, said in (("/opt/venv/bin/streaming-ssl-train", "streaming-ssl-train"),
+                        ("/work/repo/run_stream.py", "python run_stream.py"), ("-c", "python run_stream.py")):
+        monkeypatch.setattr(sys, "argv", [argv0, "--config", "x.yaml"])
+        assert ddp.relaunch() == said
+    monkeypatch.setattr(ddp, "is_dist", lambda: True)
+    monkeypatch.setattr(sys, "argv", ["/opt/venv/bin/streaming-ssl-train"])
+    assert ddp.relaunch() == "the same torchrun command with streaming-ssl-train"
