@@ -310,7 +310,7 @@ def test_extract_features_with_patches_sharded_equals_one_process(spawned) -> No
 
 # ------------------------------------------------------------------------------------------ a rank without images
 TAIL_BATCH = 7  # experiences of 22 images: batches of 7, 7, 7 and 1 (rank 0 holds the one image, rank 1 none)
-TAIL_CASES = ("plain", "distill")
+TAIL_CASES = ("plain", "distill", "pfr")  # pfr: the distillation of h (cl.distill.space=h)
 
 
 def _train_tail(case: str) -> dict:
@@ -324,7 +324,8 @@ def _train_tail(case: str) -> dict:
 
     torch.manual_seed(0)
     model = TinyNoBN()
-    plugins = [DistillPlugin(model, dim=16, hidden_dim=8, every=2)] if case == "distill" else []
+    plugins = {"distill": [DistillPlugin(model, dim=16, hidden_dim=8, every=2)],
+               "pfr": [DistillPlugin(model, dim=32, hidden_dim=8, every=2, space="h")]}.get(case, [])
     groups, train_model, augment, stream = ddp_run_parts(model, plugins, 11)
     losses: list[float] = []
 
@@ -387,10 +388,11 @@ def test_a_batch_smaller_than_the_world_leaves_a_rank_empty_and_trains_as_one_pr
         assert torch.equal(ranks[0]["model"][name], ranks[1]["model"][name])
 
 
-def test_distillation_on_a_rank_without_images_adds_nothing_and_stays_finite(tail_runs) -> None:
+@pytest.mark.parametrize("case", ["distill", "pfr"])
+def test_distillation_on_a_rank_without_images_adds_nothing_and_stays_finite(tail_runs, case: str) -> None:
     """The predictor's BatchNorm normalises each rank's own patches on gloo, so the weights are not one process's
-    here; the losses are finite, the ranks agree, and the counters are one process's."""
-    one, ranks = tail_runs["single"]["distill"], [r["distill"] for r in tail_runs["ranks"]]
+    here; the losses are finite, the ranks agree, and the counters are one process's (of z, CaSSLe, and of h, PFR)."""
+    one, ranks = tail_runs["single"][case], [r[case] for r in tail_runs["ranks"]]
     assert one["counters"]["frozen_forwards"] > 0
     for r in range(WORLD):
         assert ranks[r]["counters"] == one["counters"], f"rank {r}"
