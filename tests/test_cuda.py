@@ -244,6 +244,33 @@ def test_features_and_probe_on_device_match_cpu(dev):
     assert abs(acc_cpu - acc_dev) <= 0.02
 
 
+def test_the_baseline_probe_of_the_initialisation_draws_no_random_number_on_the_device(dev):
+    """Forward transfer's baseline (StreamEvaluator.evaluate_baseline, before the first update): with the bag of
+    patches, BatchNorm recalibration, kNN and a transfer set on the device, it leaves the CPU's and the device's
+    random streams and the model's state as they were (training then draws what it draws without the baseline),
+    and probing twice gives the same baseline."""
+    from streaming_ssl.evaluation import ProbeSet, StreamEvaluator
+
+    torch.manual_seed(0)
+    model = EMPSSLModel(**MODEL_KW).to(dev)
+    gen = torch.Generator().manual_seed(1)
+    sets = [ProbeSet(name, images(64, seed), torch.randint(0, 4, (64,), generator=gen), images(32, seed + 1),
+                     torch.randint(0, 4, (32,), generator=gen), 4) for name, seed in (("a", 3), ("b", 5))]
+    evaluator = StreamEvaluator(in_domain=sets[0], transfer=[sets[1]], parent_classes=[[0, 1], [2, 3]],
+                                augment=MultiPatchAugment(4, 32).to(dev), device=dev, amp_dtype=torch.bfloat16,
+                                patches=4, batch_size=32, knn_k=5, probe_kwargs={"epochs": 3}, seed=2,
+                                bn_recalibrate=32, forward_transfer=True)
+    before_state = {k: v.clone() for k, v in model.state_dict().items()}
+    cpu_rng = torch.get_rng_state()
+    dev_rng = torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None
+    first = evaluator.evaluate_baseline(model)
+    assert torch.equal(cpu_rng, torch.get_rng_state())
+    if dev.type == "cuda":
+        assert torch.equal(dev_rng, torch.cuda.get_rng_state(dev))
+    assert all(torch.equal(v, before_state[k]) for k, v in model.state_dict().items())
+    assert evaluator.evaluate_baseline(model) == first
+    assert len(first["acc_matrix_row"]) == 2 and set(first["transfer"]) == {"b"} and first["knn_acc_all"] is not None
+
 def test_lars_default_step_on_device_matches_the_loop(dev):
     """LARS's default on the device (on CUDA its multi-tensor buckets, elsewhere the loop) gives the parameters of
     its per-parameter loop over 3 steps of the small model (fp32: 1e-5 relative; the fused norms may sum in
