@@ -77,13 +77,23 @@ FIRST_LOSS_RTOL = 0.01
 # compiled.
 INFO_CASES = ("ours_compiled_augment", "ours_indexed", "ours_trainlog", "ours_replay", "ours_minred", "ours_fp16",
               "ours_fp16_hostread")
+# what every check's processes import from the carried wheels and the machine's own packages: tried once, before any
+# check starts, so that a package missing or at odds with another (the machine's TensorBoard under a carried
+# protobuf) ends the check in seconds with its name, not minutes later as "no TensorBoard events" in every run
+IMPORTS = ("avalanche.benchmarks", "avalanche.training.plugins", "torch.utils.tensorboard", "scenarios.streams",
+           "streaming_ssl.build", "torchvision.transforms", "PIL.Image", "matplotlib")
 SMOKE = "configs/smoke.yaml"
 # GPU: a few hundred images per class of .gpu/data; 3 experiences (4/3/3 classes) of batch 50: 16 + 12 + 12 updates;
 # train.deterministic, so that the plain, resumed and torchrun runs may be compared at all on CUDA: without it,
 # cudnn.benchmark's timed pick of kernels and atomic adds in backward let the runs drift apart from the first update
 # by an amount nobody has measured (README: exact resume on a GPU needs train.deterministic). The speed step times
 # the default path (benchmark on)
-E2E_GPU = ["data.train_per_class=200", "data.test_per_class=50", "train.batch_size=50", "train.deterministic=true"]
+# Two CPU threads per run: the host's cores are shared by the tests, three runs, torchrun and two compile warm-ups,
+# and with torch's default of a thread per core each their OpenMP threads would wait on one another (the probe
+# fits on the CPU)
+E2E_GPU = ["data.train_per_class=200", "data.test_per_class=50", "train.batch_size=50", "train.deterministic=true",
+           "train.threads=2"]
+TESTS_THREADS = "4"  # OMP_NUM_THREADS of the CUDA tests' process on the GPU machine (the dry run's: 1)
 DETERMINISTIC_CUBLAS = ":4096:8"  # what train.deterministic sets (streaming_ssl.build.setup_runtime)
 # dry run: configs/smoke.yaml at half its images (4 + 3 + 3 updates, still a checkpoint before the stop), one CPU
 # thread per run (three runs share the cores: with torch's default of a thread per core each, their OpenMP threads
@@ -218,7 +228,7 @@ def start_tests(ctx: Ctx) -> Proc:
     call (an earlier test's), so the deterministic tests could not set it for themselves."""
     return start("tests", [ctx.python, "-m", "pytest", "-m", "cuda", "tests/test_cuda.py", "-rs", "-p",
                            "no:cacheprovider"], ctx, STREAMING_SSL_TEST_DEVICE=ctx.device,
-                 CUBLAS_WORKSPACE_CONFIG=DETERMINISTIC_CUBLAS)
+                 CUBLAS_WORKSPACE_CONFIG=DETERMINISTIC_CUBLAS, OMP_NUM_THREADS="1" if ctx.dry else TESTS_THREADS)
 
 
 def check_tests(ctx: Ctx, proc: Proc) -> dict:
@@ -709,6 +719,12 @@ def main(argv=None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     ctx = Ctx(dry=args.dry_run, device="cpu" if args.dry_run else "cuda", precision="bf16",
               data=str(Path(data).resolve()), workdir=workdir, deadline=time.monotonic() + args.budget)
+    broken = failed_imports(ctx, IMPORTS)
+    if broken:
+        print("gpu_check: cannot import what the checks run (nothing was started): " + "; ".join(broken) + ". Carry "
+              ".gpu/wheels from scripts/fetch_gpu_wheels.sh and start through scripts/gpu_check.sh (it installs them "
+              "into .gpu/site and puts that and the checkout on PYTHONPATH)", file=sys.stderr)
+        return 1
     env = environment()
     missing = [what for what, ok in (("Triton", env["triton"]), ("a C compiler", env["c_compiler"]),
                                      ("Python.h", env["python_h"])) if not ok]
@@ -797,6 +813,33 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def failed_imports(ctx: Ctx, modules) -> list[str]:
+    """'module: the error' for each of `modules` that does not import in a process started as every step is (the
+    same Python, environment and working directory)."""
+    code = ("import importlib, sys\nfor m in sys.argv[1:]:\n    try:\n        importlib.import_module(m)\n"
+            "    except Exception as e:\n        print(f'{m}: {type(e).__name__}: {e}', flush=True)")
+    try:
+        r = subprocess.run([ctx.python, "-c", code, *modules], cwd=ROOT, env=ctx.env(), capture_output=True,
+                           text=True, timeout=ctx.timeout(120))
+    except subprocess.TimeoutExpired:
+        return [f"importing {', '.join(modules)} took over 120 s"]
+    failed = [line for line in r.stdout.splitlines() if line.strip()]
+    return failed or ([f"{ctx.python} exit {r.returncode}: {r.stderr.strip()[-500:]}"] if r.returncode else [])
+
+
+def package_versions(names=("numpy", "avalanche-lib", "tensorboard", "protobuf", "torchvision", "triton")) -> dict:
+    """The installed distributions' versions (None where absent): what a failure on the GPU machine depends on."""
+    from importlib import metadata
+
+    out = {}
+    for name in names:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
 def environment() -> dict:
     import platform
     import sysconfig
@@ -813,6 +856,7 @@ def environment() -> dict:
         env["triton"] = bool(has_triton())
     except ImportError:
         env["triton"] = None
+    env["packages"] = package_versions()
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name(0)
         env["cudnn"] = torch.backends.cudnn.version()

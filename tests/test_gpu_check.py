@@ -171,6 +171,7 @@ def test_dry_run_passes_every_check(tmp_path):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     report = json.loads(out.read_text())
     assert report["ok"] and set(report["checks"]) == {"tests", "e2e", "ddp", "speed"}
+    assert report["env"]["packages"]["avalanche-lib"] == "0.6.0" and report["env"]["packages"]["numpy"]
     checks = report["checks"]
     assert checks["tests"]["counts"]["passed"] >= 6 and not checks["tests"]["counts"].get("failed")
     e2e = checks["e2e"]
@@ -259,6 +260,24 @@ def test_report_and_logs_are_copied_to_the_results_dir(tmp_path, monkeypatch):
     assert gc.main([*argv[:-4], "--out", str(dest / "gpu_check.json"), "--results-dir", str(dest)]) == 0
     assert sorted(p.name for p in dest.iterdir()) == ["gpu_check.json", "gpu_check.md", "gpu_check_logs.tar.gz"]
 
+
+def test_a_package_that_does_not_import_ends_the_check_before_any_step(tmp_path, monkeypatch, capsys):
+    """The checks' imports are tried once, in a process started as every step is (here without the checkout on
+    sys.path, as `python bench/gpu_check.py` has it): every one of IMPORTS imports; a missing or clashing package
+    ends the check in seconds, naming the module and its error, with no step started and no report written."""
+    gc = load_module()
+    work, out = _work_with_logs(tmp_path), tmp_path / "gpu_check.json"
+    ctx = gc.Ctx(dry=True, device="cpu", precision="bf16", data=str(tmp_path / "data"), workdir=work,
+                 deadline=time.monotonic() + 120)
+    monkeypatch.setenv("PYTHONPATH", "")
+    assert gc.failed_imports(ctx, gc.IMPORTS) == []
+    monkeypatch.setattr(gc, "IMPORTS", ("torch", "streaming_ssl_no_such_module"))
+    monkeypatch.setattr(gc, "run_checks", lambda *a: pytest.fail("a check started"))
+    argv = ["--dry-run", "--data", str(tmp_path / "data"), "--workdir", str(work), "--out", str(out)]
+    assert gc.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "streaming_ssl_no_such_module: ModuleNotFoundError" in err and "torch:" not in err
+    assert "nothing was started" in err and "scripts/gpu_check.sh" in err and not out.exists()
 
 def test_gpu_check_sh_hands_the_device_out_folder_to_the_check(tmp_path):
     """scripts/gpu_check.sh passes $OUT (set by the device tool) as --results-dir, and nothing without it. Run on a
