@@ -53,9 +53,11 @@ class EvalSchedule(SupervisedPlugin, supports_distributed=True):
     """Decides after which training experiences the evaluation runs, and how many parents were seen.
 
     Sets `strategy.eval_due`, `strategy.eval_seen` (parent experiences seen so far) and
-    `strategy.at_boundary` (a parent experience just ended) in after_training_exp, before the evaluation
-    plugin reads them. `every` = k evaluates every k training experiences (online: mini-experiences)
-    and after the last; 0 evaluates at the end of every parent experience.
+    `strategy.at_boundary` (a parent experience just ended) for the experience about to train, in
+    before_training_exp, so that every plugin reading them in after_training_exp (the evaluation, checkpoints,
+    CaSSLe's frozen copy) sees this experience's values wherever it stands in the plugin list. `every` = k
+    evaluates every k training experiences (online: mini-experiences) and after the last; 0 evaluates at the end
+    of every parent experience.
     """
 
     def __init__(self, step_parent: list[int], every: int = 1) -> None:
@@ -74,10 +76,18 @@ class EvalSchedule(SupervisedPlugin, supports_distributed=True):
         return done % self.every == 0
 
     def before_training_exp(self, strategy, **kwargs) -> None:
-        strategy.eval_due_next = self.due(strategy.stream_step + 1)  # read by CheckpointPlugin before the evaluation
+        self._mark(strategy, strategy.stream_step + 1)
+        strategy.eval_due_next = strategy.eval_due  # read by CheckpointPlugin before the evaluation
 
     def after_training_exp(self, strategy, **kwargs) -> None:
-        done = strategy.stream_step
+        self._mark(strategy, strategy.stream_step)  # (the same values: stream_step has counted this experience)
+
+    def _mark(self, strategy, done: int) -> None:
+        """The flags for the evaluation after `done` finished training experiences."""
+        if not 1 <= done <= len(self.step_parent):
+            raise ValueError(f"EvalSchedule maps {len(self.step_parent)} training experiences to their parents, but "
+                             f"experience {done - 1} is training: give step_parent one entry per experience of the "
+                             "stream (online: per mini-experience)")
         strategy.eval_due = self.due(done)
         strategy.eval_seen = self.step_parent[done - 1] + 1
         strategy.at_boundary = self.is_parent_end(done - 1)

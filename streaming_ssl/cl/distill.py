@@ -44,11 +44,13 @@ import logging
 
 import torch
 import torch.nn.functional as F
+from avalanche.benchmarks.scenarios.online import OnlineCLExperience
 from avalanche.core import SupervisedPlugin
 
 from streaming_ssl import distributed as ddp
 from streaming_ssl.cl.common import global_update_images
 from streaming_ssl.device import autocast
+from streaming_ssl.plugins import EvalSchedule
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +105,18 @@ def frozen_copy(model: torch.nn.Module, bn: str = "running") -> torch.nn.Module:
 
 
 # ------------------------------------------------------------------------------------------ the plugin
+def parent_end(strategy) -> bool | None:
+    """Whether the experience training now ends a parent experience: EvalSchedule's `strategy.at_boundary` (set
+    before the experience trains, so the plugins' order does not matter); else None on an online stream's
+    mini-experience (Avalanche 0.6's split_online_stream marks is_last_subexp only on a short last one, so where a
+    parent's size divides by the mini-experience size no mini-experience says it ends it); else True (every
+    experience is one)."""
+    flag = getattr(strategy, "at_boundary", None)
+    if flag is not None:
+        return bool(flag)
+    return None if isinstance(strategy.experience, OnlineCLExperience) else True
+
+
 class DistillPlugin(SupervisedPlugin, supports_distributed=True):
     """CaSSLe distillation (see the module docstring).
 
@@ -113,7 +127,8 @@ class DistillPlugin(SupervisedPlugin, supports_distributed=True):
         hidden_dim: hidden width of the predictor.
         weight: w of the term (200 = the invariance weight of EMP-SSL's objective, CaSSLe's choice of equal weights).
         every: 0 freezes a copy at the end of every experience (online: of every parent experience, read
-            from `strategy.at_boundary`); N > 0 every N updates.
+            from `strategy.at_boundary`, which an EvalSchedule plugin sets; without one an online stream is
+            refused); N > 0 every N updates.
         device: where the predictor lives (the training device).
         sync_bn: the predictor's BatchNorm as a SyncBatchNorm (under DDP on CUDA; the same state_dict keys).
         frozen_bn: the frozen copy's BatchNorm statistics, "running" or "batch" (see :func:`frozen_copy`).
@@ -163,8 +178,17 @@ class DistillPlugin(SupervisedPlugin, supports_distributed=True):
         # (EMPSSLStrategy has refused a predictor outside its optimizer: every plugin's trainable_modules are checked)
         ddp.broadcast_module(self.predictor)  # under DDP: every rank starts from rank 0's predictor
 
+    def before_training_exp(self, strategy, **kwargs) -> None:
+        # (EvalSchedule, wherever it stands in the list, sets the flag in its own before_training_exp)
+        scheduled = any(isinstance(p, EvalSchedule) for p in strategy.plugins)
+        if self.every == 0 and not scheduled and parent_end(strategy) is None:
+            raise ValueError("DistillPlugin(every=0) freezes a copy at the end of each parent experience, but on "
+                             "this online stream no EvalSchedule maps the mini-experiences to their parents (their "
+                             "own is_last_subexp is not reliable in Avalanche 0.6): add the plugin "
+                             "EvalSchedule(step_parent, every), or pass every=N to freeze a copy every N updates")
+
     def after_training_exp(self, strategy, **kwargs) -> None:
-        if self.every == 0 and getattr(strategy, "at_boundary", True):
+        if self.every == 0 and parent_end(strategy):
             self.snapshot(strategy)
 
     def after_training_iteration(self, strategy, **kwargs) -> None:

@@ -10,6 +10,7 @@ import torch
 from avalanche.core import SupervisedPlugin
 
 from streaming_ssl.cl.distill import DistillPlugin, distill_loss, frozen_copy
+from scenarios.streams import build_stream
 from tests.streaming_ssl.cl.tiny import N_PATCHES, PROJ_DIM, build_strategy, tiny_model
 
 
@@ -259,3 +260,52 @@ def test_pfr_leaves_the_projector_free_of_the_term() -> None:
         encoder = [p.grad for p in model.backbone.parameters()]
         assert any(g is not None and float(g.abs().sum()) > 0 for g in encoder)
         assert all(g is None for g in projector) == (space == "h")
+
+
+class SnapshotSteps(SupervisedPlugin):
+    """The updates at which the plugin froze a copy (a new frozen object after an experience)."""
+
+    def __init__(self, distill: DistillPlugin) -> None:
+        super().__init__()
+        self.distill, self.last, self.steps = distill, None, []
+
+    def before_training_exp(self, strategy, **kwargs) -> None:
+        if self.distill.frozen is not None and self.distill.frozen is not self.last:
+            self.last = self.distill.frozen
+            self.steps.append(strategy.global_step)
+
+
+@pytest.mark.parametrize("boundaries", [True, False])
+def test_an_online_streams_copies_are_frozen_at_parent_ends_whatever_the_plugins_order(boundaries: bool) -> None:
+    """Online (mini-experiences of 8 images: 3 per parent experience, one update each): every=0 freezes a copy only
+    where a parent experience ends (update 3), whether EvalSchedule stands before or after DistillPlugin in the
+    plugin list (it used to set the boundary flag after the experience, so a DistillPlugin listed first read a
+    missing flag as a boundary, then the previous mini-experience's), with or without access to the stream's
+    boundaries. Without EvalSchedule the plugin refuses before the first update, naming both fixes: Avalanche 0.6's
+    mini-experiences do not say where a parent ends when its size divides by theirs (here: 24 by 8)."""
+    from streaming_ssl.plugins import EvalSchedule
+    from tests.streaming_ssl.cl.tiny import BATCH, tiny_data
+
+    def run(order: str) -> tuple[list[int], dict]:
+        torch.manual_seed(0)
+        stream = build_stream(tiny_data(), 4, mode="online", online_base="class_incremental",
+                              experience_classes=[[0, 1], [2, 3]], n_experiences=2, online_experience_size=BATCH,
+                              access_task_boundaries=boundaries)
+        model = tiny_model()
+        distill = DistillPlugin(model, dim=PROJ_DIM, hidden_dim=8, weight=1.0, every=0)
+        watch, schedule = SnapshotSteps(distill), EvalSchedule(stream.step_parent, every=0)
+        plugins = {"schedule first": [schedule, distill, watch], "distill first": [distill, watch, schedule],
+                   "no schedule": [distill, watch]}[order]
+        _, strategy, _ = build_strategy(plugins, model=model)
+        strategy.train(list(stream.experiences), eval_streams=[])
+        return watch.steps, model.state_dict()
+
+    cut = build_stream(tiny_data(), 4, mode="online", online_base="class_incremental", n_experiences=2,
+                       experience_classes=[[0, 1], [2, 3]], online_experience_size=BATCH)
+    assert cut.step_parent == [0] * 3 + [1] * 3
+    first_steps, first = run("schedule first")
+    assert first_steps == [3]
+    second_steps, second = run("distill first")
+    assert second_steps == [3] and all(torch.equal(first[k], second[k]) for k in first)
+    with pytest.raises(ValueError, match=r"no EvalSchedule maps.*EvalSchedule\(step_parent, every\).*every=N"):
+        run("no schedule")
