@@ -93,6 +93,12 @@ def load_checkpoint_model(checkpoint: str | Path, *, data_root: str | None = Non
     was saved take them from the loaded data.
     """
     path, state = loaded or ckpt.load_latest(checkpoint)
+    if not state.get("config"):  # a CheckpointPlugin(config={}) of a run built by hand: no default may stand in
+        raise ckpt.CheckpointError(
+            f"checkpoint {path} was saved without a config (a run built from Python whose CheckpointPlugin got "
+            "config={}), so the model cannot be rebuilt from it: load its weights with "
+            "load_checkpoint(path)['model'] into the EMPSSLModel(...) you trained, or save the run's Config "
+            "(config=cfg.to_dict()) with its checkpoints")
     cfg = config_from_dict(state["config"], import_methods=False, saved=True)
     cfg.data.root = data_root or cfg.data.root
     cfg.train.device = device or "auto"

@@ -356,6 +356,16 @@ def test_a_python_run_resumes_from_its_checkpoint_bit_for_bit(tmp_path) -> None:
     assert all(torch.equal(full_model.state_dict()[k], v) for k, v in model.state_dict().items())
     assert saver.evaluator.history == full_saver.evaluator.history and len(saver.evaluator.history) == 2
 
+    # saved with config={}: load_checkpoint_model / evaluate.py cannot rebuild the model (the default Config's
+    # would not fit it), and say how to read the weights instead of blaming a model setting
+    from streaming_ssl import load_checkpoint, load_checkpoint_model
+    from streaming_ssl.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match=r"saved without a config.*load_checkpoint\(path\)\['model'\]"):
+        load_checkpoint_model(tmp_path / "full", device="cpu")
+    weights = load_checkpoint(next((tmp_path / "full").glob("ckpt_*.pt")))["model"]
+    assert set(weights) == set(model.state_dict())
+
 
 def test_a_plugin_reads_h_before_backward_and_it_is_freed_after() -> None:
     """A method regularising the features the probes read needs h, not only z: `strategy.mb_features` holds it from
