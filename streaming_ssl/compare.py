@@ -182,9 +182,14 @@ def find_runs(paths: list[str | Path]) -> list[Path]:
     return found
 
 
+# how an online stream cuts its mini-experiences: read by no other stream mode
+ONLINE_ONLY = ("stream.online_base", "stream.online_experience_size", "stream.access_task_boundaries")
+
+
 def inert_settings(config: dict) -> set[str]:
     """Settings of a flattened config that change nothing in its run: those of a continual-learning method that is
-    off (`cl.<method>.enabled` false, or `cl.replay.policy` none) and MinRed's with another replay policy."""
+    off (`cl.<method>.enabled` false, or `cl.replay.policy` none), MinRed's with another replay policy, and the
+    online stream's outside stream mode online."""
     inert = set()
     for key, value in config.items():
         parts = key.split(".")
@@ -193,6 +198,8 @@ def inert_settings(config: dict) -> set[str]:
             inert |= {k for k in config if k.startswith(f"cl.{parts[1]}.") and k != key}
     if config.get("cl.replay.policy") != "minred":
         inert |= {k for k in config if k.startswith("cl.replay.minred_")}
+    if config.get("stream.mode") != "online":
+        inert |= {k for k in ONLINE_ONLY if k in config}
     return inert
 
 

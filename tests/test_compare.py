@@ -59,6 +59,17 @@ def test_inert_settings_are_those_of_methods_that_are_off() -> None:
     assert {"cl.replay.size", "cl.distill.weight"}.isdisjoint(inert_settings(on))
     assert "cl.replay.minred_ema" in inert_settings(on)  # MinRed's own, under another policy
     assert "cl.replay.minred_ema" not in inert_settings(_config("cl.replay.policy=minred"))
+    # how an online stream is cut changes nothing in another mode: a seed with another cut joins its group
+    online_only = {"stream.online_base", "stream.online_experience_size", "stream.access_task_boundaries"}
+    assert online_only <= inert_settings(off) and off["stream.mode"] != "online"
+    online = _config("stream.mode=online", "stream.online_experience_size=8")
+    assert online_only.isdisjoint(inert_settings(online))
+    seeds = [_run("s0"), _run("s1", "train.seed=1", "stream.online_experience_size=50",
+                              "stream.access_task_boundaries=true")]
+    assert [len(members) for _, members in group_runs(seeds)] == [2]
+    cuts = [_run("o", "stream.mode=online"), _run("o50", "stream.mode=online", "stream.online_experience_size=50")]
+    assert [label for label, _ in group_runs(cuts)] == ["stream.online_experience_size=10",
+                                                        "stream.online_experience_size=50"]
 
 
 def test_run_metrics_and_mean_std() -> None:
