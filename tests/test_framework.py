@@ -508,6 +508,14 @@ def test_an_online_stream_without_an_eval_schedule_is_refused_before_it_outruns_
     rows = scheduled.evaluator.metrics[0].evaluator.history
     assert [int(r[-1]) for r in rows] == [1, 2]  # evaluated at the end of each parent, as parents 1 and 2
 
+    # a schedule that maps fewer experiences than the stream has is refused before the first one it lacks trains
+    short = _probed_strategy([EvalSchedule(stream.step_parent[:3], every=0)], x, y, stream.parent_classes)
+    for experience in experiences[:3]:
+        short.train(experience)
+    with pytest.raises(ValueError, match=r"EvalSchedule maps 3 training experiences.*experience 3 is training"):
+        short.train(experiences[3])
+    assert short.global_step == 3
+
 
 def test_a_plugins_trainable_modules_outside_the_optimizer_are_refused_before_any_update() -> None:
     """A plugin of one's own whose head is left out of the optimizer: its term would be added against weights that
