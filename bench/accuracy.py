@@ -298,7 +298,8 @@ def _acc(probe: dict | None) -> float:
 
 
 def _plot(results: dict, path: Path, bag: str, patches: int) -> None:
-    """Grouped bars: every row's probe accuracy (held-out decay where measured, else as run)."""
+    """Grouped horizontal bars, one group per row in the table's order, top to bottom: every row's probe accuracy
+    (held-out decay where measured, else as run), its full label readable beside it however many rows there are."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -307,20 +308,21 @@ def _plot(results: dict, path: Path, bag: str, patches: int) -> None:
     names = ordered_keys(results)
     if not names:
         return
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.8 * len(names)), 4.5))
-    width = 0.38
+    fig, ax = plt.subplots(figsize=(11.0, max(4.0, 1.6 + 0.42 * len(names))))
+    height = 0.4
     for k, (key, label) in enumerate((("probe_whole", "whole image"), (bag, f"bag of {patches} patches"))):
-        xs = [i + (k - 0.5) * width for i in range(len(names))]
-        ys = [_acc(results[n].get(key)) for n in names]
-        bars = ax.bar(xs, ys, width, label=label)
-        ax.bar_label(bars, fmt="%.1f", fontsize=8)
-    ax.axhline(75, color="gray", ls="--", lw=1, label="one-pass target (bag)")
-    ax.set_xticks(range(len(names)), [row_label(n).replace(", ", ",\n", 1) for n in names], fontsize=8)
-    ax.set_ylabel("linear probe accuracy on CIFAR-10 test (%)")
-    ax.set_ylim(0, 100)
+        ys = [i + (k - 0.5) * height for i in range(len(names))]
+        xs = [_acc(results[n].get(key)) for n in names]
+        bars = ax.barh(ys, xs, height, label=label)
+        ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=2)
+    ax.axvline(75, color="gray", ls="--", lw=1, label="one-pass target (bag)")
+    ax.set_yticks(range(len(names)), [row_label(n) for n in names], fontsize=7)
+    ax.invert_yaxis()  # the first row on top, as in the table
+    ax.set_xlabel("linear probe accuracy on CIFAR-10 test (%)")
+    ax.set_xlim(0, 100)
     ax.set_title("EMP-SSL on CIFAR-10, ResNet-18 width 1/4, 20 patches\n"
                  "linear probe, weight decay chosen on held-out training images", fontsize=9)
-    ax.legend(fontsize=8, loc="upper left")
+    ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
