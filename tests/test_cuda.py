@@ -271,6 +271,7 @@ def test_the_baseline_probe_of_the_initialisation_draws_no_random_number_on_the_
     assert evaluator.evaluate_baseline(model) == first
     assert len(first["acc_matrix_row"]) == 2 and set(first["transfer"]) == {"b"} and first["knn_acc_all"] is not None
 
+
 def test_lars_default_step_on_device_matches_the_loop(dev):
     """LARS's default on the device (on CUDA its multi-tensor buckets, elsewhere the loop) gives the parameters of
     its per-parameter loop over 3 steps of the small model (fp32: 1e-5 relative; the fused norms may sum in

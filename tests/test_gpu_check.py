@@ -279,6 +279,7 @@ def test_a_package_that_does_not_import_ends_the_check_before_any_step(tmp_path,
     assert "streaming_ssl_no_such_module: ModuleNotFoundError" in err and "torch:" not in err
     assert "nothing was started" in err and "scripts/gpu_check.sh" in err and not out.exists()
 
+
 def test_gpu_check_sh_hands_the_device_out_folder_to_the_check(tmp_path):
     """scripts/gpu_check.sh passes $OUT (set by the device tool) as --results-dir, and nothing without it. Run on a
     copy of the script in a scratch tree whose wheels are already installed, with a python that records its

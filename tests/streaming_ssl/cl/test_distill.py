@@ -9,8 +9,8 @@ import pytest
 import torch
 from avalanche.core import SupervisedPlugin
 
-from streaming_ssl.cl.distill import DistillPlugin, distill_loss, frozen_copy
 from scenarios.streams import build_stream
+from streaming_ssl.cl.distill import DistillPlugin, distill_loss, frozen_copy
 from tests.streaming_ssl.cl.tiny import N_PATCHES, PROJ_DIM, build_strategy, tiny_model
 
 
